@@ -1,0 +1,25 @@
+"""The errors ramserve raises for user mistakes.
+
+Each is turned into one line by the CLI and into an OpenAI error object by the server; anything else
+is a bug and keeps its traceback.
+"""
+
+
+class RamserveError(Exception):
+    """A problem the user can fix; the message names the bad value and the fix."""
+
+
+class ModelNotFound(RamserveError):
+    """The model spec resolves to nothing (no folder, not in the Hugging Face cache)."""
+
+
+class BadModel(RamserveError):
+    """The model exists but cannot be read: missing config, corrupt shard, unsupported type."""
+
+
+class BudgetError(RamserveError):
+    """A budget that cannot be parsed or cannot be met."""
+
+
+class ConfigError(RamserveError):
+    """A configuration value that is out of range."""

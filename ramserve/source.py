@@ -1,0 +1,402 @@
+"""Reading a model without loading it.
+
+A model spec is a local folder or a Hugging Face repo id (``org/name`` or ``org/name@revision``), resolved
+through the Hugging Face cache. Tensors are read lazily: ``mx.load`` maps each shard without reading it,
+and mlx-lm's own ``sanitize`` runs on those lazy arrays, so a module's bytes are read only when that
+module is evaluated. The module map (checkpoint tensors to MLX module paths) is therefore exactly what
+mlx-lm sees: stacked MoE experts are one ``switch_mlp`` module, tied embeddings have no ``lm_head``.
+
+The fingerprint identifies a model's exact weights cheaply: SHA-256 over the canonical config.json, and
+for every shard (by name) its raw safetensors header plus three 64 KiB samples of its data (start,
+middle, end). Headers alone would make a fine-tune collide with its base model; hashing every byte
+would cost a minute per 16 GB on every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pkgutil
+import re
+import struct
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import BadModel, ModelNotFound
+from .settings import KindRule, load_settings
+
+REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+SAMPLE_BYTES = 65536
+DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4,
+               "U32": 4, "I64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shard: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str
+    path: Path
+    size: int
+    header: bytes
+    tensors: tuple[TensorInfo, ...]
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """One quantizable module, as MLX sees it after ``sanitize``."""
+
+    path: str
+    kind: str
+    block: str
+    layer: int | None
+    shape: tuple[int, ...]
+    group_sizes: tuple[int, ...]  # the candidate group sizes its last dimension divides
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class Source:
+    """A resolved model: its folder, config, shards and fingerprint; tensors read on demand."""
+
+    spec: str
+    path: Path
+    config: dict[str, Any]
+    shards: list[Shard]
+    name: str
+    _weights: dict[str, mx.array] | None = field(default=None, repr=False)
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type"))
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        q = self.config.get("quantization") or self.config.get("quantization_config")
+        return q if isinstance(q, dict) else None
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", False))
+
+    @cached_property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps(self.config, sort_keys=True).encode())
+        for shard in sorted(self.shards, key=lambda s: s.name):
+            h.update(shard.name.encode())
+            h.update(shard.header)
+            h.update(_data_samples(shard))
+        return h.hexdigest()[:16]
+
+    @cached_property
+    def model(self) -> nn.Module:
+        """The mlx-lm module for this config, with lazily initialised (never evaluated) weights."""
+        model_class, args_class = model_classes(self.config)
+        return model_class(args_class.from_dict(self.config))
+
+    def weights(self) -> dict[str, mx.array]:
+        """Every tensor after mlx-lm's ``sanitize``, lazily: nothing is read until evaluated.
+
+        Each call returns a fresh dict, so a caller can pop what it has used and let it be freed.
+        """
+        raw: dict[str, mx.array] = {}
+        for shard in self.shards:
+            try:
+                raw.update(mx.load(str(shard.path)))
+            except Exception as e:  # MLX raises plain RuntimeError/ValueError on a bad file
+                raise BadModel(f"cannot read shard {shard.path}: {e}") from e
+        sanitize = getattr(self.model, "sanitize", None)
+        return sanitize(raw) if sanitize else raw
+
+    @cached_property
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes and names after ``sanitize`` (computed on lazy arrays, reads nothing)."""
+        return {k: tuple(v.shape) for k, v in self.weights().items()}
+
+    @cached_property
+    def tensor_dtypes(self) -> dict[str, str]:
+        return {k: str(v.dtype).removeprefix("mlx.core.") for k, v in self.weights().items()}
+
+    @cached_property
+    def modules(self) -> list[ModuleInfo]:
+        """Quantizable modules (those mlx-lm can turn quantized) in model order."""
+        settings = load_settings()
+        shapes = self.tensor_shapes
+        found = []
+        for path, module in self.model.named_modules():
+            if not hasattr(module, "to_quantized") or f"{path}.weight" not in shapes:
+                continue
+            shape = shapes[f"{path}.weight"]
+            rule = classify(path, settings.kinds)
+            groups = tuple(g for g in settings.analysis.group_sizes if shape[-1] % g == 0)
+            found.append(ModuleInfo(path, rule.name, rule.block, layer_index(path), shape, groups))
+        return sorted(found, key=_module_order)
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(_prod(s) for s in self.tensor_shapes.values())
+
+    @property
+    def float_dtype(self) -> str:
+        """The dtype ramserve stores 16-bit tensors, scales and biases in."""
+        return "float16" if self.config.get("torch_dtype") == "float16" else "bfloat16"
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _module_order(m: ModuleInfo) -> tuple[int, str]:
+    if m.kind == "embedding":
+        return (-1, m.path)
+    return (m.layer if m.layer is not None else 1 << 30, m.path)
+
+
+def layer_index(path: str) -> int | None:
+    for part in path.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def classify(path: str, rules: list[KindRule]) -> KindRule:
+    for rule in rules:
+        if re.search(rule.pattern, path):
+            return rule
+    raise ValueError(f"no kind rule matches {path!r}; configs/ needs a catch-all")
+
+
+def supported_model_types() -> list[str]:
+    import mlx_lm.models
+
+    skip = {"base", "cache", "rope_utils", "switch_layers", "activations", "pipeline", "ssm"}
+    names = (m.name for m in pkgutil.iter_modules(mlx_lm.models.__path__))
+    return sorted(n for n in names if n not in skip and not n.startswith("_"))
+
+
+def model_classes(config: dict[str, Any]) -> tuple[Any, Any]:
+    """mlx-lm's plug-in lookup by ``model_type``, with an error that lists what is supported."""
+    from mlx_lm.utils import _get_classes
+
+    try:
+        return _get_classes(config)
+    except (ValueError, ImportError) as e:
+        supported = ", ".join(supported_model_types())
+        raise BadModel(
+            f"unsupported model_type {config.get('model_type')!r}; supported: {supported}"
+        ) from e
+
+
+def read_header(path: Path) -> tuple[bytes, dict[str, Any]]:
+    """The raw JSON header of a safetensors file and its parsed form; names the file on any fault."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", prefix)
+            if n <= 1 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            raw = f.read(n)
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except FileNotFoundError as e:
+        raise BadModel(f"missing shard: {path}") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadModel(f"corrupt safetensors header in {path}: {e}") from e
+    return raw, header
+
+
+def _read_shard(path: Path) -> Shard:
+    raw, header = read_header(path)
+    tensors = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            tensors.append(TensorInfo(name, meta["dtype"], tuple(meta["shape"]), path.name))
+        except (KeyError, TypeError) as e:
+            raise BadModel(f"corrupt safetensors header in {path}: bad entry {name!r}") from e
+    return Shard(path.name, path, path.stat().st_size, raw, tuple(tensors))
+
+
+def _data_samples(shard: Shard) -> bytes:
+    start = 8 + len(shard.header)
+    length = shard.size - start
+    out = []
+    with shard.path.open("rb") as f:
+        for offset in (0, max(0, length // 2 - SAMPLE_BYTES // 2), max(0, length - SAMPLE_BYTES)):
+            f.seek(start + offset)
+            out.append(f.read(SAMPLE_BYTES))
+    return b"".join(out)
+
+
+def shard_paths(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise BadModel(f"corrupt index {index}: {e}") from e
+        paths = [folder / name for name in sorted(set(weight_map.values()))]
+        for p in paths:
+            if not p.is_file():
+                raise BadModel(f"missing shard: {p} (listed in {index.name})")
+        return paths
+    paths = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
+    if not paths:
+        raise BadModel(f"no safetensors weights in {folder}")
+    return paths
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise BadModel(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as e:
+        raise BadModel(f"corrupt {path}: {e}") from e
+    if "model_type" not in config:
+        raise BadModel(f"{path} has no model_type")
+    return dict(config)
+
+
+def resolve_path(spec: str) -> tuple[Path, str]:
+    """The local folder for a spec, and a display name for it."""
+    local = Path(spec).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ModelNotFound(f"{spec} is a file; give the model's folder")
+        return local.resolve(), local.resolve().name
+    match = REPO_ID.match(spec)
+    if not match or spec.startswith((".", "/", "~")):
+        raise ModelNotFound(f"no such folder: {spec} (nor a Hugging Face repo id like org/name)")
+    repo, rev = match["repo"], match["rev"]
+    return hub_snapshot(repo, rev), repo.split("/")[-1]
+
+
+def hub_snapshot(repo: str, revision: str | None, patterns: list[str] | None = None) -> Path:
+    """The snapshot folder of a hub repo: from the local cache, downloading first when online."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    # huggingface_hub reads its environment once, at import; read it at call time instead.
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
+    try:
+        path = snapshot_download(
+            repo,
+            revision=revision,
+            allow_patterns=patterns or HUB_PATTERNS,
+            cache_dir=os.environ.get("HF_HUB_CACHE"),
+            local_files_only=offline,
+        )
+    except LocalEntryNotFoundError as e:
+        why = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else "the hub cannot be reached"
+        raise ModelNotFound(f"{repo} is not in the Hugging Face cache and {why}") from e
+    except HfHubHTTPError as e:
+        raise ModelNotFound(f"cannot fetch {repo} from the Hugging Face hub: {e}") from e
+    return Path(path)
+
+
+def open_source(spec: str) -> Source:
+    """Resolve a model spec and read its config and shard headers (no tensor data)."""
+    folder, name = resolve_path(spec)
+    config = read_config(folder)
+    shards = [_read_shard(p) for p in shard_paths(folder)]
+    model_classes(config)  # fail early, with the supported list, on an unknown model_type
+    return Source(spec=spec, path=folder, config=config, shards=shards, name=name)
+
+
+def describe(source: Source) -> dict[str, Any]:
+    """What ``ramserve inspect`` shows: architecture, size, shards, fingerprint, modules by kind."""
+    kinds: dict[str, dict[str, Any]] = {}
+    for m in source.modules:
+        entry = kinds.setdefault(m.kind, {"count": 0, "params": 0, "no_group_size": []})
+        entry["count"] += 1
+        entry["params"] += m.numel
+        if not m.group_sizes:
+            entry["no_group_size"].append(m.path)
+    params = source.parameter_count
+    return {
+        "name": source.name,
+        "path": str(source.path),
+        "model_type": source.model_type,
+        "architectures": source.config.get("architectures", []),
+        "parameters": params,
+        "bf16_bytes": 2 * params,
+        "tied_embeddings": source.tied_embeddings,
+        "shards": [{"name": s.name, "bytes": s.size, "tensors": len(s.tensors)} for s in source.shards],
+        "fingerprint": source.fingerprint,
+        "quantized": source.quantization is not None,
+        "quantizable_modules": len(source.modules),
+        "stacked_expert_modules": sum(1 for m in source.modules if m.kind.startswith("expert_")),
+        "experts_per_module": source.config.get("num_experts") or source.config.get("n_routed_experts"),
+        "modules_by_kind": kinds,
+        "modules": [
+            {"path": m.path, "kind": m.kind, "shape": list(m.shape), "group_sizes": list(m.group_sizes)}
+            for m in source.modules
+        ],
+    }
+
+
+def render_description(d: dict[str, Any]) -> str:
+    from .fmt import human_bytes, human_count, table
+
+    lines = [
+        f"{d['name']}  ({d['model_type']}, {', '.join(d['architectures']) or '?'})",
+        f"  path          {d['path']}",
+        f"  parameters    {human_count(d['parameters'])} ({d['parameters']:,})",
+        f"  bf16 size     {human_bytes(d['bf16_bytes'])}",
+        f"  shards        {len(d['shards'])} ({human_bytes(sum(s['bytes'] for s in d['shards']))})",
+        f"  fingerprint   {d['fingerprint']}",
+        f"  tied embed.   {'yes' if d['tied_embeddings'] else 'no'}",
+        f"  quantizable   {d['quantizable_modules']} modules",
+    ]
+    if d["stacked_expert_modules"]:
+        lines.append(
+            f"  experts       {d['stacked_expert_modules']} stacked expert modules"
+            f" ({d['experts_per_module']} experts each)"
+        )
+    lines.append("")
+    rows = [
+        (kind, e["count"], human_count(e["params"]), len(e["no_group_size"]) or "")
+        for kind, e in d["modules_by_kind"].items()
+    ]
+    lines.append(table(["kind", "modules", "params", "no group size"], rows))
+    for kind, e in d["modules_by_kind"].items():
+        for path in e["no_group_size"]:
+            lines.append(f"  {path}: last dimension not divisible by 32/64/128; stays 16-bit")
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from .factory import make_model
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+DENSE = SHARED / "models" / "code-qwen3-30m"
+MOE = SHARED / "models" / "code-qwen3moe-27m"
+EVAL_TEXT = SHARED / "data" / "code-eval.txt"
+
+
+def shared_model(path: Path) -> Path:
+    """A shared fixture: in CI its absence is a failure, elsewhere a skip."""
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"missing shared fixture {path}")
+        pytest.skip(f"missing shared fixture {path}")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def ramserve_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("RAMSERVE_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model(tmp_path_factory.mktemp("tiny") / "tiny-qwen3", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model(tmp_path_factory.mktemp("tiny") / "tiny-moe", "qwen3_moe")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", "llama", hidden=96)
+
+
+@pytest.fixture
+def dense() -> Path:
+    return shared_model(DENSE)
+
+
+@pytest.fixture
+def moe() -> Path:
+    return shared_model(MOE)
