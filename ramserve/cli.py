@@ -24,6 +24,34 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(a: argparse.Namespace) -> int:
+    from .profile import analyze, render_report, summary
+
+    profile = analyze(a.model, force=a.force, progress=not a.quiet)
+    if a.report:
+        _emit(profile, False, render_report)
+    else:
+        _emit(summary(profile), a.json, lambda s: "\n".join(f"{k:18} {v}" for k, v in s.items()))
+    return 0
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import atomic
+    from .plan import make_plan, plot_plan, render_plan
+    from .profile import analyze
+
+    profile = analyze(a.model, progress=not a.quiet)
+    plan = make_plan(profile, a.budget, allow_unsafe=a.allow_unsafe)
+    if a.output:
+        atomic.write_json(Path(a.output), plan)
+    if a.plot:
+        plot_plan(plan, Path(a.plot))
+    _emit(plan, a.json, render_plan)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ramserve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -32,6 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="local folder or Hugging Face repo id (org/name[@revision])")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("analyze", help="data-free sensitivity profile (cached)")
+    s.add_argument("model")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--force", action="store_true", help="recompute even if cached")
+    s.add_argument("--report", action="store_true", help="print the model X-ray")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_analyze)
+
+    s = sub.add_parser("plan", help="choose the per-module quantization for a budget")
+    s.add_argument("model")
+    s.add_argument("--budget", required=True,
+                   help="6GB, 5.5GiB, 800MB, 4.5bpw, 30%%, min-safe, max, or a named device")
+    s.add_argument("--allow-unsafe", action="store_true", help="lift the safety floor")
+    s.add_argument("-o", "--output", help="write plan.json here")
+    s.add_argument("--plot", help="draw the per-layer bit map into this PNG")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_plan)
     return p
 
 
@@ -46,6 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ramserve: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and closed: not an error
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -37,8 +37,16 @@ class AllocateSettings(BaseModel):
     min_sqnr_db: float
 
 
+class SensitivitySettings(BaseModel):
+    attn_norm: str
+    mlp_norm: str
+    final_norm: str
+    propagation: dict[str, float]
+
+
 class Settings(BaseModel):
     analysis: AnalysisSettings
+    sensitivity: SensitivitySettings
     kinds: list[KindRule]
     restrict: dict[str, Restriction] = {}
     allocate: AllocateSettings

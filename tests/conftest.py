@@ -54,3 +54,22 @@ def dense() -> Path:
 @pytest.fixture
 def moe() -> Path:
     return shared_model(MOE)
+
+
+@pytest.fixture(scope="session")
+def profile_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Profiles computed once per session (the analysis is deterministic), keyed by model path."""
+    from ramserve.profile import analyze
+
+    home = tmp_path_factory.mktemp("profiles-home")
+    memo: dict[str, dict] = {}
+
+    def get(model: Path) -> dict:
+        key = str(model)
+        if key not in memo:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("RAMSERVE_HOME", str(home))
+                memo[key] = analyze(key, progress=False)
+        return memo[key]
+
+    return get

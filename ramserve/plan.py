@@ -1,0 +1,216 @@
+"""Plans: the chosen quantization per module for a budget, as plan.json, and its human views.
+
+``quantization`` is exactly mlx-lm's per-module config object (every quantized module listed; a module
+absent from it stays 16-bit), so a plan can be written into a model's config.json as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .allocate import Problem, Solution, solve
+from .budget import parse_budget
+from .errors import BudgetError
+from .fmt import human_bytes, table
+from .settings import load_settings
+
+FORMAT = "ramserve-plan/1"
+
+
+def _problem(profile: dict[str, Any], allow_unsafe: bool) -> Problem:
+    floor = None if allow_unsafe else load_settings().allocate.min_sqnr_db
+    return Problem.from_profile(profile, floor)
+
+
+def limits(profile: dict[str, Any]) -> dict[str, int]:
+    """The smallest plan that passes the safety floor, the absolute smallest, and the all-best one."""
+    safe = _problem(profile, False)
+    return {"min_safe": safe.min_bytes(), "absolute_min": _problem(profile, True).min_bytes(),
+            "max": safe.bytes_of(safe.best_choice())}  # fmt: skip
+
+
+def resolve_budget(spec: str, profile: dict[str, Any], machine_bytes: int | None = None) -> int:
+    """Bytes for a budget spec against this profile (and the machine's weight budget for ``max``)."""
+    if spec == "min-safe":
+        return limits(profile)["min_safe"]
+    if spec == "max":
+        if machine_bytes is None:
+            from .budget import machine_weight_budget
+
+            machine_bytes = machine_weight_budget(profile)
+        return machine_bytes
+    from .budget import named_device_bytes
+
+    if (named := named_device_bytes(spec, profile)) is not None:
+        return named
+    return parse_budget(spec, parameters=profile["parameters"], bf16_bytes=profile["bf16_bytes"])
+
+
+def make_plan(
+    profile: dict[str, Any], spec: str, *, allow_unsafe: bool = False,
+    machine_bytes: int | None = None,
+) -> dict[str, Any]:
+    """Solve for the budget named by ``spec`` and return the plan.json object."""
+    budget = resolve_budget(spec, profile, machine_bytes)
+    problem = _problem(profile, allow_unsafe)
+    lim = limits(profile)
+    smallest = problem.min_bytes()
+    if budget < smallest:
+        raise BudgetError(
+            f"budget {human_bytes(budget)} ({spec}) is below the smallest safe plan: min-safe is "
+            f"{human_bytes(lim['min_safe'])} ({lim['min_safe']} bytes); the absolute minimum, with "
+            f"--allow-unsafe, is {human_bytes(lim['absolute_min'])} ({lim['absolute_min']} bytes)"
+        )
+    note = None
+    if budget >= profile["bf16_bytes"] + profile["fixed_bytes"] or budget >= _all16(profile):
+        note = "the budget holds the whole model in 16-bit: nothing is quantized"
+        choice = np.zeros(len(profile["modules"]), dtype=np.int64)
+        sol = Solution(choice, problem.bytes_of(choice), 0.0, 0.0, 0.0, 0)
+    else:
+        sol = solve(problem, budget)
+    return _plan_json(profile, spec, budget, sol, allow_unsafe, note)
+
+
+def _all16(profile: dict[str, Any]) -> int:
+    return int(profile["fixed_bytes"] + sum(m["options"][0]["bytes"] for m in profile["modules"]))
+
+
+def _plan_json(
+    profile: dict[str, Any], spec: str, budget: int, sol: Solution, allow_unsafe: bool,
+    note: str | None,
+) -> dict[str, Any]:
+    choices = {}
+    for m, j in zip(profile["modules"], sol.choice):
+        o = m["options"][int(j)]
+        choices[m["path"]] = {"kind": m["kind"], "layer": m["layer"], "bits": o["bits"],
+                              "group_size": o["group_size"], "bytes": o["bytes"],
+                              "damage": o["damage"], "params": m["numel"]}  # fmt: skip
+    quantized = {p: c for p, c in choices.items() if c["bits"] < 16}
+    common = Counter((c["bits"], c["group_size"]) for c in quantized.values()).most_common(1)
+    bits, group = common[0][0] if common else (4, 64)
+    quantization: dict[str, Any] = {"group_size": group, "bits": bits, "mode": "affine"}
+    for path, c in quantized.items():
+        quantization[path] = {"group_size": c["group_size"], "bits": c["bits"], "mode": "affine"}
+    plan = {
+        "format": FORMAT,
+        "name": profile["name"],
+        "fingerprint": profile["fingerprint"],
+        "profile_key": profile["settings_key"],
+        "budget": {"spec": spec, "bytes": budget},
+        "total_bytes": sol.bytes,
+        "fixed_bytes": profile["fixed_bytes"],
+        "parameters": profile["parameters"],
+        "bits_per_weight": 8 * sol.bytes / profile["parameters"],
+        "budget_used": sol.bytes / budget,
+        "predicted_damage": sol.damage,
+        "solver": {"lower_bound": sol.lower_bound, "gap": sol.gap,
+                   "gap_relative": sol.gap / sol.damage if sol.damage else 0.0,
+                   "seconds": sol.seconds, "hull_points": sol.hull_points,
+                   "modules": len(choices)},  # fmt: skip
+        "safety_floor": {"min_sqnr_db": load_settings().allocate.min_sqnr_db,
+                         "lifted": allow_unsafe},  # fmt: skip
+        "note": note,
+        "quantization": quantization,
+        "choices": choices,
+    }
+    plan["hash"] = plan_hash(plan)
+    return plan
+
+
+def plan_hash(plan: dict[str, Any]) -> str:
+    """Identifies the weights a plan produces: the source fingerprint and the quantization object."""
+    key = json.dumps([plan["fingerprint"], plan["quantization"]], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def load_plan(path: Path) -> dict[str, Any]:
+    try:
+        plan = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise BudgetError(f"cannot read plan {path}: {e}") from e
+    if not isinstance(plan, dict) or plan.get("format") != FORMAT:
+        raise BudgetError(f"{path} is not a ramserve plan ({FORMAT})")
+    return plan
+
+
+def choice_label(c: dict[str, Any]) -> str:
+    return "16" if c["bits"] >= 16 else f"{c['bits']}/{c['group_size']}"
+
+
+def histogram(plan: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """(choice, share of modules, share of quantizable bytes at 16-bit) per bits × group size."""
+    choices = plan["choices"].values()
+    n = len(choices)
+    params = sum(c["params"] for c in choices) or 1
+    counts: Counter[str] = Counter()
+    weight: Counter[str] = Counter()
+    for c in choices:
+        counts[choice_label(c)] += 1
+        weight[choice_label(c)] += c["params"]
+    order = sorted(counts, key=lambda s: (int(s.split("/")[0]), -int(s.split("/")[1]) if "/" in s else 0))
+    return [(k, counts[k] / n, weight[k] / params) for k in order]
+
+
+def layer_map(plan: dict[str, Any]) -> tuple[list[str], list[list[object]]]:
+    choices = plan["choices"]
+    kinds = list(dict.fromkeys(c["kind"] for c in choices.values() if c["layer"] is not None))
+    cells = {(c["layer"], c["kind"]): choice_label(c) for c in choices.values()}
+    layers = sorted({c["layer"] for c in choices.values() if c["layer"] is not None})
+    return kinds, [[layer, *(cells.get((layer, k), "-") for k in kinds)] for layer in layers]
+
+
+def render_plan(plan: dict[str, Any]) -> str:
+    s = plan["solver"]
+    lines = [
+        f"{plan['name']}  budget {plan['budget']['spec']} = {human_bytes(plan['budget']['bytes'])}",
+        f"  total {human_bytes(plan['total_bytes'])} ({100 * plan['budget_used']:.2f}% of budget), "
+        f"{plan['bits_per_weight']:.3f} bits per weight",
+        f"  predicted damage {plan['predicted_damage']:.5g}; lower bound {s['lower_bound']:.5g} "
+        f"(gap {100 * s['gap_relative']:.3f}%), solved in {1000 * s['seconds']:.1f} ms",
+    ]
+    if plan.get("note"):
+        lines.append(f"  note: {plan['note']}")
+    if plan["safety_floor"]["lifted"]:
+        lines.append("  safety floor lifted (--allow-unsafe)")
+    lines += ["", table(["bits/group", "modules", "bytes@16"],
+                        [(k, f"{100 * a:.1f}%", f"{100 * b:.1f}%") for k, a, b in histogram(plan)])]  # fmt: skip
+    kinds, rows = layer_map(plan)
+    lines += ["", "bits/group by layer and module kind:", table(["layer", *kinds], rows)]
+    for path, c in plan["choices"].items():
+        if c["layer"] is None:
+            lines.append(f"  {path}: {choice_label(c)}")
+    return "\n".join(lines)
+
+
+def plot_plan(plan: dict[str, Any], path: Path) -> None:
+    """The per-layer bit map as a heat map image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds, rows = layer_map(plan)
+    grid = np.full((len(rows), len(kinds)), np.nan)
+    for i, row in enumerate(rows):
+        for j, label in enumerate(row[1:]):
+            if label != "-":
+                grid[i, j] = float(str(label).split("/")[0])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(kinds), 1.2 + 0.35 * len(rows)))
+    im = ax.imshow(grid, cmap="viridis", vmin=2, vmax=16, aspect="auto")
+    for i, row in enumerate(rows):
+        for j, label in enumerate(row[1:]):
+            ax.text(j, i, str(label), ha="center", va="center", fontsize=7, color="white")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), [str(r[0]) for r in rows])
+    ax.set_ylabel("layer")
+    ax.set_title(f"{plan['name']} @ {plan['budget']['spec']}: {plan['bits_per_weight']:.2f} bpw")
+    fig.colorbar(im, ax=ax, label="bits")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

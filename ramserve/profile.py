@@ -1,0 +1,344 @@
+"""The data-free profile: for every quantizable module, each candidate's exact bytes and predicted damage.
+
+One module is in memory at a time. For each candidate (bits × group size from configs/, plus 16-bit)
+the profile records the bytes MLX stores, the relative reconstruction error of MLX's own affine
+quantization (``mx.quantize``/``mx.dequantize``, measured on a stratified row sample: groups run along
+rows, so a sampled row is quantized exactly as in the full tensor), the signal-to-quantization-noise
+ratio, and the predicted damage = importance × relative error (importance: ramserve/sensitivity.py).
+
+The profile is cached at ``RAMSERVE_HOME/profiles/<fingerprint>.json``. While analysing, completed
+layers are checkpointed to ``<fingerprint>.partial.json`` so that a run stopped by Ctrl-C resumes at the
+last completed layer; the final file appears (atomically) only when every module is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from . import atomic
+from .settings import Settings, load_settings, ramserve_home
+from .source import ModuleInfo, Source, open_source
+from .sensitivity import EnergyFlow, flow_order, importances
+
+FORMAT = "ramserve-profile/1"
+FLOAT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+@dataclass(frozen=True)
+class Option:
+    bits: int
+    group_size: int | None
+    bytes: int
+    rel_mse: float
+    sqnr_db: float | None
+
+
+@dataclass
+class ModuleRecord:
+    path: str
+    kind: str
+    block: str
+    layer: int | None
+    shape: list[int]
+    numel: int
+    energy: float
+    options: list[Option]
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ModuleRecord:
+        return cls(**{**d, "options": [Option(**o) for o in d["options"]]})
+
+
+def quantized_bytes(numel: int, last_dim: int, bits: int, group_size: int, float_bytes: int) -> int:
+    """Bytes MLX stores for an affine-quantized tensor: packed uint32 words plus a scale and a bias
+    per group in the float dtype."""
+    rows = numel // last_dim
+    words = rows * (last_dim * bits // 32)
+    return 4 * words + 2 * float_bytes * (numel // group_size)
+
+
+def candidates_for(m: ModuleInfo, settings: Settings) -> list[tuple[int, int]]:
+    """The (bits, group size) pairs this module can take; 16-bit is always possible besides."""
+    floor = settings.restrict.get(m.kind)
+    min_bits = floor.min_bits if floor else 0
+    return [
+        (b, g)
+        for b in settings.analysis.bits
+        for g in m.group_sizes
+        if b >= min_bits and (m.shape[-1] * b) % 32 == 0
+    ]
+
+
+def sample_rows(path: str, rows: int, cols: int, budget: int) -> np.ndarray | None:
+    """A stratified, deterministic sample of row indices, or None to measure the whole tensor."""
+    want = max(1, math.ceil(budget / cols))
+    if want >= rows:
+        return None
+    rng = np.random.default_rng(zlib.crc32(path.encode()))
+    edges = np.linspace(0, rows, want + 1).astype(np.int64)
+    return edges[:-1] + rng.integers(0, np.maximum(1, np.diff(edges)))
+
+
+def measure_errors(
+    w: mx.array, cands: list[tuple[int, int]], streams: list[mx.Stream]
+) -> list[float]:
+    """Relative squared error of MLX's affine quantization of ``w`` (2-D, float) per candidate."""
+    signal = mx.square(w.astype(mx.float32)).sum()
+    errs: list[mx.array] = []
+    # One candidate per stream at a time: both cores busy, and only that many copies alive.
+    for start in range(0, len(cands), len(streams)):
+        batch = []
+        for s, (bits, g) in zip(streams, cands[start : start + len(streams)]):
+            q = mx.quantize(w, group_size=g, bits=bits, stream=s)
+            d = mx.dequantize(*q, group_size=g, bits=bits, stream=s)
+            # The square-sum in the float dtype is ~6x faster on the CPU and within 0.5% of float32.
+            batch.append(mx.square(mx.subtract(d, w, stream=s), stream=s).sum(stream=s))
+        mx.eval(batch)
+        errs += batch
+    total = max(signal.item(), 1e-30)
+    return [e.item() / total for e in errs]
+
+
+def analyse_module(
+    m: ModuleInfo, w: mx.array, settings: Settings, float_dtype: str, streams: list[mx.Stream]
+) -> list[Option]:
+    fb = FLOAT_BYTES[float_dtype]
+    cands = candidates_for(m, settings)
+    options = [Option(16, None, m.numel * fb, 0.0, None)]
+    if not cands:
+        return options
+    cols = m.shape[-1]
+    flat = w.reshape(-1, cols)
+    idx = sample_rows(m.path, flat.shape[0], cols, settings.analysis.sample_elements)
+    sample = flat if idx is None else flat[mx.array(idx)]
+    mx.eval(sample)
+    for (bits, g), rel in zip(cands, measure_errors(sample, cands, streams)):
+        sqnr = -10 * math.log10(rel) if rel > 0 else None
+        options.append(Option(bits, g, quantized_bytes(m.numel, cols, bits, g, fb), rel, sqnr))
+    return options
+
+
+def settings_key(settings: Settings) -> str:
+    """What the profile depends on besides the weights; a change invalidates the cache."""
+    relevant = {"format": FORMAT, "analysis": settings.analysis.model_dump(),
+                "kinds": [k.model_dump() for k in settings.kinds],
+                "restrict": {k: v.model_dump() for k, v in settings.restrict.items()},
+                "sensitivity": settings.sensitivity.model_dump()}  # fmt: skip
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def analyse_iter(
+    source: Source, settings: Settings, done: dict[str, ModuleRecord]
+) -> Iterator[ModuleRecord]:
+    """Yield one record per module in flow order; modules already in ``done`` are yielded as they are
+    (their layer's energies are replayed, not recomputed)."""
+    weights = source.weights()
+    flow = EnergyFlow(
+        settings.sensitivity,
+        weights,
+        num_experts_per_tok=int(source.config.get("num_experts_per_tok") or 1),
+        head_dim=source.config.get("head_dim")
+        or source.config["hidden_size"] // source.config["num_attention_heads"],
+    )
+    streams = [mx.new_stream(mx.cpu) for _ in range(settings.analysis.streams)]
+    dtype = getattr(mx, source.float_dtype)
+    for m in flow_order(source.modules):
+        if m.path in done:
+            weights.pop(f"{m.path}.weight", None)
+            flow.energy[m.path] = done[m.path].energy
+            yield done[m.path]
+            continue
+        start = time.perf_counter()
+        w = weights.pop(f"{m.path}.weight").astype(dtype)
+        mx.eval(w)
+        options = analyse_module(m, w, settings, source.float_dtype, streams)
+        flow.observe(m, w)
+        del w
+        mx.clear_cache()  # return freed buffers, so resident memory tracks one module
+        yield ModuleRecord(m.path, m.kind, m.block, m.layer, list(m.shape), m.numel,
+                           flow.energy[m.path], options, time.perf_counter() - start)  # fmt: skip
+
+
+def fixed_bytes(source: Source) -> int:
+    """Bytes of every tensor that is not a quantizable module's weight (norms, biases, …)."""
+    quantizable = {f"{m.path}.weight" for m in source.modules}
+    fb = FLOAT_BYTES[source.float_dtype]
+    return sum(
+        math.prod(shape) * fb for k, shape in source.tensor_shapes.items() if k not in quantizable
+    )
+
+
+def profile_path(fingerprint: str) -> Path:
+    return ramserve_home() / "profiles" / f"{fingerprint}.json"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def load_profile(source: Source, settings: Settings | None = None) -> dict[str, Any] | None:
+    """The cached profile for this model and these settings, or None."""
+    settings = settings or load_settings()
+    data = _read_json(profile_path(source.fingerprint))
+    if data and data.get("format") == FORMAT and data.get("settings_key") == settings_key(settings):
+        return data
+    return None
+
+
+def _resume_state(partial: Path, key: str) -> dict[str, ModuleRecord]:
+    data = _read_json(partial)
+    if not data or data.get("settings_key") != key:
+        return {}
+    return {d["path"]: ModuleRecord.from_json(d) for d in data.get("modules", [])}
+
+
+def analyze(
+    source: Source | str, *, force: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """The profile of a model: from the cache when valid, else computed (resuming a partial run)."""
+    source = open_source(source) if isinstance(source, str) else source
+    settings = load_settings()
+    key = settings_key(settings)
+    if not force and (cached := load_profile(source, settings)):
+        cached["cache_hit"] = True
+        return cached
+    final = profile_path(source.fingerprint)
+    partial = final.with_suffix(".partial.json")
+    done = {} if force else _resume_state(partial, key)
+    records = _run_analysis(source, settings, done, partial, key, progress)
+    profile = _assemble(source, settings, records, key)
+    atomic.write_json(final, profile)
+    partial.unlink(missing_ok=True)
+    profile["cache_hit"] = False
+    return profile
+
+
+def _run_analysis(
+    source: Source, settings: Settings, done: dict[str, ModuleRecord], partial: Path, key: str,
+    progress: bool,
+) -> list[ModuleRecord]:
+    from tqdm import tqdm
+
+    total = sum(m.numel * 2 for m in source.modules)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="analysing", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)  # fmt: skip
+    records: list[ModuleRecord] = []
+    layer = None
+    for rec in analyse_iter(source, settings, done):
+        if rec.layer != layer and records and rec.path not in done:
+            atomic.write_json(partial, {"settings_key": key, "modules": [r.to_json() for r in records]})
+        layer = rec.layer
+        records.append(rec)
+        bar.update(rec.numel * 2)
+        bar.set_postfix_str(f"{len(records)}/{len(source.modules)} modules", refresh=False)
+    bar.close()
+    return records
+
+
+def _assemble(
+    source: Source, settings: Settings, records: list[ModuleRecord], key: str
+) -> dict[str, Any]:
+    infos = {m.path: m for m in source.modules}
+    ordered = [infos[r.path] for r in records]
+    energy = {r.path: r.energy for r in records}
+    weight, account = importances(ordered, energy, settings.sensitivity, source.tied_embeddings)
+    modules = []
+    for r in records:
+        d = r.to_json()
+        d["importance"] = weight[r.path]
+        for o in d["options"]:
+            o["damage"] = weight[r.path] * o["rel_mse"]
+        modules.append(d)
+    return {
+        "format": FORMAT,
+        "settings_key": key,
+        "fingerprint": source.fingerprint,
+        "name": source.name,
+        "model_type": source.model_type,
+        "float_dtype": source.float_dtype,
+        "parameters": source.parameter_count,
+        "bf16_bytes": 2 * source.parameter_count,
+        "fixed_bytes": fixed_bytes(source),
+        "estimator": "energy-flow/1",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "analysis_seconds": sum(r.seconds for r in records),
+        "layers": account,
+        "modules": modules,
+    }
+
+
+def option_at(module: dict[str, Any], bits: int, group_size: int | None) -> dict[str, Any] | None:
+    return next(
+        (o for o in module["options"] if o["bits"] == bits and o["group_size"] == group_size), None
+    )
+
+
+def render_report(profile: dict[str, Any]) -> str:
+    """The model X-ray: importance and 4-bit error per layer and module kind, and the outliers."""
+    from .fmt import table
+
+    modules = profile["modules"]
+    kinds = list(dict.fromkeys(m["kind"] for m in modules if m["layer"] is not None))
+    by_cell = {(m["layer"], m["kind"]): m for m in modules}
+    layers = sorted({m["layer"] for m in modules if m["layer"] is not None})
+    rows = []
+    for layer in layers:
+        row: list[object] = [layer]
+        for kind in kinds:
+            m = by_cell.get((layer, kind))
+            o = option_at(m, 4, 64) or (option_at(m, 4, 32) if m else None) if m else None
+            row.append(f"{m['importance']:.3g}/{o['sqnr_db']:.1f}" if m and o else "-")
+        rows.append(row)
+    imp = sorted(modules, key=lambda m: m["importance"])
+    lo, hi = imp[0]["importance"], imp[-1]["importance"]
+    median = imp[len(imp) // 2]["importance"]
+    lines = [
+        f"{profile['name']}  fingerprint {profile['fingerprint']}  estimator {profile['estimator']}",
+        "cell: importance / SQNR dB at 4-bit g64 (higher importance = the output cares more)",
+        "",
+        table(["layer", *kinds], rows),
+        "",
+    ]
+    for m in modules:
+        if m["layer"] is None:
+            o = option_at(m, 4, 64)
+            lines.append(f"{m['path']}: importance {m['importance']:.3g}"
+                         + (f", SQNR {o['sqnr_db']:.1f} dB at 4-bit g64" if o else ""))  # fmt: skip
+    lines.append(f"span of importance: {lo:.3g} .. {hi:.3g} ({hi / max(lo, 1e-30):.0f}x), "
+                 f"median {median:.3g}")  # fmt: skip
+    stand_out = [m for m in imp if m["importance"] > 4 * median][::-1][:8]
+    if stand_out:
+        lines.append("stand out (importance > 4x median): " + ", ".join(
+            f"{m['path']} ({m['importance'] / median:.0f}x)" for m in stand_out))  # fmt: skip
+    return "\n".join(lines)
+
+
+def summary(profile: dict[str, Any]) -> dict[str, Any]:
+    """The short JSON view of a profile (the full one is the cached file)."""
+    keys = ("name", "fingerprint", "estimator", "parameters", "bf16_bytes", "fixed_bytes",
+            "analysis_seconds", "cache_hit")  # fmt: skip
+    out = {k: profile.get(k) for k in keys}
+    out["modules"] = len(profile["modules"])
+    out["candidates"] = sum(len(m["options"]) for m in profile["modules"])
+    out["path"] = str(profile_path(profile["fingerprint"]))
+    return out

@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ramserve.allocate import Problem, lower_hulls, solve
+from ramserve.cli import main
+from ramserve.errors import BudgetError
+from ramserve.plan import limits, make_plan
+from ramserve.profile import analyze
+
+
+def random_problem(rng: np.random.Generator, modules: int, cands: int) -> Problem:
+    b = rng.integers(10, 200, size=(modules, cands)).astype(float)
+    d = rng.random((modules, cands)) * 10
+    # realistic shape: more bytes tend to mean less damage
+    order = np.argsort(b, axis=1)
+    d = np.take_along_axis(np.sort(d, axis=1)[:, ::-1], np.argsort(order, axis=1), axis=1)
+    d += rng.random((modules, cands)) * 0.5
+    return Problem(b, d, fixed_bytes=int(rng.integers(0, 50)))
+
+
+def brute_force(p: Problem, budget: int) -> float:
+    best = np.inf
+    for combo in itertools.product(range(p.bytes.shape[1]), repeat=p.bytes.shape[0]):
+        idx = np.array(combo)
+        rows = np.arange(len(idx))
+        if p.fixed_bytes + p.bytes[rows, idx].sum() <= budget:
+            best = min(best, p.damage[rows, idx].sum())
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_solver_optimal_or_within_reported_gap(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    p = random_problem(rng, modules=int(rng.integers(2, 6)), cands=int(rng.integers(2, 5)))
+    lo, hi = p.min_bytes(), p.bytes_of(p.best_choice())
+    budget = int(rng.integers(lo, hi + 1))
+    sol = solve(p, budget)
+    optimum = brute_force(p, budget)
+    assert sol.bytes <= budget
+    assert sol.lower_bound <= optimum + 1e-9  # a true lower bound
+    assert sol.damage >= optimum - 1e-9
+    assert sol.damage - optimum <= sol.gap + 1e-9  # within the reported gap
+    again = solve(p, budget)
+    assert np.array_equal(sol.choice, again.choice)  # deterministic
+
+
+def test_gap_is_small_on_random_instances() -> None:
+    rng = np.random.default_rng(123)
+    gaps = []
+    for _ in range(30):
+        p = random_problem(rng, 5, 4)
+        budget = (p.min_bytes() + p.bytes_of(p.best_choice())) // 2
+        sol = solve(p, budget)
+        gaps.append((sol.damage - brute_force(p, budget)) / max(sol.damage, 1e-9))
+    assert np.median(gaps) < 0.02
+
+
+def test_hull_is_convex_and_decreasing() -> None:
+    rng = np.random.default_rng(5)
+    p = random_problem(rng, 50, 19)
+    hull = lower_hulls(p.bytes, p.damage)
+    for i in range(50):
+        pts = [(p.bytes[i, j], p.damage[i, j]) for j in hull[i] if j >= 0]
+        bs, ds = zip(*pts)
+        assert all(np.diff(bs) > 0) and all(np.diff(ds) < 0)
+        slopes = np.diff(ds) / np.diff(bs)
+        assert all(np.diff(slopes) >= -1e-12)  # convex: slopes flatten
+
+
+@pytest.mark.parametrize("spec", ["25%", "30%", "40%", "min-safe"])
+def test_shared_plans_fit_and_use_the_budget(dense: Path, moe: Path, spec: str, profile_cache) -> None:
+    for model in (dense, moe):
+        profile = profile_cache(model)
+        plan = make_plan(profile, spec)
+        assert plan["total_bytes"] <= plan["budget"]["bytes"]
+        assert plan["total_bytes"] >= 0.995 * plan["budget"]["bytes"]
+        recount = profile["fixed_bytes"] + sum(c["bytes"] for c in plan["choices"].values())
+        assert recount == plan["total_bytes"]
+        q = plan["quantization"]
+        listed = {k for k in q if isinstance(q[k], dict)}
+        assert listed == {p for p, c in plan["choices"].items() if c["bits"] < 16}
+
+
+def test_safety_floor_and_allow_unsafe(tiny_dir: Path) -> None:
+    profile = analyze(str(tiny_dir), progress=False)
+    lim = limits(profile)
+    assert lim["absolute_min"] < lim["min_safe"]
+    with pytest.raises(BudgetError, match="min-safe is .* absolute minimum"):
+        make_plan(profile, str(lim["absolute_min"]) + "B")
+    plan = make_plan(profile, f"{lim['absolute_min']}B", allow_unsafe=True)
+    assert plan["safety_floor"]["lifted"] and any(c["bits"] == 2 for c in plan["choices"].values())
+    floor = plan["safety_floor"]["min_sqnr_db"]
+    safe = make_plan(profile, "min-safe")
+    for m in profile["modules"]:
+        c = safe["choices"][m["path"]]
+        if c["bits"] < 16:
+            o = next(o for o in m["options"] if o["bits"] == c["bits"] and o["group_size"] == c["group_size"])
+            assert o["sqnr_db"] >= floor
+
+
+@pytest.mark.parametrize("spec", ["lots", "-5GB", "0%", "0bpw", "12 parsecs"])
+def test_bad_budget_names_accepted_forms(tiny_dir: Path, spec: str) -> None:
+    with pytest.raises(BudgetError, match="accepted forms"):
+        make_plan(analyze(str(tiny_dir), progress=False), spec)
+
+
+def test_budget_at_bf16_size_is_all_16_bit(tiny_dir: Path) -> None:
+    plan = make_plan(analyze(str(tiny_dir), progress=False), "100%")
+    assert all(c["bits"] == 16 for c in plan["choices"].values())
+    assert "16-bit" in plan["note"]
+
+
+def test_budget_units(tiny_dir: Path) -> None:
+    profile = analyze(str(tiny_dir), progress=False)
+    mib = make_plan(profile, "0.25MiB")["budget"]["bytes"]
+    mb = make_plan(profile, "0.25MB")["budget"]["bytes"]
+    assert mib == int(0.25 * 2**20) and mb == 250_000
+    bpw = make_plan(profile, "6bpw")
+    assert bpw["budget"]["bytes"] == int(6 * profile["parameters"] / 8)
+    assert bpw["bits_per_weight"] <= 6
+
+
+def test_plan_cli_writes_json_and_plot(tiny_moe_dir: Path, tmp_path: Path, capsys) -> None:
+    out, png = tmp_path / "plan.json", tmp_path / "map.png"
+    assert main(["plan", str(tiny_moe_dir), "--budget", "35%", "-o", str(out), "--plot", str(png), "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "bits/group by layer" in text and "bits per weight" in text
+    plan = json.loads(out.read_text())
+    assert plan["quantization"]["mode"] == "affine"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plan", str(tiny_moe_dir), "--budget", "1B", "-q"]) == 2
+    assert "min-safe is" in capsys.readouterr().err

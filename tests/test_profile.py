@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from ramserve import profile as prof
+from ramserve.cli import main
+from ramserve.settings import load_settings
+from ramserve.source import open_source
+
+from .factory import make_model
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (4, 96, 128), (130, 384)])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_candidate_bytes_equal_mlx_arrays(shape, bits, group_size) -> None:
+    if shape[-1] % group_size:
+        pytest.skip("impossible candidate")  # covered by the non-divisible test below
+    w = mx.random.normal(shape).astype(mx.bfloat16)
+    q, s, b = mx.quantize(w, group_size=group_size, bits=bits)
+    numel = w.size
+    assert prof.quantized_bytes(numel, shape[-1], bits, group_size, 2) == q.nbytes + s.nbytes + b.nbytes
+
+
+def test_profile_covers_every_module_and_candidate(tiny_moe_dir: Path) -> None:
+    src = open_source(str(tiny_moe_dir))
+    p = prof.analyze(src, progress=False)
+    settings = load_settings()
+    by_path = {m["path"]: m for m in p["modules"]}
+    assert set(by_path) == {m.path for m in src.modules}
+    for m in src.modules:
+        options = by_path[m.path]["options"]
+        assert len(options) == 1 + len(prof.candidates_for(m, settings))
+        assert options[0]["bits"] == 16 and options[0]["damage"] == 0
+        for o in options[1:]:
+            assert 0 < o["rel_mse"] < 1 and o["damage"] > 0
+    router = by_path["model.layers.0.mlp.gate"]
+    assert {o["bits"] for o in router["options"]} == {8, 16}  # restricted in configs/
+    experts = by_path["model.layers.1.mlp.switch_mlp.down_proj"]
+    assert experts["shape"] == [4, 64, 128]
+    # more bits, less error, at every group size
+    for g in (32, 64, 128):
+        errs = [prof.option_at(experts, b, g)["rel_mse"] for b in (2, 3, 4, 5, 6, 8)]
+        assert errs == sorted(errs, reverse=True)
+
+
+def test_non_divisible_dimension_omits_impossible_candidates(tiny_llama_dir: Path) -> None:
+    p = prof.analyze(str(tiny_llama_dir), progress=False)
+    q = next(m for m in p["modules"] if m["kind"] == "attn_q")  # last dim 96
+    assert {o["group_size"] for o in q["options"]} == {None, 32}
+
+
+def test_module_without_group_size_keeps_only_16_bit(tmp_path: Path) -> None:
+    p = prof.analyze(str(make_model(tmp_path / "odd", "llama", hidden=80)), progress=False)
+    q = next(m for m in p["modules"] if m["kind"] == "attn_q")
+    assert [o["bits"] for o in q["options"]] == [16]
+
+
+def test_sampled_error_close_to_full(dense: Path) -> None:
+    src = open_source(str(dense))
+    settings = load_settings()
+    m = next(m for m in src.modules if m.kind == "mlp_down")
+    w = src.weights()[f"{m.path}.weight"].astype(mx.bfloat16)
+    streams = [mx.cpu]
+    sampled = prof.analyse_module(m, w, settings, "bfloat16", streams)
+    settings_full = settings.model_copy(deep=True)
+    settings_full.analysis.sample_elements = m.numel
+    full = prof.analyse_module(m, w, settings_full, "bfloat16", streams)
+    for s, f in zip(sampled[1:], full[1:]):
+        assert s.rel_mse == pytest.approx(f.rel_mse, rel=0.05)
+
+
+def test_cache_reused_and_invalidated(tmp_path: Path, tiny_dir: Path, monkeypatch) -> None:
+    first = prof.analyze(str(tiny_dir), progress=False)
+    assert first["cache_hit"] is False
+    path = prof.profile_path(first["fingerprint"])
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(prof, "analyse_module", boom)
+    second = prof.analyze(str(tiny_dir), progress=False)
+    assert second["cache_hit"] is True and second["modules"] == first["modules"]
+    with pytest.raises(AssertionError, match="recomputed"):
+        prof.analyze(str(tiny_dir), force=True, progress=False)
+    with pytest.raises(AssertionError, match="recomputed"):  # another fingerprint
+        prof.analyze(str(make_model(tmp_path / "other", "qwen3", seed=7)), progress=False)
+    assert json.loads(path.read_text())["modules"] == first["modules"]
+
+
+def test_interrupted_run_leaves_no_profile_and_resumes(tiny_dir: Path, monkeypatch) -> None:
+    src = open_source(str(tiny_dir))
+    reference = prof.analyze(src, progress=False)
+    prof.profile_path(src.fingerprint).unlink()
+    real = prof.analyse_module
+    calls = {"n": 0}
+
+    def interrupt_late(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 12:  # in the second layer
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prof, "analyse_module", interrupt_late)
+    with pytest.raises(KeyboardInterrupt):
+        prof.analyze(src, progress=False)
+    assert prof.load_profile(src) is None
+    assert not prof.profile_path(src.fingerprint).exists()
+    partial = prof.profile_path(src.fingerprint).with_suffix(".partial.json")
+    assert partial.exists()
+
+    monkeypatch.setattr(prof, "analyse_module", real)
+    calls["n"] = 0
+    counted = {"n": 0}
+
+    def counting(*args, **kwargs):
+        counted["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prof, "analyse_module", counting)
+    resumed = prof.analyze(src, progress=False)
+    assert 0 < counted["n"] < len(src.modules)  # resumed, not restarted
+    assert [m["options"] for m in resumed["modules"]] == [m["options"] for m in reference["modules"]]
+    assert [m["importance"] for m in resumed["modules"]] == pytest.approx(
+        [m["importance"] for m in reference["modules"]]
+    )
+    assert not partial.exists()
+
+
+def test_importance_follows_the_weights_not_the_names(tmp_path: Path) -> None:
+    """Scaling a block's output weights up raises that block's importance, nothing else changes."""
+    import numpy as np
+
+    base = make_model(tmp_path / "a", "llama", layers=3)
+    p_base = prof.analyze(str(base), progress=False)
+    scaled = make_model(tmp_path / "b", "llama", layers=3)
+    shard = next(
+        f for f in scaled.glob("*.safetensors") if "model.layers.1.mlp.down_proj.weight" in mx.load(str(f))
+    )
+    arrays = mx.load(str(shard))
+    arrays["model.layers.1.mlp.down_proj.weight"] = arrays["model.layers.1.mlp.down_proj.weight"] * 8
+    mx.save_safetensors(str(shard), arrays, metadata={"format": "pt"})
+    p_scaled = prof.analyze(str(scaled), progress=False)
+    imp = lambda p, path: next(m["importance"] for m in p["modules"] if m["path"] == path)  # noqa: E731
+    path = "model.layers.1.mlp.down_proj"
+    assert imp(p_scaled, path) > 10 * imp(p_base, path)
+    assert np.isclose(imp(p_scaled, "model.layers.0.mlp.down_proj"),
+                      imp(p_base, "model.layers.0.mlp.down_proj"))  # fmt: skip
+
+
+def test_analyze_cli_report(tiny_moe_dir: Path, capsys) -> None:
+    assert main(["analyze", str(tiny_moe_dir), "--report", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "span of importance" in out and "expert_down" in out
+    assert main(["analyze", str(tiny_moe_dir), "--json", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)["cache_hit"] is True
