@@ -52,6 +52,25 @@ def cmd_plan(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .plan import load_plan, make_plan
+    from .profile import analyze
+    from .quantize import quantize
+    from .source import open_source
+
+    source = open_source(a.model)
+    if a.plan:
+        plan = load_plan(Path(a.plan))
+    else:
+        plan = make_plan(analyze(source, progress=not a.quiet), a.budget)
+    folder, cached = quantize(source, plan, Path(a.output) if a.output else None, progress=not a.quiet)
+    print(f"{folder}  ({'cached' if cached else 'written'}; {plan['bits_per_weight']:.3f} bits per "
+          f"weight, {plan['total_bytes']:,} bytes)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ramserve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -79,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("quantize", help="write the quantized model for a plan (cached)")
+    s.add_argument("model")
+    how = s.add_mutually_exclusive_group(required=True)
+    how.add_argument("--plan", help="a plan.json from `ramserve plan -o`")
+    how.add_argument("--budget", help="plan for this budget first")
+    s.add_argument("-o", "--output", help="output folder (default: the cache)")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_quantize)
     return p
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from . import atomic
 from .settings import Settings, load_settings, ramserve_home
-from .source import ModuleInfo, Source, open_source
+from .source import ModuleInfo, Source, open_source, require_full_precision
 from .sensitivity import EnergyFlow, flow_order, importances
 
 FORMAT = "ramserve-profile/1"
@@ -217,6 +217,7 @@ def analyze(
 ) -> dict[str, Any]:
     """The profile of a model: from the cache when valid, else computed (resuming a partial run)."""
     source = open_source(source) if isinstance(source, str) else source
+    require_full_precision(source)
     settings = load_settings()
     key = settings_key(settings)
     if not force and (cached := load_profile(source, settings)):

@@ -349,8 +349,10 @@ def describe(source: Source) -> dict[str, Any]:
         entry["params"] += m.numel
         if not m.group_sizes:
             entry["no_group_size"].append(m.path)
-    params = source.parameter_count
+    plan = _folder_plan(source)
+    params = plan["parameters"] if plan else source.parameter_count
     return {
+        "plan": plan,
         "name": source.name,
         "path": str(source.path),
         "model_type": source.model_type,
@@ -372,6 +374,31 @@ def describe(source: Source) -> dict[str, Any]:
     }
 
 
+def require_full_precision(source: Source) -> None:
+    if source.quantization is not None:
+        raise BadModel(
+            f"{source.path} is already quantized (config.json has a quantization entry); ramserve "
+            "quantizes from the full-precision weights: give it the original model"
+        )
+
+
+def _folder_plan(source: Source) -> dict[str, Any] | None:
+    """The plan of a folder ramserve quantized (its plan.json), summarised."""
+    if source.quantization is None or not (source.path / "plan.json").is_file():
+        return None
+    try:
+        plan = json.loads((source.path / "plan.json").read_text())
+    except ValueError:
+        return None
+    from .plan import histogram
+
+    return {"budget": plan["budget"], "total_bytes": plan["total_bytes"], "hash": plan["hash"],
+            "parameters": plan["parameters"],
+            "bits_per_weight": plan["bits_per_weight"], "source_fingerprint": plan["fingerprint"],
+            "predicted_damage": plan["predicted_damage"],
+            "histogram": [{"choice": c, "modules": a, "bytes": b} for c, a, b in histogram(plan)]}  # fmt: skip
+
+
 def render_description(d: dict[str, Any]) -> str:
     from .fmt import human_bytes, human_count, table
 
@@ -385,6 +412,15 @@ def render_description(d: dict[str, Any]) -> str:
         f"  tied embed.   {'yes' if d['tied_embeddings'] else 'no'}",
         f"  quantizable   {d['quantizable_modules']} modules",
     ]
+    if plan := d["plan"]:
+        mix = ", ".join(f"{h['choice']}: {100 * h['bytes']:.0f}%" for h in plan["histogram"])
+        lines += [
+            f"  quantized     by ramserve, plan {plan['hash']} for budget {plan['budget']['spec']}"
+            f" ({plan['bits_per_weight']:.3f} bits per weight, {plan['total_bytes']:,} bytes)",
+            f"  bit mix       {mix} (share of weights)",
+        ]
+    elif d["quantized"]:
+        lines.append("  quantized     yes (not by ramserve)")
     if d["stacked_expert_modules"]:
         lines.append(
             f"  experts       {d['stacked_expert_modules']} stacked expert modules"

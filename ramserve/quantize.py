@@ -1,0 +1,207 @@
+"""Writing the quantized model for a plan: an mlx-lm folder, streamed one tensor at a time, atomically.
+
+The plan fixes every output tensor's name, dtype and shape in advance, so each shard's safetensors
+header is written first and the tensors are streamed after it one by one: peak memory is about one
+module, whatever the shard size. The folder is assembled under a temporary name beside its final place
+(``RAMSERVE_HOME/models/<fingerprint>/<plan-hash>/``) and renamed only when complete, so an interrupted
+run leaves nothing a later run would load; a complete folder with the same plan hash is reused as is.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from . import atomic
+from .errors import BadModel
+from .plan import FORMAT as PLAN_FORMAT
+from .settings import ramserve_home
+from .source import Source, open_source, require_full_precision
+
+SHARD_BYTES = 2_000_000_000
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json", "added_tokens.json")  # fmt: skip
+ST_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "uint32": "U32",
+             "int32": "I32", "uint8": "U8", "int8": "I8", "int64": "I64", "bool": "BOOL"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    name: str
+    dtype: str  # MLX dtype name
+    shape: tuple[int, ...]
+    source: str  # the sanitized tensor it comes from
+    part: str  # "weight", "scales", "biases" or "copy"
+    bits: int = 16
+    group_size: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        size = {"uint32": 4, "int32": 4, "float32": 4, "int64": 8}.get(self.dtype, 2)
+        size = {"uint8": 1, "int8": 1, "bool": 1}.get(self.dtype, size)
+        return size * int(np.prod(self.shape, dtype=np.int64))
+
+
+def model_dir(fingerprint: str, plan_hash: str) -> Path:
+    return ramserve_home() / "models" / fingerprint / plan_hash
+
+
+def output_tensors(source: Source, plan: dict[str, Any]) -> list[OutTensor]:
+    """Every tensor the quantized model stores, in a stable order."""
+    quant = {k: v for k, v in plan["quantization"].items() if isinstance(v, dict)}
+    fdt = source.float_dtype
+    out = []
+    for name, shape in sorted(source.tensor_shapes.items()):
+        module = name.removesuffix(".weight")
+        q = quant.get(module) if name.endswith(".weight") else None
+        if q:
+            bits, g = q["bits"], q["group_size"]
+            lead, last = shape[:-1], shape[-1]
+            out.append(OutTensor(name, "uint32", (*lead, last * bits // 32), name, "weight", bits, g))
+            for part in ("scales", "biases"):
+                out.append(OutTensor(f"{module}.{part}", fdt, (*lead, last // g), name, part, bits, g))
+        else:
+            dtype = source.tensor_dtypes[name]
+            keep = dtype if not dtype.startswith(("float", "bfloat")) else fdt
+            out.append(OutTensor(name, keep, shape, name, "copy"))
+    return out
+
+
+def shard_layout(tensors: list[OutTensor], shard_bytes: int) -> list[list[OutTensor]]:
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def _header(tensors: list[OutTensor]) -> bytes:
+    meta: dict[str, Any] = {"__metadata__": {"format": "mlx"}}
+    offset = 0
+    for t in tensors:
+        meta[t.name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + t.nbytes]}  # fmt: skip
+        offset += t.nbytes
+    raw = json.dumps(meta, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _to_bytes(a: mx.array) -> bytes:
+    if a.dtype in (mx.bfloat16, mx.float16):
+        a = a.view(mx.uint16)  # numpy has no bfloat16; the bits are what we store
+    return np.asarray(a).tobytes()
+
+
+class _Producer:
+    """Computes output tensors from the lazy source weights, one source tensor at a time."""
+
+    def __init__(self, source: Source) -> None:
+        self.weights = source.weights()
+        self.float_dtype = getattr(mx, source.float_dtype)
+        self.name: str | None = None
+        self.parts: dict[str, mx.array] = {}
+
+    def get(self, t: OutTensor) -> mx.array:
+        if t.source != self.name:
+            self.parts.clear()
+            mx.clear_cache()
+            self.name = t.source
+            w = self.weights.pop(t.source)
+            if t.part == "copy":
+                self.parts["copy"] = w.astype(self.float_dtype) if mx.issubdtype(
+                    w.dtype, mx.floating) else w  # fmt: skip
+            else:
+                q, s, b = mx.quantize(w.astype(self.float_dtype), group_size=t.group_size, bits=t.bits)
+                self.parts.update(weight=q, scales=s, biases=b)
+            mx.eval(*self.parts.values())
+        return self.parts[t.part]
+
+
+def write_shards(source: Source, plan: dict[str, Any], folder: Path, progress: bool) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    tensors = output_tensors(source, plan)
+    shards = shard_layout(tensors, SHARD_BYTES)
+    total = sum(t.nbytes for t in tensors)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)  # fmt: skip
+    producer = _Producer(source)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        with (folder / name).open("wb") as f:
+            f.write(_header(shard))
+            for t in shard:
+                a = producer.get(t)
+                if tuple(a.shape) != t.shape:
+                    raise AssertionError(f"{t.name}: produced {a.shape}, planned {t.shape}")
+                f.write(_to_bytes(a))
+                weight_map[t.name] = name
+                bar.update(t.nbytes)
+    bar.close()
+    return {"metadata": {"total_size": total, "total_parameters": source.parameter_count},
+            "weight_map": dict(sorted(weight_map.items()))}  # fmt: skip
+
+
+def _config(source: Source, plan: dict[str, Any]) -> dict[str, Any]:
+    config = dict(source.config)
+    config.pop("_name_or_path", None)
+    config["quantization"] = plan["quantization"]
+    config["quantization_config"] = plan["quantization"]  # as mlx-lm's save_config writes it
+    return dict(sorted(config.items()))
+
+
+def check_plan(source: Source, plan: dict[str, Any]) -> None:
+    require_full_precision(source)
+    if plan.get("format") != PLAN_FORMAT:
+        raise BadModel(f"not a ramserve plan (format {plan.get('format')!r})")
+    if plan["fingerprint"] != source.fingerprint:
+        raise BadModel(
+            f"the plan was made for model {plan['fingerprint']}, not {source.fingerprint} "
+            f"({source.path}); make a new plan for this model"
+        )
+
+
+def quantize(
+    source: Source | str, plan: dict[str, Any], output: Path | None = None, *, progress: bool = True
+) -> tuple[Path, bool]:
+    """Write (or reuse) the quantized model for ``plan``; returns its folder and whether it was cached."""
+    source = open_source(source) if isinstance(source, str) else source
+    check_plan(source, plan)
+    final = output or model_dir(source.fingerprint, plan["hash"])
+    if is_complete(final, plan["hash"]):
+        return final, True
+    start = time.perf_counter()
+    with atomic.staging_dir(final) as tmp:
+        index = write_shards(source, plan, tmp, progress)
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        (tmp / "config.json").write_text(json.dumps(_config(source, plan), indent=1))
+        for name in TOKENIZER_FILES:
+            if (source.path / name).is_file():
+                shutil.copyfile(source.path / name, tmp / name)
+        stats = {"seconds": time.perf_counter() - start, "stored_bytes": index["metadata"]["total_size"]}
+        (tmp / "plan.json").write_text(json.dumps({**plan, "written": stats}, indent=1))
+    return final, False
+
+
+def is_complete(folder: Path, plan_hash: str) -> bool:
+    """A folder is trusted only if it was renamed into place with a plan of this hash."""
+    try:
+        return json.loads((folder / "plan.json").read_text()).get("hash") == plan_hash
+    except (OSError, ValueError):
+        return False

@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm import generate, load
+from mlx_lm.utils import load_model
+
+from ramserve import quantize as qz
+from ramserve.cli import main
+from ramserve.errors import BadModel
+from ramserve.plan import make_plan
+from ramserve.profile import analyze
+from ramserve.source import describe, open_source
+
+from .factory import make_model
+
+PROMPT = mx.array([[1, 5, 9, 42, 7, 100, 3, 64, 12, 8]])
+
+
+def simulated_logits(source_dir: Path, plan: dict) -> mx.array:
+    """The source in float32 with the plan's quantization applied as dequantize(quantize(W))."""
+    model, _ = load_model(source_dir)
+    model.set_dtype(mx.float32)
+    params = dict(tree_flatten(model.parameters()))
+    updates = []
+    for path, q in plan["quantization"].items():
+        if not isinstance(q, dict):
+            continue
+        w = params[f"{path}.weight"].astype(mx.bfloat16)  # what the writer quantizes
+        wq, s, b = mx.quantize(w, group_size=q["group_size"], bits=q["bits"])
+        deq = mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32),
+                            group_size=q["group_size"], bits=q["bits"])  # fmt: skip
+        updates.append((f"{path}.weight", deq))
+    model.load_weights(updates, strict=False)
+    return model(PROMPT)
+
+
+def quantized_logits(folder: Path) -> mx.array:
+    model, _ = load(str(folder))  # stock mlx-lm
+    model.set_dtype(mx.float32)  # the CPU back end runs MoE only in float32
+    return model(PROMPT)
+
+
+@pytest.mark.parametrize("budget", ["25%", "30%", "40%"])
+def test_shared_models_quantize_load_and_match(dense: Path, moe: Path, budget: str, profile_cache) -> None:
+    for model_dir in (dense, moe):
+        plan = make_plan(profile_cache(model_dir), budget)
+        folder, cached = qz.quantize(str(model_dir), plan, progress=False)
+        assert not cached
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        assert abs(index["metadata"]["total_size"] / plan["total_bytes"] - 1) < 0.01
+        got, want = quantized_logits(folder), simulated_logits(model_dir, plan)
+        scale = mx.abs(want).max().item()
+        assert mx.abs(got - want).max().item() < 1e-3 * scale
+        cfg = json.loads((folder / "config.json").read_text())
+        assert cfg["quantization"] == plan["quantization"] == cfg["quantization_config"]
+
+
+def test_generate_and_inspect_report_the_plan(dense: Path, profile_cache) -> None:
+    plan = make_plan(profile_cache(dense), "30%")
+    folder, _ = qz.quantize(str(dense), plan, progress=False)
+    model, tok = load(str(folder))
+    text = generate(model, tok, "def add(a, b):", max_tokens=12)
+    assert isinstance(text, str) and len(text) > 0
+    d = describe(open_source(str(folder)))
+    assert d["plan"]["hash"] == plan["hash"] and d["plan"]["budget"]["spec"] == "30%"
+    assert d["parameters"] == plan["parameters"]
+    again, cached = qz.quantize(str(dense), plan, progress=False)
+    assert cached and again == folder
+
+
+def test_every_kind_of_module(tmp_path: Path) -> None:
+    """Tied embeddings, stacked experts, modules that cannot take a group size, 16-bit beside every
+    bits x group size."""
+    for arch, hidden in (("qwen3_moe", 64), ("llama", 96), ("llama", 80)):
+        src = make_model(tmp_path / f"{arch}{hidden}", arch, hidden=hidden)
+        plan = make_plan(analyze(str(src), progress=False), "45%" if hidden != 80 else "100%")
+        folder, _ = qz.quantize(str(src), plan, progress=False)
+        got, want = quantized_logits(folder), simulated_logits(src, plan)
+        assert mx.allclose(got, want, atol=1e-3 * mx.abs(want).max().item()).item()
+        model, _ = load(str(folder))
+        kinds = {type(m).__name__ for _, m in model.named_modules()}
+        if hidden == 80:
+            assert not any("Quantized" in k for k in kinds)
+        else:
+            assert any("Quantized" in k for k in kinds)
+
+
+def test_interrupted_write_is_never_trusted_and_rerun_completes(tiny_moe_dir: Path, monkeypatch) -> None:
+    plan = make_plan(analyze(str(tiny_moe_dir), progress=False), "40%")
+    final = qz.model_dir(plan["fingerprint"], plan["hash"])
+    real = qz._Producer.get
+    calls = {"n": 0}
+
+    def failing(self, t):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise KeyboardInterrupt
+        return real(self, t)
+
+    monkeypatch.setattr(qz._Producer, "get", failing)
+    with pytest.raises(KeyboardInterrupt):
+        qz.quantize(str(tiny_moe_dir), plan, progress=False)
+    assert not final.exists() and not qz.is_complete(final, plan["hash"])
+    assert not list(final.parent.glob("*.partial"))  # the staging folder is gone too
+    monkeypatch.setattr(qz._Producer, "get", real)
+    folder, cached = qz.quantize(str(tiny_moe_dir), plan, progress=False)
+    assert folder == final and not cached and qz.is_complete(folder, plan["hash"])
+    load(str(folder))
+
+
+def test_quantized_input_is_refused(tiny_dir: Path, capsys) -> None:
+    plan = make_plan(analyze(str(tiny_dir), progress=False), "40%")
+    folder, _ = qz.quantize(str(tiny_dir), plan, progress=False)
+    with pytest.raises(BadModel, match="already quantized"):
+        qz.quantize(str(folder), plan, progress=False)
+    assert main(["quantize", str(folder), "--budget", "40%", "-q"]) == 2
+    assert "already quantized" in capsys.readouterr().err
+
+
+def test_plan_for_another_model_is_refused(tiny_dir: Path, tiny_llama_dir: Path) -> None:
+    plan = make_plan(analyze(str(tiny_dir), progress=False), "40%")
+    with pytest.raises(BadModel, match="make a new plan"):
+        qz.quantize(str(tiny_llama_dir), plan, progress=False)
+
+
+def test_cli_quantize_from_plan_file(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    plan_file, out = tmp_path / "plan.json", tmp_path / "out"
+    assert main(["plan", str(tiny_dir), "--budget", "35%", "-o", str(plan_file), "-q", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["quantize", str(tiny_dir), "--plan", str(plan_file), "-o", str(out), "-q"]) == 0
+    assert "written" in capsys.readouterr().out
+    assert isinstance(load(str(out))[0], nn.Module)
