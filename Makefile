@@ -16,7 +16,9 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 run: setup
-	$(VENV)/bin/ramserve run $(MODEL) --budget $(BUDGET)
+	$(VENV)/bin/ramserve inspect $(MODEL)
+	$(VENV)/bin/ramserve plan $(MODEL) --budget $(BUDGET)
+	$(VENV)/bin/ramserve quantize $(MODEL) --budget $(BUDGET)
 
 test: setup
 	$(PY) -m pytest -q

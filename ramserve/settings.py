@@ -30,6 +30,7 @@ class AnalysisSettings(BaseModel):
     bits: list[int]
     group_sizes: list[int]
     sample_elements: int = Field(gt=0)
+    sample_fraction: float = Field(gt=0, le=1)
     streams: int = Field(ge=1)
 
 
