@@ -33,7 +33,9 @@ DENSE = ROOT.parent.parent / "shared" / "models" / "code-qwen3-30m"
 def throughput(folder: Path) -> dict:
     src = open_source(str(folder))
     _ = src.modules  # resolve the module map before measuring
-    profile, peak, seconds = peak_rss_over_baseline(lambda: analyze(src, force=True, progress=False))
+    profile, peak, seconds = peak_rss_over_baseline(
+        lambda: analyze(src, force=True, progress=False)
+    )
     mb = profile["bf16_bytes"] / 1e6
     return {"model": src.name, "bf16_MB": round(mb), "seconds": round(seconds, 2),
             "MB_per_s": round(mb / seconds, 1), "peak_rss_MB": round(peak / 1e6)}  # fmt: skip
@@ -64,7 +66,7 @@ def sampling_error(folder: Path, limit: int = 12) -> float:
         w = weights.pop(f"{m.path}.weight").astype(mx.bfloat16)
         a = analyse_module(m, w, settings, "bfloat16", [mx.cpu])[1:]
         b = exact_errors(w, [(o.bits, o.group_size) for o in a])
-        worst = max(worst, max(abs(x.rel_mse / y - 1) for x, y in zip(a, b)))
+        worst = max(worst, max(abs(x.rel_mse / y - 1) for x, y in zip(a, b, strict=True)))
     return worst
 
 

@@ -42,7 +42,9 @@ def _tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def synthetic_model(folder: Path = ROOT / ".cache" / "synthetic-2gb", shard_bytes: int = 500_000_000) -> Path:
+def synthetic_model(
+    folder: Path = ROOT / ".cache" / "synthetic-2gb", shard_bytes: int = 500_000_000
+) -> Path:
     if (folder / "config.json").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
@@ -67,7 +69,9 @@ def synthetic_model(folder: Path = ROOT / ".cache" / "synthetic-2gb", shard_byte
             if len(shape) == 1:
                 arrays[name] = mx.ones(shape, dtype=mx.bfloat16)
             else:
-                arrays[name] = (mx.random.normal(shape, key=sub) * shape[-1] ** -0.5).astype(mx.bfloat16)
+                arrays[name] = (mx.random.normal(shape, key=sub) * shape[-1] ** -0.5).astype(
+                    mx.bfloat16
+                )
         mx.save_safetensors(str(folder / f".{fname}"), arrays, metadata={"format": "pt"})
         (folder / f".{fname}").rename(folder / fname)
         weight_map |= {n: fname for n in names}

@@ -37,17 +37,17 @@ class Problem:
     fixed_bytes: int
 
     @classmethod
-    def from_profile(
-        cls, profile: dict[str, Any], min_sqnr_db: float | None
-    ) -> Problem:
+    def from_profile(cls, profile: dict[str, Any], min_sqnr_db: float | None) -> Problem:
         modules = profile["modules"]
         k = max(len(m["options"]) for m in modules)
         b = np.full((len(modules), k), INF)
         d = np.full((len(modules), k), INF)
         for i, m in enumerate(modules):
             for j, o in enumerate(m["options"]):
-                safe = o["bits"] >= 16 or min_sqnr_db is None or (
-                    o["sqnr_db"] is not None and o["sqnr_db"] >= min_sqnr_db
+                safe = (
+                    o["bits"] >= 16
+                    or min_sqnr_db is None
+                    or (o["sqnr_db"] is not None and o["sqnr_db"] >= min_sqnr_db)
                 )
                 if safe:
                     b[i, j], d[i, j] = o["bytes"], o["damage"]

@@ -65,9 +65,13 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         plan = load_plan(Path(a.plan))
     else:
         plan = make_plan(analyze(source, progress=not a.quiet), a.budget)
-    folder, cached = quantize(source, plan, Path(a.output) if a.output else None, progress=not a.quiet)
-    print(f"{folder}  ({'cached' if cached else 'written'}; {plan['bits_per_weight']:.3f} bits per "
-          f"weight, {plan['total_bytes']:,} bytes)")
+    folder, cached = quantize(
+        source, plan, Path(a.output) if a.output else None, progress=not a.quiet
+    )
+    print(
+        f"{folder}  ({'cached' if cached else 'written'}; {plan['bits_per_weight']:.3f} bits per "
+        f"weight, {plan['total_bytes']:,} bytes)"
+    )
     return 0
 
 
@@ -90,8 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("plan", help="choose the per-module quantization for a budget")
     s.add_argument("model")
-    s.add_argument("--budget", required=True,
-                   help="6GB, 5.5GiB, 800MB, 4.5bpw, 30%%, min-safe, max, or a named device")
+    s.add_argument(
+        "--budget",
+        required=True,
+        help="6GB, 5.5GiB, 800MB, 4.5bpw, 30%%, min-safe, max, or a named device",
+    )
     s.add_argument("--allow-unsafe", action="store_true", help="lift the safety floor")
     s.add_argument("-o", "--output", help="write plan.json here")
     s.add_argument("--plot", help="draw the per-layer bit map into this PNG")

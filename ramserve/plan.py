@@ -53,7 +53,10 @@ def resolve_budget(spec: str, profile: dict[str, Any], machine_bytes: int | None
 
 
 def make_plan(
-    profile: dict[str, Any], spec: str, *, allow_unsafe: bool = False,
+    profile: dict[str, Any],
+    spec: str,
+    *,
+    allow_unsafe: bool = False,
     machine_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Solve for the budget named by ``spec`` and return the plan.json object."""
@@ -82,11 +85,15 @@ def _all16(profile: dict[str, Any]) -> int:
 
 
 def _plan_json(
-    profile: dict[str, Any], spec: str, budget: int, sol: Solution, allow_unsafe: bool,
+    profile: dict[str, Any],
+    spec: str,
+    budget: int,
+    sol: Solution,
+    allow_unsafe: bool,
     note: str | None,
 ) -> dict[str, Any]:
     choices = {}
-    for m, j in zip(profile["modules"], sol.choice):
+    for m, j in zip(profile["modules"], sol.choice, strict=True):
         o = m["options"][int(j)]
         choices[m["path"]] = {"kind": m["kind"], "layer": m["layer"], "bits": o["bits"],
                               "group_size": o["group_size"], "bytes": o["bytes"],
@@ -109,12 +116,18 @@ def _plan_json(
         "bits_per_weight": 8 * sol.bytes / profile["parameters"],
         "budget_used": sol.bytes / budget,
         "predicted_damage": sol.damage,
-        "solver": {"lower_bound": sol.lower_bound, "gap": sol.gap,
-                   "gap_relative": sol.gap / sol.damage if sol.damage else 0.0,
-                   "seconds": sol.seconds, "hull_points": sol.hull_points,
-                   "modules": len(choices)},  # fmt: skip
-        "safety_floor": {"min_sqnr_db": load_settings().allocate.min_sqnr_db,
-                         "lifted": allow_unsafe},  # fmt: skip
+        "solver": {
+            "lower_bound": sol.lower_bound,
+            "gap": sol.gap,
+            "gap_relative": sol.gap / sol.damage if sol.damage else 0.0,
+            "seconds": sol.seconds,
+            "hull_points": sol.hull_points,
+            "modules": len(choices),
+        },  # fmt: skip
+        "safety_floor": {
+            "min_sqnr_db": load_settings().allocate.min_sqnr_db,
+            "lifted": allow_unsafe,
+        },  # fmt: skip
         "note": note,
         "quantization": quantization,
         "choices": choices,
@@ -153,7 +166,9 @@ def histogram(plan: dict[str, Any]) -> list[tuple[str, float, float]]:
     for c in choices:
         counts[choice_label(c)] += 1
         weight[choice_label(c)] += c["params"]
-    order = sorted(counts, key=lambda s: (int(s.split("/")[0]), -int(s.split("/")[1]) if "/" in s else 0))
+    order = sorted(
+        counts, key=lambda s: (int(s.split("/")[0]), -int(s.split("/")[1]) if "/" in s else 0)
+    )
     return [(k, counts[k] / n, weight[k] / params) for k in order]
 
 

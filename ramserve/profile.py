@@ -28,9 +28,9 @@ import mlx.core as mx
 import numpy as np
 
 from . import atomic
+from .sensitivity import EnergyFlow, flow_order, importances
 from .settings import Settings, load_settings, ramserve_home
 from .source import ModuleInfo, Source, open_source, require_full_precision
-from .sensitivity import EnergyFlow, flow_order, importances
 
 FORMAT = "ramserve-profile/1"
 FLOAT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -105,7 +105,8 @@ def measure_errors(
     # One candidate per stream at a time: both cores busy, and only that many copies alive.
     for start in range(0, len(cands), len(streams)):
         batch = []
-        for s, (bits, g) in zip(streams, cands[start : start + len(streams)]):
+        # the last batch may hold fewer candidates than there are streams
+        for s, (bits, g) in zip(streams, cands[start : start + len(streams)], strict=False):
             q = mx.quantize(w, group_size=g, bits=bits, stream=s)
             d = mx.dequantize(*q, group_size=g, bits=bits, stream=s)
             # float32: in bf16 the rounding of the difference biases the error by a few percent
@@ -113,8 +114,12 @@ def measure_errors(
             batch.append(mx.square(diff, stream=s).sum(stream=s))
         mx.eval(batch)
         errs += batch
-    total = max(signal.item(), 1e-30)
-    return [e.item() / total for e in errs]
+    total = max(scalar(signal), 1e-30)
+    return [scalar(e) / total for e in errs]
+
+
+def scalar(a: mx.array) -> float:
+    return float(np.asarray(a, dtype=np.float64))
 
 
 def analyse_module(
@@ -128,10 +133,12 @@ def analyse_module(
     cols = m.shape[-1]
     flat = w.reshape(-1, cols)
     a = settings.analysis
-    idx = sample_rows(m.path, flat.shape[0], cols, max(a.sample_elements, int(m.numel * a.sample_fraction)))
+    idx = sample_rows(
+        m.path, flat.shape[0], cols, max(a.sample_elements, int(m.numel * a.sample_fraction))
+    )
     sample = flat if idx is None else flat[mx.array(idx)]
     mx.eval(sample)
-    for (bits, g), rel in zip(cands, measure_errors(sample, cands, streams)):
+    for (bits, g), rel in zip(cands, measure_errors(sample, cands, streams), strict=True):
         sqnr = -10 * math.log10(rel) if rel > 0 else None
         options.append(Option(bits, g, quantized_bytes(m.numel, cols, bits, g, fb), rel, sqnr))
     return options
@@ -215,9 +222,7 @@ def _resume_state(partial: Path, key: str) -> dict[str, ModuleRecord]:
     return {d["path"]: ModuleRecord.from_json(d) for d in data.get("modules", [])}
 
 
-def analyze(
-    source: Source | str, *, force: bool = False, progress: bool = True
-) -> dict[str, Any]:
+def analyze(source: Source | str, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """The profile of a model: from the cache when valid, else computed (resuming a partial run)."""
     source = open_source(source) if isinstance(source, str) else source
     require_full_precision(source)
@@ -238,7 +243,11 @@ def analyze(
 
 
 def _run_analysis(
-    source: Source, settings: Settings, done: dict[str, ModuleRecord], partial: Path, key: str,
+    source: Source,
+    settings: Settings,
+    done: dict[str, ModuleRecord],
+    partial: Path,
+    key: str,
     progress: bool,
 ) -> list[ModuleRecord]:
     from tqdm import tqdm
@@ -250,7 +259,9 @@ def _run_analysis(
     layer = None
     for rec in analyse_iter(source, settings, done):
         if rec.layer != layer and records and rec.path not in done:
-            atomic.write_json(partial, {"settings_key": key, "modules": [r.to_json() for r in records]})
+            atomic.write_json(
+                partial, {"settings_key": key, "modules": [r.to_json() for r in records]}
+            )
         layer = rec.layer
         records.append(rec)
         bar.update(rec.numel * 2)

@@ -67,9 +67,13 @@ def output_tensors(source: Source, plan: dict[str, Any]) -> list[OutTensor]:
         if q:
             bits, g = q["bits"], q["group_size"]
             lead, last = shape[:-1], shape[-1]
-            out.append(OutTensor(name, "uint32", (*lead, last * bits // 32), name, "weight", bits, g))
+            out.append(
+                OutTensor(name, "uint32", (*lead, last * bits // 32), name, "weight", bits, g)
+            )
             for part in ("scales", "biases"):
-                out.append(OutTensor(f"{module}.{part}", fdt, (*lead, last // g), name, part, bits, g))
+                out.append(
+                    OutTensor(f"{module}.{part}", fdt, (*lead, last // g), name, part, bits, g)
+                )
         else:
             dtype = source.tensor_dtypes[name]
             keep = dtype if not dtype.startswith(("float", "bfloat")) else fdt
@@ -126,13 +130,17 @@ class _Producer:
                 self.parts["copy"] = w.astype(self.float_dtype) if mx.issubdtype(
                     w.dtype, mx.floating) else w  # fmt: skip
             else:
-                q, s, b = mx.quantize(w.astype(self.float_dtype), group_size=t.group_size, bits=t.bits)
+                q, s, b = mx.quantize(
+                    w.astype(self.float_dtype), group_size=t.group_size, bits=t.bits
+                )
                 self.parts.update(weight=q, scales=s, biases=b)
             mx.eval(*self.parts.values())
         return self.parts[t.part]
 
 
-def write_shards(source: Source, plan: dict[str, Any], folder: Path, progress: bool) -> dict[str, Any]:
+def write_shards(
+    source: Source, plan: dict[str, Any], folder: Path, progress: bool
+) -> dict[str, Any]:
     from tqdm import tqdm
 
     tensors = output_tensors(source, plan)
@@ -143,7 +151,11 @@ def write_shards(source: Source, plan: dict[str, Any], folder: Path, progress: b
     producer = _Producer(source)
     weight_map = {}
     for i, shard in enumerate(shards):
-        name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        name = (
+            "model.safetensors"
+            if len(shards) == 1
+            else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        )
         with (folder / name).open("wb") as f:
             f.write(_header(shard))
             for t in shard:
@@ -194,7 +206,10 @@ def quantize(
         for name in TOKENIZER_FILES:
             if (source.path / name).is_file():
                 shutil.copyfile(source.path / name, tmp / name)
-        stats = {"seconds": time.perf_counter() - start, "stored_bytes": index["metadata"]["total_size"]}
+        stats = {
+            "seconds": time.perf_counter() - start,
+            "stored_bytes": index["metadata"]["total_size"],
+        }
         (tmp / "plan.json").write_text(json.dumps({**plan, "written": stats}, indent=1))
     return final, False
 

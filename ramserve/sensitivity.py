@@ -111,7 +111,8 @@ class EnergyFlow:
         """Record the module's output energy, given its (float) weight."""
         if m.kind == "embedding":
             # Energy per token: the mean squared norm of an embedding row.
-            self.energy[m.path] = float(mx.square(w.astype(mx.float32)).sum(-1).mean().item())
+            rows = mx.square(w.astype(mx.float32)).sum(-1).mean()
+            self.energy[m.path] = float(np.asarray(rows, dtype=np.float64))
             return
         xin = self.input_energy(m)
         w2 = mx.square(w.astype(mx.float32))
@@ -127,7 +128,9 @@ class EnergyFlow:
 
 
 def importances(
-    modules: list[ModuleInfo], energy: dict[str, float], settings: SensitivitySettings,
+    modules: list[ModuleInfo],
+    energy: dict[str, float],
+    settings: SensitivitySettings,
     tied: bool,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Importance per module path, and the per-layer residual account behind it."""

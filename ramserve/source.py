@@ -32,10 +32,31 @@ from .errors import BadModel, ModelNotFound
 from .settings import KindRule, load_settings
 
 REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+HUB_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "tokenizer*",
+    "*.txt",
+    "*.model",
+    "*.jinja",
+    "*.tiktoken",
+]
 SAMPLE_BYTES = 65536
-DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4,
-               "U32": 4, "I64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_BYTES = {
+    "BF16": 2,
+    "F16": 2,
+    "F32": 4,
+    "F64": 8,
+    "I8": 1,
+    "U8": 1,
+    "I16": 2,
+    "I32": 4,
+    "U32": 4,
+    "I64": 8,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -129,7 +150,9 @@ class Source:
         raw: dict[str, mx.array] = {}
         for shard in self.shards:
             try:
-                raw.update(mx.load(str(shard.path)))
+                loaded = mx.load(str(shard.path))
+                assert isinstance(loaded, dict)  # safetensors always loads as a dict
+                raw.update(loaded)
             except Exception as e:  # MLX raises plain RuntimeError/ValueError on a bad file
                 raise BadModel(f"cannot read shard {shard.path}: {e}") from e
         sanitize = getattr(self.model, "sanitize", None)
@@ -360,15 +383,23 @@ def describe(source: Source) -> dict[str, Any]:
         "parameters": params,
         "bf16_bytes": 2 * params,
         "tied_embeddings": source.tied_embeddings,
-        "shards": [{"name": s.name, "bytes": s.size, "tensors": len(s.tensors)} for s in source.shards],
+        "shards": [
+            {"name": s.name, "bytes": s.size, "tensors": len(s.tensors)} for s in source.shards
+        ],
         "fingerprint": source.fingerprint,
         "quantized": source.quantization is not None,
         "quantizable_modules": len(source.modules),
         "stacked_expert_modules": sum(1 for m in source.modules if m.kind.startswith("expert_")),
-        "experts_per_module": source.config.get("num_experts") or source.config.get("n_routed_experts"),
+        "experts_per_module": source.config.get("num_experts")
+        or source.config.get("n_routed_experts"),
         "modules_by_kind": kinds,
         "modules": [
-            {"path": m.path, "kind": m.kind, "shape": list(m.shape), "group_sizes": list(m.group_sizes)}
+            {
+                "path": m.path,
+                "kind": m.kind,
+                "shape": list(m.shape),
+                "group_sizes": list(m.group_sizes),
+            }
             for m in source.modules
         ],
     }
@@ -432,7 +463,7 @@ def render_description(d: dict[str, Any]) -> str:
         for kind, e in d["modules_by_kind"].items()
     ]
     lines.append(table(["kind", "modules", "params", "no group size"], rows))
-    for kind, e in d["modules_by_kind"].items():
+    for _kind, e in d["modules_by_kind"].items():
         for path in e["no_group_size"]:
             lines.append(f"  {path}: last dimension not divisible by 32/64/128; stays 16-bit")
     return "\n".join(lines)

@@ -67,14 +67,16 @@ def test_hull_is_convex_and_decreasing() -> None:
     hull = lower_hulls(p.bytes, p.damage)
     for i in range(50):
         pts = [(p.bytes[i, j], p.damage[i, j]) for j in hull[i] if j >= 0]
-        bs, ds = zip(*pts)
+        bs, ds = zip(*pts, strict=True)
         assert all(np.diff(bs) > 0) and all(np.diff(ds) < 0)
         slopes = np.diff(ds) / np.diff(bs)
         assert all(np.diff(slopes) >= -1e-12)  # convex: slopes flatten
 
 
 @pytest.mark.parametrize("spec", ["25%", "30%", "40%", "min-safe"])
-def test_shared_plans_fit_and_use_the_budget(dense: Path, moe: Path, spec: str, profile_cache) -> None:
+def test_shared_plans_fit_and_use_the_budget(
+    dense: Path, moe: Path, spec: str, profile_cache
+) -> None:
     for model in (dense, moe):
         profile = profile_cache(model)
         plan = make_plan(profile, spec)
@@ -100,7 +102,11 @@ def test_safety_floor_and_allow_unsafe(tiny_dir: Path) -> None:
     for m in profile["modules"]:
         c = safe["choices"][m["path"]]
         if c["bits"] < 16:
-            o = next(o for o in m["options"] if o["bits"] == c["bits"] and o["group_size"] == c["group_size"])
+            o = next(
+                o
+                for o in m["options"]
+                if o["bits"] == c["bits"] and o["group_size"] == c["group_size"]
+            )
             assert o["sqnr_db"] >= floor
 
 
@@ -128,7 +134,12 @@ def test_budget_units(tiny_dir: Path) -> None:
 
 def test_plan_cli_writes_json_and_plot(tiny_moe_dir: Path, tmp_path: Path, capsys) -> None:
     out, png = tmp_path / "plan.json", tmp_path / "map.png"
-    assert main(["plan", str(tiny_moe_dir), "--budget", "35%", "-o", str(out), "--plot", str(png), "-q"]) == 0
+    assert (
+        main(
+            ["plan", str(tiny_moe_dir), "--budget", "35%", "-o", str(out), "--plot", str(png), "-q"]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "bits/group by layer" in text and "bits per weight" in text
     plan = json.loads(out.read_text())

@@ -23,7 +23,10 @@ def test_candidate_bytes_equal_mlx_arrays(shape, bits, group_size) -> None:
     w = mx.random.normal(shape).astype(mx.bfloat16)
     q, s, b = mx.quantize(w, group_size=group_size, bits=bits)
     numel = w.size
-    assert prof.quantized_bytes(numel, shape[-1], bits, group_size, 2) == q.nbytes + s.nbytes + b.nbytes
+    assert (
+        prof.quantized_bytes(numel, shape[-1], bits, group_size, 2)
+        == q.nbytes + s.nbytes + b.nbytes
+    )
 
 
 def test_profile_covers_every_module_and_candidate(tiny_moe_dir: Path) -> None:
@@ -70,7 +73,7 @@ def test_sampled_error_close_to_full(dense: Path) -> None:
     settings_full = settings.model_copy(deep=True)
     settings_full.analysis.sample_elements = m.numel
     full = prof.analyse_module(m, w, settings_full, "bfloat16", streams)
-    for s, f in zip(sampled[1:], full[1:]):
+    for s, f in zip(sampled[1:], full[1:], strict=True):
         assert s.rel_mse == pytest.approx(f.rel_mse, rel=0.05)
 
 
@@ -124,7 +127,9 @@ def test_interrupted_run_leaves_no_profile_and_resumes(tiny_dir: Path, monkeypat
     monkeypatch.setattr(prof, "analyse_module", counting)
     resumed = prof.analyze(src, progress=False)
     assert 0 < counted["n"] < len(src.modules)  # resumed, not restarted
-    assert [m["options"] for m in resumed["modules"]] == [m["options"] for m in reference["modules"]]
+    assert [m["options"] for m in resumed["modules"]] == [
+        m["options"] for m in reference["modules"]
+    ]
     assert [m["importance"] for m in resumed["modules"]] == pytest.approx(
         [m["importance"] for m in reference["modules"]]
     )
@@ -139,10 +144,14 @@ def test_importance_follows_the_weights_not_the_names(tmp_path: Path) -> None:
     p_base = prof.analyze(str(base), progress=False)
     scaled = make_model(tmp_path / "b", "llama", layers=3)
     shard = next(
-        f for f in scaled.glob("*.safetensors") if "model.layers.1.mlp.down_proj.weight" in mx.load(str(f))
+        f
+        for f in scaled.glob("*.safetensors")
+        if "model.layers.1.mlp.down_proj.weight" in mx.load(str(f))
     )
     arrays = mx.load(str(shard))
-    arrays["model.layers.1.mlp.down_proj.weight"] = arrays["model.layers.1.mlp.down_proj.weight"] * 8
+    arrays["model.layers.1.mlp.down_proj.weight"] = (
+        arrays["model.layers.1.mlp.down_proj.weight"] * 8
+    )
     mx.save_safetensors(str(shard), arrays, metadata={"format": "pt"})
     p_scaled = prof.analyze(str(scaled), progress=False)
     imp = lambda p, path: next(m["importance"] for m in p["modules"] if m["path"] == path)  # noqa: E731

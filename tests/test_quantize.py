@@ -47,7 +47,9 @@ def quantized_logits(folder: Path) -> mx.array:
 
 
 @pytest.mark.parametrize("budget", ["25%", "30%", "40%"])
-def test_shared_models_quantize_load_and_match(dense: Path, moe: Path, budget: str, profile_cache) -> None:
+def test_shared_models_quantize_load_and_match(
+    dense: Path, moe: Path, budget: str, profile_cache
+) -> None:
     for model_dir in (dense, moe):
         plan = make_plan(profile_cache(model_dir), budget)
         folder, cached = qz.quantize(str(model_dir), plan, progress=False)
@@ -91,7 +93,9 @@ def test_every_kind_of_module(tmp_path: Path) -> None:
             assert any("Quantized" in k for k in kinds)
 
 
-def test_interrupted_write_is_never_trusted_and_rerun_completes(tiny_moe_dir: Path, monkeypatch) -> None:
+def test_interrupted_write_is_never_trusted_and_rerun_completes(
+    tiny_moe_dir: Path, monkeypatch
+) -> None:
     plan = make_plan(analyze(str(tiny_moe_dir), progress=False), "40%")
     final = qz.model_dir(plan["fingerprint"], plan["hash"])
     real = qz._Producer.get
@@ -131,7 +135,9 @@ def test_plan_for_another_model_is_refused(tiny_dir: Path, tiny_llama_dir: Path)
 
 def test_cli_quantize_from_plan_file(tiny_dir: Path, tmp_path: Path, capsys) -> None:
     plan_file, out = tmp_path / "plan.json", tmp_path / "out"
-    assert main(["plan", str(tiny_dir), "--budget", "35%", "-o", str(plan_file), "-q", "--json"]) == 0
+    assert (
+        main(["plan", str(tiny_dir), "--budget", "35%", "-o", str(plan_file), "-q", "--json"]) == 0
+    )
     capsys.readouterr()
     assert main(["quantize", str(tiny_dir), "--plan", str(plan_file), "-o", str(out), "-q"]) == 0
     assert "written" in capsys.readouterr().out
