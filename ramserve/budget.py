@@ -31,10 +31,6 @@ def parse_budget(spec: str, *, parameters: int, bf16_bytes: int) -> int:
     raise BudgetError(f"cannot read budget {spec!r}; accepted forms: {FORMS}")
 
 
-def describe_budget(spec: str, value: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"spec": spec, "bytes": value, **(extra or {})}
-
-
 def named_device_bytes(spec: str, profile: dict[str, Any]) -> int | None:
     """Weight budget of a named device from configs/ (issue 7), or None if ``spec`` names none."""
     return None

@@ -47,9 +47,8 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        size = {"uint32": 4, "int32": 4, "float32": 4, "int64": 8}.get(self.dtype, 2)
-        size = {"uint8": 1, "int8": 1, "bool": 1}.get(self.dtype, size)
-        return size * int(np.prod(self.shape, dtype=np.int64))
+        dtype = getattr(mx, "bool_" if self.dtype == "bool" else self.dtype)
+        return int(dtype.size) * int(np.prod(self.shape, dtype=np.int64))
 
 
 def model_dir(fingerprint: str, plan_hash: str) -> Path:

@@ -51,14 +51,9 @@ class Settings(BaseModel):
     kinds: list[KindRule]
     restrict: dict[str, Restriction] = {}
     allocate: AllocateSettings
-    cache: dict[str, str] = {}
     budget: dict[str, Any] = {}
     devices: dict[str, Any] = {}
     server: dict[str, Any] = {}
-
-    @property
-    def home(self) -> Path:
-        return ramserve_home()
 
 
 def ramserve_home() -> Path:

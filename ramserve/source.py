@@ -42,21 +42,6 @@ HUB_PATTERNS = [
     "*.tiktoken",
 ]
 SAMPLE_BYTES = 65536
-DTYPE_BYTES = {
-    "BF16": 2,
-    "F16": 2,
-    "F32": 4,
-    "F64": 8,
-    "I8": 1,
-    "U8": 1,
-    "I16": 2,
-    "I32": 4,
-    "U32": 4,
-    "I64": 8,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
 
 
 @dataclass(frozen=True)
