@@ -1,11 +1,29 @@
-"""How many bytes the weights may take: parsing budget specs, and (issue 7) the machine's own budget."""
+"""How many bytes the weights may take: budget specs, the machine's memory, the KV cache, the fit.
+
+The weight budget is usable memory minus the runtime and the KV cache:
+
+    usable   = min(total - OS reserve, memory available now, MLX's working-set limit)
+    runtime  = fixed process overhead + activation scratch of one prefill chunk per sequence
+    KV       = what mlx-lm's caches allocate for `context` tokens x `parallel` sequences
+    weights  = usable - runtime - KV
+
+Every constant (reserve, overheads, named devices) is data in configs/.
+"""
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Any
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from .errors import BudgetError
+from .fmt import human_bytes
+from .settings import Device, load_settings
+
+if TYPE_CHECKING:
+    from .source import Source
 
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
@@ -13,7 +31,16 @@ SIZE = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>[kmgt]i?b|b)\s*$", re.IG
 PERCENT = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*%\s*$")
 BPW = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*bpw\s*$", re.IGNORECASE)
 FORMS = "a size (6GB, 5.5GiB, 800MB), bits per weight (4.5bpw), a share of the bf16 size (30%), "
-FORMS += "min-safe, max, or a named device (see `ramserve budget --devices`)"
+FORMS += "min-safe, max, auto, or a named device (see `ramserve budget --devices`)"
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def parse_size(spec: str) -> int:
+    """Bytes for a plain size such as ``6GB`` or ``5.5GiB``."""
+    match = SIZE.match(spec)
+    if not match or float(match["n"]) <= 0:
+        raise BudgetError(f"cannot read size {spec!r}: give a positive size such as 6GB or 5.5GiB")
+    return int(float(match["n"]) * UNITS[match["unit"].lower()])
 
 
 def parse_budget(spec: str, *, parameters: int, bf16_bytes: int) -> int:
@@ -31,10 +58,311 @@ def parse_budget(spec: str, *, parameters: int, bf16_bytes: int) -> int:
     raise BudgetError(f"cannot read budget {spec!r}; accepted forms: {FORMS}")
 
 
-def named_device_bytes(spec: str, profile: dict[str, Any]) -> int | None:
-    """Weight budget of a named device from configs/ (issue 7), or None if ``spec`` names none."""
-    return None
+# ---------------------------------------------------------------------------------------------
+# The KV cache
 
 
-def machine_weight_budget(profile: dict[str, Any]) -> int:
-    raise BudgetError("budget 'max' needs the machine's weight budget (ramserve budget)")
+@dataclass(frozen=True)
+class KVLayer:
+    """One layer's cache: elements stored per token (keys + values, all heads) and its window."""
+
+    per_token: int
+    window: int | None = None
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """What a model's KV cache costs, derived from its mlx-lm module and tensor shapes."""
+
+    layers: tuple[KVLayer, ...]
+    dtype_bytes: int
+    max_context: int | None
+    step: int = 256  # mlx-lm's KVCache grows in steps of this many tokens
+
+    def bytes(self, context: int, parallel: int = 1) -> int:
+        """Bytes mlx-lm's caches allocate for ``context`` tokens in each of ``parallel`` sequences."""
+        total = 0
+        for layer in self.layers:
+            allocated = math.ceil(context / self.step) * self.step
+            if layer.window is not None:
+                allocated = min(allocated, layer.window)
+            total += allocated * layer.per_token
+        return total * self.dtype_bytes * parallel
+
+    def per_token(self) -> int:
+        """Bytes per token of context for one sequence, unwindowed layers only (the slope)."""
+        return sum(layer.per_token for layer in self.layers if layer.window is None) * self.dtype_bytes
+
+
+def kv_shape(source: Source, device: str | None = None) -> KVShape:
+    """The KV geometry: each layer's k/v projection widths and its cache type in mlx-lm.
+
+    The cache types come from the model's own ``make_cache`` (sliding-window layers get a
+    ``RotatingKVCache`` with their window), so limited layers are counted as they really are.
+    """
+    from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+    model = source.model
+    caches = model.make_cache() if hasattr(model, "make_cache") else [KVCache() for _ in model.layers]
+    shapes = source.tensor_shapes
+    layers = []
+    for i, cache in enumerate(caches):
+        if not isinstance(cache, KVCache | RotatingKVCache):
+            continue  # fixed-size state (linear attention, SSM): no per-token cost
+        per_token = 0
+        for proj in ("k_proj", "v_proj"):
+            key = next((k for k in shapes if re.search(rf"layers\.{i}\.\w+\.{proj}\.weight$", k)), None)
+            if key is None:
+                raise BudgetError(f"{source.name}: cannot find layer {i}'s {proj} to size its KV cache")
+            per_token += shapes[key][0]
+        window = cache.max_size if isinstance(cache, RotatingKVCache) else None
+        layers.append(KVLayer(per_token, window))
+    max_context = source.config.get("max_position_embeddings")
+    return KVShape(tuple(layers), DTYPE_BYTES[activation_dtype(source, device)], max_context)
+
+
+def activation_dtype(source: Source, device: str | None = None) -> str:
+    """The dtype activations, the KV cache, scales and 16-bit weights take when running.
+
+    A named device is an Apple Silicon machine (the stored dtype); this machine runs what the engine
+    chooses for its back end (float32 on MLX's CPU, see engine.runtime_dtype).
+    """
+    from .engine import runtime_dtype
+
+    return source.float_dtype if device else runtime_dtype(source.float_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine
+
+
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    total: int
+    available: int
+    working_set_limit: int | None  # MLX's recommended limit for the GPU (Apple Silicon)
+    live: bool  # this machine (available memory is real) or a named device (a fresh boot)
+
+
+def this_machine() -> Machine:
+    import mlx.core as mx
+    import psutil
+
+    vm = psutil.virtual_memory()
+    info: dict[str, Any] = {}
+    if mx.metal.is_available():
+        info = dict(mx.device_info())
+    limit = info.get("max_recommended_working_set_size")
+    return Machine("this machine", int(vm.total), int(vm.available), int(limit) if limit else None, True)
+
+
+def named_devices() -> dict[str, Device]:
+    return load_settings().devices
+
+
+def device_machine(name: str) -> Machine:
+    devices = named_devices()
+    if name not in devices:
+        known = ", ".join(sorted(devices))
+        raise BudgetError(f"unknown device {name!r}; known devices: {known}")
+    d = devices[name]
+    total = int(d.memory_gb * 2**30)
+    limit = int(total * d.working_set_share) if d.working_set_share else None
+    return Machine(name, total, total, limit, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fit
+
+
+@dataclass
+class Line:
+    label: str
+    bytes: int
+    why: str
+
+
+@dataclass
+class Budget:
+    """The weight budget with every line of its breakdown."""
+
+    machine: Machine
+    context: int
+    parallel: int
+    usable: int
+    runtime: int
+    kv: int
+    weights: int
+    lines: list[Line] = field(default_factory=list)
+    tradeoffs: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["machine"] = asdict(self.machine)
+        return out
+
+
+def reserve_bytes(machine: Machine) -> int:
+    cfg = load_settings().budget
+    return max(int(cfg.os_reserve_min_gb * 2**30), int(cfg.os_reserve_share * machine.total))
+
+
+def runtime_bytes(kv: KVShape, context: int, parallel: int, hidden: int, intermediate: int) -> int:
+    """The runtime's own memory: the process (Python, MLX, tokenizer) and prefill scratch.
+
+    Scratch is one prefill chunk of activations per sequence being prefilled; its per-token
+    factor was measured (bench/budget.py) as a multiple of the widest activation.
+    """
+    cfg = load_settings().budget
+    chunk = min(cfg.prefill_chunk, context)
+    width = max(hidden, intermediate)
+    scratch = int(cfg.scratch_factor * chunk * width * kv.dtype_bytes * min(parallel, 8))
+    return int(cfg.runtime_fixed_mb * 2**20) + scratch
+
+
+def check_request(kv: KVShape, context: int, parallel: int) -> None:
+    if context <= 0:
+        raise BudgetError(f"context must be a positive number of tokens, not {context}")
+    if parallel <= 0:
+        raise BudgetError(f"parallel must be a positive number of sequences, not {parallel}")
+    if kv.max_context and context > kv.max_context:
+        raise BudgetError(
+            f"context {context:,} is beyond the model's maximum of {kv.max_context:,} tokens "
+            "(max_position_embeddings)"
+        )
+
+
+def model_widths(source: Source) -> tuple[int, int]:
+    c = source.config
+    hidden = int(c.get("hidden_size", 0))
+    inter = int(c.get("moe_intermediate_size") or c.get("intermediate_size") or 4 * hidden)
+    if c.get("num_experts_per_tok"):
+        inter *= int(c["num_experts_per_tok"])
+    return hidden, inter
+
+
+def weight_budget(
+    source: Source,
+    *,
+    context: int | None = None,
+    parallel: int | None = None,
+    device: str | None = None,
+    min_safe: int | None = None,
+) -> Budget:
+    """The weight budget for this machine (or a named device) at ``context`` x ``parallel``."""
+    cfg = load_settings().budget
+    kv = kv_shape(source, device)
+    if context is None:  # the default, not the user's ask: fit it to the model
+        context = min(cfg.default_context, kv.max_context or cfg.default_context)
+    parallel = cfg.default_parallel if parallel is None else parallel
+    check_request(kv, context, parallel)
+    machine = device_machine(device) if device else this_machine()
+    hidden, inter = model_widths(source)
+
+    reserve = reserve_bytes(machine)
+    candidates = {"total - OS reserve": machine.total - reserve}
+    if machine.live:
+        candidates["available now"] = machine.available
+    if machine.working_set_limit:
+        candidates["MLX working-set limit"] = machine.working_set_limit
+    bound = min(candidates, key=lambda k: candidates[k])
+    usable = candidates[bound]
+    runtime = runtime_bytes(kv, context, parallel, hidden, inter)
+    kv_bytes = kv.bytes(context, parallel)
+    weights = usable - runtime - kv_bytes
+
+    lines = [Line("total memory", machine.total, machine.name)]
+    if machine.live:
+        lines.append(Line("available now", machine.available, "free + reclaimable (psutil)"))
+    if machine.working_set_limit:
+        lines.append(Line("MLX working-set limit", machine.working_set_limit,
+                          "the GPU cannot use more without wiring"))  # fmt: skip
+    reserve_why = (
+        f"for the OS and other apps: max({cfg.os_reserve_min_gb} GiB, "
+        f"{100 * cfg.os_reserve_share:.0f}% of total)"
+    )
+    lines += [
+        Line("OS reserve", reserve, reserve_why),
+        Line("usable", usable, f"the smallest of: {', '.join(candidates)} (bound: {bound})"),
+        Line("runtime", runtime, f"process {cfg.runtime_fixed_mb} MiB + prefill scratch "
+             f"({min(cfg.prefill_chunk, context)} tokens x {min(parallel, 8)} sequences)"),  # fmt: skip
+        Line("KV cache", kv_bytes, f"{context:,} tokens x {parallel} sequences x "
+             f"{len(kv.layers)} layers, {kv.dtype_bytes}-byte {human_bytes(kv.per_token())}/token"),  # fmt: skip
+        Line("weights", weights, "usable - runtime - KV cache"),
+    ]
+    budget = Budget(machine, context, parallel, usable, runtime, kv_bytes, weights, lines)
+    if min_safe is not None:
+        budget.tradeoffs = tradeoffs(budget, kv, min_safe)
+    return budget
+
+
+def tradeoffs(budget: Budget, kv: KVShape, min_safe: int) -> dict[str, Any]:
+    """What trades against what: the longest context at min-safe, the memory the ask needs."""
+    room = budget.usable - budget.runtime - min_safe
+    longest = 0
+    hi = kv.max_context or 1 << 24
+    lo = 0
+    while lo < hi:  # largest context whose KV fits the room left by min-safe weights
+        mid = (lo + hi + 1) // 2
+        if kv.bytes(mid, budget.parallel) <= room:
+            lo = mid
+        else:
+            hi = mid - 1
+    longest = lo
+    needed = min_safe + budget.kv + budget.runtime
+    return {
+        "min_safe_bytes": min_safe,
+        "longest_context_at_min_safe": longest,
+        "usable_needed_for_context": needed,
+        "fits": budget.weights >= min_safe,
+    }
+
+
+def require_fit(budget: Budget, min_safe: int) -> None:
+    """Refuse, with the numbers, when even the smallest safe plan cannot fit."""
+    t = budget.tradeoffs or {}
+    if budget.weights >= min_safe:
+        return
+    longest = t.get("longest_context_at_min_safe", 0)
+    context_hint = (
+        f"at min-safe the longest context that fits is {longest:,} tokens"
+        if longest > 0
+        else "even 1 token of context does not fit at min-safe"
+    )
+    raise BudgetError(
+        f"the model does not fit {budget.machine.name}: the weights may use "
+        f"{human_bytes(budget.weights)} but the smallest safe plan needs {human_bytes(min_safe)}; "
+        f"{budget.context:,} tokens x {budget.parallel} sequences needs "
+        f"{human_bytes(min_safe + budget.kv + budget.runtime)} usable (have "
+        f"{human_bytes(budget.usable)}); {context_hint}"
+    )
+
+
+def render_budget(b: dict[str, Any]) -> str:
+    from .fmt import table
+
+    rows = [(ln["label"], human_bytes(ln["bytes"]), ln["why"]) for ln in b["lines"]]
+    out = [table(["", "bytes", "why"], rows)]
+    t = b.get("tradeoffs") or {}
+    if t:
+        out.append("")
+        out.append(f"min-safe plan: {human_bytes(t['min_safe_bytes'])} "
+                   f"({'fits' if t['fits'] else 'does NOT fit'})")  # fmt: skip
+        out.append(f"longest context at min-safe ({b['parallel']} sequences): "
+                   f"{t['longest_context_at_min_safe']:,} tokens")  # fmt: skip
+        out.append(f"usable memory the asked context needs at min-safe: "
+                   f"{human_bytes(t['usable_needed_for_context'])}")  # fmt: skip
+    return "\n".join(out)
+
+
+def machine_budget(
+    source: Source, context: int | None = None, parallel: int | None = None
+) -> Callable[[str | None], tuple[int, int]]:
+    """plan.MachineBudget for this model: weight bytes and runtime float bytes per device."""
+
+    def fit(device: str | None) -> tuple[int, int]:
+        b = weight_budget(source, context=context, parallel=parallel, device=device)
+        return b.weights, DTYPE_BYTES[activation_dtype(source, device)]
+
+    return fit

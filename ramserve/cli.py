@@ -42,8 +42,12 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from .plan import make_plan, plot_plan, render_plan
     from .profile import analyze
 
-    profile = analyze(a.model, progress=not a.quiet)
-    plan = make_plan(profile, a.budget, allow_unsafe=a.allow_unsafe)
+    from .budget import machine_budget
+    from .source import open_source
+
+    source = open_source(a.model)
+    profile = analyze(source, progress=not a.quiet)
+    plan = make_plan(profile, a.budget, allow_unsafe=a.allow_unsafe, machine=machine_budget(source))
     if a.output:
         atomic.write_json(Path(a.output), plan)
     if a.plot:
@@ -64,7 +68,10 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     if a.plan:
         plan = load_plan(Path(a.plan))
     else:
-        plan = make_plan(analyze(source, progress=not a.quiet), a.budget)
+        from .budget import machine_budget
+
+        profile = analyze(source, progress=not a.quiet)
+        plan = make_plan(profile, a.budget, machine=machine_budget(source))
     folder, cached = quantize(
         source, plan, Path(a.output) if a.output else None, progress=not a.quiet
     )
@@ -73,6 +80,64 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         f"weight, {plan['total_bytes']:,} bytes)"
     )
     return 0
+
+
+def cmd_budget(a: argparse.Namespace) -> int:
+    from .budget import named_devices, render_budget, weight_budget
+    from .fmt import table
+
+    if a.devices or not a.model:
+        rows = [(name, f"{d.memory_gb:g} GiB", f"{d.working_set_share or 1:.2f}")
+                for name, d in named_devices().items()]  # fmt: skip
+        print(table(["device", "memory", "GPU share"], rows))
+        return 0
+    from .plan import limits
+    from .profile import analyze
+    from .source import open_source
+
+    source = open_source(a.model)
+    min_safe = limits(analyze(source, progress=not a.quiet))["min_safe"]
+    b = weight_budget(source, context=a.context, parallel=a.parallel, device=a.device,
+                      min_safe=min_safe)  # fmt: skip
+    _emit(b.to_json(), a.json, render_budget)
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .server import serve
+    from .server.registry import Registry
+    from .source import open_source, served_name
+
+    source = open_source(a.model)
+    registry = Registry(source.path, a.name or served_name(source), engine_args(a))
+    serve(registry, host=a.host, port=a.port, api_key=api_key(a), allow_origin=a.allow_origin)
+    return 0
+
+
+def engine_args(a: argparse.Namespace) -> dict[str, Any]:
+    from .settings import load_settings
+
+    cfg = load_settings().server
+    return {"context": a.context, "parallel": a.parallel or cfg.parallel,
+            "queue_size": cfg.queue_size, "prompt_cache_entries": cfg.prompt_cache_entries}  # fmt: skip
+
+
+def api_key(a: argparse.Namespace) -> str | None:
+    import os
+
+    return a.api_key or os.environ.get("RAMSERVE_API_KEY") or None
+
+
+def add_server_options(s: argparse.ArgumentParser) -> None:
+    from .settings import load_settings
+
+    cfg = load_settings().server
+    s.add_argument("--host", default=cfg.host, help="listen address (default: loopback only)")
+    s.add_argument("--port", type=int, default=cfg.port)
+    s.add_argument("--api-key", help="require this bearer key (or set RAMSERVE_API_KEY)")
+    s.add_argument("--allow-origin", action="append", help="enable CORS for this origin (repeatable)")
+    s.add_argument("--context", type=int, help="tokens per sequence (default: the model's maximum)")
+    s.add_argument("--parallel", type=int, help="sequences decoding at once")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", help="output folder (default: the cache)")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("budget", help="how much memory the weights may use on this machine")
+    s.add_argument("model", nargs="?", help="the model (its KV cache and min-safe plan are counted)")
+    s.add_argument("--context", type=int, help="tokens per sequence (default from configs/)")
+    s.add_argument("--parallel", type=int, help="concurrent sequences (default from configs/)")
+    s.add_argument("--device", help="a named device instead of this machine")
+    s.add_argument("--devices", action="store_true", help="list the named devices")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_budget)
+
+    s = sub.add_parser("serve", help="serve a (quantized) model folder through the OpenAI API")
+    s.add_argument("model", help="a model folder (e.g. from `ramserve quantize`) or repo id")
+    s.add_argument("--name", help="the model id clients use (default: the model's name)")
+    add_server_options(s)
+    s.set_defaults(func=cmd_serve)
     return p
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .allocate import Problem, Solution, solve
-from .budget import parse_budget
+from .budget import named_devices, parse_budget
 from .errors import BudgetError
 from .fmt import human_bytes, table
 from .settings import load_settings
@@ -35,21 +36,30 @@ def limits(profile: dict[str, Any]) -> dict[str, int]:
             "max": safe.bytes_of(safe.best_choice())}  # fmt: skip
 
 
-def resolve_budget(spec: str, profile: dict[str, Any], machine_bytes: int | None = None) -> int:
-    """Bytes for a budget spec against this profile (and the machine's weight budget for ``max``)."""
+MachineBudget = Callable[[str | None], tuple[int, int]]
+"""The machine's weight budget for a named device, or for this machine when given None: the bytes
+the weights may take in memory, and the bytes per float (scales, 16-bit tensors) the runtime uses."""
+
+
+def resolve_budget(
+    spec: str, profile: dict[str, Any], machine: MachineBudget | None = None
+) -> tuple[int, int]:
+    """Bytes for a budget spec against this profile, and the runtime's bytes per float.
+
+    ``auto`` is this machine's weight budget, ``max`` the same capped at the all-16-bit model, and a
+    named device that device's weight budget: all three need ``machine`` (see budget.weight_budget).
+    """
     if spec == "min-safe":
-        return limits(profile)["min_safe"]
+        return limits(profile)["min_safe"], 2
+    symbolic = spec in ("auto", "max") or spec in named_devices()
+    if not symbolic:
+        return parse_budget(spec, parameters=profile["parameters"], bf16_bytes=profile["bf16_bytes"]), 2
+    if machine is None:
+        raise BudgetError(f"budget {spec!r} needs the model's KV geometry; give the model, not a profile")
+    weights, float_bytes = machine(None if spec in ("auto", "max") else spec)
     if spec == "max":
-        if machine_bytes is None:
-            from .budget import machine_weight_budget
-
-            machine_bytes = machine_weight_budget(profile)
-        return machine_bytes
-    from .budget import named_device_bytes
-
-    if (named := named_device_bytes(spec, profile)) is not None:
-        return named
-    return parse_budget(spec, parameters=profile["parameters"], bf16_bytes=profile["bf16_bytes"])
+        weights = min(weights, memory_bytes(profile, _all16_choice(profile), float_bytes))
+    return weights, float_bytes
 
 
 def make_plan(
@@ -57,31 +67,62 @@ def make_plan(
     spec: str,
     *,
     allow_unsafe: bool = False,
-    machine_bytes: int | None = None,
+    machine: MachineBudget | None = None,
 ) -> dict[str, Any]:
-    """Solve for the budget named by ``spec`` and return the plan.json object."""
-    budget = resolve_budget(spec, profile, machine_bytes)
+    """Solve for the budget named by ``spec`` and return the plan.json object.
+
+    The budget bounds the weights as loaded: where the runtime keeps floats wider than stored (float32
+    on MLX's CPU back end), the stored-size target shrinks until the loaded size fits.
+    """
+    budget, float_bytes = resolve_budget(spec, profile, machine)
     problem = _problem(profile, allow_unsafe)
     lim = limits(profile)
     smallest = problem.min_bytes()
-    if budget < smallest:
-        raise BudgetError(
-            f"budget {human_bytes(budget)} ({spec}) is below the smallest safe plan: min-safe is "
+
+    def too_small(what: str) -> BudgetError:
+        return BudgetError(
+            f"budget {human_bytes(budget)} ({spec}) is below the smallest safe plan{what}: min-safe is "
             f"{human_bytes(lim['min_safe'])} ({lim['min_safe']} bytes); the absolute minimum, with "
             f"--allow-unsafe, is {human_bytes(lim['absolute_min'])} ({lim['absolute_min']} bytes)"
         )
+
+    if budget < smallest:
+        raise too_small("")
     note = None
-    if budget >= profile["bf16_bytes"] + profile["fixed_bytes"] or budget >= _all16(profile):
+    all16 = _all16_choice(profile)
+    if memory_bytes(profile, all16, float_bytes) <= budget:
         note = "the budget holds the whole model in 16-bit: nothing is quantized"
-        choice = np.zeros(len(profile["modules"]), dtype=np.int64)
-        sol = Solution(choice, problem.bytes_of(choice), 0.0, 0.0, 0.0, 0)
+        sol = Solution(all16, problem.bytes_of(all16), 0.0, 0.0, 0.0, 0)
     else:
-        sol = solve(problem, budget)
-    return _plan_json(profile, spec, budget, sol, allow_unsafe, note)
+        target = budget
+        sol = solve(problem, target)
+        for _ in range(8):
+            over = memory_bytes(profile, sol.choice, float_bytes) - budget
+            if over <= 0:
+                break
+            target -= over
+            if target < smallest:
+                raise too_small(f" once loaded with {float_bytes}-byte floats")
+            sol = solve(problem, target)
+    plan = _plan_json(profile, spec, budget, sol, allow_unsafe, note)
+    plan["runtime_float_bytes"] = float_bytes
+    plan["memory_bytes"] = memory_bytes(profile, sol.choice, float_bytes)
+    return plan
 
 
-def _all16(profile: dict[str, Any]) -> int:
-    return int(profile["fixed_bytes"] + sum(m["options"][0]["bytes"] for m in profile["modules"]))
+def _all16_choice(profile: dict[str, Any]) -> np.ndarray:
+    return np.zeros(len(profile["modules"]), dtype=np.int64)
+
+
+def memory_bytes(profile: dict[str, Any], choice: np.ndarray, float_bytes: int) -> int:
+    """The weights' size once loaded by a runtime that keeps floats in ``float_bytes`` bytes."""
+    scale = float_bytes / 2
+    total = profile["fixed_bytes"] * scale
+    for m, j in zip(profile["modules"], choice, strict=True):
+        o = m["options"][int(j)]
+        packed = m["numel"] * o["bits"] // 8 if o["bits"] < 16 else 0
+        total += packed + (o["bytes"] - packed) * scale
+    return int(total)
 
 
 def _plan_json(

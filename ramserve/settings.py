@@ -45,15 +45,39 @@ class SensitivitySettings(BaseModel):
     propagation: dict[str, float]
 
 
+class BudgetSettings(BaseModel):
+    default_context: int = Field(gt=0)
+    default_parallel: int = Field(gt=0)
+    os_reserve_min_gb: float = Field(ge=0)
+    os_reserve_share: float = Field(ge=0, lt=1)
+    runtime_fixed_mb: float = Field(ge=0)
+    prefill_chunk: int = Field(gt=0)
+    scratch_factor: float = Field(ge=0)
+
+
+class Device(BaseModel):
+    memory_gb: float = Field(gt=0)
+    working_set_share: float | None = Field(default=None, gt=0, le=1)
+
+
+class ServerSettings(BaseModel):
+    host: str
+    port: int = Field(gt=0, lt=65536)
+    parallel: int = Field(gt=0)
+    queue_size: int = Field(ge=0)
+    prompt_cache_entries: int = Field(ge=0)
+    max_body_bytes: int = Field(gt=0)
+
+
 class Settings(BaseModel):
     analysis: AnalysisSettings
     sensitivity: SensitivitySettings
     kinds: list[KindRule]
     restrict: dict[str, Restriction] = {}
     allocate: AllocateSettings
-    budget: dict[str, Any] = {}
-    devices: dict[str, Any] = {}
-    server: dict[str, Any] = {}
+    budget: BudgetSettings
+    devices: dict[str, Device] = {}
+    server: ServerSettings
 
 
 def ramserve_home() -> Path:

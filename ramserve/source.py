@@ -398,13 +398,25 @@ def require_full_precision(source: Source) -> None:
         )
 
 
+def folder_plan(folder: Path) -> dict[str, Any] | None:
+    """The plan.json of a folder ramserve quantized, or None."""
+    try:
+        plan = json.loads((folder / "plan.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return plan if isinstance(plan, dict) and "quantization" in plan else None
+
+
+def served_name(source: Source) -> str:
+    """The id a server offers a model under: the source model's name for a folder ramserve wrote."""
+    plan = folder_plan(source.path)
+    return str(plan["name"]) if plan else source.name
+
+
 def _folder_plan(source: Source) -> dict[str, Any] | None:
     """The plan of a folder ramserve quantized (its plan.json), summarised."""
-    if source.quantization is None or not (source.path / "plan.json").is_file():
-        return None
-    try:
-        plan = json.loads((source.path / "plan.json").read_text())
-    except ValueError:
+    plan = folder_plan(source.path) if source.quantization is not None else None
+    if plan is None:
         return None
     from .plan import histogram
 

@@ -1,0 +1,20 @@
+"""The OpenAI-compatible HTTP server: ``serve`` runs it under uvicorn."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..settings import load_settings
+
+
+def serve(registry: Any, *, host: str, port: int, api_key: str | None = None,
+          allow_origin: list[str] | None = None) -> None:  # fmt: skip
+    """Serve ``registry``'s models on host:port until interrupted."""
+    import uvicorn
+
+    from .app import create_app
+
+    cfg = load_settings().server
+    app = create_app(registry, api_key=api_key, allow_origin=allow_origin,
+                     max_body_bytes=cfg.max_body_bytes)  # fmt: skip
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
