@@ -366,3 +366,32 @@ def machine_budget(
         return b.weights, DTYPE_BYTES[activation_dtype(source, device)]
 
     return fit
+
+
+def fill_context(engine: Any, context: int, parallel: int) -> dict[str, int]:
+    """Run ``parallel`` sequences that each fill ``context`` tokens; MLX's memory while doing it.
+
+    Returns the loaded weights' bytes, the KV cache mlx-lm allocated at the end (measured on the
+    batch's caches), and MLX's peak. Prompts are random token ids (half the context) and the end of
+    sequence is banned, so every sequence runs to the full context.
+    """
+    import mlx.core as mx
+
+    from .engine import SamplingParams
+
+    vocab = engine.model.args.vocab_size
+    prompt_len = context // 2
+    prompts = [mx.random.randint(1, vocab, (prompt_len,), key=mx.random.key(i)).tolist()
+               for i in range(parallel)]  # fmt: skip
+    ban = {int(t): -100.0 for t in engine.tokenizer.eos_token_ids}
+    params = SamplingParams(max_tokens=context - prompt_len, temperature=0, logit_bias=ban)
+    kv_seen: list[int] = []
+    engine.on_step = lambda gen: kv_seen.append(gen.prompt_cache_nbytes)
+    mx.synchronize()
+    weights = engine.weight_bytes()
+    mx.reset_peak_memory()
+    events = engine.run_batch(prompts, params)
+    engine.on_step = None
+    if any(e[-1].finish_reason != "length" for e in events):
+        raise RuntimeError("a sequence ended before filling the context")
+    return {"weights": weights, "kv": max(kv_seen, default=0), "peak": int(mx.get_peak_memory())}

@@ -212,6 +212,7 @@ class Engine:
         self._active: dict[int, Request] = {}
         self._lock = threading.Condition()
         self._closing = False
+        self.on_step: Callable[[Any], None] | None = None  # called with the generator after each step
         self._generator: Any = None
         self._stream: Any = None
         self._thread = threading.Thread(target=self._run, name="ramserve-engine", daemon=True)
@@ -246,6 +247,31 @@ class Engine:
             self._waiting.append(request)
             self._lock.notify()
         return request
+
+    def run_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Event]]:
+        """Generate for every prompt at once and wait: each prompt's events, in order."""
+        events: list[list[Event]] = [[] for _ in prompts]
+        done = threading.Semaphore(0)
+
+        def sink_for(i: int) -> Sink:
+            def sink(e: Event) -> None:
+                events[i].append(e)
+                if e.finish_reason is not None:
+                    done.release()
+
+            return sink
+
+        for i, prompt in enumerate(prompts):
+            self.submit(prompt, params, sink_for(i))
+        for _ in prompts:
+            done.acquire()
+        return events
+
+    def weight_bytes(self) -> int:
+        """The loaded model's bytes (parameters as this runtime holds them)."""
+        from mlx.utils import tree_flatten
+
+        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
 
     @property
     def queue_depth(self) -> int:
@@ -354,6 +380,8 @@ class Engine:
     def _step(self) -> None:
         tic = time.perf_counter()
         _, responses = self._generator.next()
+        if self.on_step is not None:
+            self.on_step(self._generator)
         if responses:
             self.stats.decode_seconds += time.perf_counter() - tic
             self.stats.decode_tokens += len(responses)
