@@ -255,7 +255,7 @@ def weight_budget(
     kv = kv_shape(source, device)
     if context is None:  # the default, not the user's ask: fit it to the model
         context = min(cfg.default_context, kv.max_context or cfg.default_context)
-    parallel = cfg.default_parallel if parallel is None else parallel
+    parallel = load_settings().server.parallel if parallel is None else parallel
     check_request(kv, context, parallel)
     machine = device_machine(device) if device else this_machine()
     hidden, inter = model_widths(source)
@@ -321,21 +321,23 @@ def tradeoffs(budget: Budget, kv: KVShape, min_safe: int) -> dict[str, Any]:
 
 def require_fit(budget: Budget, min_safe: int) -> None:
     """Refuse, with the numbers, when even the smallest safe plan cannot fit."""
-    t = budget.tradeoffs or {}
     if budget.weights >= min_safe:
         return
-    longest = t.get("longest_context_at_min_safe", 0)
-    context_hint = (
-        f"at min-safe the longest context that fits is {longest:,} tokens"
-        if longest > 0
-        else "even 1 token of context does not fit at min-safe"
-    )
+    t = budget.tradeoffs or {}
+    context_hint = ""
+    if "longest_context_at_min_safe" in t:
+        longest = t["longest_context_at_min_safe"]
+        context_hint = (
+            f"; at min-safe the longest context that fits is {longest:,} tokens"
+            if longest > 0
+            else "; even 1 token of context does not fit at min-safe"
+        )
     raise BudgetError(
         f"the model does not fit {budget.machine.name}: the weights may use "
         f"{human_bytes(budget.weights)} but the smallest safe plan needs {human_bytes(min_safe)}; "
         f"{budget.context:,} tokens x {budget.parallel} sequences needs "
         f"{human_bytes(min_safe + budget.kv + budget.runtime)} usable (have "
-        f"{human_bytes(budget.usable)}); {context_hint}"
+        f"{human_bytes(budget.usable)}){context_hint}"
     )
 
 
@@ -371,16 +373,16 @@ def machine_budget(
 def fill_context(engine: Any, context: int, parallel: int) -> dict[str, int]:
     """Run ``parallel`` sequences that each fill ``context`` tokens; MLX's memory while doing it.
 
-    Returns the loaded weights' bytes, the KV cache mlx-lm allocated at the end (measured on the
-    batch's caches), and MLX's peak. Prompts are random token ids (half the context) and the end of
-    sequence is banned, so every sequence runs to the full context.
+    Returns the loaded weights' bytes, the KV cache mlx-lm allocated (the largest the batch's caches
+    reached), and MLX's peak. Prompts are random token ids filling all but the last 32 tokens, and
+    the end of sequence is banned, so every sequence decodes to the full context.
     """
     import mlx.core as mx
 
     from .engine import SamplingParams
 
     vocab = engine.model.args.vocab_size
-    prompt_len = context // 2
+    prompt_len = context - min(32, context // 2)
     prompts = [mx.random.randint(1, vocab, (prompt_len,), key=mx.random.key(i)).tolist()
                for i in range(parallel)]  # fmt: skip
     ban = {int(t): -100.0 for t in engine.tokenizer.eos_token_ids}

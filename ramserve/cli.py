@@ -109,17 +109,34 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from .source import open_source, served_name
 
     source = open_source(a.model)
-    registry = Registry(source.path, a.name or served_name(source), engine_args(a))
+    registry = Registry(source.path, a.name or served_name(source), engine_args(a.context, a.parallel))
     serve(registry, host=a.host, port=a.port, api_key=api_key(a), allow_origin=a.allow_origin)
     return 0
 
 
-def engine_args(a: argparse.Namespace) -> dict[str, Any]:
+def engine_args(context: int | None, parallel: int | None) -> dict[str, Any]:
     from .settings import load_settings
 
     cfg = load_settings().server
-    return {"context": a.context, "parallel": a.parallel or cfg.parallel,
+    return {"context": context, "parallel": parallel or cfg.parallel,
             "queue_size": cfg.queue_size, "prompt_cache_entries": cfg.prompt_cache_entries}  # fmt: skip
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from .fit import fit, render_fit
+    from .server import serve
+    from .settings import load_settings
+    from .source import open_source
+    from .variants import VariantRegistry
+
+    cfg = load_settings().server
+    fitted = fit(open_source(a.model), a.budget, context=a.context, parallel=a.parallel,
+                 progress=not a.quiet)  # fmt: skip
+    print(render_fit(fitted), flush=True)
+    args = engine_args(fitted.budget.context, fitted.budget.parallel)
+    registry = VariantRegistry(fitted, args, cfg.variants, cfg.swap_timeout_s)
+    serve(registry, host=a.host, port=a.port, api_key=api_key(a), allow_origin=a.allow_origin)
+    return 0
 
 
 def api_key(a: argparse.Namespace) -> str | None:
@@ -195,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="the model id clients use (default: the model's name)")
     add_server_options(s)
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("run", help="fit a model to this machine and serve it (all stages cached)")
+    s.add_argument("model", help="local folder or Hugging Face repo id (org/name[@revision])")
+    s.add_argument("--budget", default="auto", help="auto (this machine), or any budget `plan` takes")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_server_options(s)
+    s.set_defaults(func=cmd_run)
     return p
 
 

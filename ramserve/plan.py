@@ -105,8 +105,10 @@ def make_plan(
                 raise too_small(f" once loaded with {float_bytes}-byte floats")
             sol = solve(problem, target)
     plan = _plan_json(profile, spec, budget, sol, allow_unsafe, note)
-    plan["runtime_float_bytes"] = float_bytes
-    plan["memory_bytes"] = memory_bytes(profile, sol.choice, float_bytes)
+    # A size spec bounds the stored bytes; what they take in memory depends on the runtime.
+    runtime_float = machine(None)[1] if machine is not None else float_bytes
+    plan["runtime_float_bytes"] = runtime_float
+    plan["memory_bytes"] = memory_bytes(profile, sol.choice, runtime_float)
     return plan
 
 

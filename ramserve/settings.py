@@ -47,7 +47,6 @@ class SensitivitySettings(BaseModel):
 
 class BudgetSettings(BaseModel):
     default_context: int = Field(gt=0)
-    default_parallel: int = Field(gt=0)
     os_reserve_min_gb: float = Field(ge=0)
     os_reserve_share: float = Field(ge=0, lt=1)
     runtime_fixed_mb: float = Field(ge=0)
@@ -67,6 +66,8 @@ class ServerSettings(BaseModel):
     queue_size: int = Field(ge=0)
     prompt_cache_entries: int = Field(ge=0)
     max_body_bytes: int = Field(gt=0)
+    variants: list[str]
+    swap_timeout_s: float = Field(gt=0)
 
 
 class Settings(BaseModel):

@@ -1,0 +1,140 @@
+"""Fitting a model to this machine: budget -> profile (cached) -> plan -> quantized folder (cached).
+
+This is what ``ramserve run`` does before it serves, and what a variant swap does while serving.
+Every stage reports how long it took and whether it was a cache hit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .budget import Budget, machine_budget, require_fit, weight_budget
+from .errors import BudgetError
+from .fmt import human_bytes, table
+from .plan import histogram, limits, make_plan
+from .profile import analyze, candidates_for, quantized_bytes
+from .quantize import is_complete, model_dir, quantize
+from .settings import load_settings
+from .source import Source
+
+
+@dataclass
+class Fit:
+    source: Source
+    profile: dict[str, Any]
+    budget: Budget
+    plan: dict[str, Any]
+    folder: Path
+    stages: list[tuple[str, float, bool]] = field(default_factory=list)  # name, seconds, cached
+
+
+def absolute_minimum(source: Source) -> int:
+    """The smallest any plan can be, from shapes alone (every module at its cheapest candidate)."""
+    from .profile import fixed_bytes
+
+    settings = load_settings()
+    total = fixed_bytes(source)
+    for m in source.modules:
+        sizes = [quantized_bytes(m.numel, m.shape[-1], b, g, 2) for b, g in candidates_for(m, settings)]
+        total += min(sizes, default=2 * m.numel)
+    return total
+
+
+def stable_budget(weights: int) -> int:
+    """Round a measured budget down to a grid (steps of 1/32 of its power of two, under 3.2%), so
+    that free memory moving a little between runs picks the same plan and hits the cache."""
+    if weights <= 0:
+        return weights
+    step = 2 ** math.floor(math.log2(weights)) // 32
+    return max(step, weights // step * step)
+
+
+def precheck(source: Source, spec: str, budget: Budget) -> None:
+    """Refuse before any analysis when no plan can fit (needs only shapes and the machine)."""
+    floor = absolute_minimum(source)
+    if budget.weights < floor:
+        require_fit(budget, floor)
+    if spec not in ("auto", "max", "min-safe") and spec not in load_settings().devices:
+        from .budget import parse_budget
+
+        asked = parse_budget(spec, parameters=source.parameter_count, bf16_bytes=2 * source.parameter_count)
+        if asked < floor:
+            raise BudgetError(
+                f"budget {spec} = {human_bytes(asked)} is below the smallest possible plan of "
+                f"{source.name} ({human_bytes(floor)}, every module at its fewest bits); "
+                "nothing was analysed"
+            )
+
+
+def fit(
+    source: Source,
+    spec: str = "auto",
+    *,
+    context: int | None = None,
+    parallel: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Fit:
+    """Measure, analyse, plan and quantize: everything ``ramserve run`` needs before serving."""
+    stages: list[tuple[str, float, bool]] = []
+    t = time.perf_counter()
+    budget = weight_budget(source, context=context, parallel=parallel)
+    precheck(source, spec, budget)
+    stages.append(("budget", time.perf_counter() - t, False))
+
+    t = time.perf_counter()
+    profile = analyze(source, progress=progress)
+    stages.append(("profile", time.perf_counter() - t, bool(profile.get("cache_hit"))))
+
+    t = time.perf_counter()
+    min_safe = limits(profile)["min_safe"]
+    budget = weight_budget(source, context=budget.context, parallel=budget.parallel, min_safe=min_safe)
+    require_fit(budget, min_safe)
+    machine = machine_budget(source, budget.context, budget.parallel)
+
+    def stable(device: str | None) -> tuple[int, int]:
+        weights, float_bytes = machine(device)
+        return stable_budget(weights), float_bytes
+
+    plan = make_plan(profile, spec, machine=stable)
+    if plan["memory_bytes"] > budget.weights:
+        raise BudgetError(
+            f"budget {spec} gives {human_bytes(plan['memory_bytes'])} of weights in memory, more than "
+            f"this machine can hold beside a {budget.context:,}-token KV cache for {budget.parallel} "
+            f"sequences ({human_bytes(budget.weights)}); use a smaller budget, context or --parallel"
+        )
+    stages.append(("plan", time.perf_counter() - t, False))
+
+    t = time.perf_counter()
+    folder, cached = quantize(source, plan, progress=progress)
+    stages.append(("quantize", time.perf_counter() - t, cached))
+    return Fit(source, profile, budget, plan, folder, stages)
+
+
+def variant_status(source: Source, plan: dict[str, Any]) -> str:
+    return "cached" if is_complete(model_dir(source.fingerprint, plan["hash"]), plan["hash"]) else "available"
+
+
+def render_fit(f: Fit) -> str:
+    from .budget import render_budget
+
+    p = f.plan
+    hist = ", ".join(f"{k}: {100 * b:.0f}%" for k, _, b in histogram(p))
+    lines = [
+        render_budget(f.budget.to_json()),
+        "",
+        f"plan {p['budget']['spec']}: {human_bytes(p['total_bytes'])} stored, "
+        f"{human_bytes(p['memory_bytes'])} in memory, {p['bits_per_weight']:.2f} bits per weight, "
+        f"predicted damage {p['predicted_damage']:.4g}",
+        f"bits/group by weight: {hist}",
+        f"model folder: {f.folder}",
+        "",
+        table(["stage", "seconds", "cache"],
+              [(n, f"{s:.2f}", "hit" if c else "-") for n, s, c in f.stages]),  # fmt: skip
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""Budget variants: one model offered at several budgets (``name@6GB``, ``name@min-safe``...).
+
+A request for a variant that is not loaded plans it from the cached profile, quantizes it (or takes
+it from the cache) and swaps it in. Only one model is held at a time: the swap waits for in-flight
+requests on the old engine to finish, frees it, then loads the new one; requests that arrive
+meanwhile wait (bounded, then 503). A failed swap reloads the previous model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from .engine import Engine
+from .errors import BudgetError
+from .fit import Fit, variant_status
+from .plan import make_plan
+from .quantize import quantize
+from .server.registry import NotReady, Registry, UnknownModel
+
+log = logging.getLogger("ramserve.variants")
+
+
+class VariantRegistry(Registry):
+    def __init__(self, fitted: Fit, engine_args: dict[str, Any], listed: list[str],
+                 swap_timeout: float = 600.0) -> None:  # fmt: skip
+        super().__init__(fitted.folder, fitted.source.name, engine_args)
+        self.fitted = fitted
+        self.listed = listed
+        self.swap_timeout = swap_timeout
+        self.loaded_hash = fitted.plan["hash"]
+        self.loaded_id = self.name
+        self._plans: dict[str, dict[str, Any]] = {"": fitted.plan}
+        self._swap = asyncio.Lock()
+
+    # -- plans --------------------------------------------------------------------------------
+
+    def spec_of(self, model_id: str) -> str:
+        base, _, spec = model_id.partition("@")
+        if base != self.name:
+            raise UnknownModel(f"model {model_id!r} does not exist; this server has {self.name!r} "
+                               f"and its budget variants {self.name}@<budget>")  # fmt: skip
+        return spec
+
+    def plan_for(self, spec: str) -> dict[str, Any]:
+        """The plan for a variant (under a second from the cached profile); must fit the machine."""
+        if spec not in self._plans:
+            f = self.fitted
+            plan = make_plan(f.profile, spec, machine=self._machine)
+            if plan["memory_bytes"] > f.budget.weights:
+                raise BudgetError(
+                    f"{self.name}@{spec} needs {plan['memory_bytes']:,} bytes of weights in memory; "
+                    f"this machine allows {f.budget.weights:,} beside its KV cache"
+                )
+            self._plans[spec] = plan
+        return self._plans[spec]
+
+    def _machine(self, device: str | None) -> tuple[int, int]:
+        from .budget import machine_budget
+
+        f = self.fitted
+        return machine_budget(f.source, f.budget.context, f.budget.parallel)(device)
+
+    # -- models -------------------------------------------------------------------------------
+
+    def cards(self) -> list[dict[str, Any]]:
+        ids = [self.name] + [f"{self.name}@{s}" for s in self.listed]
+        cards = []
+        for model_id in ids:
+            try:
+                cards.append(self.card_for(model_id))
+            except BudgetError:
+                continue  # a listed budget that does not fit this machine is not offered
+        return cards
+
+    def card_for(self, model_id: str) -> dict[str, Any]:
+        plan = self.plan_for(self.spec_of(model_id))
+        if plan["hash"] == self.loaded_hash and self.ready:
+            status = "loaded"
+        else:
+            status = variant_status(self.fitted.source, plan)
+        card: dict[str, Any] = {"id": model_id, "created": self.created, "status": status,
+                                "budget": plan["budget"]["spec"], "budget_bytes": plan["budget"]["bytes"],
+                                "weight_bytes": plan["total_bytes"], "memory_bytes": plan["memory_bytes"],
+                                "bits_per_weight": plan["bits_per_weight"],
+                                "predicted_damage": plan["predicted_damage"],
+                                "context_length": self.fitted.budget.context}  # fmt: skip
+        return card
+
+    # -- swapping -----------------------------------------------------------------------------
+
+    async def resolve(self, model_id: str) -> Engine:
+        plan = self.plan_for(self.spec_of(model_id))
+        if plan["hash"] == self.loaded_hash and not self._swap.locked():
+            return self.require_ready()
+        try:
+            await asyncio.wait_for(self._swap.acquire(), self.swap_timeout)
+        except TimeoutError as e:
+            raise NotReady(f"still swapping models; try {model_id} again shortly") from e
+        try:
+            if plan["hash"] != self.loaded_hash:
+                await self._swap_to(model_id, plan)
+            return self.require_ready()
+        finally:
+            self._swap.release()
+
+    async def _swap_to(self, model_id: str, plan: dict[str, Any]) -> None:
+        old = self.engine
+        if old is not None:
+            self.stage = f"draining {self.loaded_id}"
+            try:
+                await self.wait_unleased(old, self.swap_timeout)
+            except TimeoutError as e:
+                self.stage = "ready"
+                raise NotReady(f"requests on {self.loaded_id} did not finish; try again") from e
+        previous = (self.folder, self.loaded_hash, self.loaded_id)
+        try:
+            self.stage = f"quantizing {model_id}"
+            folder, _ = await asyncio.to_thread(quantize, self.fitted.source, plan, progress=False)
+            self.stage = f"loading {model_id}"
+            await asyncio.to_thread(self._replace, folder)
+            self.folder, self.loaded_hash, self.loaded_id = folder, plan["hash"], model_id
+        except Exception as e:
+            log.exception("swap to %s failed; restoring %s", model_id, previous[2])
+            self.stage = f"restoring {previous[2]}"
+            await asyncio.to_thread(self._replace, previous[0])
+            self.stage = "ready"
+            raise BudgetError(f"could not switch to {model_id}: {e}") from e
+        self.stage = "ready"
+
+    def _replace(self, folder: Any) -> None:
+        """Free the old engine before loading the new: two models are never held at once."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        import mlx.core as mx
+
+        mx.clear_cache()
+        self.engine = Engine(folder, **self.engine_args)

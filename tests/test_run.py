@@ -1,0 +1,113 @@
+"""`ramserve run` end to end: the real command in a subprocess, fitted, served, swapped, restarted."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+
+from .conftest import DENSE, shared_model
+from .factory import make_hf_cache
+from .serving import free_port
+
+
+@contextmanager
+def ramserve_run(*args: str, env: dict[str, str]) -> Iterator[tuple[str, list[str]]]:
+    """Start `ramserve run` and yield its base URL and what it printed until it was healthy."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "ramserve.cli", "run", *args, "--port", str(port), "-q"]
+    log = Path(env["RAMSERVE_HOME"]).parent / f"run-{port}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    base = f"http://127.0.0.1:{port}"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, "ramserve run exited:\n" + log.read_text()
+            assert time.monotonic() < deadline, "never became healthy:\n" + log.read_text()
+            try:
+                if httpx.get(f"{base}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield base, log.read_text().splitlines()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def stage_cache(lines: list[str]) -> dict[str, str]:
+    """The stage table's cache column: stage -> 'hit' or '-'."""
+    out = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 3 and parts[0] in {"budget", "profile", "plan", "quantize"}:
+            out[parts[0]] = parts[2]
+    return out
+
+
+def run_env(home: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "RAMSERVE_HOME": str(home), **extra}
+
+
+def test_run_serves_swaps_variants_and_restarts_from_cache(ramserve_home: Path) -> None:
+    model = str(shared_model(DENSE))
+    env = run_env(ramserve_home)
+    with ramserve_run(model, "--budget", "30%", env=env) as (base, lines):
+        assert stage_cache(lines) == {"budget": "-", "profile": "-", "plan": "-", "quantize": "-"}
+        assert any("bits per weight" in ln for ln in lines) and any("KV cache" in ln for ln in lines)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        chat = client.chat.completions.create(model="code-qwen3-30m", max_tokens=8,
+                                              messages=[{"role": "user", "content": "Sort a list."}])  # fmt: skip
+        assert chat.usage.completion_tokens == 8
+        status = {m.id: m.model_dump()["status"] for m in client.models.list().data}
+        assert status["code-qwen3-30m"] == "loaded" and status["code-qwen3-30m@min-safe"] == "available"
+        small = client.chat.completions.create(model="code-qwen3-30m@min-safe", max_tokens=8,
+                                               messages=[{"role": "user", "content": "Sort a list."}])  # fmt: skip
+        assert small.model == "code-qwen3-30m@min-safe" and small.usage.completion_tokens == 8
+        cards = {m.id: m.model_dump() for m in client.models.list().data}
+        assert cards["code-qwen3-30m@min-safe"]["status"] == "loaded"
+        assert cards["code-qwen3-30m"]["status"] == "cached"
+        assert cards["code-qwen3-30m@min-safe"]["weight_bytes"] < cards["code-qwen3-30m"]["weight_bytes"]
+        # An unlisted budget is valid too; a budget no plan can meet is a 400 naming the minimum.
+        assert client.models.retrieve("code-qwen3-30m@4.2bpw").model_dump()["status"] == "available"
+        try:
+            client.chat.completions.create(model="code-qwen3-30m@1KB", max_tokens=2,
+                                           messages=[{"role": "user", "content": "x"}])  # fmt: skip
+            raise AssertionError("an impossible variant was served")
+        except openai.BadRequestError as e:
+            assert "min-safe" in str(e)
+    with ramserve_run(model, "--budget", "30%", env=env) as (base, lines):
+        cache = stage_cache(lines)
+        assert cache["profile"] == "hit" and cache["quantize"] == "hit"
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        assert client.models.retrieve("code-qwen3-30m@min-safe").model_dump()["status"] == "cached"
+
+
+def test_run_resolves_a_repo_from_the_offline_hub_cache(tmp_path: Path, tiny_dir: Path) -> None:
+    make_hf_cache(tmp_path / "hub", "acme/tiny-coder", tiny_dir)
+    env = run_env(tmp_path / "home", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    with ramserve_run("acme/tiny-coder", "--budget", "50%", env=env) as (base, _):
+        ids = [m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]]
+        assert ids[0] == "tiny-coder"
+        r = httpx.post(f"{base}/v1/completions", timeout=60,
+                       json={"model": "tiny-coder", "prompt": "def", "max_tokens": 3})  # fmt: skip
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_run_refuses_an_impossible_budget_before_any_work(ramserve_home: Path) -> None:
+    cmd = [sys.executable, "-m", "ramserve.cli", "run", str(shared_model(DENSE)), "--budget", "1MB"]
+    done = subprocess.run(cmd, env=run_env(ramserve_home), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "below the smallest possible plan" in done.stderr and "nothing was analysed" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (ramserve_home / "profiles").exists() and not (ramserve_home / "models").exists()
