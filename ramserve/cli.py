@@ -157,6 +157,52 @@ def add_server_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--parallel", type=int, help="sequences decoding at once")
 
 
+def cmd_service(a: argparse.Namespace) -> int:
+    from . import service
+
+    if a.action == "install":
+        options = []
+        for flag in ("budget", "context", "parallel", "host", "port"):
+            if (value := getattr(a, flag)) is not None:
+                options += [f"--{flag}", str(value)]
+        done = service.install(a.model, options, dry_run=a.dry_run)
+        if a.dry_run:
+            print(done["plist"])
+        print(("would write " if a.dry_run else "wrote ") + done["path"])
+        for cmd in done["commands"]:
+            print(("would run: " if a.dry_run else "ran: ") + " ".join(cmd))
+    elif a.action == "uninstall":
+        done = service.uninstall(purge=a.purge, dry_run=a.dry_run)
+        for cmd in done["commands"]:
+            print(("would run: " if a.dry_run else "ran: ") + " ".join(cmd))
+        print(("would remove: " if a.dry_run else "removed: ") + ", ".join(done["removes"]))
+    elif a.action == "status":
+        _emit(service.status(), a.json, lambda d: "\n".join(f"{k:16} {v}" for k, v in d.items()))
+    else:
+        follow_logs(service.log_files(), a.lines, a.follow)
+    return 0
+
+
+def follow_logs(files: list[Any], lines: int, follow: bool) -> None:
+    import time
+
+    for path in files:
+        if path.is_file():
+            print(f"==> {path} <==")
+            print("".join(path.read_text(errors="replace").splitlines(keepends=True)[-lines:]), end="")
+    if not follow:
+        return
+    offsets = {p: p.stat().st_size if p.is_file() else 0 for p in files}
+    while True:
+        for path in files:
+            if path.is_file() and path.stat().st_size > offsets[path]:
+                with path.open() as f:
+                    f.seek(offsets[path])
+                    print(f.read(), end="", flush=True)
+                    offsets[path] = f.tell()
+        time.sleep(0.5)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ramserve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -219,6 +265,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     add_server_options(s)
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("service", help="run ramserve as a launchd agent (macOS)")
+    acts = s.add_subparsers(dest="action", required=True)
+    i = acts.add_parser("install", help="save the run options and (re)load the agent")
+    i.add_argument("model", nargs="?", help="omit to reinstall from the saved settings")
+    i.add_argument("--budget")
+    i.add_argument("--context", type=int)
+    i.add_argument("--parallel", type=int)
+    i.add_argument("--host")
+    i.add_argument("--port", type=int)
+    i.add_argument("--dry-run", action="store_true", help="print the plist and commands only")
+    u = acts.add_parser("uninstall", help="stop and remove the agent (settings and logs stay)")
+    u.add_argument("--purge", action="store_true", help="also remove the saved settings and logs")
+    u.add_argument("--dry-run", action="store_true")
+    st = acts.add_parser("status", help="launchd's view and a /health probe")
+    st.add_argument("--json", action="store_true")
+    lg = acts.add_parser("logs", help="print the agent's logs")
+    lg.add_argument("-n", "--lines", type=int, default=50)
+    lg.add_argument("-f", "--follow", action="store_true")
+    s.set_defaults(func=cmd_service)
     return p
 
 
