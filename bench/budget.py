@@ -17,7 +17,7 @@ os.environ.setdefault("RAMSERVE_HOME", tempfile.mkdtemp(prefix="ramserve-bench-"
 
 import mlx.core as mx  # noqa: E402
 
-from ramserve.budget import fill_context, kv_shape, model_widths, runtime_bytes  # noqa: E402
+from ramserve.budget import activation_shape, fill_context, kv_shape, runtime_bytes  # noqa: E402
 from ramserve.engine import Engine  # noqa: E402
 from ramserve.fmt import human_bytes, table  # noqa: E402
 from ramserve.plan import make_plan  # noqa: E402
@@ -37,14 +37,14 @@ def main() -> None:
         source = open_source(str(SHARED / name))
         folder, _ = quantize(source, make_plan(analyze(source, progress=False), "30%"), progress=False)
         kv = kv_shape(source)
-        hidden, inter = model_widths(source)
+        shape = activation_shape(source)
         for context, parallel in CASES:
             engine = Engine(folder, parallel=parallel, prompt_cache_entries=0)
             m = fill_context(engine, context, parallel)
             engine.close()
             predicted = kv.bytes(context, parallel)
             scratch = m["peak"] - m["weights"] - m["kv"]
-            formula = runtime_bytes(kv, context, parallel, hidden, inter) - fixed
+            formula = runtime_bytes(kv, context, parallel, shape) - fixed
             r = {"model": name, "context": context, "parallel": parallel, **m,
                  "kv_predicted": predicted, "scratch": scratch, "scratch_formula": formula}  # fmt: skip
             results.append(r)

@@ -208,17 +208,18 @@ def reserve_bytes(machine: Machine) -> int:
     return max(int(cfg.os_reserve_min_gb * 2**30), int(cfg.os_reserve_share * machine.total))
 
 
-def runtime_bytes(kv: KVShape, context: int, parallel: int, hidden: int, intermediate: int) -> int:
-    """The runtime's own memory: the process (Python, MLX, tokenizer) and prefill scratch.
+def runtime_bytes(kv: KVShape, context: int, parallel: int, shape: ActivationShape) -> int:
+    """The runtime's own memory: the process (Python, MLX, tokenizer, server) and prefill scratch.
 
-    Scratch is one prefill chunk of activations per sequence being prefilled; its per-token
-    factor was measured (bench/budget.py) as a multiple of the widest activation.
+    Prefill runs ``prefill_chunk`` tokens of up to 8 sequences at once; its scratch is the attention
+    scores (heads x chunk x context) and the widest activation (chunk x width). The factors were
+    measured with bench/budget.py (MLX's peak minus weights minus KV cache, see configs/).
     """
     cfg = load_settings().budget
     chunk = min(cfg.prefill_chunk, context)
-    width = max(hidden, intermediate)
-    scratch = int(cfg.scratch_factor * chunk * width * kv.dtype_bytes * min(parallel, 8))
-    return int(cfg.runtime_fixed_mb * 2**20) + scratch
+    per_sequence = chunk * (cfg.attention_factor * shape.heads * context + cfg.width_factor * shape.width)
+    scratch = cfg.scratch_fixed_mb * 2**20 + min(parallel, 8) * per_sequence * kv.dtype_bytes
+    return int(cfg.runtime_fixed_mb * 2**20 + scratch)
 
 
 def check_request(kv: KVShape, context: int, parallel: int) -> None:
@@ -233,13 +234,18 @@ def check_request(kv: KVShape, context: int, parallel: int) -> None:
         )
 
 
-def model_widths(source: Source) -> tuple[int, int]:
+@dataclass(frozen=True)
+class ActivationShape:
+    heads: int  # attention heads (query side): the score matrices' count
+    width: int  # the widest per-token activation (MLP intermediate, all active experts)
+
+
+def activation_shape(source: Source) -> ActivationShape:
     c = source.config
     hidden = int(c.get("hidden_size", 0))
     inter = int(c.get("moe_intermediate_size") or c.get("intermediate_size") or 4 * hidden)
-    if c.get("num_experts_per_tok"):
-        inter *= int(c["num_experts_per_tok"])
-    return hidden, inter
+    inter *= int(c.get("num_experts_per_tok") or 1)
+    return ActivationShape(int(c.get("num_attention_heads", 1)), max(hidden, inter))
 
 
 def weight_budget(
@@ -258,7 +264,6 @@ def weight_budget(
     parallel = load_settings().server.parallel if parallel is None else parallel
     check_request(kv, context, parallel)
     machine = device_machine(device) if device else this_machine()
-    hidden, inter = model_widths(source)
 
     reserve = reserve_bytes(machine)
     candidates = {"total - OS reserve": machine.total - reserve}
@@ -268,7 +273,7 @@ def weight_budget(
         candidates["MLX working-set limit"] = machine.working_set_limit
     bound = min(candidates, key=lambda k: candidates[k])
     usable = candidates[bound]
-    runtime = runtime_bytes(kv, context, parallel, hidden, inter)
+    runtime = runtime_bytes(kv, context, parallel, activation_shape(source))
     kv_bytes = kv.bytes(context, parallel)
     weights = usable - runtime - kv_bytes
 

@@ -96,9 +96,10 @@ def cmd_budget(a: argparse.Namespace) -> int:
     from .source import open_source
 
     source = open_source(a.model)
+    ask = {"context": a.context, "parallel": a.parallel, "device": a.device}
+    weight_budget(source, **ask)  # bad input is refused before any analysis
     min_safe = limits(analyze(source, progress=not a.quiet))["min_safe"]
-    b = weight_budget(source, context=a.context, parallel=a.parallel, device=a.device,
-                      min_safe=min_safe)  # fmt: skip
+    b = weight_budget(source, **ask, min_safe=min_safe)
     _emit(b.to_json(), a.json, render_budget)
     return 0
 

@@ -51,7 +51,9 @@ class BudgetSettings(BaseModel):
     os_reserve_share: float = Field(ge=0, lt=1)
     runtime_fixed_mb: float = Field(ge=0)
     prefill_chunk: int = Field(gt=0)
-    scratch_factor: float = Field(ge=0)
+    scratch_fixed_mb: float = Field(ge=0)
+    attention_factor: float = Field(ge=0)
+    width_factor: float = Field(ge=0)
 
 
 class Device(BaseModel):
@@ -102,7 +104,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 @lru_cache(maxsize=8)
-def _load(home: str) -> Settings:
+def _load(home: str, user_mtime: float | None) -> Settings:
     data: dict[str, Any] = {}
     for path in sorted(CONFIG_DIR.glob("*.toml")):
         data = _merge(data, _read_toml(path))
@@ -114,4 +116,6 @@ def _load(home: str) -> Settings:
 
 def load_settings() -> Settings:
     """The settings in force: configs/*.toml, then the user's overrides."""
-    return _load(str(ramserve_home()))
+    user = ramserve_home() / "config.toml"
+    mtime = user.stat().st_mtime if user.is_file() else None  # an edited file takes effect
+    return _load(str(ramserve_home()), mtime)

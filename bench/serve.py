@@ -1,0 +1,99 @@
+"""Serving throughput on a shared model, through the real HTTP server: time to first token, tokens per
+second for one stream, and total tokens per second at 1, 4 and 8 concurrent streams, beside
+`mlx_lm.generate` on the same model in the same run. Targets (issue 8): one stream >= 0.9 x
+mlx_lm.generate; 8 streams >= 2 x the total of one stream.  Usage: python bench/serve.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+os.environ.setdefault("RAMSERVE_HOME", tempfile.mkdtemp(prefix="ramserve-bench-"))
+
+import openai  # noqa: E402
+
+from ramserve.engine import load_model  # noqa: E402
+from ramserve.fmt import table  # noqa: E402
+from ramserve.plan import make_plan  # noqa: E402
+from ramserve.profile import analyze  # noqa: E402
+from ramserve.quantize import quantize  # noqa: E402
+from ramserve.server.app import create_app  # noqa: E402
+from ramserve.server.registry import Registry  # noqa: E402
+from ramserve.source import open_source  # noqa: E402
+from tests.serving import live_server  # noqa: E402
+
+MODEL = ROOT.parent.parent / "shared" / "models" / "code-qwen3-30m"
+TOKENS = 128
+BAN_EOS = {"0": -100}  # every stream decodes exactly TOKENS tokens
+
+
+def reference(folder: Path) -> float:
+    """mlx_lm.generate's decode rate on the same folder, loaded the way the engine loads it."""
+    import mlx_lm
+
+    model, tokenizer = load_model(folder)
+    mlx_lm.generate(model, tokenizer, "def main():", max_tokens=8)  # warm up
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        out = mlx_lm.generate(model, tokenizer, "def main():", max_tokens=TOKENS,
+                              logits_processors=[lambda _t, x: x.at[:, 0].add(-100.0)])  # fmt: skip
+        n = len(tokenizer.encode(out))
+        best = max(best, n / (time.perf_counter() - start))
+    return best
+
+
+async def streams(base: str, n: int) -> dict[str, float]:
+    async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0) as client:
+
+        async def one(i: int) -> tuple[float, float, int]:
+            start = time.perf_counter()
+            first, count = 0.0, 0
+            stream = await client.completions.create(
+                model="bench", prompt=f"def task_{i}():", max_tokens=TOKENS, temperature=0,
+                stream=True, stream_options={"include_usage": True}, logit_bias=BAN_EOS)  # fmt: skip
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].text and not first:
+                    first = time.perf_counter() - start
+                if chunk.usage:
+                    count = chunk.usage.completion_tokens
+            return first, time.perf_counter() - start, count
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(i) for i in range(n)))
+        wall = time.perf_counter() - start
+    tokens = sum(r[2] for r in results)
+    per_stream = [r[2] / (r[1] - r[0]) for r in results]
+    return {"streams": n, "ttft_s": sum(r[0] for r in results) / n, "total_tok_s": tokens / wall,
+            "per_stream_tok_s": sum(per_stream) / n}  # fmt: skip
+
+
+def main() -> None:
+    src = open_source(str(MODEL))
+    folder, _ = quantize(src, make_plan(analyze(src, progress=False), "4.5bpw"), progress=False)
+    ref = reference(folder)
+    results = []
+    with live_server(create_app(Registry(folder, "bench", {"parallel": 8}))) as base:
+        asyncio.run(streams(base, 1))  # warm up
+        for n in (1, 4, 8):
+            results.append(asyncio.run(streams(base, n)))
+    one = results[0]["total_tok_s"]
+    rows = [("mlx_lm.generate", 1, "-", f"{ref:.1f}", f"{ref:.1f}", "1.00")]
+    rows += [("ramserve serve", r["streams"], f"{1000 * r['ttft_s']:.0f}", f"{r['per_stream_tok_s']:.1f}",
+              f"{r['total_tok_s']:.1f}", f"{r['total_tok_s'] / ref:.2f}") for r in results]  # fmt: skip
+    print(table(["", "streams", "TTFT ms", "tok/s per stream", "tok/s total", "x generate"], rows))
+    print(f"one stream / mlx_lm.generate: {one / ref:.2f} (target >= 0.9); "
+          f"8 streams / one stream: {results[2]['total_tok_s'] / one:.2f} (target >= 2)")  # fmt: skip
+    print(json.dumps({"bench": "serve", "mlx_lm_generate_tok_s": ref, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
