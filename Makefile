@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 MODEL ?= ../shared/models/code-qwen3-30m
-BUDGET ?= 30%
+BUDGET ?= auto
+PORT ?= 8000
 
 .PHONY: setup run test lint bench clean
 
@@ -16,9 +17,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 run: setup
-	$(VENV)/bin/ramserve inspect $(MODEL)
-	$(VENV)/bin/ramserve plan $(MODEL) --budget $(BUDGET)
-	$(VENV)/bin/ramserve quantize $(MODEL) --budget $(BUDGET)
+	$(VENV)/bin/ramserve run $(MODEL) --budget $(BUDGET) --port $(PORT)
 
 test: setup
 	$(PY) -m pytest -q
@@ -30,6 +29,7 @@ lint: setup
 
 bench: setup
 	$(PY) bench/analyze.py && $(PY) bench/allocate.py && $(PY) bench/quantize.py
+	$(PY) bench/budget.py && $(PY) bench/serve.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

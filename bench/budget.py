@@ -35,7 +35,9 @@ def main() -> None:
     fixed = int(load_settings().budget.runtime_fixed_mb * 2**20)
     for name in ("code-qwen3-30m", "code-qwen3moe-27m"):
         source = open_source(str(SHARED / name))
-        folder, _ = quantize(source, make_plan(analyze(source, progress=False), "30%"), progress=False)
+        folder, _ = quantize(
+            source, make_plan(analyze(source, progress=False), "30%"), progress=False
+        )
         kv = kv_shape(source)
         shape = activation_shape(source)
         for context, parallel in CASES:

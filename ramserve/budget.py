@@ -91,7 +91,9 @@ class KVShape:
 
     def per_token(self) -> int:
         """Bytes per token of context for one sequence, unwindowed layers only (the slope)."""
-        return sum(layer.per_token for layer in self.layers if layer.window is None) * self.dtype_bytes
+        return (
+            sum(layer.per_token for layer in self.layers if layer.window is None) * self.dtype_bytes
+        )
 
 
 def kv_shape(source: Source, device: str | None = None) -> KVShape:
@@ -103,7 +105,9 @@ def kv_shape(source: Source, device: str | None = None) -> KVShape:
     from mlx_lm.models.cache import KVCache, RotatingKVCache
 
     model = source.model
-    caches = model.make_cache() if hasattr(model, "make_cache") else [KVCache() for _ in model.layers]
+    caches = (
+        model.make_cache() if hasattr(model, "make_cache") else [KVCache() for _ in model.layers]
+    )
     shapes = source.tensor_shapes
     layers = []
     for i, cache in enumerate(caches):
@@ -111,9 +115,13 @@ def kv_shape(source: Source, device: str | None = None) -> KVShape:
             continue  # fixed-size state (linear attention, SSM): no per-token cost
         per_token = 0
         for proj in ("k_proj", "v_proj"):
-            key = next((k for k in shapes if re.search(rf"layers\.{i}\.\w+\.{proj}\.weight$", k)), None)
+            key = next(
+                (k for k in shapes if re.search(rf"layers\.{i}\.\w+\.{proj}\.weight$", k)), None
+            )
             if key is None:
-                raise BudgetError(f"{source.name}: cannot find layer {i}'s {proj} to size its KV cache")
+                raise BudgetError(
+                    f"{source.name}: cannot find layer {i}'s {proj} to size its KV cache"
+                )
             per_token += shapes[key][0]
         window = cache.max_size if isinstance(cache, RotatingKVCache) else None
         layers.append(KVLayer(per_token, window))
@@ -154,7 +162,9 @@ def this_machine() -> Machine:
     if mx.metal.is_available():
         info = dict(mx.device_info())
     limit = info.get("max_recommended_working_set_size")
-    return Machine("this machine", int(vm.total), int(vm.available), int(limit) if limit else None, True)
+    return Machine(
+        "this machine", int(vm.total), int(vm.available), int(limit) if limit else None, True
+    )
 
 
 def named_devices() -> dict[str, Device]:
@@ -217,7 +227,9 @@ def runtime_bytes(kv: KVShape, context: int, parallel: int, shape: ActivationSha
     """
     cfg = load_settings().budget
     chunk = min(cfg.prefill_chunk, context)
-    per_sequence = chunk * (cfg.attention_factor * shape.heads * context + cfg.width_factor * shape.width)
+    per_sequence = chunk * (
+        cfg.attention_factor * shape.heads * context + cfg.width_factor * shape.width
+    )
     scratch = cfg.scratch_fixed_mb * 2**20 + min(parallel, 8) * per_sequence * kv.dtype_bytes
     return int(cfg.runtime_fixed_mb * 2**20 + scratch)
 
@@ -290,10 +302,18 @@ def weight_budget(
     lines += [
         Line("OS reserve", reserve, reserve_why),
         Line("usable", usable, f"the smallest of: {', '.join(candidates)} (bound: {bound})"),
-        Line("runtime", runtime, f"process {cfg.runtime_fixed_mb} MiB + prefill scratch "
-             f"({min(cfg.prefill_chunk, context)} tokens x {min(parallel, 8)} sequences)"),  # fmt: skip
-        Line("KV cache", kv_bytes, f"{context:,} tokens x {parallel} sequences x "
-             f"{len(kv.layers)} layers, {kv.dtype_bytes}-byte {human_bytes(kv.per_token())}/token"),  # fmt: skip
+        Line(
+            "runtime",
+            runtime,
+            f"process {cfg.runtime_fixed_mb} MiB + prefill scratch "
+            f"({min(cfg.prefill_chunk, context)} tokens x {min(parallel, 8)} sequences)",
+        ),  # fmt: skip
+        Line(
+            "KV cache",
+            kv_bytes,
+            f"{context:,} tokens x {parallel} sequences x "
+            f"{len(kv.layers)} layers, {kv.dtype_bytes}-byte {human_bytes(kv.per_token())}/token",
+        ),  # fmt: skip
         Line("weights", weights, "usable - runtime - KV cache"),
     ]
     budget = Budget(machine, context, parallel, usable, runtime, kv_bytes, weights, lines)

@@ -39,10 +39,9 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import atomic
+    from .budget import machine_budget
     from .plan import make_plan, plot_plan, render_plan
     from .profile import analyze
-
-    from .budget import machine_budget
     from .source import open_source
 
     source = open_source(a.model)
@@ -110,7 +109,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from .source import open_source, served_name
 
     source = open_source(a.model)
-    registry = Registry(source.path, a.name or served_name(source), engine_args(a.context, a.parallel))
+    registry = Registry(
+        source.path, a.name or served_name(source), engine_args(a.context, a.parallel)
+    )
     serve(registry, host=a.host, port=a.port, api_key=api_key(a), allow_origin=a.allow_origin)
     return 0
 
@@ -153,7 +154,9 @@ def add_server_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--host", default=cfg.host, help="listen address (default: loopback only)")
     s.add_argument("--port", type=int, default=cfg.port)
     s.add_argument("--api-key", help="require this bearer key (or set RAMSERVE_API_KEY)")
-    s.add_argument("--allow-origin", action="append", help="enable CORS for this origin (repeatable)")
+    s.add_argument(
+        "--allow-origin", action="append", help="enable CORS for this origin (repeatable)"
+    )
     s.add_argument("--context", type=int, help="tokens per sequence (default: the model's maximum)")
     s.add_argument("--parallel", type=int, help="sequences decoding at once")
 
@@ -190,7 +193,9 @@ def follow_logs(files: list[Any], lines: int, follow: bool) -> None:
     for path in files:
         if path.is_file():
             print(f"==> {path} <==")
-            print("".join(path.read_text(errors="replace").splitlines(keepends=True)[-lines:]), end="")
+            print(
+                "".join(path.read_text(errors="replace").splitlines(keepends=True)[-lines:]), end=""
+            )
     if not follow:
         return
     offsets = {p: p.stat().st_size if p.is_file() else 0 for p in files}
@@ -245,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("budget", help="how much memory the weights may use on this machine")
-    s.add_argument("model", nargs="?", help="the model (its KV cache and min-safe plan are counted)")
+    s.add_argument(
+        "model", nargs="?", help="the model (its KV cache and min-safe plan are counted)"
+    )
     s.add_argument("--context", type=int, help="tokens per sequence (default from configs/)")
     s.add_argument("--parallel", type=int, help="concurrent sequences (default from configs/)")
     s.add_argument("--device", help="a named device instead of this machine")
@@ -262,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="fit a model to this machine and serve it (all stages cached)")
     s.add_argument("model", help="local folder or Hugging Face repo id (org/name[@revision])")
-    s.add_argument("--budget", default="auto", help="auto (this machine), or any budget `plan` takes")
+    s.add_argument(
+        "--budget", default="auto", help="auto (this machine), or any budget `plan` takes"
+    )
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     add_server_options(s)
     s.set_defaults(func=cmd_run)

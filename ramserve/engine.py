@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from .errors import RamserveError
 
@@ -47,7 +48,7 @@ def load_model(folder: Path) -> tuple[Any, Any]:
     """
     import mlx_lm
 
-    model, tokenizer = mlx_lm.load(str(folder))
+    model, tokenizer = mlx_lm.load(str(folder))[:2]
     if runtime_dtype() == "float32":
         model.set_dtype(mx.float32)
         mx.eval(model.parameters())  # now, on this thread's stream: the worker thread has no other
@@ -212,7 +213,9 @@ class Engine:
         self._active: dict[int, Request] = {}
         self._lock = threading.Condition()
         self._closing = False
-        self.on_step: Callable[[Any], None] | None = None  # called with the generator after each step
+        self.on_step: Callable[[Any], None] | None = (
+            None  # called with the generator after each step
+        )
         self._generator: Any = None
         self._stream: Any = None
         self._thread = threading.Thread(target=self._run, name="ramserve-engine", daemon=True)
@@ -271,7 +274,8 @@ class Engine:
         """The loaded model's bytes (parameters as this runtime holds them)."""
         from mlx.utils import tree_flatten
 
-        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+        leaves: Any = tree_flatten(self.model.parameters())
+        return sum(int(v.nbytes) for _, v in leaves)
 
     @property
     def queue_depth(self) -> int:
@@ -324,7 +328,7 @@ class Engine:
                     self._lock.wait()
                 if self._closing:
                     break
-                starting = []
+                starting: list[Request] = []
                 while self._waiting and len(self._active) + len(starting) < self.parallel:
                     starting.append(self._waiting.popleft())
             try:
@@ -412,7 +416,9 @@ class Engine:
         if not eos:
             r.detokenizer.add_token(resp.token)
             if r.params.logprobs:
-                entries.append(self._logprob_entry(resp.token, resp.logprobs, r.params.top_logprobs))
+                entries.append(
+                    self._logprob_entry(resp.token, resp.logprobs, r.params.top_logprobs)
+                )
         if resp.finish_reason is not None:
             r.detokenizer.finalize()
         text = r.pending_text + r.detokenizer.last_segment
@@ -440,12 +446,11 @@ class Engine:
 
     def _logprob_entry(self, token: int, logprobs: mx.array, top: int) -> TokenLogprob:
         decode = self.tokenizer.decode
-        entry = TokenLogprob(decode([token]), float(logprobs[token].item()), [])
+        row = np.array(logprobs.astype(mx.float32))
+        entry = TokenLogprob(decode([token]), float(row[token]), [])
         if top:
-            idx = mx.argpartition(-logprobs, kth=top - 1)[:top]
-            values = logprobs[idx].tolist()
-            pairs = sorted(zip(idx.tolist(), values, strict=True), key=lambda t: -t[1])
-            entry.top = [(decode([int(i)]), float(v)) for i, v in pairs]
+            best = np.argsort(-row, kind="stable")[:top]
+            entry.top = [(decode([int(i)]), float(row[i])) for i in best]
         return entry
 
     def _count_finish(self, reason: str) -> None:

@@ -40,7 +40,9 @@ def absolute_minimum(source: Source) -> int:
     settings = load_settings()
     total = fixed_bytes(source)
     for m in source.modules:
-        sizes = [quantized_bytes(m.numel, m.shape[-1], b, g, 2) for b, g in candidates_for(m, settings)]
+        sizes = [
+            quantized_bytes(m.numel, m.shape[-1], b, g, 2) for b, g in candidates_for(m, settings)
+        ]
         total += min(sizes, default=2 * m.numel)
     return total
 
@@ -62,7 +64,9 @@ def precheck(source: Source, spec: str, budget: Budget) -> None:
     if spec not in ("auto", "max", "min-safe") and spec not in load_settings().devices:
         from .budget import parse_budget
 
-        asked = parse_budget(spec, parameters=source.parameter_count, bf16_bytes=2 * source.parameter_count)
+        asked = parse_budget(
+            spec, parameters=source.parameter_count, bf16_bytes=2 * source.parameter_count
+        )
         if asked < floor:
             raise BudgetError(
                 f"budget {spec} = {human_bytes(asked)} is below the smallest possible plan of "
@@ -93,7 +97,9 @@ def fit(
 
     t = time.perf_counter()
     min_safe = limits(profile)["min_safe"]
-    budget = weight_budget(source, context=budget.context, parallel=budget.parallel, min_safe=min_safe)
+    budget = weight_budget(
+        source, context=budget.context, parallel=budget.parallel, min_safe=min_safe
+    )
     require_fit(budget, min_safe)
     machine = machine_budget(source, budget.context, budget.parallel)
 
@@ -117,7 +123,11 @@ def fit(
 
 
 def variant_status(source: Source, plan: dict[str, Any]) -> str:
-    return "cached" if is_complete(model_dir(source.fingerprint, plan["hash"]), plan["hash"]) else "available"
+    return (
+        "cached"
+        if is_complete(model_dir(source.fingerprint, plan["hash"]), plan["hash"])
+        else "available"
+    )
 
 
 def render_fit(f: Fit) -> str:
@@ -134,7 +144,9 @@ def render_fit(f: Fit) -> str:
         f"bits/group by weight: {hist}",
         f"model folder: {f.folder}",
         "",
-        table(["stage", "seconds", "cache"],
-              [(n, f"{s:.2f}", "hit" if c else "-") for n, s, c in f.stages]),  # fmt: skip
+        table(
+            ["stage", "seconds", "cache"],
+            [(n, f"{s:.2f}", "hit" if c else "-") for n, s, c in f.stages],
+        ),  # fmt: skip
     ]
     return "\n".join(lines)

@@ -53,9 +53,13 @@ def resolve_budget(
         return limits(profile)["min_safe"], 2
     symbolic = spec in ("auto", "max") or spec in named_devices()
     if not symbolic:
-        return parse_budget(spec, parameters=profile["parameters"], bf16_bytes=profile["bf16_bytes"]), 2
+        return parse_budget(
+            spec, parameters=profile["parameters"], bf16_bytes=profile["bf16_bytes"]
+        ), 2
     if machine is None:
-        raise BudgetError(f"budget {spec!r} needs the model's KV geometry; give the model, not a profile")
+        raise BudgetError(
+            f"budget {spec!r} needs the model's KV geometry; give the model, not a profile"
+        )
     weights, float_bytes = machine(None if spec in ("auto", "max") else spec)
     if spec == "max":
         weights = min(weights, memory_bytes(profile, _all16_choice(profile), float_bytes))

@@ -40,7 +40,9 @@ def test_kv_formula_matches_mlx_lm_cache_and_memory_stays_in_budget(
 ) -> None:
     source = open_source(str(shared_model(model)))
     budget = weight_budget(source, context=context, parallel=parallel)
-    plan = make_plan(profile_cache(model), "auto", machine=machine_budget(source, context, parallel))
+    plan = make_plan(
+        profile_cache(model), "auto", machine=machine_budget(source, context, parallel)
+    )
     folder, _ = quantize(source, plan, tmp_path / "model", progress=False)
     engine = Engine(folder, context=context, parallel=parallel, prompt_cache_entries=0)
     try:
@@ -76,12 +78,24 @@ def test_named_devices_are_budgets_everywhere(profile_cache) -> None:
     for device in ("mac-8", "m4-pro-48"):
         plan = make_plan(profile_cache(DENSE), device, machine=fit)
         assert plan["budget"]["bytes"] == weight_budget(source, device=device).weights
-    assert weight_budget(source, device="mac-8").weights < weight_budget(source, device="m4-pro-48").weights
+    assert (
+        weight_budget(source, device="mac-8").weights
+        < weight_budget(source, device="m4-pro-48").weights
+    )
     listed = run_cli("budget", "--devices")
-    assert listed.returncode == 0 and "m4-pro-48" in listed.stdout and "iphone-16-pro" in listed.stdout
+    assert (
+        listed.returncode == 0 and "m4-pro-48" in listed.stdout and "iphone-16-pro" in listed.stdout
+    )
     shown = run_cli("budget", str(shared_model(DENSE)), "--device", "mac-16", "-q")
     assert shown.returncode == 0
-    for line in ("total memory", "MLX working-set limit", "OS reserve", "runtime", "KV cache", "weights"):
+    for line in (
+        "total memory",
+        "MLX working-set limit",
+        "OS reserve",
+        "runtime",
+        "KV cache",
+        "weights",
+    ):
         assert line in shown.stdout
 
 

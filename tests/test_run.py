@@ -64,20 +64,28 @@ def test_run_serves_swaps_variants_and_restarts_from_cache(ramserve_home: Path) 
     env = run_env(ramserve_home)
     with ramserve_run(model, "--budget", "30%", env=env) as (base, lines):
         assert stage_cache(lines) == {"budget": "-", "profile": "-", "plan": "-", "quantize": "-"}
-        assert any("bits per weight" in ln for ln in lines) and any("KV cache" in ln for ln in lines)
+        assert any("bits per weight" in ln for ln in lines) and any(
+            "KV cache" in ln for ln in lines
+        )
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         chat = client.chat.completions.create(model="code-qwen3-30m", max_tokens=8,
                                               messages=[{"role": "user", "content": "Sort a list."}])  # fmt: skip
         assert chat.usage.completion_tokens == 8
         status = {m.id: m.model_dump()["status"] for m in client.models.list().data}
-        assert status["code-qwen3-30m"] == "loaded" and status["code-qwen3-30m@min-safe"] == "available"
+        assert (
+            status["code-qwen3-30m"] == "loaded"
+            and status["code-qwen3-30m@min-safe"] == "available"
+        )
         small = client.chat.completions.create(model="code-qwen3-30m@min-safe", max_tokens=8,
                                                messages=[{"role": "user", "content": "Sort a list."}])  # fmt: skip
         assert small.model == "code-qwen3-30m@min-safe" and small.usage.completion_tokens == 8
         cards = {m.id: m.model_dump() for m in client.models.list().data}
         assert cards["code-qwen3-30m@min-safe"]["status"] == "loaded"
         assert cards["code-qwen3-30m"]["status"] == "cached"
-        assert cards["code-qwen3-30m@min-safe"]["weight_bytes"] < cards["code-qwen3-30m"]["weight_bytes"]
+        assert (
+            cards["code-qwen3-30m@min-safe"]["weight_bytes"]
+            < cards["code-qwen3-30m"]["weight_bytes"]
+        )
         # An unlisted budget is valid too; a budget no plan can meet is a 400 naming the minimum.
         assert client.models.retrieve("code-qwen3-30m@4.2bpw").model_dump()["status"] == "available"
         try:
@@ -106,8 +114,12 @@ def test_run_resolves_a_repo_from_the_offline_hub_cache(tmp_path: Path, tiny_dir
 
 def test_run_refuses_an_impossible_budget_before_any_work(ramserve_home: Path) -> None:
     cmd = [sys.executable, "-m", "ramserve.cli", "run", str(shared_model(DENSE)), "--budget", "1MB"]
-    done = subprocess.run(cmd, env=run_env(ramserve_home), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        cmd, env=run_env(ramserve_home), capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 2
-    assert "below the smallest possible plan" in done.stderr and "nothing was analysed" in done.stderr
+    assert (
+        "below the smallest possible plan" in done.stderr and "nothing was analysed" in done.stderr
+    )
     assert "Traceback" not in done.stderr
     assert not (ramserve_home / "profiles").exists() and not (ramserve_home / "models").exists()

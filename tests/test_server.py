@@ -69,7 +69,9 @@ def test_chat_stream_and_not_agree_and_report_usage(client: openai.OpenAI) -> No
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finishes == ["length"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
 
@@ -84,7 +86,9 @@ def test_stream_ends_with_done_and_has_no_usage_unless_asked(base: str) -> None:
 
 
 def test_text_completions_and_stop_across_tokens(client: openai.OpenAI) -> None:
-    free = client.completions.create(model=NAME, prompt="def add(a, b):", max_tokens=40, temperature=0)
+    free = client.completions.create(
+        model=NAME, prompt="def add(a, b):", max_tokens=40, temperature=0
+    )
     text = free.choices[0].text
     assert free.object == "text_completion" and len(text) > 12
     # A stop string that starts inside one token and ends in a later one.
@@ -106,7 +110,9 @@ def test_logprobs_and_seeded_sampling(client: openai.OpenAI) -> None:
     for entry in content:
         tops = [t.logprob for t in entry.top_logprobs]
         assert len(tops) == 3 and tops == sorted(tops, reverse=True)
-        assert entry.logprob <= 0 and entry.token == entry.top_logprobs[0].token  # greedy takes the top
+        assert (
+            entry.logprob <= 0 and entry.token == entry.top_logprobs[0].token
+        )  # greedy takes the top
 
     def sample(seed: int) -> str:
         r = client.chat.completions.create(model=NAME, messages=HELLO, temperature=1.0, top_p=0.95,
@@ -121,7 +127,9 @@ def test_penalties_change_greedy_output(client: openai.OpenAI) -> None:
     plain = chat_text(client, HELLO, max_tokens=40)
     assert chat_text(client, HELLO, max_tokens=40, frequency_penalty=2.0) != plain
     assert chat_text(client, HELLO, max_tokens=40, extra_body={"repetition_penalty": 1.5}) != plain
-    assert chat_text(client, HELLO, max_completion_tokens=3) == chat_text(client, HELLO, max_tokens=3)
+    assert chat_text(client, HELLO, max_completion_tokens=3) == chat_text(
+        client, HELLO, max_tokens=3
+    )
 
 
 def test_shared_prefix_is_reported_as_cached(client: openai.OpenAI) -> None:
@@ -135,7 +143,9 @@ def test_shared_prefix_is_reported_as_cached(client: openai.OpenAI) -> None:
 
 
 def test_eight_concurrent_streams_match_each_alone(client: openai.OpenAI, base: str) -> None:
-    prompts = [[{"role": "user", "content": f"Write function number {i} for a queue."}] for i in range(8)]
+    prompts = [
+        [{"role": "user", "content": f"Write function number {i} for a queue."}] for i in range(8)
+    ]
     alone = [chat_text(client, p, max_tokens=20) for p in prompts]
 
     async def together() -> list[str]:
@@ -144,7 +154,9 @@ def test_eight_concurrent_streams_match_each_alone(client: openai.OpenAI, base: 
             async def one(p: list[dict]) -> str:
                 stream = await ac.chat.completions.create(model=NAME, messages=p, temperature=0,
                                                           max_tokens=20, stream=True)  # fmt: skip
-                return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+                return "".join(
+                    [c.choices[0].delta.content or "" async for c in stream if c.choices]
+                )
 
             return list(await asyncio.gather(*(one(p) for p in prompts)))
 
@@ -169,7 +181,9 @@ def test_disconnected_stream_stops_generating(base: str) -> None:
         for i, _ in enumerate(r.iter_lines()):
             if i > 6:
                 break
-    assert wait_for(lambda: metric(base, "generations_finished_total", '{reason="cancelled"}') > before)
+    assert wait_for(
+        lambda: metric(base, "generations_finished_total", '{reason="cancelled"}') > before
+    )
     assert wait_for(lambda: metric(base, "active_sequences") == 0)
     generated = metric(base, "generated_tokens_total")
     assert wait_for(lambda: metric(base, "generated_tokens_total") == generated, timeout=2)
@@ -196,7 +210,9 @@ def post(base: str, path: str, body: object, **kw) -> httpx.Response:
     return httpx.post(f"{base}{path}", content=content, timeout=60, **kw)
 
 
-def assert_error(r: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
+def assert_error(
+    r: httpx.Response, status: int, param: str | None = None, code: str | None = None
+) -> dict:
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
@@ -215,13 +231,22 @@ def assert_error(r: httpx.Response, status: int, param: str | None = None, code:
         ({"model": NAME}, "messages", "missing"),
         ({"model": NAME, "messages": HELLO, "n": 2}, "n", None),
         ({"model": NAME, "messages": HELLO, "tools": [{"type": "function"}]}, "tools", None),
-        ({"model": NAME, "messages": HELLO, "response_format": {"type": "json_object"}},
-         "response_format", None),
-        ({"model": NAME, "messages": HELLO, "frobnicate": True}, "frobnicate", "unsupported_parameter"),
+        (
+            {"model": NAME, "messages": HELLO, "response_format": {"type": "json_object"}},
+            "response_format",
+            None,
+        ),
+        (
+            {"model": NAME, "messages": HELLO, "frobnicate": True},
+            "frobnicate",
+            "unsupported_parameter",
+        ),
         ({"model": NAME, "messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop", None),
     ],
 )
-def test_bad_chat_requests_name_the_field(base: str, body: dict, param: str, code: str | None) -> None:
+def test_bad_chat_requests_name_the_field(
+    base: str, body: dict, param: str, code: str | None
+) -> None:
     assert_error(post(base, "/v1/chat/completions", body), 400, param, code)
 
 
@@ -230,7 +255,9 @@ def test_malformed_and_unknown(base: str) -> None:
     assert_error(post(base, "/v1/chat/completions", "[1, 2]"), 400, code="invalid_json")
     assert_error(post(base, "/v1/chat/completions", {"model": "gpt-9", "messages": HELLO}), 404,
                  "model", "model_not_found")  # fmt: skip
-    assert_error(post(base, "/v1/completions", {"model": NAME, "prompt": "x", "echo": True}), 400, "echo")
+    assert_error(
+        post(base, "/v1/completions", {"model": NAME, "prompt": "x", "echo": True}), 400, "echo"
+    )
     assert_error(httpx.get(f"{base}/v1/nothing"), 404)
 
 
@@ -255,8 +282,16 @@ def test_api_key_context_and_body_limits(strict: str) -> None:
 
 def test_full_queue_is_refused_with_retry_after(strict: str) -> None:
     auth = {"Authorization": "Bearer sekret"}
-    body = {"model": NAME, "messages": HELLO, "max_tokens": 200, "stream": True, "logit_bias": {"0": -100}}
-    with httpx.stream("POST", f"{strict}/v1/chat/completions", json=body, headers=auth, timeout=60) as r:
+    body = {
+        "model": NAME,
+        "messages": HELLO,
+        "max_tokens": 200,
+        "stream": True,
+        "logit_bias": {"0": -100},
+    }
+    with httpx.stream(
+        "POST", f"{strict}/v1/chat/completions", json=body, headers=auth, timeout=60
+    ) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")  # generating now, in the only slot
         refused = post(strict, "/v1/chat/completions", dict(body, stream=False), headers=auth)

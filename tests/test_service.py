@@ -122,7 +122,11 @@ def test_install_status_uninstall_leaves_no_trace(home: Path, launchctl: Path,
 def test_without_launchctl_commands_are_refused_but_dry_run_works(home: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.setenv("PATH", "/nonexistent")
-    for args in (["service", "install", "org/model"], ["service", "status"], ["service", "uninstall"]):
+    for args in (
+        ["service", "install", "org/model"],
+        ["service", "status"],
+        ["service", "uninstall"],
+    ):
         done = run_cli(*args)
         assert done.returncode == 2 and "launchctl is not available" in done.stderr, args
         assert "Traceback" not in done.stderr

@@ -57,7 +57,13 @@ class APIError(Exception):
                  param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None) -> None:  # fmt: skip
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type_,
+            param,
+            code,
+        )
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
@@ -82,7 +88,9 @@ def api_error(e: Exception) -> APIError:
             return APIError(status, str(e), type_, param, code, headers)
     if isinstance(e, RamserveError):
         return APIError(400, str(e), code="invalid_request")
-    return APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error", code="internal_error")
+    return APIError(
+        500, f"internal error: {type(e).__name__}: {e}", "server_error", code="internal_error"
+    )
 
 
 def validation_error(e: ValidationError) -> APIError:
@@ -92,7 +100,9 @@ def validation_error(e: ValidationError) -> APIError:
         message = f"unsupported field {param!r}: ramserve does not implement it"
         return APIError(400, message, param=param, code="unsupported_parameter")
     message = first["msg"].removeprefix("Value error, ")
-    return APIError(400, f"{param}: {message}" if param else message, param=param, code=first["type"])
+    return APIError(
+        400, f"{param}: {message}" if param else message, param=param, code=first["type"]
+    )
 
 
 def _usage(e: Event) -> Usage:
@@ -165,10 +175,14 @@ class API:
     async def parse(self, request: Request, model: type[BaseModel]) -> Any:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise APIError(413, f"request body over {self.max_body_bytes} bytes", code="body_too_large")
+            raise APIError(
+                413, f"request body over {self.max_body_bytes} bytes", code="body_too_large"
+            )
         body = await request.body()
         if len(body) > self.max_body_bytes:
-            raise APIError(413, f"request body over {self.max_body_bytes} bytes", code="body_too_large")
+            raise APIError(
+                413, f"request body over {self.max_body_bytes} bytes", code="body_too_large"
+            )
         try:
             data = json.loads(body)
         except ValueError as e:
@@ -195,7 +209,9 @@ class API:
         body = {"status": "ok" if r.ready else r.stage, "stage": r.stage, "model": r.name}
         if r.error:
             body["error"] = r.error
-        return JSONResponse(body, 200 if r.ready else 503, headers=None if r.ready else {"Retry-After": "2"})
+        return JSONResponse(
+            body, 200 if r.ready else 503, headers=None if r.ready else {"Retry-After": "2"}
+        )
 
     async def metrics_text(self, request: Request) -> Response:
         return PlainTextResponse(self.metrics.render(self.registry.engine),
@@ -222,7 +238,11 @@ class API:
             prompt = encode(engine)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[Event] = asyncio.Queue()
-            job = engine.submit(prompt, params, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e))
+
+            def sink(e: Event) -> None:
+                loop.call_soon_threadsafe(queue.put_nowait, e)
+
+            job = engine.submit(prompt, params, sink)
         except BaseException:
             await lease.__aexit__(None, None, None)
             raise
@@ -265,7 +285,9 @@ class API:
             await release()
         last = collected[-1]
         if last.finish_reason == "error":
-            raise APIError(500, last.error or "generation failed", "server_error", code="internal_error")
+            raise APIError(
+                500, last.error or "generation failed", "server_error", code="internal_error"
+            )
         text = "".join(e.text for e in collected)
         entries = [x for e in collected for x in e.logprobs]
         usage = _usage(last)
