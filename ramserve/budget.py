@@ -96,6 +96,19 @@ class KVShape:
         )
 
 
+def kv_shape_of_config(config: dict[str, Any], dtype_bytes: int) -> KVShape:
+    """A lower bound of the KV geometry from config.json alone (before any weights are fetched):
+    every layer with full attention, unless the config declares sliding windows (then none)."""
+    layers = int(config.get("num_hidden_layers", 0))
+    heads = int(config.get("num_attention_heads", 1))
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or int(config.get("hidden_size", 0)) // heads)
+    windowed = config.get("sliding_window") is not None or "layer_types" in config
+    per_token = 0 if windowed else 2 * kv_heads * head_dim
+    max_context = config.get("max_position_embeddings")
+    return KVShape(tuple(KVLayer(per_token) for _ in range(layers)), dtype_bytes, max_context)
+
+
 def kv_shape(source: Source, device: str | None = None) -> KVShape:
     """The KV geometry: each layer's k/v projection widths and its cache type in mlx-lm.
 
@@ -253,7 +266,10 @@ class ActivationShape:
 
 
 def activation_shape(source: Source) -> ActivationShape:
-    c = source.config
+    return activation_shape_of(source.config)
+
+
+def activation_shape_of(c: dict[str, Any]) -> ActivationShape:
     hidden = int(c.get("hidden_size", 0))
     inter = int(c.get("moe_intermediate_size") or c.get("intermediate_size") or 4 * hidden)
     inter *= int(c.get("num_experts_per_tok") or 1)
@@ -269,8 +285,22 @@ def weight_budget(
     min_safe: int | None = None,
 ) -> Budget:
     """The weight budget for this machine (or a named device) at ``context`` x ``parallel``."""
-    cfg = load_settings().budget
     kv = kv_shape(source, device)
+    return budget_for(kv, activation_shape(source), context=context, parallel=parallel,
+                      device=device, min_safe=min_safe)  # fmt: skip
+
+
+def budget_for(
+    kv: KVShape,
+    shape: ActivationShape,
+    *,
+    context: int | None = None,
+    parallel: int | None = None,
+    device: str | None = None,
+    min_safe: int | None = None,
+) -> Budget:
+    """weight_budget from a model's KV and activation shapes (which a config alone can give)."""
+    cfg = load_settings().budget
     if context is None:  # the default, not the user's ask: fit it to the model
         context = min(cfg.default_context, kv.max_context or cfg.default_context)
     parallel = load_settings().server.parallel if parallel is None else parallel
@@ -285,7 +315,7 @@ def weight_budget(
         candidates["MLX working-set limit"] = machine.working_set_limit
     bound = min(candidates, key=lambda k: candidates[k])
     usable = candidates[bound]
-    runtime = runtime_bytes(kv, context, parallel, activation_shape(source))
+    runtime = runtime_bytes(kv, context, parallel, shape)
     kv_bytes = kv.bytes(context, parallel)
     weights = usable - runtime - kv_bytes
 

@@ -125,13 +125,14 @@ def engine_args(context: int | None, parallel: int | None) -> dict[str, Any]:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from .fit import fit, render_fit
+    from .fit import fit, hub_precheck, render_fit
     from .server import serve
     from .settings import load_settings
     from .source import open_source
     from .variants import VariantRegistry
 
     cfg = load_settings().server
+    hub_precheck(a.model, a.context, a.parallel)
     fitted = fit(open_source(a.model), a.budget, context=a.context, parallel=a.parallel,
                  progress=not a.quiet)  # fmt: skip
     print(render_fit(fitted), flush=True)

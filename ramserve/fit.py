@@ -56,6 +56,39 @@ def stable_budget(weights: int) -> int:
     return max(step, weights // step * step)
 
 
+def hub_precheck(spec: str, context: int | None, parallel: int | None) -> None:
+    """For a hub repo, before downloading weights: refuse when even the smallest possible plan plus
+    the KV cache cannot fit this machine, from config.json and the safetensors index alone."""
+    import json
+
+    from .budget import activation_shape_of, budget_for, kv_shape_of_config
+    from .engine import runtime_dtype
+    from .source import REPO_ID, hub_snapshot
+
+    if Path(spec).expanduser().exists() or not (match := REPO_ID.match(spec)):
+        return
+    meta = hub_snapshot(match["repo"], match["rev"], ["config.json", "*.safetensors.index.json"])
+    index = next(meta.glob("*.safetensors.index.json"), None)
+    if index is None:
+        return  # a single-file model: its size is known only once fetched
+    config = json.loads((meta / "config.json").read_text())
+    stored = int(json.loads(index.read_text()).get("metadata", {}).get("total_size", 0))
+    settings = load_settings().analysis
+    floor_bpw = min(settings.bits) + 32 / max(settings.group_sizes)
+    floor = int(stored / 2 * floor_bpw / 8)  # every bf16 parameter at the fewest bits
+    dtype = 4 if runtime_dtype() == "float32" else 2
+    kv = kv_shape_of_config(config, dtype)
+    budget = budget_for(kv, activation_shape_of(config), context=context, parallel=parallel)
+    if budget.weights < floor:
+        raise BudgetError(
+            f"{spec} cannot fit this machine: even at {floor_bpw:.2f} bits per weight its "
+            f"{human_bytes(stored)} of bf16 weights need {human_bytes(floor)}, and only "
+            f"{human_bytes(max(budget.weights, 0))} is left beside a {budget.context:,}-token KV cache "
+            f"for {budget.parallel} sequences ({human_bytes(budget.kv)}) and the runtime; "
+            "nothing but metadata was downloaded"
+        )
+
+
 def precheck(source: Source, spec: str, budget: Budget) -> None:
     """Refuse before any analysis when no plan can fit (needs only shapes and the machine)."""
     floor = absolute_minimum(source)

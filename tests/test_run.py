@@ -123,3 +123,23 @@ def test_run_refuses_an_impossible_budget_before_any_work(ramserve_home: Path) -
     )
     assert "Traceback" not in done.stderr
     assert not (ramserve_home / "profiles").exists() and not (ramserve_home / "models").exists()
+
+
+def test_a_hub_repo_too_big_for_the_machine_is_refused_from_metadata(
+    tmp_path: Path, tiny_dir: Path
+) -> None:
+    import json
+    import shutil
+
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    shutil.copy(tiny_dir / "config.json", meta / "config.json")
+    (meta / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": 2 * 10**12}, "weight_map": {"lm_head.weight": "model-1.safetensors"}}))  # fmt: skip
+    make_hf_cache(tmp_path / "hub", "acme/giant", meta)
+    env = run_env(tmp_path / "home", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "ramserve.cli", "run", "acme/giant"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "cannot fit this machine" in done.stderr and "nothing but metadata" in done.stderr
+    assert "2.00 TB" in done.stderr and "Traceback" not in done.stderr
