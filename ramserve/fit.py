@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,7 +114,6 @@ def fit(
     context: int | None = None,
     parallel: int | None = None,
     progress: bool = True,
-    log: Callable[[str], None] = print,
 ) -> Fit:
     """Measure, analyse, plan and quantize: everything ``ramserve run`` needs before serving."""
     stages: list[tuple[str, float, bool]] = []

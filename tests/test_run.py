@@ -143,3 +143,30 @@ def test_a_hub_repo_too_big_for_the_machine_is_refused_from_metadata(
     assert done.returncode == 2, done.stderr
     assert "cannot fit this machine" in done.stderr and "nothing but metadata" in done.stderr
     assert "2.00 TB" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_failed_swap_leaves_the_previous_model_serving(tmp_path: Path, tiny_dir: Path) -> None:
+    import shutil
+
+    from ramserve.fit import fit
+    from ramserve.server.app import create_app
+    from ramserve.source import open_source
+    from ramserve.variants import VariantRegistry
+
+    from .serving import live_server
+
+    model = tmp_path / "tiny-coder"
+    shutil.copytree(tiny_dir, model)
+    fitted = fit(open_source(str(model)), "50%", context=256, parallel=2, progress=False)
+    registry = VariantRegistry(fitted, {"context": 256, "parallel": 2}, ["min-safe"])
+    with live_server(create_app(registry)) as base:
+        for shard in model.glob("*.safetensors"):
+            shard.write_bytes(b"corrupt")  # the source can no longer be quantized
+        body = {"model": "tiny-coder@min-safe", "prompt": "def", "max_tokens": 3}
+        failed = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+        assert failed.status_code == 400 and "could not switch" in failed.json()["error"]["message"]
+        ok = httpx.post(f"{base}/v1/completions", json=dict(body, model="tiny-coder"), timeout=60)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+        assert httpx.get(f"{base}/health").json()["status"] == "ok"
+        cards = {m["id"]: m["status"] for m in httpx.get(f"{base}/v1/models").json()["data"]}
+        assert cards["tiny-coder"] == "loaded" and cards["tiny-coder@min-safe"] == "available"
