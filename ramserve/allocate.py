@@ -95,7 +95,7 @@ class Segments:
         db = p.bytes[mod, t] - p.bytes[mod, f]
         dd = p.damage[mod, t] - p.damage[mod, f]
         # laid out module by module, so a stable sort keeps each module's own order on ties
-        order = np.argsort(dd / db, kind="stable")
+        order = np.argsort(dd / db, kind="stable")  # stable: equal slopes keep module order
         return cls(mod[order], pos[order], db[order], dd[order], np.cumsum(db[order]))
 
 
@@ -160,8 +160,8 @@ def solve(problem: Problem, budget: int) -> Solution:
         raise BudgetError(f"budget {budget} is below the smallest plan ({int(used)} bytes)")
     room = budget - used
     k = int(np.searchsorted(seg.cum_bytes, room, side="right"))  # segments fully taken
-    level = np.zeros(len(b), dtype=np.int64)
-    np.maximum.at(level, seg.module[:k], seg.level[:k])
+    # A module's segments come in hull order, so the number it has taken is the hull level it reached.
+    level = np.bincount(seg.module[:k], minlength=len(b))
     lp = d[rows, base].sum() + seg.ddamage[:k].sum()
     if k < len(seg.module):  # the relaxation takes a fraction of the next segment
         spent = seg.cum_bytes[k - 1] if k else 0.0
@@ -182,18 +182,16 @@ def _fill_leftover(b: np.ndarray, d: np.ndarray, choice: np.ndarray, room: float
         current = b[rows, choice]
         left = room - current.sum()
         extra = b - current[:, None]
-        i, j = np.nonzero((extra > 0) & (extra <= left))
-        saved = d[i, choice[i]] - d[i, j]
-        keep = saved > 0
-        i, j, saved = i[keep], j[keep], saved[keep]
+        saved = d[rows, choice][:, None] - d
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where((extra > 0) & (extra <= left) & (saved > 0), saved / extra, -INF)
+        best = np.argmax(ratio, axis=1)  # each module's best upgrade; ties to the cheaper index
+        rate = ratio[rows, best]
+        i = np.nonzero(np.isfinite(rate))[0]
         if not len(i):
             break
-        cost = extra[i, j]
-        order = np.lexsort((j, i, -saved / cost))
-        i, j, cost = i[order], j[order], cost[order]
-        _, first = np.unique(i, return_index=True)  # each module's best upgrade
-        first.sort()
-        i, j, cost = i[first], j[first], cost[first]
+        i = i[np.argsort(-rate[i], kind="stable")]
+        j, cost = best[i], extra[i, best[i]]
         fits = np.cumsum(cost) <= left
         n = len(fits) if fits.all() else int(np.argmin(fits))
         if n == 0:
