@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import BudgetError
 from .fmt import human_bytes
 from .settings import Device, load_settings
+from .source import FLOAT_BYTES
 
 if TYPE_CHECKING:
     from .source import Source
@@ -32,15 +33,6 @@ PERCENT = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*%\s*$")
 BPW = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*bpw\s*$", re.IGNORECASE)
 FORMS = "a size (6GB, 5.5GiB, 800MB), bits per weight (4.5bpw), a share of the bf16 size (30%), "
 FORMS += "min-safe, max, auto, or a named device (see `ramserve budget --devices`)"
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def parse_size(spec: str) -> int:
-    """Bytes for a plain size such as ``6GB`` or ``5.5GiB``."""
-    match = SIZE.match(spec)
-    if not match or float(match["n"]) <= 0:
-        raise BudgetError(f"cannot read size {spec!r}: give a positive size such as 6GB or 5.5GiB")
-    return int(float(match["n"]) * UNITS[match["unit"].lower()])
 
 
 def parse_budget(spec: str, *, parameters: int, bf16_bytes: int) -> int:
@@ -139,7 +131,7 @@ def kv_shape(source: Source, device: str | None = None) -> KVShape:
         window = cache.max_size if isinstance(cache, RotatingKVCache) else None
         layers.append(KVLayer(per_token, window))
     max_context = source.config.get("max_position_embeddings")
-    return KVShape(tuple(layers), DTYPE_BYTES[activation_dtype(source, device)], max_context)
+    return KVShape(tuple(layers), FLOAT_BYTES[activation_dtype(source, device)], max_context)
 
 
 def activation_dtype(source: Source, device: str | None = None) -> str:
@@ -355,7 +347,6 @@ def budget_for(
 def tradeoffs(budget: Budget, kv: KVShape, min_safe: int) -> dict[str, Any]:
     """What trades against what: the longest context at min-safe, the memory the ask needs."""
     room = budget.usable - budget.runtime - min_safe
-    longest = 0
     hi = kv.max_context or 1 << 24
     lo = 0
     while lo < hi:  # largest context whose KV fits the room left by min-safe weights
@@ -364,11 +355,10 @@ def tradeoffs(budget: Budget, kv: KVShape, min_safe: int) -> dict[str, Any]:
             lo = mid
         else:
             hi = mid - 1
-    longest = lo
     needed = min_safe + budget.kv + budget.runtime
     return {
         "min_safe_bytes": min_safe,
-        "longest_context_at_min_safe": longest,
+        "longest_context_at_min_safe": lo,
         "usable_needed_for_context": needed,
         "fits": budget.weights >= min_safe,
     }
@@ -420,7 +410,7 @@ def machine_budget(
 
     def fit(device: str | None) -> tuple[int, int]:
         b = weight_budget(source, context=context, parallel=parallel, device=device)
-        return b.weights, DTYPE_BYTES[activation_dtype(source, device)]
+        return b.weights, FLOAT_BYTES[activation_dtype(source, device)]
 
     return fit
 

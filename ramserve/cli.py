@@ -35,18 +35,24 @@ def cmd_analyze(a: argparse.Namespace) -> int:
     return 0
 
 
+def plan_model(source: Any, spec: str, quiet: bool, allow_unsafe: bool = False) -> dict[str, Any]:
+    """The plan for a budget: the profile (cached) solved against this machine's memory."""
+    from .budget import machine_budget
+    from .plan import make_plan
+    from .profile import analyze
+
+    profile = analyze(source, progress=not quiet)
+    return make_plan(profile, spec, allow_unsafe=allow_unsafe, machine=machine_budget(source))
+
+
 def cmd_plan(a: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import atomic
-    from .budget import machine_budget
-    from .plan import make_plan, plot_plan, render_plan
-    from .profile import analyze
+    from .plan import plot_plan, render_plan
     from .source import open_source
 
-    source = open_source(a.model)
-    profile = analyze(source, progress=not a.quiet)
-    plan = make_plan(profile, a.budget, allow_unsafe=a.allow_unsafe, machine=machine_budget(source))
+    plan = plan_model(open_source(a.model), a.budget, a.quiet, allow_unsafe=a.allow_unsafe)
     if a.output:
         atomic.write_json(Path(a.output), plan)
     if a.plot:
@@ -58,19 +64,12 @@ def cmd_plan(a: argparse.Namespace) -> int:
 def cmd_quantize(a: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .plan import load_plan, make_plan
-    from .profile import analyze
+    from .plan import load_plan
     from .quantize import quantize
     from .source import open_source
 
     source = open_source(a.model)
-    if a.plan:
-        plan = load_plan(Path(a.plan))
-    else:
-        from .budget import machine_budget
-
-        profile = analyze(source, progress=not a.quiet)
-        plan = make_plan(profile, a.budget, machine=machine_budget(source))
+    plan = load_plan(Path(a.plan)) if a.plan else plan_model(source, a.budget, a.quiet)
     folder, cached = quantize(
         source, plan, Path(a.output) if a.output else None, progress=not a.quiet
     )

@@ -44,7 +44,7 @@ def load_model(folder: Path) -> tuple[Any, Any]:
 
     On MLX's CPU back end the model runs in float32: quantized matmuls with bf16 scales decode about
     7x slower there than with float32 scales (measured: 3.9 vs 28.8 tokens/s on code-qwen3-30m), and
-    MoE expert matmuls (``gather_mm``) exist only in float32. budget.runtime_dtype says the same.
+    MoE expert matmuls (``gather_mm``) exist only in float32. budget.activation_dtype counts it.
     """
     import mlx_lm
 
@@ -213,9 +213,8 @@ class Engine:
         self._active: dict[int, Request] = {}
         self._lock = threading.Condition()
         self._closing = False
-        self.on_step: Callable[[Any], None] | None = (
-            None  # called with the generator after each step
-        )
+        # Called with the generator after each step (bench/budget.py reads the cache size there).
+        self.on_step: Callable[[Any], None] | None = None
         self._generator: Any = None
         self._stream: Any = None
         self._thread = threading.Thread(target=self._run, name="ramserve-engine", daemon=True)
@@ -290,9 +289,6 @@ class Engine:
             self._closing = True
             self._lock.notify()
         self._thread.join(timeout=30)
-
-    def idle(self) -> bool:
-        return not self._waiting and not self._active
 
     # -- the worker ----------------------------------------------------------------------------
 
@@ -449,7 +445,8 @@ class Engine:
         row = np.array(logprobs.astype(mx.float32))
         entry = TokenLogprob(decode([token]), float(row[token]), [])
         if top:
-            best = np.argsort(-row, kind="stable")[:top]
+            part = np.argpartition(-row, top - 1)[:top]  # not a sort of the whole vocabulary
+            best = part[np.argsort(-row[part], kind="stable")]
             entry.top = [(decode([int(i)]), float(row[i])) for i in best]
         return entry
 

@@ -15,11 +15,11 @@ from typing import Any
 from .budget import Budget, machine_budget, require_fit, weight_budget
 from .errors import BudgetError
 from .fmt import human_bytes, table
-from .plan import histogram, limits, make_plan
+from .plan import histogram, is_size_spec, limits, make_plan
 from .profile import analyze, candidates_for, quantized_bytes
 from .quantize import is_complete, model_dir, quantize
 from .settings import load_settings
-from .source import Source
+from .source import FLOAT_BYTES, Source
 
 
 @dataclass
@@ -40,7 +40,8 @@ def absolute_minimum(source: Source) -> int:
     total = fixed_bytes(source)
     for m in source.modules:
         sizes = [
-            quantized_bytes(m.numel, m.shape[-1], b, g, 2) for b, g in candidates_for(m, settings)
+            quantized_bytes(m.numel, m.shape[-1], b, g, FLOAT_BYTES[source.float_dtype])
+            for b, g in candidates_for(m, settings)
         ]
         total += min(sizes, default=2 * m.numel)
     return total
@@ -75,8 +76,7 @@ def hub_precheck(spec: str, context: int | None, parallel: int | None) -> None:
     settings = load_settings().analysis
     floor_bpw = min(settings.bits) + 32 / max(settings.group_sizes)
     floor = int(stored / 2 * floor_bpw / 8)  # every bf16 parameter at the fewest bits
-    dtype = 4 if runtime_dtype() == "float32" else 2
-    kv = kv_shape_of_config(config, dtype)
+    kv = kv_shape_of_config(config, FLOAT_BYTES[runtime_dtype()])
     budget = budget_for(kv, activation_shape_of(config), context=context, parallel=parallel)
     if budget.weights < floor:
         raise BudgetError(
@@ -93,7 +93,7 @@ def precheck(source: Source, spec: str, budget: Budget) -> None:
     floor = absolute_minimum(source)
     if budget.weights < floor:
         require_fit(budget, floor)
-    if spec not in ("auto", "max", "min-safe") and spec not in load_settings().devices:
+    if is_size_spec(spec):
         from .budget import parse_budget
 
         asked = parse_budget(
@@ -139,18 +139,23 @@ def fit(
         return stable_budget(weights), float_bytes
 
     plan = make_plan(profile, spec, machine=stable)
-    if plan["memory_bytes"] > budget.weights:
-        raise BudgetError(
-            f"budget {spec} gives {human_bytes(plan['memory_bytes'])} of weights in memory, more than "
-            f"this machine can hold beside a {budget.context:,}-token KV cache for {budget.parallel} "
-            f"sequences ({human_bytes(budget.weights)}); use a smaller budget, context or --parallel"
-        )
+    require_plan_fits(plan, budget, f"budget {spec}")
     stages.append(("plan", time.perf_counter() - t, False))
 
     t = time.perf_counter()
     folder, cached = quantize(source, plan, progress=progress)
     stages.append(("quantize", time.perf_counter() - t, cached))
     return Fit(source, profile, budget, plan, folder, stages)
+
+
+def require_plan_fits(plan: dict[str, Any], budget: Budget, what: str) -> None:
+    """Refuse a plan whose weights, as loaded, exceed what the machine allows beside its KV cache."""
+    if plan["memory_bytes"] > budget.weights:
+        raise BudgetError(
+            f"{what} gives {human_bytes(plan['memory_bytes'])} of weights in memory, more than "
+            f"this machine can hold beside a {budget.context:,}-token KV cache for {budget.parallel} "
+            f"sequences ({human_bytes(budget.weights)}); use a smaller budget, context or --parallel"
+        )
 
 
 def variant_status(source: Source, plan: dict[str, Any]) -> str:

@@ -41,6 +41,11 @@ MachineBudget = Callable[[str | None], tuple[int, int]]
 the weights may take in memory, and the bytes per float (scales, 16-bit tensors) the runtime uses."""
 
 
+def is_size_spec(spec: str) -> bool:
+    """A budget given as a size (6GB, 4.5bpw, 30%), not a name the profile or the machine resolves."""
+    return spec not in ("min-safe", "auto", "max") and spec not in named_devices()
+
+
 def resolve_budget(
     spec: str, profile: dict[str, Any], machine: MachineBudget | None = None
 ) -> tuple[int, int]:
@@ -51,8 +56,7 @@ def resolve_budget(
     """
     if spec == "min-safe":
         return limits(profile)["min_safe"], 2
-    symbolic = spec in ("auto", "max") or spec in named_devices()
-    if not symbolic:
+    if is_size_spec(spec):
         return parse_budget(
             spec, parameters=profile["parameters"], bf16_bytes=profile["bf16_bytes"]
         ), 2

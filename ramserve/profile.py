@@ -30,10 +30,9 @@ import numpy as np
 from . import atomic
 from .sensitivity import EnergyFlow, flow_order, importances
 from .settings import Settings, load_settings, ramserve_home
-from .source import ModuleInfo, Source, open_source, require_full_precision
+from .source import FLOAT_BYTES, ModuleInfo, Source, open_source, require_full_precision
 
 FORMAT = "ramserve-profile/1"
-FLOAT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 from . import atomic
 from .errors import RamserveError
-from .settings import CONFIG_DIR, ramserve_home
+from .settings import CONFIG_DIR, load_settings, ramserve_home
 
 TEMPLATE = CONFIG_DIR.parent / "launchd" / "ramserve.plist"
 LABEL = "dev.ramserve.server"
@@ -43,12 +43,6 @@ class Paths:
         home = Path.home()
         return cls(home / "Library" / "LaunchAgents" / f"{label}.plist",
                    home / "Library" / "Logs" / "ramserve", ramserve_home() / "service.json")  # fmt: skip
-
-
-def save_settings(model: str, options: list[str], paths: Paths) -> dict[str, Any]:
-    settings = {"model": model, "options": options}
-    atomic.write_json(paths.settings, settings)
-    return settings
 
 
 def load_service_settings(paths: Paths) -> dict[str, Any]:
@@ -97,10 +91,14 @@ def uninstall_commands(label: str = LABEL) -> list[list[str]]:
     return [["launchctl", "bootout", f"{domain()}/{label}"]]
 
 
-def _launchctl(args: list[str], *, check: bool) -> subprocess.CompletedProcess[str]:
+def require_launchctl() -> None:
     if shutil.which("launchctl") is None:
         raise ServiceError("launchctl is not available: `ramserve service` manages a macOS launchd "
                            "agent (use --dry-run to see the plist and the commands)")  # fmt: skip
+
+
+def _launchctl(args: list[str], *, check: bool) -> subprocess.CompletedProcess[str]:
+    require_launchctl()
     done = subprocess.run(args, capture_output=True, text=True, check=False)
     if check and done.returncode != 0:
         raise ServiceError(f"{' '.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
@@ -118,10 +116,9 @@ def install(model: str | None, options: list[str], *, dry_run: bool = False) -> 
     commands = install_commands(paths)
     if dry_run:
         return {"plist": plist.decode(), "path": str(paths.plist), "commands": commands}
-    if shutil.which("launchctl") is None:
-        _launchctl([], check=True)  # raises with the explanation, before anything is written
+    require_launchctl()  # before anything is written
     if model is not None:
-        save_settings(model, options, paths)
+        atomic.write_json(paths.settings, settings)
     paths.logs.mkdir(parents=True, exist_ok=True)
     atomic.write_bytes(paths.plist, plist)
     bootout, *rest = commands
@@ -162,7 +159,8 @@ def status() -> dict[str, Any]:
     settings = load_service_settings(paths) if paths.settings.is_file() else None
     if settings:
         out["model"] = settings["model"]
-        url = f"http://{_option(settings, '--host', '127.0.0.1')}:{_option(settings, '--port', '8000')}"
+        server = load_settings().server
+        url = f"http://{_option(settings, '--host', server.host)}:{_option(settings, '--port', server.port)}"
         try:
             out["health"] = httpx.get(f"{url}/health", timeout=2).json()
         except (httpx.HTTPError, ValueError) as e:
@@ -170,9 +168,9 @@ def status() -> dict[str, Any]:
     return out
 
 
-def _option(settings: dict[str, Any], flag: str, default: str) -> str:
+def _option(settings: dict[str, Any], flag: str, default: object) -> str:
     opts = settings["options"]
-    return str(opts[opts.index(flag) + 1]) if flag in opts[:-1] else default
+    return str(opts[opts.index(flag) + 1] if flag in opts[:-1] else default)
 
 
 def log_files() -> list[Path]:

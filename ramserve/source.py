@@ -42,6 +42,8 @@ HUB_PATTERNS = [
     "*.tiktoken",
 ]
 SAMPLE_BYTES = 65536
+# Bytes per element of the float dtypes weights, scales and activations take.
+FLOAT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 @dataclass(frozen=True)

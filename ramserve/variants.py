@@ -14,10 +14,10 @@ from typing import Any
 
 from .engine import Engine
 from .errors import BudgetError
-from .fit import Fit, variant_status
+from .fit import Fit, require_plan_fits, variant_status
 from .plan import make_plan
 from .quantize import quantize
-from .server.registry import NotReady, Registry, UnknownModel
+from .server.registry import NotReady, Registry, UnknownModel, plan_fields
 
 log = logging.getLogger("ramserve.variants")
 
@@ -48,11 +48,7 @@ class VariantRegistry(Registry):
         if spec not in self._plans:
             f = self.fitted
             plan = make_plan(f.profile, spec, machine=self._machine)
-            if plan["memory_bytes"] > f.budget.weights:
-                raise BudgetError(
-                    f"{self.name}@{spec} needs {plan['memory_bytes']:,} bytes of weights in memory; "
-                    f"this machine allows {f.budget.weights:,} beside its KV cache"
-                )
+            require_plan_fits(plan, f.budget, f"{self.name}@{spec}")
             self._plans[spec] = plan
         return self._plans[spec]
 
@@ -80,13 +76,9 @@ class VariantRegistry(Registry):
             status = "loaded"
         else:
             status = variant_status(self.fitted.source, plan)
-        card: dict[str, Any] = {"id": model_id, "created": self.created, "status": status,
-                                "budget": plan["budget"]["spec"], "budget_bytes": plan["budget"]["bytes"],
-                                "weight_bytes": plan["total_bytes"], "memory_bytes": plan["memory_bytes"],
-                                "bits_per_weight": plan["bits_per_weight"],
-                                "predicted_damage": plan["predicted_damage"],
-                                "context_length": self.fitted.budget.context}  # fmt: skip
-        return card
+        return {"id": model_id, "created": self.created, "status": status,
+                "context_length": self.fitted.budget.context, **plan_fields(plan),
+                "memory_bytes": plan["memory_bytes"]}  # fmt: skip
 
     # -- swapping -----------------------------------------------------------------------------
 

@@ -57,13 +57,11 @@ class APIError(Exception):
                  param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None) -> None:  # fmt: skip
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (
-            status,
-            message,
-            type_,
-            param,
-            code,
-        )
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
@@ -103,6 +101,15 @@ def validation_error(e: ValidationError) -> APIError:
     return APIError(
         400, f"{param}: {message}" if param else message, param=param, code=first["type"]
     )
+
+
+def generation_error(e: Event) -> APIError:
+    return APIError(500, e.error or "generation failed", "server_error", code="internal_error")
+
+
+def error_event(e: Event) -> dict[str, str]:
+    """A fault mid-stream, sent as its own event before the stream ends."""
+    return {"data": json.dumps(generation_error(e).body())}
 
 
 def _usage(e: Event) -> Usage:
@@ -222,18 +229,19 @@ class API:
     async def chat(self, request: Request) -> Response:
         body: ChatRequest = await self.parse(request, ChatRequest)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        return await self.generate(request, body, body.sampling(), chat=True,
+        return await self.generate(body, body.sampling(), chat=True,
                                    encode=lambda e: e.encode_chat(messages))  # fmt: skip
 
     async def completions(self, request: Request) -> Response:
         body: CompletionRequest = await self.parse(request, CompletionRequest)
-        return await self.generate(request, body, body.sampling(), chat=False,
+        return await self.generate(body, body.sampling(), chat=False,
                                    encode=lambda e: e.encode(body.text()))  # fmt: skip
 
-    async def generate(self, request: Request, body: Any, params: SamplingParams, *, chat: bool,
+    async def generate(self, body: Any, params: SamplingParams, *, chat: bool,
                        encode: Callable[[Engine], list[int]]) -> Response:  # fmt: skip
-        lease = self.registry.lease(body.model)
-        engine = await lease.__aenter__()
+        # The lease outlives this call when streaming: the stream's end releases it.
+        lease = contextlib.AsyncExitStack()
+        engine = await lease.enter_async_context(self.registry.lease(body.model))
         try:
             prompt = encode(engine)
             loop = asyncio.get_running_loop()
@@ -244,7 +252,7 @@ class API:
 
             job = engine.submit(prompt, params, sink)
         except BaseException:
-            await lease.__aexit__(None, None, None)
+            await lease.aclose()
             raise
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         created = int(time.time())
@@ -255,9 +263,6 @@ class API:
                 yield e
                 if e.finish_reason is not None:
                     return
-
-        async def release() -> None:
-            await lease.__aexit__(None, None, None)
 
         if body.stream:
             stream = self.stream_chat if chat else self.stream_text
@@ -273,7 +278,7 @@ class API:
                     if not finished:
                         job.cancel()
                         self.metrics.disconnects += 1
-                    await release()
+                    await lease.aclose()
 
             return EventSourceResponse(guarded(), ping=15)
         try:
@@ -282,12 +287,10 @@ class API:
             job.cancel()
             raise
         finally:
-            await release()
+            await lease.aclose()
         last = collected[-1]
         if last.finish_reason == "error":
-            raise APIError(
-                500, last.error or "generation failed", "server_error", code="internal_error"
-            )
+            raise generation_error(last)
         text = "".join(e.text for e in collected)
         entries = [x for e in collected for x in e.logprobs]
         usage = _usage(last)
@@ -304,10 +307,6 @@ class API:
                                  system_fingerprint=self.fingerprint, choices=[choice_t], usage=usage)  # fmt: skip
         return JSONResponse(out.model_dump(exclude_none=False))
 
-    def _error_event(self, e: Event) -> dict[str, str]:
-        err = APIError(500, e.error or "generation failed", "server_error", code="internal_error")
-        return {"data": json.dumps(err.body())}
-
     async def stream_chat(self, rid: str, created: int, body: ChatRequest, events: AsyncIterator[Event]
                           ) -> AsyncIterator[dict[str, str]]:  # fmt: skip
         def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> dict[str, str]:
@@ -318,7 +317,7 @@ class API:
         yield chunk([ChunkChoice(delta=Delta(role="assistant", content=""))])
         async for e in events:
             if e.finish_reason == "error":
-                yield self._error_event(e)
+                yield error_event(e)
                 return
             lp = _chat_logprobs(e.logprobs) if body.logprobs and e.logprobs else None
             if e.text or lp:
@@ -339,7 +338,7 @@ class API:
         offset = 0
         async for e in events:
             if e.finish_reason == "error":
-                yield self._error_event(e)
+                yield error_event(e)
                 return
             lp = _text_logprobs(e.logprobs, offset) if body.logprobs is not None else None
             offset += len(e.text)

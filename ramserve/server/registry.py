@@ -23,6 +23,13 @@ from ..source import folder_plan
 log = logging.getLogger("ramserve.server")
 
 
+def plan_fields(plan: dict[str, Any]) -> dict[str, Any]:
+    """A model card's extension fields that describe the plan it was quantized with."""
+    return {"budget": plan["budget"]["spec"], "budget_bytes": plan["budget"]["bytes"],
+            "weight_bytes": plan["total_bytes"], "bits_per_weight": plan["bits_per_weight"],
+            "predicted_damage": plan["predicted_damage"]}  # fmt: skip
+
+
 class UnknownModel(RamserveError):
     """No model by that id is served here."""
 
@@ -78,20 +85,11 @@ class Registry:
     def card_for(self, model_id: str) -> dict[str, Any]:
         if model_id != self.name:
             raise UnknownModel(f"model {model_id!r} does not exist; this server has {self.name!r}")
-        card: dict[str, Any] = {"id": self.name, "created": self.created}
-        card.update(self.extension(self.folder, "loaded" if self.ready else "loading"))
-        return card
-
-    def extension(self, folder: Path, status: str) -> dict[str, Any]:
-        plan = folder_plan(folder)
-        engine = self.engine
-        out: dict[str, Any] = {"status": status,
-                               "context_length": engine.context if engine else None}  # fmt: skip
-        if plan:
-            out.update(budget=plan["budget"]["spec"], budget_bytes=plan["budget"]["bytes"],
-                       weight_bytes=plan["total_bytes"], bits_per_weight=plan["bits_per_weight"],
-                       predicted_damage=plan["predicted_damage"])  # fmt: skip
-        return out
+        plan = folder_plan(self.folder)
+        return {"id": self.name, "created": self.created,
+                "status": "loaded" if self.ready else "loading",
+                "context_length": self.engine.context if self.engine else None,
+                **(plan_fields(plan) if plan else {})}  # fmt: skip
 
     # -- requests -----------------------------------------------------------------------------
 
