@@ -30,6 +30,7 @@ UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
 SIZE = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>[kmgt]i?b|b)\s*$", re.IGNORECASE)
 PERCENT = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*%\s*$")
+KV_PROJ = re.compile(r"layers\.(\d+)\.\w+\.(k_proj|v_proj)\.weight$")
 BPW = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*bpw\s*$", re.IGNORECASE)
 FORMS = "a size (6GB, 5.5GiB, 800MB), bits per weight (4.5bpw), a share of the bf16 size (30%), "
 FORMS += "min-safe, max, auto, or a named device (see `ramserve budget --devices`)"
@@ -113,21 +114,21 @@ def kv_shape(source: Source, device: str | None = None) -> KVShape:
     caches = (
         model.make_cache() if hasattr(model, "make_cache") else [KVCache() for _ in model.layers]
     )
-    shapes = source.tensor_shapes
+    widths: dict[tuple[int, str], int] = {}  # (layer, projection) -> output width, one pass
+    for name, shape in source.tensor_shapes.items():
+        if match := KV_PROJ.search(name):
+            widths.setdefault((int(match[1]), match[2]), shape[0])
     layers = []
     for i, cache in enumerate(caches):
         if not isinstance(cache, KVCache | RotatingKVCache):
             continue  # fixed-size state (linear attention, SSM): no per-token cost
         per_token = 0
         for proj in ("k_proj", "v_proj"):
-            key = next(
-                (k for k in shapes if re.search(rf"layers\.{i}\.\w+\.{proj}\.weight$", k)), None
-            )
-            if key is None:
+            if (i, proj) not in widths:
                 raise BudgetError(
                     f"{source.name}: cannot find layer {i}'s {proj} to size its KV cache"
                 )
-            per_token += shapes[key][0]
+            per_token += widths[i, proj]
         window = cache.max_size if isinstance(cache, RotatingKVCache) else None
         layers.append(KVLayer(per_token, window))
     max_context = source.config.get("max_position_embeddings")
@@ -226,16 +227,19 @@ def reserve_bytes(machine: Machine) -> int:
 def runtime_bytes(kv: KVShape, context: int, parallel: int, shape: ActivationShape) -> int:
     """The runtime's own memory: the process (Python, MLX, tokenizer, server) and prefill scratch.
 
-    Prefill runs ``prefill_chunk`` tokens of up to 8 sequences at once; its scratch is the attention
-    scores (heads x chunk x context) and the widest activation (chunk x width). The factors were
-    measured with bench/budget.py (MLX's peak minus weights minus KV cache, see configs/).
+    The engine prefills ``prefill_chunk`` tokens of up to ``prefill_batch`` sequences at once; its
+    scratch is the attention scores (heads x chunk x context) and the widest activation (chunk x
+    width). The factors were measured with bench/budget.py (MLX's peak minus weights minus KV cache, see configs/).
     """
     cfg = load_settings().budget
     chunk = min(cfg.prefill_chunk, context)
     per_sequence = chunk * (
         cfg.attention_factor * shape.heads * context + cfg.width_factor * shape.width
     )
-    scratch = cfg.scratch_fixed_mb * 2**20 + min(parallel, 8) * per_sequence * kv.dtype_bytes
+    scratch = (
+        cfg.scratch_fixed_mb * 2**20
+        + min(parallel, cfg.prefill_batch) * per_sequence * kv.dtype_bytes
+    )
     return int(cfg.runtime_fixed_mb * 2**20 + scratch)
 
 
@@ -328,7 +332,7 @@ def budget_for(
             "runtime",
             runtime,
             f"process {cfg.runtime_fixed_mb} MiB + prefill scratch "
-            f"({min(cfg.prefill_chunk, context)} tokens x {min(parallel, 8)} sequences)",
+            f"({min(cfg.prefill_chunk, context)} tokens x {min(parallel, cfg.prefill_batch)} sequences)",
         ),  # fmt: skip
         Line(
             "KV cache",
@@ -403,14 +407,28 @@ def render_budget(b: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def stable_budget(weights: int) -> int:
+    """Round a measured budget down to a grid (steps of 1/32 of its power of two, under 3.2%), so
+    that free memory moving a little between runs picks the same plan and hits the cache."""
+    if weights <= 0:
+        return weights
+    step = 2 ** math.floor(math.log2(weights)) // 32
+    return max(step, weights // step * step)
+
+
 def machine_budget(
     source: Source, context: int | None = None, parallel: int | None = None
 ) -> Callable[[str | None], tuple[int, int]]:
-    """plan.MachineBudget for this model: weight bytes and runtime float bytes per device."""
+    """plan.MachineBudget for this model: weight bytes and runtime float bytes per device.
+
+    This machine's budget moves with its free memory, so it is put on a grid (stable_budget): every
+    command that plans for ``auto`` or ``max`` picks the same plan, and the cached model, while the
+    free memory moves a little."""
 
     def fit(device: str | None) -> tuple[int, int]:
         b = weight_budget(source, context=context, parallel=parallel, device=device)
-        return b.weights, FLOAT_BYTES[activation_dtype(source, device)]
+        weights = b.weights if device else stable_budget(b.weights)
+        return weights, FLOAT_BYTES[activation_dtype(source, device)]
 
     return fit
 

@@ -295,12 +295,16 @@ class Engine:
     def _new_generator(self) -> Any:
         from mlx_lm.generate import BatchGenerator
 
+        from .settings import load_settings
+
+        cfg = load_settings().budget  # the prefill shape the budget's scratch line pays for
         return BatchGenerator(
             self.model,
             stream=self._stream,
             stop_tokens=[[t] for t in self.tokenizer.eos_token_ids],
             completion_batch_size=self.parallel,
-            prefill_batch_size=min(self.parallel, 8),
+            prefill_batch_size=min(self.parallel, cfg.prefill_batch),
+            prefill_step_size=cfg.prefill_chunk,
         )
 
     def _run(self) -> None:

@@ -6,7 +6,6 @@ Every stage reports how long it took and whether it was a cache hit.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,15 +44,6 @@ def absolute_minimum(source: Source) -> int:
         ]
         total += min(sizes, default=2 * m.numel)
     return total
-
-
-def stable_budget(weights: int) -> int:
-    """Round a measured budget down to a grid (steps of 1/32 of its power of two, under 3.2%), so
-    that free memory moving a little between runs picks the same plan and hits the cache."""
-    if weights <= 0:
-        return weights
-    step = 2 ** math.floor(math.log2(weights)) // 32
-    return max(step, weights // step * step)
 
 
 def hub_precheck(spec: str, context: int | None, parallel: int | None) -> None:
@@ -132,13 +122,7 @@ def fit(
         source, context=budget.context, parallel=budget.parallel, min_safe=min_safe
     )
     require_fit(budget, min_safe)
-    machine = machine_budget(source, budget.context, budget.parallel)
-
-    def stable(device: str | None) -> tuple[int, int]:
-        weights, float_bytes = machine(device)
-        return stable_budget(weights), float_bytes
-
-    plan = make_plan(profile, spec, machine=stable)
+    plan = make_plan(profile, spec, machine=machine_budget(source, budget.context, budget.parallel))
     require_plan_fits(plan, budget, f"budget {spec}")
     stages.append(("plan", time.perf_counter() - t, False))
 

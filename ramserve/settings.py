@@ -51,6 +51,7 @@ class BudgetSettings(BaseModel):
     os_reserve_share: float = Field(ge=0, lt=1)
     runtime_fixed_mb: float = Field(ge=0)
     prefill_chunk: int = Field(gt=0)
+    prefill_batch: int = Field(gt=0)
     scratch_fixed_mb: float = Field(ge=0)
     attention_factor: float = Field(ge=0)
     width_factor: float = Field(ge=0)

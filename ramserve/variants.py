@@ -12,6 +12,7 @@ import asyncio
 import logging
 from typing import Any
 
+from .budget import machine_budget
 from .engine import Engine
 from .errors import BudgetError
 from .fit import Fit, require_plan_fits, variant_status
@@ -33,6 +34,7 @@ class VariantRegistry(Registry):
         self.loaded_id = self.name
         self._plans: dict[str, dict[str, Any]] = {"": fitted.plan}
         self._swap = asyncio.Lock()
+        self._machine = machine_budget(fitted.source, fitted.budget.context, fitted.budget.parallel)
 
     # -- plans --------------------------------------------------------------------------------
 
@@ -51,12 +53,6 @@ class VariantRegistry(Registry):
             require_plan_fits(plan, f.budget, f"{self.name}@{spec}")
             self._plans[spec] = plan
         return self._plans[spec]
-
-    def _machine(self, device: str | None) -> tuple[int, int]:
-        from .budget import machine_budget
-
-        f = self.fitted
-        return machine_budget(f.source, f.budget.context, f.budget.parallel)(device)
 
     # -- models -------------------------------------------------------------------------------
 
