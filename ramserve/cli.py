@@ -80,6 +80,30 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .evaluate import evaluate, recipe_quantization, render_scores
+    from .plan import load_plan
+    from .source import open_source
+
+    quantization, label = None, None
+    if a.plan or a.budget:
+        plan = (
+            load_plan(Path(a.plan))
+            if a.plan
+            else plan_model(open_source(a.model), a.budget, a.quiet)
+        )
+        quantization, label = plan["quantization"], f"ramserve@{plan['budget']['spec']}"
+    elif a.recipe:
+        quantization, label = recipe_quantization(open_source(a.model), a.recipe), a.recipe
+    scores = evaluate(a.model, Path(a.text), reference=a.reference, quantization=quantization,
+                      label=label, seq_len=a.seq_len, samples=a.samples,
+                      batch_size=a.batch_size, progress=not a.quiet)  # fmt: skip
+    _emit(scores.to_json() if a.json else scores, a.json, render_scores)
+    return 0
+
+
 def cmd_budget(a: argparse.Namespace) -> int:
     from .budget import named_devices, render_budget, weight_budget
     from .fmt import table
@@ -248,6 +272,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", help="output folder (default: the cache)")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("eval", help="perplexity on a text, and KL divergence from a reference")
+    s.add_argument("model", help="a model folder (quantized or not) or repo id")
+    s.add_argument("--text", required=True, help="a UTF-8 text file to score")
+    s.add_argument("--reference", help="the model to measure KL from (e.g. the bf16 source)")
+    how = s.add_mutually_exclusive_group()
+    how.add_argument("--plan", help="simulate this plan.json's quantization on the float model")
+    how.add_argument("--budget", help="plan for this budget, then simulate it")
+    how.add_argument("--recipe", help="simulate a fixed recipe: uniform-4g64, mixed_3_6, ...")
+    s.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    s.add_argument("--samples", type=int, default=48, help="sequences, spread over the text")
+    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--json", action="store_true")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("budget", help="how much memory the weights may use on this machine")
     s.add_argument(

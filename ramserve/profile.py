@@ -28,11 +28,14 @@ import mlx.core as mx
 import numpy as np
 
 from . import atomic
-from .sensitivity import EnergyFlow, flow_order, importances
+from .sensitivity import EnergyFlow, flow_order, importances, self_fisher
 from .settings import Settings, load_settings, ramserve_home
 from .source import FLOAT_BYTES, ModuleInfo, Source, open_source, require_full_precision
 
-FORMAT = "ramserve-profile/1"
+FORMAT = "ramserve-profile/2"
+Fisher = (
+    tuple[dict[str, float], float] | None
+)  # (trace per module, seconds) of the self-Fisher pass
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class ModuleRecord:
     shape: list[int]
     numel: int
     energy: float
+    mean_square: float
     options: list[Option]
     seconds: float
 
@@ -178,10 +182,12 @@ def analyse_iter(
         mx.eval(w)
         options = analyse_module(m, w, settings, source.float_dtype, streams)
         flow.observe(m, w)
+        mean_square = scalar(mx.square(w.astype(mx.float32)).mean())
         del w
         mx.clear_cache()  # return freed buffers, so resident memory tracks one module
         yield ModuleRecord(m.path, m.kind, m.block, m.layer, list(m.shape), m.numel,
-                           flow.energy[m.path], options, time.perf_counter() - start)  # fmt: skip
+                           flow.energy[m.path], mean_square, options,
+                           time.perf_counter() - start)  # fmt: skip
 
 
 def fixed_bytes(source: Source) -> int:
@@ -214,11 +220,12 @@ def load_profile(source: Source, settings: Settings | None = None) -> dict[str, 
     return None
 
 
-def _resume_state(partial: Path, key: str) -> dict[str, ModuleRecord]:
+def _resume_state(partial: Path, key: str) -> tuple[dict[str, ModuleRecord], Fisher]:
     data = _read_json(partial)
     if not data or data.get("settings_key") != key:
-        return {}
-    return {d["path"]: ModuleRecord.from_json(d) for d in data.get("modules", [])}
+        return {}, None
+    done = {d["path"]: ModuleRecord.from_json(d) for d in data.get("modules", [])}
+    return done, (data["fisher"], data["fisher_seconds"]) if data.get("fisher") else None
 
 
 def analyze(source: Source | str, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -232,9 +239,13 @@ def analyze(source: Source | str, *, force: bool = False, progress: bool = True)
         return cached
     final = profile_path(source.fingerprint)
     partial = final.with_suffix(".partial.json")
-    done = {} if force else _resume_state(partial, key)
-    records = _run_analysis(source, settings, done, partial, key, progress)
-    profile = _assemble(source, settings, records, key)
+    done, fisher = ({}, None) if force else _resume_state(partial, key)
+    if fisher is None:
+        start = time.perf_counter()
+        traces = self_fisher(source, settings.sensitivity, progress)
+        fisher = (traces, time.perf_counter() - start) if traces is not None else None
+    records = _run_analysis(source, settings, done, fisher, partial, key, progress)
+    profile = _assemble(source, settings, records, fisher, key)
     atomic.write_json(final, profile)
     partial.unlink(missing_ok=True)
     profile["cache_hit"] = False
@@ -245,6 +256,7 @@ def _run_analysis(
     source: Source,
     settings: Settings,
     done: dict[str, ModuleRecord],
+    fisher: Fisher,
     partial: Path,
     key: str,
     progress: bool,
@@ -258,9 +270,11 @@ def _run_analysis(
     layer = None
     for rec in analyse_iter(source, settings, done):
         if rec.layer != layer and records and rec.path not in done:
-            atomic.write_json(
-                partial, {"settings_key": key, "modules": [r.to_json() for r in records]}
-            )
+            atomic.write_json(partial, {
+                "settings_key": key, "modules": [r.to_json() for r in records],
+                "fisher": fisher[0] if fisher else None,
+                "fisher_seconds": fisher[1] if fisher else None,
+            })  # fmt: skip
         layer = rec.layer
         records.append(rec)
         bar.update(rec.numel * 2)
@@ -270,16 +284,20 @@ def _run_analysis(
 
 
 def _assemble(
-    source: Source, settings: Settings, records: list[ModuleRecord], key: str
+    source: Source, settings: Settings, records: list[ModuleRecord], fisher: Fisher, key: str
 ) -> dict[str, Any]:
     infos = {m.path: m for m in source.modules}
     ordered = [infos[r.path] for r in records]
     energy = {r.path: r.energy for r in records}
     weight, account = importances(ordered, energy, settings.sensitivity, source.tied_embeddings)
+    if fisher:
+        # predicted KL per token = ½ tr(F) × mean squared error per element (see sensitivity.py)
+        weight = {r.path: 0.5 * fisher[0][r.path] * r.mean_square for r in records}
     modules = []
     for r in records:
         d = r.to_json()
         d["importance"] = weight[r.path]
+        d["fisher_trace"] = fisher[0][r.path] if fisher else None
         for o in d["options"]:
             o["damage"] = weight[r.path] * o["rel_mse"]
         modules.append(d)
@@ -293,9 +311,10 @@ def _assemble(
         "parameters": source.parameter_count,
         "bf16_bytes": 2 * source.parameter_count,
         "fixed_bytes": fixed_bytes(source),
-        "estimator": "energy-flow/1",
+        "estimator": "self-fisher/1" if fisher else "energy-flow/1",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "analysis_seconds": sum(r.seconds for r in records),
+        "analysis_seconds": sum(r.seconds for r in records) + (fisher[1] if fisher else 0.0),
+        "fisher_seconds": fisher[1] if fisher else None,
         "layers": account,
         "modules": modules,
     }

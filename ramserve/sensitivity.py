@@ -21,6 +21,7 @@ the logits directly, with share 1. Predicted damage of a candidate = importance 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,3 +164,105 @@ def importances(
             weight = prop.get(m.kind, 1.0)
         result[m.path] = weight
     return result, account
+
+
+# ---------------------------------------------------------------------------------------------
+# The self-Fisher
+
+
+def _start_token(config: dict[str, Any], vocab: int) -> int:
+    for key in ("bos_token_id", "eos_token_id"):
+        value = config.get(key)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if isinstance(value, int) and 0 <= value < vocab:
+            return value
+    return 0
+
+
+def sample_sequences(
+    model: Any, config: dict[str, Any], count: int, length: int, seed: int
+) -> mx.array:
+    """``count`` sequences of ``length`` tokens the model writes itself from its start token, sampled
+    at temperature 1: text from the model's own distribution, so no data enters the profile."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    vocab = int(config["vocab_size"])
+    key = mx.random.key(seed)
+    tokens = mx.full((count, 1), _start_token(config, vocab), dtype=mx.int32)
+    out = [tokens]
+    cache = make_prompt_cache(model)
+    for _ in range(length - 1):
+        key, sub = mx.random.split(key)
+        logits = model(tokens, cache=cache)[:, -1, :].astype(mx.float32)
+        tokens = mx.random.categorical(logits, key=sub)[:, None].astype(mx.int32)
+        mx.eval(tokens)
+        out.append(tokens)
+    return mx.concatenate(out, axis=1)
+
+
+def fisher_traces(
+    model: Any, sequences: mx.array, paths: list[str], progress: Any = None
+) -> dict[str, float]:
+    """Per module, the trace of the Fisher information of its weight per token: the mean over
+    sequences of ‖∇_W log p(sequence)‖², divided by the tokens predicted.
+
+    Because the sequences are the model's own samples, the gradient of their log-likelihood is a
+    sample of the score, whose covariance is the Fisher: E‖∇‖² = tr F, with no labels or text.
+    """
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    def loss(seq: mx.array) -> mx.array:
+        logits = model(seq[:, :-1]).astype(mx.float32)
+        return nn.losses.cross_entropy(logits, seq[:, 1:], reduction="sum")
+
+    grad = nn.value_and_grad(model, loss)
+    wanted = {f"{p}.weight" for p in paths}
+    sums = dict.fromkeys(paths, 0.0)
+    for i in range(sequences.shape[0]):
+        g = dict(tree_flatten(grad(sequences[i : i + 1])[1]))
+        squares = {k[: -len(".weight")]: mx.square(v).sum() for k, v in g.items() if k in wanted}
+        mx.eval(squares)
+        for k, v in squares.items():
+            sums[k] += float(np.asarray(v, dtype=np.float64))
+        if progress:
+            progress(i + 1)
+    tokens = sequences.shape[0] * (sequences.shape[1] - 1)
+    return {k: v / tokens for k, v in sums.items()}
+
+
+def self_fisher(
+    source: Any, settings: SensitivitySettings, progress: bool
+) -> dict[str, float] | None:
+    """The Fisher trace per token of every quantizable module (``fisher_traces``), or None when the
+    model, its gradients and the activations would not fit in the configured share of free memory
+    (the profile then falls back to the energy flow)."""
+    import psutil
+    from mlx_lm.utils import load_model
+    from tqdm import tqdm
+
+    from .engine import runtime_dtype
+
+    cfg = settings.fisher
+    dtype = getattr(mx, runtime_dtype(source.float_dtype))
+    width = int(source.config.get("hidden_size") or 0)
+    vocab = int(source.config.get("vocab_size") or 0)
+    activations = 64 * cfg.tokens * (width + vocab) * dtype.size
+    need = 2 * source.parameter_count * dtype.size + activations
+    if need > cfg.memory_share * psutil.virtual_memory().available:
+        return None
+    model = load_model(source.path, lazy=True)[0]
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    bar = tqdm(total=cfg.sequences * 2, desc="self-Fisher", unit="seq", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)  # fmt: skip
+    sequences = sample_sequences(model, source.config, cfg.sequences, cfg.tokens, cfg.seed)
+    bar.update(cfg.sequences)
+    traces = fisher_traces(
+        model, sequences, [m.path for m in source.modules], lambda i: bar.update(1)
+    )
+    bar.close()
+    del model
+    mx.clear_cache()
+    return traces

@@ -38,11 +38,19 @@ class AllocateSettings(BaseModel):
     min_sqnr_db: float
 
 
+class FisherSettings(BaseModel):
+    sequences: int = Field(gt=0)
+    tokens: int = Field(gt=1)
+    seed: int
+    memory_share: float = Field(gt=0, le=1)
+
+
 class SensitivitySettings(BaseModel):
     attn_norm: str
     mlp_norm: str
     final_norm: str
     propagation: dict[str, float]
+    fisher: FisherSettings
 
 
 class BudgetSettings(BaseModel):

@@ -125,6 +125,7 @@ def test_interrupted_run_leaves_no_profile_and_resumes(tiny_dir: Path, monkeypat
         return real(*args, **kwargs)
 
     monkeypatch.setattr(prof, "analyse_module", counting)
+    monkeypatch.setattr(prof, "self_fisher", lambda *a: pytest.fail("the Fisher pass was redone"))
     resumed = prof.analyze(src, progress=False)
     assert 0 < counted["n"] < len(src.modules)  # resumed, not restarted
     assert [m["options"] for m in resumed["modules"]] == [
@@ -136,12 +137,62 @@ def test_interrupted_run_leaves_no_profile_and_resumes(tiny_dir: Path, monkeypat
     assert not partial.exists()
 
 
-def test_importance_follows_the_weights_not_the_names(tmp_path: Path) -> None:
-    """Scaling a block's output weights up raises that block's importance, nothing else changes."""
+def test_self_fisher_predicts_the_kl_of_weight_noise(tiny_dir: Path) -> None:
+    """½ σ² tr(F) is the KL per token that noise of variance σ² in a module's weight causes."""
+    from mlx_lm.utils import load_model
+
+    from ramserve.sensitivity import fisher_traces, sample_sequences
+
+    src = open_source(str(tiny_dir))
+    model = load_model(tiny_dir)[0]
+    model.set_dtype(mx.float32)
+    seqs = sample_sequences(model, src.config, 16, 64, seed=0)
+    paths = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj", "lm_head"]
+    traces = fisher_traces(model, seqs, paths)
+
+    def log_probs() -> mx.array:
+        logits = model(seqs[:, :-1]).astype(mx.float32)
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+    base = log_probs()
+    for path in paths:
+        module = dict(model.named_modules())[path]
+        w = module.weight
+        sigma = 0.1 * mx.sqrt(mx.square(w).mean()).item()
+        kls = []
+        for draw in range(4):
+            module.weight = w + sigma * mx.random.normal(w.shape, key=mx.random.key(draw))
+            kls.append(((mx.exp(base) * (base - log_probs())).sum(-1).mean()).item())
+        module.weight = w
+        predicted = 0.5 * sigma**2 * traces[path]
+        assert 0.6 < float(sum(kls) / len(kls)) / predicted < 1.6, path
+
+
+def test_profile_uses_the_self_fisher_and_is_deterministic(tiny_moe_dir: Path) -> None:
+    first = prof.analyze(str(tiny_moe_dir), progress=False, force=True)
+    second = prof.analyze(str(tiny_moe_dir), progress=False, force=True)
+    assert first["estimator"] == "self-fisher/1" and first["fisher_seconds"] > 0
+    imp = [m["importance"] for m in first["modules"]]
+    assert imp == [m["importance"] for m in second["modules"]]
+    assert all(i > 0 for i in imp)
+    for m in first["modules"]:  # damage is the predicted KL: ½ tr(F) × mean squared error
+        o = m["options"][1]
+        want = 0.5 * m["fisher_trace"] * m["mean_square"] * o["rel_mse"]
+        assert o["damage"] == pytest.approx(want)
+
+
+def test_energy_flow_when_the_model_does_not_fit_for_the_fisher(
+    tmp_path: Path, ramserve_home: Path
+) -> None:
+    """Without memory for gradients the estimate falls back to the weights' energy flow, which
+    follows the weights, not the names: scaling a block's output weights raises only its importance."""
     import numpy as np
 
+    ramserve_home.mkdir(parents=True, exist_ok=True)
+    (ramserve_home / "config.toml").write_text("[sensitivity.fisher]\nmemory_share = 1e-12\n")
     base = make_model(tmp_path / "a", "llama", layers=3)
     p_base = prof.analyze(str(base), progress=False)
+    assert p_base["estimator"] == "energy-flow/1"
     scaled = make_model(tmp_path / "b", "llama", layers=3)
     shard = next(
         f

@@ -6,13 +6,13 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from mlx.utils import tree_flatten
 from mlx_lm import generate, load
 from mlx_lm.utils import load_model
 
 from ramserve import quantize as qz
 from ramserve.cli import main
 from ramserve.errors import BadModel
+from ramserve.evaluate import simulate
 from ramserve.plan import make_plan
 from ramserve.profile import analyze
 from ramserve.source import describe, open_source
@@ -25,18 +25,8 @@ PROMPT = mx.array([[1, 5, 9, 42, 7, 100, 3, 64, 12, 8]])
 def simulated_logits(source_dir: Path, plan: dict) -> mx.array:
     """The source in float32 with the plan's quantization applied as dequantize(quantize(W))."""
     model, _ = load_model(source_dir)
+    simulate(model, plan["quantization"], mx.float32)
     model.set_dtype(mx.float32)
-    params = dict(tree_flatten(model.parameters()))
-    updates = []
-    for path, q in plan["quantization"].items():
-        if not isinstance(q, dict):
-            continue
-        w = params[f"{path}.weight"].astype(mx.bfloat16)  # what the writer quantizes
-        wq, s, b = mx.quantize(w, group_size=q["group_size"], bits=q["bits"])
-        deq = mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32),
-                            group_size=q["group_size"], bits=q["bits"])  # fmt: skip
-        updates.append((f"{path}.weight", deq))
-    model.load_weights(updates, strict=False)
     return model(PROMPT)
 
 
