@@ -28,11 +28,11 @@ import mlx.core as mx
 import numpy as np
 
 from . import atomic
-from .sensitivity import EnergyFlow, flow_order, importances, self_fisher
+from .sensitivity import EnergyFlow, FisherStat, flow_order, importances, self_fisher
 from .settings import Settings, load_settings, ramserve_home
 from .source import FLOAT_BYTES, ModuleInfo, Source, open_source, require_full_precision
 
-FORMAT = "ramserve-profile/2"
+FORMAT = "ramserve-profile/3"
 Fisher = (
     tuple[dict[str, float], float] | None
 )  # (trace per module, seconds) of the self-Fisher pass
@@ -45,6 +45,7 @@ class Option:
     bytes: int
     rel_mse: float
     sqnr_db: float | None
+    rel_fisher: float | None = None  # the relative error weighted by the Fisher (sensitivity.py)
 
 
 @dataclass
@@ -56,7 +57,7 @@ class ModuleRecord:
     shape: list[int]
     numel: int
     energy: float
-    mean_square: float
+    fisher_energy: float | None  # ½ Σ F̂_ij W_ij²: the predicted KL per token of a 100% error
     options: list[Option]
     seconds: float
 
@@ -88,23 +89,35 @@ def candidates_for(m: ModuleInfo, settings: Settings) -> list[tuple[int, int]]:
     ]
 
 
-def sample_rows(path: str, rows: int, cols: int, budget: int) -> np.ndarray | None:
-    """A stratified, deterministic sample of row indices, or None to measure the whole tensor."""
+def sample_rows(
+    path: str, rows: int, cols: int, budget: int, prob: np.ndarray | None = None
+) -> np.ndarray | None:
+    """A deterministic sample of row indices, or None to measure the whole tensor: stratified over
+    the rows, or, given row probabilities, systematic over their cumulative sum (rows the Fisher
+    weighs more are measured more often; the estimates divide by the probability again)."""
     want = max(1, math.ceil(budget / cols))
     if want >= rows:
         return None
     rng = np.random.default_rng(zlib.crc32(path.encode()))
+    if prob is not None:
+        positions = (np.arange(want) + rng.random()) / want
+        return np.minimum(np.searchsorted(np.cumsum(prob), positions, side="right"), rows - 1)
     edges = np.linspace(0, rows, want + 1).astype(np.int64)
     return edges[:-1] + rng.integers(0, np.maximum(1, np.diff(edges)))
 
 
 def measure_errors(
-    w: mx.array, cands: list[tuple[int, int]], streams: list[mx.Stream]
-) -> list[float]:
-    """Relative squared error of MLX's affine quantization of ``w`` (2-D, float) per candidate."""
+    w: mx.array,
+    cands: list[tuple[int, int]],
+    streams: list[mx.Stream],
+    weightings: list[mx.array | None],
+) -> list[list[float]]:
+    """Relative squared error of MLX's affine quantization of ``w`` (2-D, float) per candidate, once
+    per weighting (None: plain; else elementwise weights broadcasting against ``w``)."""
     ref = w.astype(mx.float32)
-    signal = mx.square(ref).sum()
-    errs: list[mx.array] = []
+    square = mx.square(ref)
+    signals = [square.sum() if wt is None else (wt * square).sum() for wt in weightings]
+    errs: list[list[mx.array]] = []
     # One candidate per stream at a time: both cores busy, and only that many copies alive.
     for start in range(0, len(cands), len(streams)):
         batch = []
@@ -113,12 +126,13 @@ def measure_errors(
             q = mx.quantize(w, group_size=g, bits=bits, stream=s)
             d = mx.dequantize(*q, group_size=g, bits=bits, stream=s)
             # float32: in bf16 the rounding of the difference biases the error by a few percent
-            diff = mx.subtract(d.astype(mx.float32, stream=s), ref, stream=s)
-            batch.append(mx.square(diff, stream=s).sum(stream=s))
+            sq = mx.square(mx.subtract(d.astype(mx.float32, stream=s), ref, stream=s), stream=s)
+            batch.append([sq.sum(stream=s) if wt is None else
+                          mx.multiply(sq, wt, stream=s).sum(stream=s) for wt in weightings])  # fmt: skip
         mx.eval(batch)
         errs += batch
-    total = max(scalar(signal), 1e-30)
-    return [scalar(e) / total for e in errs]
+    totals = [max(scalar(t), 1e-30) for t in signals]
+    return [[scalar(e) / t for e, t in zip(row, totals, strict=True)] for row in errs]
 
 
 def scalar(a: mx.array) -> float:
@@ -126,25 +140,44 @@ def scalar(a: mx.array) -> float:
 
 
 def analyse_module(
-    m: ModuleInfo, w: mx.array, settings: Settings, float_dtype: str, streams: list[mx.Stream]
+    m: ModuleInfo,
+    w: mx.array,
+    settings: Settings,
+    float_dtype: str,
+    streams: list[mx.Stream],
+    fisher: FisherStat | None = None,
 ) -> list[Option]:
     fb = FLOAT_BYTES[float_dtype]
     cands = candidates_for(m, settings)
-    options = [Option(16, None, m.numel * fb, 0.0, None)]
+    options = [Option(16, None, m.numel * fb, 0.0, None, 0.0 if fisher else None)]
     if not cands:
         return options
     cols = m.shape[-1]
     flat = w.reshape(-1, cols)
     a = settings.analysis
-    idx = sample_rows(
-        m.path, flat.shape[0], cols, max(a.sample_elements, int(m.numel * a.sample_fraction))
-    )
+    smooth = settings.sensitivity.fisher.row_smoothing
+    prob = fisher.row_probabilities(smooth) if fisher else None
+    budget = max(a.sample_elements, int(m.numel * a.sample_fraction))
+    idx = sample_rows(m.path, flat.shape[0], cols, budget, prob)
     sample = flat if idx is None else flat[mx.array(idx)]
+    weightings: list[mx.array | None] = [None]
+    if fisher:
+        # importance-sampled rows: each counts 1/p (the plain error), times F̂ (the Fisher error)
+        inverse = None if idx is None or prob is None else mx.array(1 / prob[idx])[:, None]
+        weightings = [inverse, fisher.weights(idx, smooth) * (1 if inverse is None else inverse)]
     mx.eval(sample)
-    for (bits, g), rel in zip(cands, measure_errors(sample, cands, streams), strict=True):
-        sqnr = -10 * math.log10(rel) if rel > 0 else None
-        options.append(Option(bits, g, quantized_bytes(m.numel, cols, bits, g, fb), rel, sqnr))
+    errors = measure_errors(sample, cands, streams, weightings)
+    for (bits, g), rel in zip(cands, errors, strict=True):
+        sqnr = -10 * math.log10(rel[0]) if rel[0] > 0 else None
+        size = quantized_bytes(m.numel, cols, bits, g, fb)
+        options.append(Option(bits, g, size, rel[0], sqnr, rel[1] if fisher else None))
     return options
+
+
+def fisher_energy(w: mx.array, fisher: FisherStat, smooth: float) -> float:
+    """½ Σ F̂_ij W_ij² over the whole module: the KL per token if every weight were lost."""
+    flat = w.reshape(-1, w.shape[-1]).astype(mx.float32)
+    return 0.5 * scalar((fisher.weights(None, smooth) * mx.square(flat)).sum())
 
 
 def settings_key(settings: Settings) -> str:
@@ -157,7 +190,10 @@ def settings_key(settings: Settings) -> str:
 
 
 def analyse_iter(
-    source: Source, settings: Settings, done: dict[str, ModuleRecord]
+    source: Source,
+    settings: Settings,
+    done: dict[str, ModuleRecord],
+    fisher: dict[str, FisherStat] | None = None,
 ) -> Iterator[ModuleRecord]:
     """Yield one record per module in flow order; modules already in ``done`` are yielded as they are
     (their layer's energies are replayed, not recomputed)."""
@@ -180,13 +216,15 @@ def analyse_iter(
         start = time.perf_counter()
         w = weights.pop(f"{m.path}.weight").astype(dtype)
         mx.eval(w)
-        options = analyse_module(m, w, settings, source.float_dtype, streams)
+        stat = fisher.get(m.path) if fisher else None
+        options = analyse_module(m, w, settings, source.float_dtype, streams, stat)
         flow.observe(m, w)
-        mean_square = scalar(mx.square(w.astype(mx.float32)).mean())
+        smooth = settings.sensitivity.fisher.row_smoothing
+        energy = fisher_energy(w, stat, smooth) if stat else None
         del w
         mx.clear_cache()  # return freed buffers, so resident memory tracks one module
         yield ModuleRecord(m.path, m.kind, m.block, m.layer, list(m.shape), m.numel,
-                           flow.energy[m.path], mean_square, options,
+                           flow.energy[m.path], energy, options,
                            time.perf_counter() - start)  # fmt: skip
 
 
@@ -220,12 +258,11 @@ def load_profile(source: Source, settings: Settings | None = None) -> dict[str, 
     return None
 
 
-def _resume_state(partial: Path, key: str) -> tuple[dict[str, ModuleRecord], Fisher]:
+def _resume_state(partial: Path, key: str) -> dict[str, ModuleRecord]:
     data = _read_json(partial)
     if not data or data.get("settings_key") != key:
-        return {}, None
-    done = {d["path"]: ModuleRecord.from_json(d) for d in data.get("modules", [])}
-    return done, (data["fisher"], data["fisher_seconds"]) if data.get("fisher") else None
+        return {}
+    return {d["path"]: ModuleRecord.from_json(d) for d in data.get("modules", [])}
 
 
 def analyze(source: Source | str, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -239,13 +276,13 @@ def analyze(source: Source | str, *, force: bool = False, progress: bool = True)
         return cached
     final = profile_path(source.fingerprint)
     partial = final.with_suffix(".partial.json")
-    done, fisher = ({}, None) if force else _resume_state(partial, key)
-    if fisher is None:
-        start = time.perf_counter()
-        traces = self_fisher(source, settings.sensitivity, progress)
-        fisher = (traces, time.perf_counter() - start) if traces is not None else None
+    done = {} if force else _resume_state(partial, key)
+    start = time.perf_counter()
+    # not checkpointed: on a resumed run the seeded pass gives the same statistics again
+    fisher = self_fisher(source, settings.sensitivity, progress)
+    fisher_s = time.perf_counter() - start if fisher else None
     records = _run_analysis(source, settings, done, fisher, partial, key, progress)
-    profile = _assemble(source, settings, records, fisher, key)
+    profile = _assemble(source, settings, records, fisher_s, key)
     atomic.write_json(final, profile)
     partial.unlink(missing_ok=True)
     profile["cache_hit"] = False
@@ -256,7 +293,7 @@ def _run_analysis(
     source: Source,
     settings: Settings,
     done: dict[str, ModuleRecord],
-    fisher: Fisher,
+    fisher: dict[str, FisherStat] | None,
     partial: Path,
     key: str,
     progress: bool,
@@ -268,13 +305,11 @@ def _run_analysis(
                disable=not progress, dynamic_ncols=True)  # fmt: skip
     records: list[ModuleRecord] = []
     layer = None
-    for rec in analyse_iter(source, settings, done):
+    for rec in analyse_iter(source, settings, done, fisher):
         if rec.layer != layer and records and rec.path not in done:
-            atomic.write_json(partial, {
-                "settings_key": key, "modules": [r.to_json() for r in records],
-                "fisher": fisher[0] if fisher else None,
-                "fisher_seconds": fisher[1] if fisher else None,
-            })  # fmt: skip
+            atomic.write_json(
+                partial, {"settings_key": key, "modules": [r.to_json() for r in records]}
+            )
         layer = rec.layer
         records.append(rec)
         bar.update(rec.numel * 2)
@@ -284,22 +319,24 @@ def _run_analysis(
 
 
 def _assemble(
-    source: Source, settings: Settings, records: list[ModuleRecord], fisher: Fisher, key: str
+    source: Source,
+    settings: Settings,
+    records: list[ModuleRecord],
+    fisher_seconds: float | None,
+    key: str,
 ) -> dict[str, Any]:
     infos = {m.path: m for m in source.modules}
     ordered = [infos[r.path] for r in records]
     energy = {r.path: r.energy for r in records}
     weight, account = importances(ordered, energy, settings.sensitivity, source.tied_embeddings)
-    if fisher:
-        # predicted KL per token = ½ tr(F) × mean squared error per element (see sensitivity.py)
-        weight = {r.path: 0.5 * fisher[0][r.path] * r.mean_square for r in records}
+    fisher = fisher_seconds is not None
     modules = []
     for r in records:
         d = r.to_json()
-        d["importance"] = weight[r.path]
-        d["fisher_trace"] = fisher[0][r.path] if fisher else None
+        # self-Fisher: damage = ½ Σ F̂ δW² = the predicted KL per token (sensitivity.py)
+        d["importance"] = r.fisher_energy if fisher else weight[r.path]
         for o in d["options"]:
-            o["damage"] = weight[r.path] * o["rel_mse"]
+            o["damage"] = d["importance"] * (o["rel_fisher"] if fisher else o["rel_mse"])
         modules.append(d)
     return {
         "format": FORMAT,
@@ -313,8 +350,8 @@ def _assemble(
         "fixed_bytes": fixed_bytes(source),
         "estimator": "self-fisher/1" if fisher else "energy-flow/1",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "analysis_seconds": sum(r.seconds for r in records) + (fisher[1] if fisher else 0.0),
-        "fisher_seconds": fisher[1] if fisher else None,
+        "analysis_seconds": sum(r.seconds for r in records) + (fisher_seconds or 0.0),
+        "fisher_seconds": fisher_seconds,
         "layers": account,
         "modules": modules,
     }

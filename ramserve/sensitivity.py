@@ -201,14 +201,48 @@ def sample_sequences(
     return mx.concatenate(out, axis=1)
 
 
-def fisher_traces(
+@dataclass
+class FisherStat:
+    """A module's diagonal Fisher per token, kept as its trace and its rank-1 marginals: ``rows`` sums
+    over input channels (shape (..., out)), ``cols`` over output channels ((..., in)). The element
+    (i, j) is estimated as rows_i × cols_j / trace (per expert for stacked experts): which outputs the
+    model's loss is sensitive to, times which inputs carry energy, as in K-FAC's factorisation."""
+
+    trace: float
+    rows: np.ndarray
+    cols: np.ndarray
+
+    def row_probabilities(self, smooth: float) -> np.ndarray:
+        """Each flattened row's share of the (smoothed) Fisher: where the damage is."""
+        rows = self.rows.reshape(-1)
+        rows = rows + smooth * rows.mean()
+        total = rows.sum()
+        return np.asarray(rows / total) if total > 0 else np.full(rows.size, 1 / rows.size)
+
+    def weights(self, row_index: np.ndarray | None, smooth: float) -> mx.array:
+        """F̂ for the given flattened rows (all when None), shape (rows, in). Row sums are smoothed
+        by ``smooth`` × their mean: rows the sampled sequences never reach (embedding rows of unseen
+        tokens) still count a little."""
+        rows = self.rows.reshape(-1)
+        rows = rows + smooth * rows.mean()
+        cols = self.cols.reshape(-1, self.cols.shape[-1])
+        per_expert = self.rows.shape[-1]
+        total = self.rows.reshape(-1, per_expert).sum(-1)
+        index = np.arange(rows.size) if row_index is None else row_index
+        expert = index // per_expert
+        scale = (rows[index] / np.maximum(total[expert], 1e-30))[:, None]
+        return mx.array((scale * cols[expert]).astype(np.float32))
+
+
+def fisher_stats(
     model: Any, sequences: mx.array, paths: list[str], progress: Any = None
-) -> dict[str, float]:
-    """Per module, the trace of the Fisher information of its weight per token: the mean over
-    sequences of ‖∇_W log p(sequence)‖², divided by the tokens predicted.
+) -> dict[str, FisherStat]:
+    """Per module, the diagonal of the Fisher information of its weight per token, as ``FisherStat``:
+    the sum over sequences of the squared gradient of log p(sequence), divided by the tokens predicted.
 
     Because the sequences are the model's own samples, the gradient of their log-likelihood is a
-    sample of the score, whose covariance is the Fisher: E‖∇‖² = tr F, with no labels or text.
+    sample of the score, whose second moment is the Fisher: no labels and no text. Second-order, the
+    KL divergence a weight error δW causes per token is ½ Σ F_ij δW_ij².
     """
     import mlx.nn as nn
     from mlx.utils import tree_flatten
@@ -218,24 +252,30 @@ def fisher_traces(
         return nn.losses.cross_entropy(logits, seq[:, 1:], reduction="sum")
 
     grad = nn.value_and_grad(model, loss)
-    wanted = {f"{p}.weight" for p in paths}
-    sums = dict.fromkeys(paths, 0.0)
+    names = {f"{p}.weight": p for p in paths}
+    rows: dict[str, mx.array] = {}
+    cols: dict[str, mx.array] = {}
     for i in range(sequences.shape[0]):
         g = dict(tree_flatten(grad(sequences[i : i + 1])[1]))
-        squares = {k[: -len(".weight")]: mx.square(v).sum() for k, v in g.items() if k in wanted}
-        mx.eval(squares)
-        for k, v in squares.items():
-            sums[k] += float(np.asarray(v, dtype=np.float64))
+        for key, path in names.items():
+            sq = mx.square(g[key].astype(mx.float32))
+            rows[path] = rows[path] + sq.sum(-1) if path in rows else sq.sum(-1)
+            cols[path] = cols[path] + sq.sum(-2) if path in cols else sq.sum(-2)
+        mx.eval(rows, cols)
         if progress:
             progress(i + 1)
     tokens = sequences.shape[0] * (sequences.shape[1] - 1)
-    return {k: v / tokens for k, v in sums.items()}
+    out = {}
+    for path in paths:
+        r = np.asarray(rows[path], dtype=np.float64) / tokens
+        out[path] = FisherStat(float(r.sum()), r, np.asarray(cols[path], dtype=np.float64) / tokens)
+    return out
 
 
 def self_fisher(
     source: Any, settings: SensitivitySettings, progress: bool
-) -> dict[str, float] | None:
-    """The Fisher trace per token of every quantizable module (``fisher_traces``), or None when the
+) -> dict[str, FisherStat] | None:
+    """The Fisher of every quantizable module's weight (``fisher_stats``), or None when the
     model, its gradients and the activations would not fit in the configured share of free memory
     (the profile then falls back to the energy flow)."""
     import psutil
@@ -259,10 +299,10 @@ def self_fisher(
                disable=not progress, dynamic_ncols=True)  # fmt: skip
     sequences = sample_sequences(model, source.config, cfg.sequences, cfg.tokens, cfg.seed)
     bar.update(cfg.sequences)
-    traces = fisher_traces(
+    stats = fisher_stats(
         model, sequences, [m.path for m in source.modules], lambda i: bar.update(1)
     )
     bar.close()
     del model
     mx.clear_cache()
-    return traces
+    return stats

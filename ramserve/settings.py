@@ -43,6 +43,7 @@ class FisherSettings(BaseModel):
     tokens: int = Field(gt=1)
     seed: int
     memory_share: float = Field(gt=0, le=1)
+    row_smoothing: float = Field(ge=0)
 
 
 class SensitivitySettings(BaseModel):

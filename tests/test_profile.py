@@ -125,7 +125,6 @@ def test_interrupted_run_leaves_no_profile_and_resumes(tiny_dir: Path, monkeypat
         return real(*args, **kwargs)
 
     monkeypatch.setattr(prof, "analyse_module", counting)
-    monkeypatch.setattr(prof, "self_fisher", lambda *a: pytest.fail("the Fisher pass was redone"))
     resumed = prof.analyze(src, progress=False)
     assert 0 < counted["n"] < len(src.modules)  # resumed, not restarted
     assert [m["options"] for m in resumed["modules"]] == [
@@ -141,14 +140,14 @@ def test_self_fisher_predicts_the_kl_of_weight_noise(tiny_dir: Path) -> None:
     """½ σ² tr(F) is the KL per token that noise of variance σ² in a module's weight causes."""
     from mlx_lm.utils import load_model
 
-    from ramserve.sensitivity import fisher_traces, sample_sequences
+    from ramserve.sensitivity import fisher_stats, sample_sequences
 
     src = open_source(str(tiny_dir))
     model = load_model(tiny_dir)[0]
     model.set_dtype(mx.float32)
     seqs = sample_sequences(model, src.config, 16, 64, seed=0)
     paths = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj", "lm_head"]
-    traces = fisher_traces(model, seqs, paths)
+    stats = fisher_stats(model, seqs, paths)
 
     def log_probs() -> mx.array:
         logits = model(seqs[:, :-1]).astype(mx.float32)
@@ -164,7 +163,7 @@ def test_self_fisher_predicts_the_kl_of_weight_noise(tiny_dir: Path) -> None:
             module.weight = w + sigma * mx.random.normal(w.shape, key=mx.random.key(draw))
             kls.append(((mx.exp(base) * (base - log_probs())).sum(-1).mean()).item())
         module.weight = w
-        predicted = 0.5 * sigma**2 * traces[path]
+        predicted = 0.5 * sigma**2 * stats[path].trace
         assert 0.6 < float(sum(kls) / len(kls)) / predicted < 1.6, path
 
 
@@ -175,10 +174,12 @@ def test_profile_uses_the_self_fisher_and_is_deterministic(tiny_moe_dir: Path) -
     imp = [m["importance"] for m in first["modules"]]
     assert imp == [m["importance"] for m in second["modules"]]
     assert all(i > 0 for i in imp)
-    for m in first["modules"]:  # damage is the predicted KL: ½ tr(F) × mean squared error
-        o = m["options"][1]
-        want = 0.5 * m["fisher_trace"] * m["mean_square"] * o["rel_mse"]
-        assert o["damage"] == pytest.approx(want)
+    for m in first["modules"]:  # damage: the predicted KL, ½ Σ F̂ δW² = ½ Σ F̂ W² × weighted error
+        assert m["options"][0]["bits"] == 16 and m["options"][0]["damage"] == 0
+        for o in m["options"][1:]:
+            assert o["damage"] == pytest.approx(m["fisher_energy"] * o["rel_fisher"])
+        fewer_bits = [o["rel_fisher"] for o in m["options"][1:] if o["group_size"] == 64]
+        assert fewer_bits == sorted(fewer_bits, reverse=True)  # 2-bit worst, 8-bit best
 
 
 def test_energy_flow_when_the_model_does_not_fit_for_the_fisher(
@@ -218,3 +219,19 @@ def test_analyze_cli_report(tiny_moe_dir: Path, capsys) -> None:
     assert "span of importance" in out and "expert_down" in out
     assert main(["analyze", str(tiny_moe_dir), "--json", "-q"]) == 0
     assert json.loads(capsys.readouterr().out)["cache_hit"] is True
+
+
+def test_fisher_rank_one_estimate_keeps_each_experts_marginals() -> None:
+    import numpy as np
+
+    from ramserve.sensitivity import FisherStat
+
+    f = np.random.default_rng(0).random((3, 5, 4))  # 3 stacked experts, 5 outputs, 4 inputs
+    stat = FisherStat(float(f.sum()), f.sum(-1), f.sum(-2))
+    full = np.asarray(stat.weights(None, 0.0)).reshape(3, 5, 4)
+    assert np.allclose(full.sum(-1), f.sum(-1), rtol=1e-5)
+    assert np.allclose(full.sum(-2), f.sum(-2), rtol=1e-5)
+    some = np.asarray(stat.weights(np.array([1, 7, 14]), 0.0))
+    assert np.allclose(some, full.reshape(15, 4)[[1, 7, 14]])
+    smoothed = np.asarray(stat.weights(None, 1.0)).reshape(15, 4)
+    assert np.allclose(smoothed.sum(-1), f.sum(-1).reshape(-1) + f.sum(-1).mean(), rtol=1e-5)
