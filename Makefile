@@ -7,9 +7,12 @@ BUDGET ?= auto
 PORT ?= 8000
 
 # MLX's Linux CPU wheel has the reference BLAS; scripts/fast-blas puts OpenBLAS beside the venv and
-# FAST preloads it for the matmul-heavy commands (evaluation, benchmarks). Empty where it is absent.
-BLAS_DIR := $(VENV)/fastblas/usr/lib/x86_64-linux-gnu
-FAST = $(if $(wildcard $(BLAS_DIR)/openblas-pthread/libblas.so.3),LD_LIBRARY_PATH=$(BLAS_DIR):$(BLAS_DIR)/openblas-pthread LD_PRELOAD=$(BLAS_DIR)/openblas-pthread/libblas.so.3,)
+# FAST preloads it for the matmul-heavy commands (the profile's self-Fisher pass, evaluation, tests).
+# Empty where it is absent.
+# (A shell test, not $(wildcard): make caches directory listings, and setup creates the file mid-run.)
+BLAS_DIR := $(CURDIR)/$(VENV)/fastblas/usr/lib/x86_64-linux-gnu
+BLAS_LIB := $(BLAS_DIR)/openblas-pthread/libblas.so.3
+FAST = $(shell test -e $(BLAS_LIB) && echo LD_LIBRARY_PATH=$(BLAS_DIR):$(BLAS_DIR)/openblas-pthread LD_PRELOAD=$(BLAS_LIB))
 
 .PHONY: setup run test lint bench quality clean
 
@@ -23,10 +26,10 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 run: setup
-	$(VENV)/bin/ramserve run $(MODEL) --budget $(BUDGET) --port $(PORT)
+	$(FAST) $(VENV)/bin/ramserve run $(MODEL) --budget $(BUDGET) --port $(PORT)
 
 test: setup
-	$(PY) -m pytest -q
+	$(FAST) $(PY) -m pytest -q
 
 lint: setup
 	$(VENV)/bin/ruff check ramserve tests bench
@@ -34,7 +37,7 @@ lint: setup
 	$(VENV)/bin/mypy ramserve
 
 bench: setup
-	$(PY) bench/analyze.py && $(PY) bench/allocate.py && $(PY) bench/quantize.py
+	$(FAST) $(PY) bench/analyze.py && $(PY) bench/allocate.py && $(PY) bench/quantize.py
 	$(PY) bench/budget.py && $(PY) bench/serve.py
 	$(FAST) $(PY) bench/quality.py
 
