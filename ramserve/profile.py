@@ -384,7 +384,8 @@ def render_report(profile: dict[str, Any]) -> str:
     median = imp[len(imp) // 2]["importance"]
     lines = [
         f"{profile['name']}  fingerprint {profile['fingerprint']}  estimator {profile['estimator']}",
-        "cell: importance / SQNR dB at 4-bit g64 (higher importance = the output cares more)",
+        "cell: importance / SQNR dB at 4-bit g64 (higher importance = the output cares more; with the"
+        " self-Fisher, importance is the KL per token that losing the whole module would cost)",
         "",
         table(["layer", *kinds], rows),
         "",
