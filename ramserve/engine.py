@@ -203,8 +203,8 @@ class Engine:
 
         self.folder = Path(folder)
         self.model, self.tokenizer = load_model(self.folder)
-        max_positions = _max_positions(self.model)
-        self.context = min(context or max_positions, max_positions)
+        limit = max_positions(self.model)
+        self.context = min(context or limit, limit)
         self.parallel = parallel
         self.queue_size = queue_size
         self.stats = Stats()
@@ -469,7 +469,8 @@ class Engine:
             r.sink(Event(finish_reason="error", error=message))
 
 
-def _max_positions(model: Any) -> int:
+def max_positions(model: Any) -> int:
+    """The model's context in tokens (its config's max_position_embeddings; unbounded without one)."""
     args = getattr(model, "args", None)
     value = getattr(args, "max_position_embeddings", None) if args is not None else None
     return int(value) if value else 1 << 20

@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .engine import runtime_dtype
+from .engine import max_positions, runtime_dtype
 from .errors import RamserveError
 from .profile import scalar
 from .source import FLOAT_BYTES, Source, open_source
@@ -182,12 +182,6 @@ def _params_of(model: nn.Module) -> int:
     return total
 
 
-def max_positions(model: nn.Module) -> int | None:
-    args = getattr(model, "args", None)
-    value = getattr(args, "max_position_embeddings", None)
-    return int(value) if value else None
-
-
 def vocab_size(model: nn.Module) -> int | None:
     value = getattr(getattr(model, "args", None), "vocab_size", None)
     return int(value) if value else None
@@ -222,7 +216,7 @@ def token_windows(tokens: Sequence[int], seq_len: int, samples: int | None) -> n
 
 def check_model(e: Evaluated, seq_len: int) -> None:
     limit = max_positions(e.model)
-    if limit is not None and seq_len > limit:
+    if seq_len > limit:
         raise EvalError(f"--seq-len {seq_len} is beyond {e.label}'s context of {limit} tokens")
 
 

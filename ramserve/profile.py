@@ -33,9 +33,6 @@ from .settings import Settings, load_settings, ramserve_home
 from .source import FLOAT_BYTES, ModuleInfo, Source, open_source, require_full_precision
 
 FORMAT = "ramserve-profile/3"
-Fisher = (
-    tuple[dict[str, float], float] | None
-)  # (trace per module, seconds) of the self-Fisher pass
 
 
 @dataclass(frozen=True)

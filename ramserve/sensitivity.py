@@ -208,23 +208,28 @@ class FisherStat:
     (i, j) is estimated as rows_i × cols_j / trace (per expert for stacked experts): which outputs the
     model's loss is sensitive to, times which inputs carry energy, as in K-FAC's factorisation."""
 
-    trace: float
     rows: np.ndarray
     cols: np.ndarray
 
+    @property
+    def trace(self) -> float:
+        return float(self.rows.sum())
+
+    def smoothed_rows(self, smooth: float) -> np.ndarray:
+        """Flattened row sums plus ``smooth`` × their mean: rows the sampled sequences never reach
+        (embedding rows of unseen tokens) still count a little."""
+        rows = self.rows.reshape(-1)
+        return np.asarray(rows + smooth * rows.mean())
+
     def row_probabilities(self, smooth: float) -> np.ndarray:
         """Each flattened row's share of the (smoothed) Fisher: where the damage is."""
-        rows = self.rows.reshape(-1)
-        rows = rows + smooth * rows.mean()
+        rows = self.smoothed_rows(smooth)
         total = rows.sum()
         return np.asarray(rows / total) if total > 0 else np.full(rows.size, 1 / rows.size)
 
     def weights(self, row_index: np.ndarray | None, smooth: float) -> mx.array:
-        """F̂ for the given flattened rows (all when None), shape (rows, in). Row sums are smoothed
-        by ``smooth`` × their mean: rows the sampled sequences never reach (embedding rows of unseen
-        tokens) still count a little."""
-        rows = self.rows.reshape(-1)
-        rows = rows + smooth * rows.mean()
+        """F̂ for the given flattened rows (all when None), shape (rows, in), with smoothed rows."""
+        rows = self.smoothed_rows(smooth)
         cols = self.cols.reshape(-1, self.cols.shape[-1])
         per_expert = self.rows.shape[-1]
         total = self.rows.reshape(-1, per_expert).sum(-1)
@@ -267,8 +272,8 @@ def fisher_stats(
     tokens = sequences.shape[0] * (sequences.shape[1] - 1)
     out = {}
     for path in paths:
-        r = np.asarray(rows[path], dtype=np.float64) / tokens
-        out[path] = FisherStat(float(r.sum()), r, np.asarray(cols[path], dtype=np.float64) / tokens)
+        out[path] = FisherStat(np.asarray(rows[path], dtype=np.float64) / tokens,
+                               np.asarray(cols[path], dtype=np.float64) / tokens)  # fmt: skip
     return out
 
 
@@ -279,10 +284,9 @@ def self_fisher(
     model, its gradients and the activations would not fit in the configured share of free memory
     (the profile then falls back to the energy flow)."""
     import psutil
-    from mlx_lm.utils import load_model
     from tqdm import tqdm
 
-    from .engine import runtime_dtype
+    from .engine import load_model, runtime_dtype
 
     cfg = settings.fisher
     dtype = getattr(mx, runtime_dtype(source.float_dtype))
@@ -292,9 +296,7 @@ def self_fisher(
     need = 2 * source.parameter_count * dtype.size + activations
     if need > cfg.memory_share * psutil.virtual_memory().available:
         return None
-    model = load_model(source.path, lazy=True)[0]
-    model.set_dtype(dtype)
-    mx.eval(model.parameters())
+    model = load_model(source.path)[0]  # in the runtime dtype, as the engine runs it
     bar = tqdm(total=cfg.sequences * 2, desc="self-Fisher", unit="seq", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)  # fmt: skip
     sequences = sample_sequences(model, source.config, cfg.sequences, cfg.tokens, cfg.seed)

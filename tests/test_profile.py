@@ -227,7 +227,8 @@ def test_fisher_rank_one_estimate_keeps_each_experts_marginals() -> None:
     from ramserve.sensitivity import FisherStat
 
     f = np.random.default_rng(0).random((3, 5, 4))  # 3 stacked experts, 5 outputs, 4 inputs
-    stat = FisherStat(float(f.sum()), f.sum(-1), f.sum(-2))
+    stat = FisherStat(f.sum(-1), f.sum(-2))
+    assert stat.trace == pytest.approx(f.sum())
     full = np.asarray(stat.weights(None, 0.0)).reshape(3, 5, 4)
     assert np.allclose(full.sum(-1), f.sum(-1), rtol=1e-5)
     assert np.allclose(full.sum(-2), f.sum(-2), rtol=1e-5)
