@@ -68,7 +68,7 @@ def test_run_serves_swaps_variants_and_restarts_from_cache(ramserve_home: Path) 
             "KV cache" in ln for ln in lines
         )
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-        chat = client.chat.completions.create(model="code-qwen3-30m", max_tokens=8,
+        chat = client.chat.completions.create(model="code-qwen3-30m", max_tokens=8, temperature=0,
                                               messages=[{"role": "user", "content": "Sort a list."}])  # fmt: skip
         assert chat.usage.completion_tokens == 8
         status = {m.id: m.model_dump()["status"] for m in client.models.list().data}
@@ -76,7 +76,7 @@ def test_run_serves_swaps_variants_and_restarts_from_cache(ramserve_home: Path) 
             status["code-qwen3-30m"] == "loaded"
             and status["code-qwen3-30m@min-safe"] == "available"
         )
-        small = client.chat.completions.create(model="code-qwen3-30m@min-safe", max_tokens=8,
+        small = client.chat.completions.create(model="code-qwen3-30m@min-safe", max_tokens=8, temperature=0,
                                                messages=[{"role": "user", "content": "Sort a list."}])  # fmt: skip
         assert small.model == "code-qwen3-30m@min-safe" and small.usage.completion_tokens == 8
         cards = {m.id: m.model_dump() for m in client.models.list().data}
@@ -108,7 +108,7 @@ def test_run_resolves_a_repo_from_the_offline_hub_cache(tmp_path: Path, tiny_dir
         ids = [m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]]
         assert ids[0] == "tiny-coder"
         r = httpx.post(f"{base}/v1/completions", timeout=60,
-                       json={"model": "tiny-coder", "prompt": "def", "max_tokens": 3})  # fmt: skip
+                       json={"model": "tiny-coder", "prompt": "def", "max_tokens": 3, "temperature": 0})  # fmt: skip
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
@@ -162,7 +162,8 @@ def test_a_failed_swap_leaves_the_previous_model_serving(tmp_path: Path, tiny_di
     with live_server(create_app(registry)) as base:
         for shard in model.glob("*.safetensors"):
             shard.write_bytes(b"corrupt")  # the source can no longer be quantized
-        body = {"model": "tiny-coder@min-safe", "prompt": "def", "max_tokens": 3}
+        # Greedy: a sampled token could be end-of-sequence and end the reply early.
+        body = {"model": "tiny-coder@min-safe", "prompt": "def", "max_tokens": 3, "temperature": 0}
         failed = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
         assert failed.status_code == 400 and "could not switch" in failed.json()["error"]["message"]
         ok = httpx.post(f"{base}/v1/completions", json=dict(body, model="tiny-coder"), timeout=60)
