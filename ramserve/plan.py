@@ -102,22 +102,41 @@ def make_plan(
         note = "the budget holds the whole model in 16-bit: nothing is quantized"
         sol = Solution(all16, problem.bytes_of(all16), 0.0, 0.0, 0.0, 0)
     else:
-        target = budget
-        sol = solve(problem, target)
-        for _ in range(8):
-            over = memory_bytes(profile, sol.choice, float_bytes) - budget
-            if over <= 0:
-                break
-            target -= over
-            if target < smallest:
-                raise too_small(f" once loaded with {float_bytes}-byte floats")
-            sol = solve(problem, target)
+        fitted = _fit_loaded(problem, profile, budget, float_bytes)
+        if fitted is None:
+            raise too_small(f" once loaded with {float_bytes}-byte floats")
+        sol = fitted
     plan = _plan_json(profile, spec, budget, sol, allow_unsafe, note)
     # A size spec bounds the stored bytes; what they take in memory depends on the runtime.
     runtime_float = machine(None)[1] if machine is not None else float_bytes
     plan["runtime_float_bytes"] = runtime_float
     plan["memory_bytes"] = memory_bytes(profile, sol.choice, runtime_float)
     return plan
+
+
+def _fit_loaded(
+    problem: Problem, profile: dict[str, Any], budget: int, float_bytes: int
+) -> Solution | None:
+    """The best plan whose loaded size fits ``budget``: the stored-size target is searched between the
+    smallest plan and the budget (loaded size grows with it, by up to float_bytes / 2 per byte), each
+    guess scaled by how far the last one missed, until the bracket is within 0.1% of the budget."""
+    lo = problem.min_bytes()
+    best = solve(problem, lo)
+    if memory_bytes(profile, best.choice, float_bytes) > budget:
+        return None
+    hi = target = budget
+    for _ in range(40):
+        if hi - lo <= budget // 1000:
+            break
+        sol = solve(problem, target)
+        loaded = memory_bytes(profile, sol.choice, float_bytes)
+        if loaded <= budget:
+            lo, best = target, sol
+        else:
+            hi = target - 1
+        guess = int(target * budget / loaded)
+        target = guess if lo < guess < hi else (lo + hi + 1) // 2
+    return best
 
 
 def _all16_choice(profile: dict[str, Any]) -> np.ndarray:

@@ -73,6 +73,27 @@ def test_hull_is_convex_and_decreasing() -> None:
         assert all(np.diff(slopes) >= -1e-12)  # convex: slopes flatten
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_hull_lies_under_every_candidate(seed: int) -> None:
+    """Strictly convex, made of candidates, and no candidate below it: that is the lower hull. Ties in
+    bytes, collinear points and refused (infinite) candidates included."""
+    rng = np.random.default_rng(seed)
+    b = rng.integers(1, 12, size=(40, 9)).astype(float) * 10
+    d = np.round(100 / b + rng.integers(0, 4, size=b.shape), 0)  # coarse: ties and collinear runs
+    b[rng.random(b.shape) < 0.15] = np.inf
+    d[~np.isfinite(b)] = np.inf
+    b[:, 0], d[:, 0] = 500.0, 0.0  # keeping 16-bit is always possible
+    hull = lower_hulls(b, d)
+    for i in range(len(b)):
+        hb, hd = b[i, hull[i][hull[i] >= 0]], d[i, hull[i][hull[i] >= 0]]
+        finite = np.isfinite(b[i])
+        assert hb[0] == b[i, finite].min() and hd[-1] == d[i].min()
+        assert hd[0] == d[i, b[i] == hb[0]].min() and hb[-1] == b[i, d[i] == hd[-1]].min()
+        assert all(np.diff(hb) > 0) and all(np.diff(np.diff(hd) / np.diff(hb)) > 0)
+        under = np.interp(b[i, finite], hb, hd)  # flat beyond the last point: the least damage
+        assert all(d[i, finite] >= under - 1e-9)
+
+
 @pytest.mark.parametrize("spec", ["25%", "30%", "40%", "min-safe"])
 def test_shared_plans_fit_and_use_the_budget(
     dense: Path, moe: Path, spec: str, profile_cache
@@ -147,3 +168,16 @@ def test_plan_cli_writes_json_and_plot(tiny_moe_dir: Path, tmp_path: Path, capsy
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plan", str(tiny_moe_dir), "--budget", "1B", "-q"]) == 2
     assert "min-safe is" in capsys.readouterr().err
+
+
+def test_max_is_the_best_plan_the_machine_holds(tiny_dir: Path) -> None:
+    from ramserve.budget import machine_budget
+    from ramserve.source import open_source
+
+    profile = analyze(str(tiny_dir), progress=False)
+    roomy = make_plan(profile, "max", machine=machine_budget(open_source(str(tiny_dir)), 256, 1))
+    assert all(c["bits"] == 16 for c in roomy["choices"].values())  # this machine holds it all
+    tight = roomy["memory_bytes"] // 2
+    small = make_plan(profile, "max", machine=lambda device: (tight, 4))  # a small machine's answer
+    assert small["memory_bytes"] <= tight and small["memory_bytes"] >= 0.99 * tight
+    assert small["predicted_damage"] > 0
