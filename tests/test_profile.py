@@ -77,6 +77,18 @@ def test_sampled_error_close_to_full(dense: Path) -> None:
         assert s.rel_mse == pytest.approx(f.rel_mse, rel=0.05)
 
 
+def test_measured_error_is_exact_on_a_large_tensor() -> None:
+    """The profile's error sums stay exact on millions of elements (a single float32 sum drifts ~1%)."""
+    import numpy as np
+
+    w = (mx.random.normal((4096, 2048), key=mx.random.key(3)) * 0.02).astype(mx.bfloat16)
+    (measured,) = prof.measure_errors(w, [(8, 32)], [mx.cpu], [None])
+    ref = np.asarray(w.astype(mx.float32), dtype=np.float64)
+    q = mx.dequantize(*mx.quantize(w, group_size=32, bits=8), group_size=32, bits=8)
+    err = np.asarray(q.astype(mx.float32), dtype=np.float64) - ref
+    assert measured[0] == pytest.approx(np.square(err).sum() / np.square(ref).sum(), rel=1e-4)
+
+
 def test_cache_reused_and_invalidated(tmp_path: Path, tiny_dir: Path, monkeypatch) -> None:
     first = prof.analyze(str(tiny_dir), progress=False)
     assert first["cache_hit"] is False
