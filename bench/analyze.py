@@ -1,9 +1,9 @@
 """Analysis throughput (MB of bf16 weights per second), peak memory, and sampled-vs-full accuracy.
 
 Targets (issue 3): >= 50 MB/s on the synthetic 2 GB model, peak RSS < 600 MB over the interpreter's
-baseline; the sampled reconstruction error within 2% of the full computation. The shared model is
-analysed with the self-Fisher pass (its seconds shown apart); the synthetic one on the bounded-memory
-path a model too large for that pass takes (the energy flow).
+baseline; the sampled reconstruction error within 2% of the full computation. Both models are analysed
+with the streamed self-Fisher pass (ramserve/fisher.py; its seconds shown apart), the path every
+model takes, however large.
 Usage: python bench/analyze.py [--skip-synthetic]
 """
 
@@ -84,11 +84,6 @@ def main() -> None:
     if "--skip-synthetic" not in sys.argv:
         folders.append(synthetic_model())
     for folder in folders:
-        if folder != DENSE:
-            # The bounded-memory path: what a model too large for the self-Fisher pass gets.
-            home = Path(os.environ["RAMSERVE_HOME"])
-            home.mkdir(parents=True, exist_ok=True)
-            (home / "config.toml").write_text("[sensitivity.fisher]\nmemory_share = 1e-12\n")
         r = throughput(folder)
         r["sample_vs_full_max_dev_%"] = round(100 * sampling_error(folder), 2)
         rows.append(r)

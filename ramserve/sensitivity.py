@@ -1,4 +1,7 @@
-"""How much a module's quantization error matters to the model's output, from the weights alone.
+"""The energy flow: how much a module's quantization error matters, from the weights alone.
+
+The profile's main estimator is the self-Fisher (ramserve/fisher.py); this cheaper one is its fallback
+when not even one layer, its gradients and the activations fit in memory.
 
 Equal relative error in two tensors does not do equal damage: what differs between tensors is how much
 of the model's signal passes through them. We estimate that signal with an *energy flow* computed from
@@ -21,7 +24,6 @@ the logits directly, with share 1. Predicted damage of a candidate = importance 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,147 +166,3 @@ def importances(
             weight = prop.get(m.kind, 1.0)
         result[m.path] = weight
     return result, account
-
-
-# ---------------------------------------------------------------------------------------------
-# The self-Fisher
-
-
-def _start_token(config: dict[str, Any], vocab: int) -> int:
-    for key in ("bos_token_id", "eos_token_id"):
-        value = config.get(key)
-        if isinstance(value, list):
-            value = value[0] if value else None
-        if isinstance(value, int) and 0 <= value < vocab:
-            return value
-    return 0
-
-
-def sample_sequences(
-    model: Any, config: dict[str, Any], count: int, length: int, seed: int
-) -> mx.array:
-    """``count`` sequences of ``length`` tokens the model writes itself from its start token, sampled
-    at temperature 1: text from the model's own distribution, so no data enters the profile."""
-    from mlx_lm.models.cache import make_prompt_cache
-
-    vocab = int(config["vocab_size"])
-    key = mx.random.key(seed)
-    tokens = mx.full((count, 1), _start_token(config, vocab), dtype=mx.int32)
-    out = [tokens]
-    cache = make_prompt_cache(model)
-    for _ in range(length - 1):
-        key, sub = mx.random.split(key)
-        logits = model(tokens, cache=cache)[:, -1, :].astype(mx.float32)
-        tokens = mx.random.categorical(logits, key=sub)[:, None].astype(mx.int32)
-        mx.eval(tokens)
-        out.append(tokens)
-    return mx.concatenate(out, axis=1)
-
-
-@dataclass
-class FisherStat:
-    """A module's diagonal Fisher per token, kept as its trace and its rank-1 marginals: ``rows`` sums
-    over input channels (shape (..., out)), ``cols`` over output channels ((..., in)). The element
-    (i, j) is estimated as rows_i × cols_j / trace (per expert for stacked experts): which outputs the
-    model's loss is sensitive to, times which inputs carry energy, as in K-FAC's factorisation."""
-
-    rows: np.ndarray
-    cols: np.ndarray
-
-    @property
-    def trace(self) -> float:
-        return float(self.rows.sum())
-
-    def smoothed_rows(self, smooth: float) -> np.ndarray:
-        """Flattened row sums plus ``smooth`` × their mean: rows the sampled sequences never reach
-        (embedding rows of unseen tokens) still count a little."""
-        rows = self.rows.reshape(-1)
-        return np.asarray(rows + smooth * rows.mean())
-
-    def row_probabilities(self, smooth: float) -> np.ndarray:
-        """Each flattened row's share of the (smoothed) Fisher: where the damage is."""
-        rows = self.smoothed_rows(smooth)
-        total = rows.sum()
-        return np.asarray(rows / total) if total > 0 else np.full(rows.size, 1 / rows.size)
-
-    def weights(self, row_index: np.ndarray | None, smooth: float) -> mx.array:
-        """F̂ for the given flattened rows (all when None), shape (rows, in), with smoothed rows."""
-        rows = self.smoothed_rows(smooth)
-        cols = self.cols.reshape(-1, self.cols.shape[-1])
-        per_expert = self.rows.shape[-1]
-        total = self.rows.reshape(-1, per_expert).sum(-1)
-        index = np.arange(rows.size) if row_index is None else row_index
-        expert = index // per_expert
-        scale = (rows[index] / np.maximum(total[expert], 1e-30))[:, None]
-        return mx.array((scale * cols[expert]).astype(np.float32))
-
-
-def fisher_stats(
-    model: Any, sequences: mx.array, paths: list[str], progress: Any = None
-) -> dict[str, FisherStat]:
-    """Per module, the diagonal of the Fisher information of its weight per token, as ``FisherStat``:
-    the sum over sequences of the squared gradient of log p(sequence), divided by the tokens predicted.
-
-    Because the sequences are the model's own samples, the gradient of their log-likelihood is a
-    sample of the score, whose second moment is the Fisher: no labels and no text. Second-order, the
-    KL divergence a weight error δW causes per token is ½ Σ F_ij δW_ij².
-    """
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten
-
-    def loss(seq: mx.array) -> mx.array:
-        logits = model(seq[:, :-1]).astype(mx.float32)
-        return nn.losses.cross_entropy(logits, seq[:, 1:], reduction="sum")
-
-    grad = nn.value_and_grad(model, loss)
-    names = {f"{p}.weight": p for p in paths}
-    rows: dict[str, mx.array] = {}
-    cols: dict[str, mx.array] = {}
-    for i in range(sequences.shape[0]):
-        g = dict(tree_flatten(grad(sequences[i : i + 1])[1]))
-        for key, path in names.items():
-            sq = mx.square(g[key].astype(mx.float32))
-            rows[path] = rows[path] + sq.sum(-1) if path in rows else sq.sum(-1)
-            cols[path] = cols[path] + sq.sum(-2) if path in cols else sq.sum(-2)
-        mx.eval(rows, cols)
-        if progress:
-            progress(i + 1)
-    tokens = sequences.shape[0] * (sequences.shape[1] - 1)
-    out = {}
-    for path in paths:
-        out[path] = FisherStat(np.asarray(rows[path], dtype=np.float64) / tokens,
-                               np.asarray(cols[path], dtype=np.float64) / tokens)  # fmt: skip
-    return out
-
-
-def self_fisher(
-    source: Any, settings: SensitivitySettings, progress: bool
-) -> dict[str, FisherStat] | None:
-    """The Fisher of every quantizable module's weight (``fisher_stats``), or None when the
-    model, its gradients and the activations would not fit in the configured share of free memory
-    (the profile then falls back to the energy flow)."""
-    import psutil
-    from tqdm import tqdm
-
-    from .engine import load_model, runtime_dtype
-
-    cfg = settings.fisher
-    dtype = getattr(mx, runtime_dtype(source.float_dtype))
-    width = int(source.config.get("hidden_size") or 0)
-    vocab = int(source.config.get("vocab_size") or 0)
-    activations = 64 * cfg.tokens * (width + vocab) * dtype.size
-    need = 2 * source.parameter_count * dtype.size + activations
-    if need > cfg.memory_share * psutil.virtual_memory().available:
-        return None
-    model = load_model(source.path)[0]  # in the runtime dtype, as the engine runs it
-    bar = tqdm(total=cfg.sequences * 2, desc="self-Fisher", unit="seq", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)  # fmt: skip
-    sequences = sample_sequences(model, source.config, cfg.sequences, cfg.tokens, cfg.seed)
-    bar.update(cfg.sequences)
-    stats = fisher_stats(
-        model, sequences, [m.path for m in source.modules], lambda i: bar.update(1)
-    )
-    bar.close()
-    del model
-    mx.clear_cache()
-    return stats

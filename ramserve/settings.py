@@ -41,6 +41,7 @@ class AllocateSettings(BaseModel):
 class FisherSettings(BaseModel):
     sequences: int = Field(gt=0)
     tokens: int = Field(gt=1)
+    sweeps: int = Field(ge=0)
     seed: int
     memory_share: float = Field(gt=0, le=1)
     row_smoothing: float = Field(ge=0)

@@ -148,21 +148,101 @@ def test_interrupted_run_leaves_no_profile_and_resumes(tiny_dir: Path, monkeypat
     assert not partial.exists()
 
 
+def _streamed(folder: Path, sequences: int = 3, tokens: int = 16, sweeps: int = 2):
+    from ramserve.fisher import FisherSettings, streamed_fisher
+
+    cfg = FisherSettings(sequences=sequences, tokens=tokens, sweeps=sweeps, seed=0, memory_share=1,
+                         row_smoothing=0)  # fmt: skip
+    return streamed_fisher(open_source(str(folder)), cfg, mx.float32, progress=False)
+
+
+def _inputs(folder: Path, sequences: int = 3, tokens: int = 16, sweeps: int = 2):
+    from ramserve.fisher import StreamedModel, jacobi_inputs
+
+    src = open_source(str(folder))
+    run = StreamedModel(src, mx.float32)
+    return jacobi_inputs(run, sequences, tokens, sweeps, 0, 0, int(src.config["vocab_size"]))
+
+
+@pytest.mark.parametrize(
+    ("arch", "tied", "tolerance"),
+    [
+        ("qwen3", False, 1e-4),
+        ("llama", False, 1e-4),
+        ("qwen3_moe", False, 1e-2),
+        ("qwen3", True, 1e-4),
+    ],  # fmt: skip
+)
+def test_streamed_fisher_equals_the_whole_models_gradients(
+    tmp_path: Path, arch: str, tied: bool, tolerance: float
+) -> None:
+    """One layer at a time gives the same per-sequence squared gradients as the whole model."""
+    import mlx.nn as nn
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    from ramserve.engine import load_model
+
+    folder = make_model(tmp_path / "m", arch, layers=3, tied=tied)
+    stats = _streamed(folder)
+    x, labels = _inputs(folder)
+    model = load_model(folder)[0]
+
+    def loss(x_: mx.array, y: mx.array) -> mx.array:
+        return nn.losses.cross_entropy(model(x_), y, reduction="sum")
+
+    grad = nn.value_and_grad(model, loss)
+    rows: dict[str, np.ndarray] = {}
+    cols: dict[str, np.ndarray] = {}
+    for s in range(x.shape[0]):
+        g = dict(tree_flatten(grad(x[s : s + 1], labels[s : s + 1])[1]))
+        for m in open_source(str(folder)).modules:
+            sq = np.asarray(mx.square(g[f"{m.path}.weight"]), dtype=np.float64) / x.size
+            rows[m.path] = rows.get(m.path, 0) + sq.sum(-1)
+            cols[m.path] = cols.get(m.path, 0) + sq.sum(-2)
+    assert set(stats) == set(rows)
+    for path, stat in stats.items():
+        assert np.allclose(stat.rows, rows[path], rtol=tolerance, atol=1e-9 * rows[path].max()), (
+            path
+        )
+        assert np.allclose(stat.cols, cols[path], rtol=tolerance, atol=1e-9 * cols[path].max()), (
+            path
+        )
+
+
+def test_streamed_fisher_holds_about_one_layer(tmp_path: Path) -> None:
+    """Bounded memory: MLX's peak while streaming an 8-layer model stays far below its weights."""
+    folder = make_model(tmp_path / "m", "qwen3", layers=8, hidden=256, vocab=256)
+    weights = 4 * open_source(str(folder)).parameter_count  # float32, as the pass runs
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    _streamed(folder)
+    peak = mx.get_peak_memory()
+    assert peak < 0.5 * weights, (peak, weights)
+
+
+def test_jacobi_sweeps_make_the_models_own_sample(tiny_dir: Path) -> None:
+    """With the noise of every position fixed, sweep k fixes the first k tokens; enough sweeps give
+    exactly the sample the model writes one token at a time with that noise."""
+    x, _ = _inputs(tiny_dir, sequences=2, tokens=12, sweeps=11)
+    again, _ = _inputs(tiny_dir, sequences=2, tokens=12, sweeps=12)
+    assert (x == again).all().item()  # a fixed point: every token is its prefix's sample
+    partial, _ = _inputs(tiny_dir, sequences=2, tokens=12, sweeps=3)
+    assert (partial[:, :4] == x[:, :4]).all().item()
+    assert not (partial == x).all().item()  # (the tiny model's later tokens still moved)
+
+
 def test_self_fisher_predicts_the_kl_of_weight_noise(tiny_dir: Path) -> None:
     """½ σ² tr(F) is the KL per token that noise of variance σ² in a module's weight causes."""
-    from mlx_lm.utils import load_model
+    from ramserve.engine import load_model
 
-    from ramserve.sensitivity import fisher_stats, sample_sequences
-
-    src = open_source(str(tiny_dir))
+    stats = _streamed(tiny_dir, sequences=16, tokens=64, sweeps=4)
+    x, _ = _inputs(tiny_dir, sequences=16, tokens=64, sweeps=4)
     model = load_model(tiny_dir)[0]
-    model.set_dtype(mx.float32)
-    seqs = sample_sequences(model, src.config, 16, 64, seed=0)
     paths = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj", "lm_head"]
-    stats = fisher_stats(model, seqs, paths)
 
     def log_probs() -> mx.array:
-        logits = model(seqs[:, :-1]).astype(mx.float32)
+        logits = model(x).astype(mx.float32)
         return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
     base = log_probs()
@@ -182,7 +262,7 @@ def test_self_fisher_predicts_the_kl_of_weight_noise(tiny_dir: Path) -> None:
 def test_profile_uses_the_self_fisher_and_is_deterministic(tiny_moe_dir: Path) -> None:
     first = prof.analyze(str(tiny_moe_dir), progress=False, force=True)
     second = prof.analyze(str(tiny_moe_dir), progress=False, force=True)
-    assert first["estimator"] == "self-fisher/1" and first["fisher_seconds"] > 0
+    assert first["estimator"] == "self-fisher/2" and first["fisher_seconds"] > 0
     imp = [m["importance"] for m in first["modules"]]
     assert imp == [m["importance"] for m in second["modules"]]
     assert all(i > 0 for i in imp)
@@ -236,7 +316,7 @@ def test_analyze_cli_report(tiny_moe_dir: Path, capsys) -> None:
 def test_fisher_rank_one_estimate_keeps_each_experts_marginals() -> None:
     import numpy as np
 
-    from ramserve.sensitivity import FisherStat
+    from ramserve.fisher import FisherStat
 
     f = np.random.default_rng(0).random((3, 5, 4))  # 3 stacked experts, 5 outputs, 4 inputs
     stat = FisherStat(f.sum(-1), f.sum(-2))
@@ -246,5 +326,9 @@ def test_fisher_rank_one_estimate_keeps_each_experts_marginals() -> None:
     assert np.allclose(full.sum(-2), f.sum(-2), rtol=1e-5)
     some = np.asarray(stat.weights(np.array([1, 7, 14]), 0.0))
     assert np.allclose(some, full.reshape(15, 4)[[1, 7, 14]])
+    a = np.random.default_rng(1).random((3, 5, 4))
+    assert stat.weighted_sum(mx.array(a), 0.5) == pytest.approx(
+        float((np.asarray(stat.weights(None, 0.5)).reshape(3, 5, 4) * a).sum()), rel=1e-5
+    )
     smoothed = np.asarray(stat.weights(None, 1.0)).reshape(15, 4)
     assert np.allclose(smoothed.sum(-1), f.sum(-1).reshape(-1) + f.sum(-1).mean(), rtol=1e-5)

@@ -1,0 +1,561 @@
+"""The self-Fisher: how much each weight's error costs, from sequences the model writes itself.
+
+Because the tokens are the model's own samples, the gradient of their log-likelihood is a sample of the
+score, whose second moment is the Fisher information: no labels and no text. Second order, a weight
+error δW costs ``½ Σ F_ij δW_ij²`` nats of KL divergence per token.
+
+The pass is *streamed*: mlx-lm's own model runs with one decoder layer's weights in memory at a time
+(each layer of the list is replaced by a stand-in that loads the real layer's tensors, runs it, and lets
+them go), so the peak is about one layer, its gradients and the activations, however large the model:
+
+1. inputs: ``jacobi`` parallel sampling sweeps (each one streamed forward pass over every sequence at
+   once). With the Gumbel noise of every position fixed, sweep k makes the first k tokens exactly the
+   model's own temperature-1 sample and the rest a sample given a nearly converged prefix, instead of
+   one pass per token as autoregressive sampling needs;
+2. labels: one more sweep samples each next token from the model given the final inputs, so the
+   gradient is an exact score sample at those inputs (the true Fisher, never the empirical one);
+3. one forward pass keeps each layer's input; the head's gradient gives d(log p)/d(last hidden
+   state) per sequence, and going down the layers, each layer is run again under ``mx.grad`` with the
+   gradient from above: its weights' gradients give the module statistics and its input's gradient
+   goes on to the layer below; the embedding's comes last.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .settings import FisherSettings
+
+
+@dataclass
+class FisherStat:
+    """A module's diagonal Fisher per token, kept as its trace and its rank-1 marginals: ``rows`` sums
+    over input channels (shape (..., out)), ``cols`` over output channels ((..., in)). The element
+    (i, j) is estimated as rows_i × cols_j / trace (per expert for stacked experts): which outputs the
+    model's loss is sensitive to, times which inputs carry energy, as in K-FAC's factorisation."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+
+    @property
+    def trace(self) -> float:
+        return float(self.rows.sum())
+
+    def smoothed_rows(self, smooth: float) -> np.ndarray:
+        """Flattened row sums plus ``smooth`` × their mean: rows the sampled sequences never reach
+        (embedding rows of unseen tokens) still count a little."""
+        rows = self.rows.reshape(-1)
+        return np.asarray(rows + smooth * rows.mean())
+
+    def row_probabilities(self, smooth: float) -> np.ndarray:
+        """Each flattened row's share of the (smoothed) Fisher: where the damage is."""
+        rows = self.smoothed_rows(smooth)
+        total = rows.sum()
+        return np.asarray(rows / total) if total > 0 else np.full(rows.size, 1 / rows.size)
+
+    def _row_scale(self, smooth: float) -> tuple[np.ndarray, np.ndarray]:
+        """Each flattened row's smoothed sum over its expert's total, and each row's expert."""
+        rows = self.smoothed_rows(smooth)
+        per_expert = self.rows.shape[-1]
+        total = self.rows.reshape(-1, per_expert).sum(-1)
+        expert = np.arange(rows.size) // per_expert
+        return rows / np.maximum(total[expert], 1e-30), expert
+
+    def weighted_sum(self, a: mx.array, smooth: float) -> float:
+        """Σ F̂_ij a_ij for ``a`` shaped like the weight, without forming F̂ (as large as the weight):
+        each row's scale times the row's product with its expert's column marginals."""
+        scale, _ = self._row_scale(smooth)
+        cols = mx.array(self.cols.reshape(-1, self.cols.shape[-1]).astype(np.float32))
+        per_expert = self.rows.shape[-1]
+        flat = a.astype(mx.float32).reshape(cols.shape[0], per_expert, -1)
+        products = np.asarray((flat @ cols[:, :, None]).reshape(-1), dtype=np.float64)
+        return float((scale * products).sum())
+
+    def weights(self, row_index: np.ndarray | None, smooth: float) -> mx.array:
+        """F̂ for the given flattened rows (all when None), shape (rows, in), with smoothed rows."""
+        scale, expert = self._row_scale(smooth)
+        cols = self.cols.reshape(-1, self.cols.shape[-1])
+        index = np.arange(scale.size) if row_index is None else row_index
+        return mx.array((scale[index, None] * cols[expert[index]]).astype(np.float32))
+
+
+class _Stop(Exception):
+    """Ends a model call early, carrying the hidden state where it stopped."""
+
+    def __init__(self, h: mx.array) -> None:
+        self.h = h
+
+
+class _Slot:
+    """Takes a decoder layer's place in the model's list: calls go to ``run``, attributes the model's
+    loop reads (``use_sliding``, …) to the real layer."""
+
+    def __init__(self, layer: Any, run: Callable[..., mx.array]) -> None:
+        self._layer, self._run = layer, run
+
+    def __call__(self, *args: Any, **kwargs: Any) -> mx.array:
+        return self._run(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._layer, name)
+
+
+class _Given(nn.Module):
+    """Stands in for the embedding: returns the lookup values it is given, else zeros; no weights."""
+
+    def __init__(self, width: int, dtype: mx.Dtype) -> None:
+        super().__init__()
+        self._width, self._dtype = width, dtype
+        self._value: mx.array | None = None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self._value is None:
+            return mx.zeros((*x.shape, self._width), dtype=self._dtype)
+        return self._value
+
+
+class _HeadProbe(nn.Module):
+    """Wraps the head: keeps its input and adds ``_z`` to its output, so that the gradient with
+    respect to z is the gradient with respect to the logits. The head's own weight gradient, as large
+    as the head, is never formed (``Marginals.add_product`` needs only those two)."""
+
+    def __init__(self, inner: nn.Module, tied: bool) -> None:
+        super().__init__()
+        self._inner, self._tied = inner, tied
+        self._x: mx.array | None = None
+        self._z: mx.array | None = None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # tied: this is the embedding, and calling it is the lookup
+        return self._inner(x) if self._tied else self._probe(self._inner(x), x)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return self._probe(self._inner.as_linear(x), x)
+
+    def _probe(self, y: mx.array, x: mx.array) -> mx.array:
+        self._x = x
+        return y if self._z is None else y + self._z
+
+
+class Marginals:
+    """Running sums of squared per-sequence gradients, as row and column marginals per module."""
+
+    def __init__(self, rows_of: dict[str, int]) -> None:
+        self.rows_of = rows_of
+        self.rows: dict[str, mx.array] = {}
+        self.cols: dict[str, mx.array] = {}
+
+    def add(self, path: str, grad: mx.array) -> None:
+        sq = mx.square(grad.astype(mx.float32))
+        r, c = sq.sum(-1), sq.sum(-2)
+        self.rows[path] = self.rows[path] + r if path in self.rows else r
+        self.cols[path] = self.cols[path] + c if path in self.cols else c
+
+    def add_product(self, path: str, delta: mx.array, inputs: mx.array) -> None:
+        """Adds the marginals of G², G = deltaᵀ inputs (a linear map's weight gradient from its
+        output gradients (T, out) and inputs (T, in)), through T×T Gram matrices: G is never formed."""
+        delta, inputs = delta.astype(mx.float32), inputs.astype(mx.float32)
+        r = ((inputs @ inputs.T) @ delta * delta).sum(0)
+        c = ((delta @ delta.T) @ inputs * inputs).sum(0)
+        self.rows[path] = self.rows[path] + r if path in self.rows else r
+        self.cols[path] = self.cols[path] + c if path in self.cols else c
+
+    def add_rows(self, path: str, index: mx.array, grad: mx.array, counted: mx.array) -> None:
+        """Adds a gradient that is zero outside the rows ``index``: (grad + counted)² − counted²,
+        counted being a part of those rows' gradient that was added before."""
+        sq = mx.square(grad + counted) - mx.square(counted)
+        rows = self.rows.get(path, mx.zeros((self.rows_of[path],)))
+        self.rows[path] = rows.at[index].add(sq.sum(-1))
+        self.cols[path] = self.cols.get(path, 0) + sq.sum(0)
+
+    def eval(self) -> None:
+        mx.eval(self.rows, self.cols)
+
+    def stats(self, tokens: int) -> dict[str, FisherStat]:
+        return {p: FisherStat(np.asarray(self.rows[p], dtype=np.float64) / tokens,
+                              np.asarray(self.cols[p], dtype=np.float64) / tokens)
+                for p in self.rows}  # fmt: skip
+
+
+class StreamedModel:
+    """mlx-lm's model for a source with no weights resident: calls load what each part needs."""
+
+    def __init__(self, source: Any, dtype: mx.Dtype) -> None:
+        from .source import model_classes
+
+        self.source, self.dtype = source, dtype
+        model_class, args_class = model_classes(source.config)
+        self.model = model_class(args_class.from_dict(source.config))
+        self.layers = list(self.model.layers)
+        names = {id(m): p for p, m in self.model.named_modules()}
+        paths = [names[id(layer)] for layer in self.layers]
+        self.prefixes = [p + "." for p in paths]
+        # the list the model's loop reads (``model.layers`` may be a copy of a slice of it): its
+        # entries are swapped for stand-ins that the loop then calls
+        owner, _, attr = paths[0].rpartition(".")[0].rpartition(".")
+        self.slots: list[Any] = self._module(owner)[attr]
+        # their never-evaluated initialisers: restoring them lets loaded tensors go
+        self.blank = [layer.parameters() for layer in self.layers]
+        flat: list[tuple[str, mx.array]] = tree_flatten(self.model.parameters())  # type: ignore[assignment]
+        self.outer_blank = [(k, v) for k, v in flat if self._outer(k)]
+        kinds = {m.path: m.kind for m in source.modules}
+        embed = next((p for p, k in kinds.items() if k == "embedding"), None)
+        if embed is None:
+            raise ValueError("no embedding module found (configs: [[kinds]] embedding)")
+        self.embed_path: str = embed
+        self.head_path: str = next((p for p, k in kinds.items() if k == "lm_head"), embed)
+        self.tied = self.head_path == self.embed_path
+        self.width = int(source.tensor_shapes[f"{embed}.weight"][-1])
+        self.vocab_out = int(source.tensor_shapes[f"{self.head_path}.weight"][0])
+        self.quantizable = {f"{m.path}.weight": m.path for m in source.modules}
+
+    def _module(self, path: str) -> Any:
+        return dict(self.model.named_modules())[path] if path else self.model
+
+    # -- tensors --------------------------------------------------------------------------------
+
+    def tensors(self, keep: Callable[[str], bool]) -> dict[str, mx.array]:
+        """The named tensors in the run dtype, read now (from a fresh lazy map, so nothing else of
+        the checkpoint stays resident)."""
+        out = {}
+        for k, v in self.source.weights().items():
+            if keep(k):
+                out[k] = v.astype(self.dtype)
+                mx.eval(out[k])  # one at a time: only one tensor is ever held in both dtypes
+        return out
+
+    def _outer(self, k: str) -> bool:
+        return not any(k.startswith(p) for p in self.prefixes)
+
+    @contextmanager
+    def outer(self, *, head: bool) -> Iterator[tuple[_HeadProbe | None, _Given | None]]:
+        """Everything outside the layers (norms, …) loaded, and the head too when asked (wrapped in
+        a probe); the embedding is a stand-in given its lookup values (for a tied one asked as the
+        head, the real module). Released afterwards."""
+        embed_key = f"{self.embed_path}.weight"
+        head_key = f"{self.head_path}.weight"
+        skip = {embed_key, head_key} - ({head_key} if head else set())
+        loaded = self.tensors(lambda k: self._outer(k) and k not in skip)
+        self.model.update(tree_unflatten(list(loaded.items())), strict=False)
+        del loaded
+        probe = given = None
+        swapped = []
+        if head:
+            probe = _HeadProbe(self._module(self.head_path), self.tied)
+            swapped.append((self.head_path, self._swap(self.head_path, probe)))
+        if not (head and self.tied):
+            given = _Given(self.width, self.dtype)
+            swapped.append((self.embed_path, self._swap(self.embed_path, given)))
+        try:
+            yield probe, given
+        finally:
+            for path, module in reversed(swapped):
+                self._swap(path, module)
+            self.model.update(tree_unflatten(self.outer_blank), strict=False)
+
+    def _swap(self, path: str, module: nn.Module) -> nn.Module:
+        parent_path, _, name = path.rpartition(".")
+        parent = self._module(parent_path)
+        old = parent[name]
+        parent[name] = module
+        return old
+
+    def lookups(self, x: mx.array) -> mx.array:
+        """The embedding rows of ``x`` in the run dtype (the table is read once, in its own dtype)."""
+        table = self.source.weights()[f"{self.embed_path}.weight"]
+        rows = table[x].astype(self.dtype)
+        mx.eval(rows)
+        return rows
+
+    def layer_params(self, i: int) -> dict[str, Any]:
+        prefix = self.prefixes[i]
+        flat = self.tensors(lambda k: k.startswith(prefix))
+        return tree_unflatten([(k[len(prefix) :], v) for k, v in flat.items()])
+
+    def release_layer(self, i: int) -> None:
+        self.layers[i].update(self.blank[i])
+        mx.clear_cache()  # give its buffers back: the process, not MLX's cache, should hold one layer
+
+    # -- passes ---------------------------------------------------------------------------------
+
+    def hidden_states(self, inputs: mx.array) -> tuple[list[mx.array], mx.array, tuple, dict]:
+        """One streamed pass up the layers: each layer's input, the last layer's output, and the
+        extra arguments the model's loop passes every layer (mask, cache)."""
+        seen: list[mx.array] = []
+        extra: dict[str, Any] = {}
+
+        def slot(i: int) -> _Slot:
+            def run(x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+                extra.update(args=args, kwargs=kwargs)
+                layer = self.layers[i]
+                layer.update(self.layer_params(i))
+                out = layer(x, *args, **kwargs)
+                mx.eval(out)
+                self.release_layer(i)
+                seen.append(x)
+                if i == len(self.layers) - 1:
+                    raise _Stop(out)
+                return out
+
+            return _Slot(self.layers[i], run)
+
+        self.slots[:] = [slot(i) for i in range(len(self.layers))]
+        try:
+            with self.outer(head=False) as (_, given):
+                assert given is not None
+                given._value = self.lookups(inputs)
+                self.model(inputs)
+            raise RuntimeError("the model's loop did not reach its last layer")
+        except _Stop as stop:
+            last = stop.h
+        finally:
+            self.slots[:] = self.layers
+        return seen, last, extra["args"], extra["kwargs"]
+
+    def _head_only(self, h: mx.array) -> None:
+        """Layers become pass-throughs except the last, which returns ``h``: the model's call then
+        computes just the final norm and the head on ``h`` (and whatever the model does there)."""
+        last = len(self.layers) - 1
+        self.slots[:] = [_Slot(layer, lambda x, *a, _i=i, **k: h if _i == last else x)
+                         for i, layer in enumerate(self.layers)]  # fmt: skip
+
+    def logits(self, inputs: mx.array, h: mx.array) -> mx.array:
+        self._head_only(h)
+        try:
+            return self.model(inputs).astype(mx.float32)
+        finally:
+            self.slots[:] = self.layers
+
+
+def jacobi_inputs(
+    run: StreamedModel, count: int, length: int, sweeps: int, seed: int, start: int, vocab: int
+) -> tuple[mx.array, mx.array]:
+    """Inputs from ``sweeps`` parallel sampling sweeps, and labels sampled given them. A position's
+    Gumbel noise is drawn from its own key, so every sweep sees the same noise without keeping it."""
+    k_init, k_noise, k_labels = mx.random.split(mx.random.key(seed), 3)
+    noise_keys, label_keys = mx.random.split(k_noise, count), mx.random.split(k_labels, count)
+    x = mx.random.randint(0, vocab, (count, length), key=k_init).astype(mx.int32)
+    x[:, 0] = start
+
+    def sweep(i: int, logits: mx.array) -> mx.array:
+        noise = mx.random.gumbel(logits[:, :-1].shape, key=noise_keys[i])
+        return mx.argmax(logits[:, :-1] + noise, axis=-1).astype(mx.int32)
+
+    for _ in range(sweeps):
+        x = mx.concatenate([x[:, :1], next_tokens(run, x, sweep)], axis=1)
+
+    def label(i: int, logits: mx.array) -> mx.array:
+        return mx.random.categorical(logits, key=label_keys[i]).astype(mx.int32)
+
+    return x, next_tokens(run, x, label)
+
+
+def next_tokens(
+    run: StreamedModel, x: mx.array, pick: Callable[[int, mx.array], mx.array]
+) -> mx.array:
+    """``pick(i, logits)`` for each sequence i of ``x``, after one streamed forward pass (one
+    sequence's logits at a time: all of them at once would be the largest array of the pass)."""
+    _, last, _, _ = run.hidden_states(x)
+    with run.outer(head=True):
+        out = []
+        for i in range(x.shape[0]):
+            out.append(pick(i, run.logits(x[i : i + 1], last[i : i + 1])))
+            mx.eval(out[-1])
+    return mx.concatenate(out)
+
+
+def streamed_fisher(
+    source: Any, cfg: FisherSettings, dtype: mx.Dtype, progress: bool
+) -> dict[str, FisherStat]:
+    """Per quantizable module, the diagonal of the Fisher of its weight per token (``FisherStat``)."""
+    from tqdm import tqdm
+
+    run = StreamedModel(source, dtype)
+    n, layers = cfg.sequences, len(run.layers)
+    bar = tqdm(total=cfg.sweeps + 2 + layers, desc="self-Fisher", unit="pass", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)  # fmt: skip
+    vocab = int(source.config["vocab_size"])
+    x, labels = jacobi_inputs(
+        run, n, cfg.tokens, cfg.sweeps, cfg.seed, start_token(source.config, vocab), vocab
+    )
+    bar.update(cfg.sweeps + 1)
+    seen, last, args, kwargs = run.hidden_states(x)
+    bar.update(1)
+    sums = Marginals({m.path: m.shape[-2] for m in source.modules})
+    grads, head_rows = _head(run, x, labels, last, sums)
+    for i in reversed(range(layers)):
+        grads = _layer(run, i, seen.pop(), grads, args, kwargs, sums)
+        bar.update(1)
+    _embedding(run, x, grads, head_rows, sums)
+    bar.close()
+    return sums.stats(n * cfg.tokens)
+
+
+def _add_quantizable(run: StreamedModel, prefix: str, grads: list[tuple[str, mx.array]],
+                     sums: Marginals) -> None:  # fmt: skip
+    """Adds each module's squared gradient, computing them one at a time: ``grads`` (flattened and
+    lazy) is emptied as it goes, so only one module's gradient is ever held."""
+    while grads:
+        key, g = grads.pop()
+        path = run.quantizable.get(prefix + key)
+        if path:
+            sums.add(path, g)
+            mx.eval(sums.rows[path], sums.cols[path])
+        del g
+
+
+def _head(
+    run: StreamedModel, x: mx.array, labels: mx.array, last: mx.array, sums: Marginals
+) -> tuple[mx.array, list[tuple[mx.array, mx.array]]]:
+    """Per sequence, the head's statistics and d(log-likelihood)/d(last hidden state); for a tied
+    embedding also the head gradient's rows of the sequence's own tokens, the only rows its use as
+    the embedding adds to (``_embedding`` completes the square)."""
+    own_rows, out = [], []
+    with run.outer(head=True) as (probe, _):
+        assert probe is not None
+
+        def loss(z: mx.array, h: mx.array, i: int) -> mx.array:
+            probe._z = z
+            logits = run.logits(x[i : i + 1], h)
+            return nn.losses.cross_entropy(logits, labels[i : i + 1], reduction="sum")
+
+        grad = mx.grad(loss, argnums=(0, 1))
+        z = mx.zeros((1, x.shape[1], run.vocab_out), dtype=run.dtype)
+        for i in range(x.shape[0]):
+            delta, g_h = grad(z, last[i : i + 1], i)
+            assert probe._x is not None
+            inputs = probe._x[0]
+            sums.add_product(run.head_path, delta[0], inputs)
+            if run.tied:
+                tokens = mx.array(np.unique(np.asarray(x[i])))
+                own_rows.append((tokens, delta[0][:, tokens].T.astype(mx.float32) @ inputs))
+            sums.eval()
+            mx.eval(g_h, own_rows)
+            out.append(g_h)
+    return mx.concatenate(out), own_rows
+
+
+def _layer(
+    run: StreamedModel,
+    i: int,
+    inputs: mx.array,
+    upstream: mx.array,
+    args: tuple,
+    kwargs: dict,
+    sums: Marginals,
+) -> mx.array:
+    """Layer i run again per sequence under ``mx.grad`` with the gradient from above: its modules'
+    statistics, and the gradient with respect to its input."""
+    layer = run.layers[i]
+    params = run.layer_params(i)
+
+    def project(p: Any, h: mx.array, g: mx.array) -> mx.array:
+        layer.update(p)
+        return (layer(h, *args, **kwargs) * g).sum()
+
+    grad = mx.grad(project, argnums=(0, 1))
+    out = []
+    for s in range(inputs.shape[0]):
+        g_params, g_h = grad(params, inputs[s : s + 1], upstream[s : s + 1])
+        mx.eval(g_h)
+        _add_quantizable(run, run.prefixes[i], list(tree_flatten(g_params)), sums)  # type: ignore[arg-type]
+        del g_params
+        out.append(g_h)
+    run.release_layer(i)
+    return mx.concatenate(out)
+
+
+def _embedding(
+    run: StreamedModel,
+    x: mx.array,
+    upstream: mx.array,
+    head_rows: list[tuple[mx.array, mx.array]],
+    sums: Marginals,
+) -> None:
+    """The embedding's statistics from the gradient at its output (its lookup values stand in, so
+    the table is not loaded): a row's gradient is the sum over the positions holding that token."""
+
+    def stop_at_first(h: mx.array, *a: Any, **k: Any) -> mx.array:
+        raise _Stop(h)
+
+    lookups = run.lookups(x)
+    run.slots[:] = [_Slot(layer, stop_at_first) for layer in run.layers]
+    try:
+        with run.outer(head=False) as (_, given):
+            assert given is not None
+
+            def project(e: mx.array, tokens: mx.array, g: mx.array) -> mx.array:
+                given._value = e
+                try:
+                    run.model(tokens)
+                except _Stop as stop:
+                    return (stop.h * g).sum()
+                raise RuntimeError("the model's loop did not reach its first layer")
+
+            grad = mx.grad(project)
+            for s in range(x.shape[0]):
+                g = grad(lookups[s : s + 1], x[s : s + 1], upstream[s : s + 1])[0]
+                tokens, where = np.unique(np.asarray(x[s]), return_inverse=True)
+                per_token = mx.zeros((tokens.size, g.shape[-1])).at[mx.array(where)].add(g)
+                counted = head_rows[s][1] if head_rows else mx.zeros_like(per_token)
+                sums.add_rows(run.embed_path, mx.array(tokens), per_token, counted)
+                sums.eval()
+    finally:
+        run.slots[:] = run.layers
+
+
+def start_token(config: dict[str, Any], vocab: int) -> int:
+    for key in ("bos_token_id", "eos_token_id"):
+        value = config.get(key)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if isinstance(value, int) and 0 <= value < vocab:
+            return value
+    return 0
+
+
+def peak_bytes(source: Any, cfg: FisherSettings, dtype: mx.Dtype) -> int:
+    """What the streamed pass holds at its peak: the largest of the layers and the rest (norms,
+    embedding, head) with its gradients, every layer's saved input, and one sequence's logits."""
+    units: dict[str, int] = {}
+    for key, shape in source.tensor_shapes.items():
+        layer = layer_prefix(key)
+        units[layer] = units.get(layer, 0) + math.prod(shape)
+    width = int(source.config.get("hidden_size") or 0)
+    vocab = int(source.config.get("vocab_size") or 0)
+    saved = cfg.sequences * cfg.tokens * width * (len(units) + 3)
+    return int(
+        2 * max(units.values()) * dtype.size + saved * dtype.size + 4 * cfg.tokens * vocab * 4
+    )
+
+
+def layer_prefix(key: str) -> str:
+    """``model.layers.3`` for a tensor of that layer; empty for the tensors outside the layers."""
+    match = re.match(r"(.*?\.layers\.\d+)\.", key)
+    return match.group(1) if match else ""
+
+
+def self_fisher(source: Any, cfg: FisherSettings, progress: bool) -> dict[str, FisherStat] | None:
+    """The Fisher statistics of every quantizable module, or None when even the streamed pass would
+    not fit in the configured share of free memory (the profile then uses the energy flow)."""
+    import psutil
+
+    from .engine import runtime_dtype
+
+    dtype = getattr(mx, runtime_dtype(source.float_dtype))
+    if peak_bytes(source, cfg, dtype) > cfg.memory_share * psutil.virtual_memory().available:
+        return None
+    stats = streamed_fisher(source, cfg, dtype, progress)
+    mx.clear_cache()
+    return stats
