@@ -179,5 +179,7 @@ def test_max_is_the_best_plan_the_machine_holds(tiny_dir: Path) -> None:
     assert all(c["bits"] == 16 for c in roomy["choices"].values())  # this machine holds it all
     tight = roomy["memory_bytes"] // 2
     small = make_plan(profile, "max", machine=lambda device: (tight, 4))  # a small machine's answer
-    assert small["memory_bytes"] <= tight and small["memory_bytes"] >= 0.99 * tight
+    # fills it to within one module's move (a tiny model's modules are each ~2% of it)
+    step = max(m["numel"] for m in profile["modules"]) * 4
+    assert tight - step <= small["memory_bytes"] <= tight
     assert small["predicted_damage"] > 0
