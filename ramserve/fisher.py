@@ -13,9 +13,9 @@ them go), so the peak is about one layer, its gradients and the activations, how
    model's own temperature-1 sample and the rest a sample given a nearly converged prefix, instead of
    one pass per token as autoregressive sampling needs;
 2. labels: one more sweep samples each next token from the model given the final inputs, so the
-   gradient is an exact score sample at those inputs (the true Fisher, never the empirical one);
-3. one forward pass keeps each layer's input; the head's gradient gives d(log p)/d(last hidden
-   state) per sequence, and going down the layers, each layer is run again under ``mx.grad`` with the
+   gradient is an exact score sample at those inputs (the true Fisher, never the empirical one); that
+   pass also keeps each layer's input;
+3. the head's gradient gives d(log p)/d(last hidden state) per sequence, and going down the layers, each layer is run again under ``mx.grad`` with the
    gradient from above: its weights' gradients give the module statistics and its input's gradient
    goes on to the layer below; the embedding's comes last.
 """
@@ -23,7 +23,6 @@ them go), so the peak is about one layer, its gradients and the activations, how
 from __future__ import annotations
 
 import math
-import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -156,28 +155,27 @@ class Marginals:
         self.rows: dict[str, mx.array] = {}
         self.cols: dict[str, mx.array] = {}
 
+    def _accumulate(self, path: str, rows: mx.array, cols: mx.array) -> None:
+        self.rows[path] = self.rows[path] + rows if path in self.rows else rows
+        self.cols[path] = self.cols[path] + cols if path in self.cols else cols
+
     def add(self, path: str, grad: mx.array) -> None:
         sq = mx.square(grad.astype(mx.float32))
-        r, c = sq.sum(-1), sq.sum(-2)
-        self.rows[path] = self.rows[path] + r if path in self.rows else r
-        self.cols[path] = self.cols[path] + c if path in self.cols else c
+        self._accumulate(path, sq.sum(-1), sq.sum(-2))
 
     def add_product(self, path: str, delta: mx.array, inputs: mx.array) -> None:
         """Adds the marginals of G², G = deltaᵀ inputs (a linear map's weight gradient from its
         output gradients (T, out) and inputs (T, in)), through T×T Gram matrices: G is never formed."""
         delta, inputs = delta.astype(mx.float32), inputs.astype(mx.float32)
-        r = ((inputs @ inputs.T) @ delta * delta).sum(0)
-        c = ((delta @ delta.T) @ inputs * inputs).sum(0)
-        self.rows[path] = self.rows[path] + r if path in self.rows else r
-        self.cols[path] = self.cols[path] + c if path in self.cols else c
+        self._accumulate(path, ((inputs @ inputs.T) @ delta * delta).sum(0),
+                         ((delta @ delta.T) @ inputs * inputs).sum(0))  # fmt: skip
 
     def add_rows(self, path: str, index: mx.array, grad: mx.array, counted: mx.array) -> None:
         """Adds a gradient that is zero outside the rows ``index``: (grad + counted)² − counted²,
         counted being a part of those rows' gradient that was added before."""
         sq = mx.square(grad + counted) - mx.square(counted)
-        rows = self.rows.get(path, mx.zeros((self.rows_of[path],)))
-        self.rows[path] = rows.at[index].add(sq.sum(-1))
-        self.cols[path] = self.cols.get(path, 0) + sq.sum(0)
+        rows = mx.zeros((self.rows_of[path],)).at[index].add(sq.sum(-1))
+        self._accumulate(path, rows, sq.sum(0))
 
     def eval(self) -> None:
         mx.eval(self.rows, self.cols)
@@ -186,6 +184,9 @@ class Marginals:
         return {p: FisherStat(np.asarray(self.rows[p], dtype=np.float64) / tokens,
                               np.asarray(self.cols[p], dtype=np.float64) / tokens)
                 for p in self.rows}  # fmt: skip
+
+
+Hidden = tuple[list[mx.array], mx.array, tuple, dict]  # what StreamedModel.hidden_states returns
 
 
 class StreamedModel:
@@ -289,7 +290,7 @@ class StreamedModel:
 
     # -- passes ---------------------------------------------------------------------------------
 
-    def hidden_states(self, inputs: mx.array) -> tuple[list[mx.array], mx.array, tuple, dict]:
+    def hidden_states(self, inputs: mx.array) -> Hidden:
         """One streamed pass up the layers: each layer's input, the last layer's output, and the
         extra arguments the model's loop passes every layer (mask, cache)."""
         seen: list[mx.array] = []
@@ -340,9 +341,11 @@ class StreamedModel:
 
 def jacobi_inputs(
     run: StreamedModel, count: int, length: int, sweeps: int, seed: int, start: int, vocab: int
-) -> tuple[mx.array, mx.array]:
-    """Inputs from ``sweeps`` parallel sampling sweeps, and labels sampled given them. A position's
-    Gumbel noise is drawn from its own key, so every sweep sees the same noise without keeping it."""
+) -> tuple[mx.array, mx.array, Hidden]:
+    """Inputs from ``sweeps`` parallel sampling sweeps, labels sampled given them, and the hidden
+    states of the inputs (the pass that gave the labels; the backward pass needs them too). A
+    position's Gumbel noise is drawn from its own key, so every sweep sees the same noise without
+    keeping it."""
     k_init, k_noise, k_labels = mx.random.split(mx.random.key(seed), 3)
     noise_keys, label_keys = mx.random.split(k_noise, count), mx.random.split(k_labels, count)
     x = mx.random.randint(0, vocab, (count, length), key=k_init).astype(mx.int32)
@@ -353,26 +356,30 @@ def jacobi_inputs(
         return mx.argmax(logits[:, :-1] + noise, axis=-1).astype(mx.int32)
 
     for _ in range(sweeps):
-        x = mx.concatenate([x[:, :1], next_tokens(run, x, sweep)], axis=1)
+        tokens, _ = next_tokens(run, x, sweep)
+        x = mx.concatenate([x[:, :1], tokens], axis=1)
 
     def label(i: int, logits: mx.array) -> mx.array:
         return mx.random.categorical(logits, key=label_keys[i]).astype(mx.int32)
 
-    return x, next_tokens(run, x, label)
+    labels, hidden = next_tokens(run, x, label)
+    return x, labels, hidden
 
 
 def next_tokens(
     run: StreamedModel, x: mx.array, pick: Callable[[int, mx.array], mx.array]
-) -> mx.array:
+) -> tuple[mx.array, Hidden]:
     """``pick(i, logits)`` for each sequence i of ``x``, after one streamed forward pass (one
-    sequence's logits at a time: all of them at once would be the largest array of the pass)."""
-    _, last, _, _ = run.hidden_states(x)
+    sequence's logits at a time: all of them at once would be the largest array of the pass), and
+    that pass's hidden states."""
+    hidden = run.hidden_states(x)
+    last = hidden[1]
     with run.outer(head=True):
         out = []
         for i in range(x.shape[0]):
             out.append(pick(i, run.logits(x[i : i + 1], last[i : i + 1])))
             mx.eval(out[-1])
-    return mx.concatenate(out)
+    return mx.concatenate(out), hidden
 
 
 def streamed_fisher(
@@ -383,15 +390,13 @@ def streamed_fisher(
 
     run = StreamedModel(source, dtype)
     n, layers = cfg.sequences, len(run.layers)
-    bar = tqdm(total=cfg.sweeps + 2 + layers, desc="self-Fisher", unit="pass", file=sys.stderr,
+    bar = tqdm(total=cfg.sweeps + 1 + layers, desc="self-Fisher", unit="pass", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)  # fmt: skip
     vocab = int(source.config["vocab_size"])
-    x, labels = jacobi_inputs(
+    x, labels, (seen, last, args, kwargs) = jacobi_inputs(
         run, n, cfg.tokens, cfg.sweeps, cfg.seed, start_token(source.config, vocab), vocab
     )
     bar.update(cfg.sweeps + 1)
-    seen, last, args, kwargs = run.hidden_states(x)
-    bar.update(1)
     sums = Marginals({m.path: m.shape[-2] for m in source.modules})
     grads, head_rows = _head(run, x, labels, last, sums)
     for i in reversed(range(layers)):
@@ -417,10 +422,10 @@ def _add_quantizable(run: StreamedModel, prefix: str, grads: list[tuple[str, mx.
 
 def _head(
     run: StreamedModel, x: mx.array, labels: mx.array, last: mx.array, sums: Marginals
-) -> tuple[mx.array, list[tuple[mx.array, mx.array]]]:
+) -> tuple[mx.array, list[mx.array]]:
     """Per sequence, the head's statistics and d(log-likelihood)/d(last hidden state); for a tied
-    embedding also the head gradient's rows of the sequence's own tokens, the only rows its use as
-    the embedding adds to (``_embedding`` completes the square)."""
+    embedding also the head gradient's rows of the sequence's own tokens (sorted, as ``np.unique``
+    gives them), the only rows its use as the embedding adds to (``_embedding`` completes the square)."""
     own_rows, out = [], []
     with run.outer(head=True) as (probe, _):
         assert probe is not None
@@ -439,7 +444,7 @@ def _head(
             sums.add_product(run.head_path, delta[0], inputs)
             if run.tied:
                 tokens = mx.array(np.unique(np.asarray(x[i])))
-                own_rows.append((tokens, delta[0][:, tokens].T.astype(mx.float32) @ inputs))
+                own_rows.append(delta[0][:, tokens].T.astype(mx.float32) @ inputs)
             sums.eval()
             mx.eval(g_h, own_rows)
             out.append(g_h)
@@ -480,7 +485,7 @@ def _embedding(
     run: StreamedModel,
     x: mx.array,
     upstream: mx.array,
-    head_rows: list[tuple[mx.array, mx.array]],
+    head_rows: list[mx.array],
     sums: Marginals,
 ) -> None:
     """The embedding's statistics from the gradient at its output (its lookup values stand in, so
@@ -508,7 +513,7 @@ def _embedding(
                 g = grad(lookups[s : s + 1], x[s : s + 1], upstream[s : s + 1])[0]
                 tokens, where = np.unique(np.asarray(x[s]), return_inverse=True)
                 per_token = mx.zeros((tokens.size, g.shape[-1])).at[mx.array(where)].add(g)
-                counted = head_rows[s][1] if head_rows else mx.zeros_like(per_token)
+                counted = head_rows[s] if head_rows else mx.zeros_like(per_token)
                 sums.add_rows(run.embed_path, mx.array(tokens), per_token, counted)
                 sums.eval()
     finally:
@@ -528,9 +533,11 @@ def start_token(config: dict[str, Any], vocab: int) -> int:
 def peak_bytes(source: Any, cfg: FisherSettings, dtype: mx.Dtype) -> int:
     """What the streamed pass holds at its peak: the largest of the layers and the rest (norms,
     embedding, head) with its gradients, every layer's saved input, and one sequence's logits."""
-    units: dict[str, int] = {}
+    from .source import layer_index
+
+    units: dict[int | None, int] = {}
     for key, shape in source.tensor_shapes.items():
-        layer = layer_prefix(key)
+        layer = layer_index(key)  # None: outside the layers
         units[layer] = units.get(layer, 0) + math.prod(shape)
     width = int(source.config.get("hidden_size") or 0)
     vocab = int(source.config.get("vocab_size") or 0)
@@ -538,12 +545,6 @@ def peak_bytes(source: Any, cfg: FisherSettings, dtype: mx.Dtype) -> int:
     return int(
         2 * max(units.values()) * dtype.size + saved * dtype.size + 4 * cfg.tokens * vocab * 4
     )
-
-
-def layer_prefix(key: str) -> str:
-    """``model.layers.3`` for a tensor of that layer; empty for the tensors outside the layers."""
-    match = re.match(r"(.*?\.layers\.\d+)\.", key)
-    return match.group(1) if match else ""
 
 
 def self_fisher(source: Any, cfg: FisherSettings, progress: bool) -> dict[str, FisherStat] | None:

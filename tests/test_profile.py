@@ -161,7 +161,10 @@ def _inputs(folder: Path, sequences: int = 3, tokens: int = 16, sweeps: int = 2)
 
     src = open_source(str(folder))
     run = StreamedModel(src, mx.float32)
-    return jacobi_inputs(run, sequences, tokens, sweeps, 0, 0, int(src.config["vocab_size"]))
+    x, labels, _ = jacobi_inputs(
+        run, sequences, tokens, sweeps, 0, 0, int(src.config["vocab_size"])
+    )
+    return x, labels
 
 
 @pytest.mark.parametrize(
