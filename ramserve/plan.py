@@ -80,7 +80,7 @@ def make_plan(
     """Solve for the budget named by ``spec`` and return the plan.json object.
 
     The budget bounds the weights as loaded: where the runtime keeps floats wider than stored (float32
-    on MLX's CPU back end), the stored-size target shrinks until the loaded size fits.
+    on MLX's CPU back end), the stored-size target is searched until the loaded size fits (``_fit_loaded``).
     """
     budget, float_bytes = resolve_budget(spec, profile, machine)
     problem = _problem(profile, allow_unsafe)
