@@ -39,16 +39,29 @@ class ContextExceeded(RamserveError):
     """The prompt plus the tokens asked for do not fit the context."""
 
 
-def load_model(folder: Path) -> tuple[Any, Any]:
+def load_model(folder: Path, *, cpu_layers: bool = True) -> tuple[Any, Any]:
     """mlx-lm's model and tokenizer for a folder, in the dtype this device runs fastest.
 
     On MLX's CPU back end the model runs in float32: quantized matmuls with bf16 scales decode about
     7x slower there than with float32 scales (measured: 3.9 vs 28.8 tokens/s on code-qwen3-30m), and
     MoE expert matmuls (``gather_mm``) exist only in float32. budget.activation_dtype counts it.
+    There too, ``cpu_layers`` gives the quantized layers ramserve/cpu.py's paths, which use every core
+    and batch rows; without it they are mlx-lm's own.
     """
     import mlx_lm
 
+    from .cpu import adapt_to_cpu, cores
+    from .settings import load_settings
+
     model, tokenizer = mlx_lm.load(str(folder))[:2]
+    if cpu_layers and mx.default_device() == mx.cpu:
+        server = load_settings().server
+        adapt_to_cpu(
+            model,
+            min_rows=server.cpu_dense_rows,
+            workers=server.cpu_workers or cores(),
+            min_gflops=server.cpu_dense_min_gflops,
+        )
     if runtime_dtype() == "float32":
         model.set_dtype(mx.float32)
         mx.eval(model.parameters())  # now, on this thread's stream: the worker thread has no other

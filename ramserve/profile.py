@@ -271,20 +271,30 @@ def _resume_state(partial: Path, key: str) -> dict[str, ModuleRecord]:
     return {d["path"]: ModuleRecord.from_json(d) for d in data.get("modules", [])}
 
 
-def return_freed_memory() -> None:
-    """Makes glibc give freed tensors back to the system. It serves blocks under its adaptive mmap
-    threshold (which rises to 32 MB) from the heap and keeps them when freed, so resident memory grows
-    with every tensor read and dropped; a fixed 1 MiB threshold maps each one on its own. Measured on
-    the 2 GB synthetic model's analysis: peak RSS 673 -> 551 MB. (Elsewhere: nothing to do.)"""
+def _mmap_threshold(size: int) -> None:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+            ctypes.CDLL("libc.so.6").mallopt(-3, size)  # M_MMAP_THRESHOLD
+
+
+@contextlib.contextmanager
+def freed_memory_returned() -> Iterator[None]:
+    """Makes glibc give freed tensors back to the system while it lasts. It serves blocks under its
+    adaptive mmap threshold (which rises to 32 MB) from the heap and keeps them when freed, so resident
+    memory grows with every tensor read and dropped; a fixed 1 MiB threshold maps each one on its own.
+    Measured on the 2 GB synthetic model's analysis: peak RSS 673 -> 551 MB. Afterwards the threshold
+    goes to glibc's own ceiling: serving reuses the same scratch every step, and mapping it afresh each
+    time costs the CPU decode page faults on every step. (Elsewhere: nothing to do.)"""
+    _mmap_threshold(1 << 20)
+    try:
+        yield
+    finally:
+        _mmap_threshold(32 << 20)
 
 
 def analyze(source: Source | str, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """The profile of a model: from the cache when valid, else computed (resuming a partial run)."""
     source = open_source(source) if isinstance(source, str) else source
-    return_freed_memory()
     require_full_precision(source)
     settings = load_settings()
     key = settings_key(settings)
@@ -295,10 +305,11 @@ def analyze(source: Source | str, *, force: bool = False, progress: bool = True)
     partial = final.with_suffix(".partial.json")
     done = {} if force else _resume_state(partial, key)
     start = time.perf_counter()
-    # not checkpointed: on a resumed run the seeded pass gives the same statistics again
-    fisher = self_fisher(source, settings.sensitivity.fisher, progress)
-    fisher_s = time.perf_counter() - start if fisher else None
-    records = _run_analysis(source, settings, done, fisher, partial, key, progress)
+    with freed_memory_returned():
+        # not checkpointed: on a resumed run the seeded pass gives the same statistics again
+        fisher = self_fisher(source, settings.sensitivity.fisher, progress)
+        fisher_s = time.perf_counter() - start if fisher else None
+        records = _run_analysis(source, settings, done, fisher, partial, key, progress)
     profile = _assemble(source, settings, records, fisher_s, key)
     atomic.write_json(final, profile)
     partial.unlink(missing_ok=True)

@@ -81,6 +81,9 @@ class ServerSettings(BaseModel):
     max_body_bytes: int = Field(gt=0)
     variants: list[str]
     swap_timeout_s: float = Field(gt=0)
+    cpu_dense_rows: int = Field(ge=1)
+    cpu_workers: int = Field(ge=0)
+    cpu_dense_min_gflops: float = Field(ge=0)
 
 
 class Settings(BaseModel):
