@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import math
 import os
 import sys
@@ -40,7 +41,7 @@ def unpack_affine(
     mask = (1 << bits) - 1
     if bits * per_pack <= 32:  # a pack fits a uint32: shift each value out of it
         if nbytes == 1:  # whole values per byte: the uint32 itself is the pack
-            packs, nbytes, per_pack = weight, 4, 32 // bits
+            packs, per_pack = weight, 32 // bits
         else:
             octets = weight.view(mx.uint8).reshape(rows, -1, nbytes).astype(mx.uint32)
             packs = octets[..., 0]
@@ -62,27 +63,28 @@ def unpack_affine(
     return (values * scales[..., None] + biases[..., None]).reshape(rows, -1)
 
 
+def _rows(layer: Any, rows: slice) -> tuple[mx.array, mx.array, mx.array | None]:
+    """The packed weight, scales and biases (None in modes without them) of some output rows."""
+    biases = layer.get("biases")
+    return layer["weight"][rows], layer["scales"][rows], None if biases is None else biases[rows]
+
+
 def _dequantize(layer: Any, rows: slice) -> mx.array:
-    weight, scales, biases = layer["weight"][rows], layer["scales"][rows], layer.get("biases")
+    weight, scales, biases = _rows(layer, rows)
     if layer.mode == "affine" and biases is not None:
-        return unpack_affine(weight, scales, biases[rows], layer.group_size, layer.bits)
+        return unpack_affine(weight, scales, biases, layer.group_size, layer.bits)
     return mx.dequantize(
-        weight,
-        scales,
-        None if biases is None else biases[rows],
-        group_size=layer.group_size,
-        bits=layer.bits,
-        mode=layer.mode,
+        weight, scales, biases, group_size=layer.group_size, bits=layer.bits, mode=layer.mode
     )
 
 
 def _quantized(layer: Any, x: mx.array, rows: slice) -> mx.array:
-    biases = layer.get("biases")
+    weight, scales, biases = _rows(layer, rows)
     return mx.quantized_matmul(
         x,
-        layer["weight"][rows],
-        scales=layer["scales"][rows],
-        biases=None if biases is None else biases[rows],
+        weight,
+        scales=scales,
+        biases=biases,
         transpose=True,
         group_size=layer.group_size,
         bits=layer.bits,
@@ -96,9 +98,11 @@ def cores() -> int:
     return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
+@functools.cache
 def blas_gflops() -> float:
     """The float32 matmul rate of the BLAS MLX calls here, best of three (about 3 GFLOP/s with the
-    reference BLAS of MLX's Linux wheel, 50-150 with OpenBLAS on 2 cores)."""
+    reference BLAS of MLX's Linux wheel, 50-150 with OpenBLAS on 2 cores). Measured once a process:
+    the BLAS does not change, and every model (re)load asks."""
     a = mx.random.normal((256, 256), key=mx.random.key(0))
     mx.eval(a @ a)
     best = math.inf
@@ -134,9 +138,8 @@ class _CpuMatmul:
 
     min_rows: int = 4
     workers: int = 1
-    split_weights: int = (
-        1 << 18
-    )  # below this, handing work to another thread costs more than it saves
+    # Weights below this are not split: handing them to another thread costs more than it saves.
+    split_weights: int = 1 << 18
     slab_bytes: int = 16 << 20
 
     def _matmul(self: Any, x: mx.array) -> mx.array:
