@@ -25,7 +25,6 @@ import numpy as np
 
 from .engine import max_positions, runtime_dtype
 from .errors import RamserveError
-from .profile import total
 from .source import FLOAT_BYTES, Source, open_source
 
 
@@ -286,8 +285,8 @@ def score(
         mx.eval(parts)
         nll_per_seq.append(np.asarray(parts[0], dtype=np.float64))
         if reference is not None:
-            kl_sum += total(parts[1])
-            agree += int(total(parts[2]))
+            kl_sum += float(np.asarray(parts[1]))
+            agree += int(np.asarray(parts[2]))
         counted += int(targets.size)
         bar.update(int(b.shape[0]))
     bar.close()

@@ -63,30 +63,34 @@ class FisherStat:
         total = rows.sum()
         return np.asarray(rows / total) if total > 0 else np.full(rows.size, 1 / rows.size)
 
-    def _row_scale(self, smooth: float) -> tuple[np.ndarray, np.ndarray]:
-        """Each flattened row's smoothed sum over its expert's total, and each row's expert."""
+    def row_scale(self, smooth: float) -> np.ndarray:
+        """Each flattened row's smoothed sum over its expert's total: F̂_ij = row_scale_i × cols_j
+        of row i's expert."""
         rows = self.smoothed_rows(smooth)
         per_expert = self.rows.shape[-1]
         total = self.rows.reshape(-1, per_expert).sum(-1)
         expert = np.arange(rows.size) // per_expert
-        return rows / np.maximum(total[expert], 1e-30), expert
+        return np.asarray(rows / np.maximum(total[expert], 1e-30))
 
-    def weighted_sum(self, a: mx.array, smooth: float) -> float:
-        """Σ F̂_ij a_ij for ``a`` shaped like the weight, without forming F̂ (as large as the weight):
-        each row's scale times the row's product with its expert's column marginals."""
-        scale, _ = self._row_scale(smooth)
-        cols = mx.array(self.cols.reshape(-1, self.cols.shape[-1]).astype(np.float32))
-        per_expert = self.rows.shape[-1]
-        flat = a.astype(mx.float32).reshape(cols.shape[0], per_expert, -1)
-        products = np.asarray((flat @ cols[:, :, None]).reshape(-1), dtype=np.float64)
-        return float((scale * products).sum())
+    def columns(self) -> np.ndarray:
+        """The column marginals per expert, (experts, in) (one row for a plain module)."""
+        return self.cols.reshape(-1, self.cols.shape[-1])
 
-    def weights(self, row_index: np.ndarray | None, smooth: float) -> mx.array:
+    def column_weights(self, row_index: np.ndarray | None) -> np.ndarray:
+        """The column marginals that weigh each given flattened row (all when None): (rows, in),
+        or (1, in) for a plain module, where every row shares them."""
+        cols = self.columns()
+        if cols.shape[0] == 1:
+            return cols
+        index = np.arange(self.rows.size) if row_index is None else row_index
+        return cols[index // self.rows.shape[-1]]
+
+    def weights(self, row_index: np.ndarray | None, smooth: float) -> np.ndarray:
         """F̂ for the given flattened rows (all when None), shape (rows, in), with smoothed rows."""
-        scale, expert = self._row_scale(smooth)
-        cols = self.cols.reshape(-1, self.cols.shape[-1])
+        scale = self.row_scale(smooth)
         index = np.arange(scale.size) if row_index is None else row_index
-        return mx.array((scale[index, None] * cols[expert[index]]).astype(np.float32))
+        cols = self.column_weights(row_index)
+        return np.asarray(scale[index, None] * cols)
 
 
 class _Stop(Exception):
@@ -150,8 +154,8 @@ class _HeadProbe(nn.Module):
 class Marginals:
     """Running sums of squared per-sequence gradients, as row and column marginals per module."""
 
-    def __init__(self, rows_of: dict[str, int]) -> None:
-        self.rows_of = rows_of
+    def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.shapes = shapes
         self.rows: dict[str, mx.array] = {}
         self.cols: dict[str, mx.array] = {}
 
@@ -163,18 +167,31 @@ class Marginals:
         sq = mx.square(grad.astype(mx.float32))
         self._accumulate(path, sq.sum(-1), sq.sum(-2))
 
-    def add_product(self, path: str, delta: mx.array, inputs: mx.array) -> None:
+    def add_product(
+        self, path: str, delta: mx.array, inputs: mx.array, experts: mx.array | None = None
+    ) -> None:
         """Adds the marginals of G², G = deltaᵀ inputs (a linear map's weight gradient from its
-        output gradients (T, out) and inputs (T, in)), through T×T Gram matrices: G is never formed."""
+        output gradients (T, out) and inputs (T, in)), through T×T Gram matrices: G is never formed.
+        Stacked experts: row t went through expert ``experts[t]``, and expert e's gradient sums its
+        own rows only, so the Gram matrices keep the pairs of rows that share an expert."""
         delta, inputs = delta.astype(mx.float32), inputs.astype(mx.float32)
-        self._accumulate(path, ((inputs @ inputs.T) @ delta * delta).sum(0),
-                         ((delta @ delta.T) @ inputs * inputs).sum(0))  # fmt: skip
+        near, far = inputs @ inputs.T, delta @ delta.T
+        if experts is not None:
+            same = (experts[:, None] == experts[None, :]).astype(mx.float32)
+            near, far = near * same, far * same
+        rows, cols = (near @ delta * delta), (far @ inputs * inputs)
+        if experts is None:
+            self._accumulate(path, rows.sum(0), cols.sum(0))
+            return
+        count = self.shapes[path][0]
+        self._accumulate(path, mx.zeros((count, rows.shape[-1])).at[experts].add(rows),
+                         mx.zeros((count, cols.shape[-1])).at[experts].add(cols))  # fmt: skip
 
     def add_rows(self, path: str, index: mx.array, grad: mx.array, counted: mx.array) -> None:
         """Adds a gradient that is zero outside the rows ``index``: (grad + counted)² − counted²,
         counted being a part of those rows' gradient that was added before."""
         sq = mx.square(grad + counted) - mx.square(counted)
-        rows = mx.zeros((self.rows_of[path],)).at[index].add(sq.sum(-1))
+        rows = mx.zeros((self.shapes[path][-2],)).at[index].add(sq.sum(-1))
         self._accumulate(path, rows, sq.sum(0))
 
     def eval(self) -> None:
@@ -254,18 +271,18 @@ class StreamedModel:
         swapped = []
         if head:
             probe = _HeadProbe(self._module(self.head_path), self.tied)
-            swapped.append((self.head_path, self._swap(self.head_path, probe)))
+            swapped.append((self.head_path, self.swap(self.head_path, probe)))
         if not (head and self.tied):
             given = _Given(self.width, self.dtype)
-            swapped.append((self.embed_path, self._swap(self.embed_path, given)))
+            swapped.append((self.embed_path, self.swap(self.embed_path, given)))
         try:
             yield probe, given
         finally:
             for path, module in reversed(swapped):
-                self._swap(path, module)
+                self.swap(path, module)
             self.model.update(tree_unflatten(self.outer_blank), strict=False)
 
-    def _swap(self, path: str, module: nn.Module) -> nn.Module:
+    def swap(self, path: str, module: Any) -> Any:
         parent_path, _, name = path.rpartition(".")
         parent = self._module(parent_path)
         old = parent[name]
@@ -397,7 +414,7 @@ def streamed_fisher(
         run, n, cfg.tokens, cfg.sweeps, cfg.seed, start_token(source.config, vocab), vocab
     )
     bar.update(cfg.sweeps + 1)
-    sums = Marginals({m.path: m.shape[-2] for m in source.modules})
+    sums = Marginals({m.path: m.shape for m in source.modules})
     grads, head_rows = _head(run, x, labels, last, sums)
     for i in reversed(range(layers)):
         grads = _layer(run, i, seen.pop(), grads, args, kwargs, sums)
@@ -405,19 +422,6 @@ def streamed_fisher(
     _embedding(run, x, grads, head_rows, sums)
     bar.close()
     return sums.stats(n * cfg.tokens)
-
-
-def _add_quantizable(run: StreamedModel, prefix: str, grads: list[tuple[str, mx.array]],
-                     sums: Marginals) -> None:  # fmt: skip
-    """Adds each module's squared gradient, computing them one at a time: ``grads`` (flattened and
-    lazy) is emptied as it goes, so only one module's gradient is ever held."""
-    while grads:
-        key, g = grads.pop()
-        path = run.quantizable.get(prefix + key)
-        if path:
-            sums.add(path, g)
-            mx.eval(sums.rows[path], sums.cols[path])
-        del g
 
 
 def _head(
@@ -451,6 +455,64 @@ def _head(
     return mx.concatenate(out), own_rows
 
 
+class _Probe:
+    """Stands in for a linear module of a layer (``nn.Linear``, or mlx-lm's stacked experts, called
+    with the expert of each row): keeps its input and adds ``z`` to its output, so the gradient with
+    respect to ``z`` is the gradient at the module's output. With the input, that is all the weight's
+    marginals need (``Marginals.add_product``); the weight's gradient is never formed."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.x: mx.array | None = None
+        self.experts: mx.array | None = None
+        self.z: mx.array | None = None
+        self.shape: tuple[int, ...] = ()
+
+    def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        y = self.inner(x, *args, **kwargs)
+        self.x, self.shape = x, y.shape
+        self.experts = args[0] if args else kwargs.get("indices")
+        return y if self.z is None else y + self.z
+
+    def add_to(self, sums: Marginals, path: str, delta: mx.array, sequences: int) -> None:
+        """The marginals of each sequence's weight gradient (a batch of ``sequences`` of them)."""
+        assert self.x is not None
+        if self.experts is None:
+            for s in range(sequences):
+                sums.add_product(path, delta[s], self.x[s])
+            return
+        # stacked experts, one sequence: every output row is one (token, expert) pair
+        pairs = delta.shape[:-1]
+        inputs = mx.broadcast_to(self.x, (*pairs, self.x.shape[-1]))
+        experts = mx.broadcast_to(mx.expand_dims(self.experts, -1), pairs)
+        sums.add_product(path, delta.reshape(-1, delta.shape[-1]),
+                         inputs.reshape(-1, inputs.shape[-1]), experts.reshape(-1))  # fmt: skip
+
+
+def probed_types() -> tuple[type, ...]:
+    """The modules a probe can stand in for: maps of their input, rows routed to experts or not."""
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    return (nn.Linear, SwitchLinear)
+
+
+def _probe_modules(run: StreamedModel, i: int) -> tuple[dict[str, _Probe], dict[str, Any]]:
+    """The layer's quantizable modules: linear ones wrapped in probes (keyed by module path), the
+    rest by path under the layer (their weight gradients are taken as they are)."""
+    prefix = run.prefixes[i]
+    modules = dict(run.layers[i].named_modules())
+    probes, others = {}, {}
+    for path in run.quantizable.values():
+        if not path.startswith(prefix):
+            continue
+        module = modules[path[len(prefix) :]]
+        if isinstance(module, probed_types()):
+            probes[path] = _Probe(module)
+        else:
+            others[path] = module
+    return probes, others
+
+
 def _layer(
     run: StreamedModel,
     i: int,
@@ -460,24 +522,52 @@ def _layer(
     kwargs: dict,
     sums: Marginals,
 ) -> mx.array:
-    """Layer i run again per sequence under ``mx.grad`` with the gradient from above: its modules'
-    statistics, and the gradient with respect to its input."""
-    layer = run.layers[i]
-    params = run.layer_params(i)
+    """Layer i run again under ``mx.grad`` with the gradient from above: its modules' statistics from
+    probes at their outputs (every sequence at once, unless a module needs its own weight gradient
+    per sequence or routes rows to experts), and the gradient with respect to its input."""
+    layer, prefix = run.layers[i], run.prefixes[i]
+    layer.update(run.layer_params(i))
+    probes, others = _probe_modules(run, i)
+    weights = {p[len(prefix) :] + ".weight": m.weight for p, m in others.items()}
+    swapped = [(p, run.swap(p, probe)) for p, probe in probes.items()]
 
-    def project(p: Any, h: mx.array, g: mx.array) -> mx.array:
-        layer.update(p)
+    def project(w: dict[str, mx.array], zs: list[mx.array], h: mx.array, g: mx.array) -> mx.array:
+        layer.update(tree_unflatten(list(w.items())), strict=False)
+        for probe, z in zip(probes.values(), zs, strict=True):
+            probe.z = z
         return (layer(h, *args, **kwargs) * g).sum()
 
-    grad = mx.grad(project, argnums=(0, 1))
+    def zeros_at_outputs(h: mx.array) -> list[mx.array]:
+        for probe in probes.values():
+            probe.z = None
+        layer(h, *args, **kwargs)  # the probes see their inputs' and outputs' shapes; nothing runs
+        return [mx.zeros(p.shape, dtype=run.dtype) for p in probes.values()]
+
+    grad = mx.grad(project, argnums=(0, 1, 2))
+    step = inputs.shape[0]
+    zeros_at_outputs(inputs)
+    if others or any(p.experts is not None or p.x is None or p.x.shape[0] != step
+                     for p in probes.values()):  # fmt: skip
+        step = 1
     out = []
-    for s in range(inputs.shape[0]):
-        g_params, g_h = grad(params, inputs[s : s + 1], upstream[s : s + 1])
-        mx.eval(g_h)
-        _add_quantizable(run, run.prefixes[i], list(tree_flatten(g_params)), sums)  # type: ignore[arg-type]
-        del g_params
-        out.append(g_h)
-    run.release_layer(i)
+    try:
+        for s in range(0, inputs.shape[0], step):
+            h, g = inputs[s : s + step], upstream[s : s + step]
+            zs = zeros_at_outputs(h)
+            g_w, g_zs, g_h = grad(weights, zs, h, g)
+            mx.eval(g_h)
+            for (path, probe), delta in zip(probes.items(), g_zs, strict=True):
+                probe.add_to(sums, path, delta, h.shape[0])
+                sums.eval()
+            for key, gw in g_w.items():
+                path = prefix + key.removesuffix(".weight")
+                sums.add(path, gw)
+                mx.eval(sums.rows[path], sums.cols[path])
+            out.append(g_h)
+    finally:
+        for path, module in reversed(swapped):
+            run.swap(path, module)
+        run.release_layer(i)
     return mx.concatenate(out)
 
 

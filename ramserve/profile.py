@@ -31,6 +31,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import atomic
+from .cpu import unpack_affine
 from .fisher import FisherStat, self_fisher
 from .sensitivity import EnergyFlow, flow_order, importances
 from .settings import Settings, load_settings, ramserve_home
@@ -111,39 +112,52 @@ def measure_errors(
     w: mx.array,
     cands: list[tuple[int, int]],
     streams: list[mx.Stream],
-    weightings: list[mx.array | None],
-) -> list[list[float]]:
-    """Relative squared error of MLX's affine quantization of ``w`` (2-D, float) per candidate, once
-    per weighting (None: plain; else elementwise weights broadcasting against ``w``)."""
+    weight: np.ndarray | None = None,
+    fisher: tuple[np.ndarray, np.ndarray] | None = None,
+) -> list[tuple[float, float | None]]:
+    """Relative squared error of MLX's affine quantization of ``w`` (2-D, float) per candidate: its
+    rows weighted by ``weight`` (default 1), and, given ``fisher`` = (row factors, column factors
+    (rows or 1, in)), weighted by the Fisher's rank-1 estimate as well (else None)."""
     ref = w.astype(mx.float32)
-    square = mx.square(ref)
-    signals = [rowsum(square if wt is None else wt * square) for wt in weightings]
+    cols = None if fisher is None else mx.array(fisher[1].astype(np.float32))
+
+    def row_sums(sq: mx.array) -> list[mx.array]:
+        if cols is None:
+            return [sq.sum(-1)]
+        # one set of column weights for every row: a matrix-vector product, nothing as large as w
+        weighted = sq @ cols[0] if cols.shape[0] == 1 else (sq * cols).sum(-1)
+        return [sq.sum(-1), weighted]
+
+    signal = row_sums(mx.square(ref))
     errs: list[list[mx.array]] = []
     # One candidate per stream at a time: both cores busy, and only that many copies alive.
     for start in range(0, len(cands), len(streams)):
         batch = []
         # the last batch may hold fewer candidates than there are streams
         for s, (bits, g) in zip(streams, cands[start : start + len(streams)], strict=False):
-            q = mx.quantize(w, group_size=g, bits=bits, stream=s)
-            d = mx.dequantize(*q, group_size=g, bits=bits, stream=s)
-            # float32: in bf16 the rounding of the difference biases the error by a few percent
-            sq = mx.square(mx.subtract(d.astype(mx.float32, stream=s), ref, stream=s), stream=s)
-            batch.append([rowsum(sq if wt is None else mx.multiply(sq, wt, stream=s), s)
-                          for wt in weightings])  # fmt: skip
+            with mx.stream(s):
+                # unpack_affine equals mx.dequantize, and is several times faster at 3, 5 and 6 bits
+                d = unpack_affine(*mx.quantize(w, group_size=g, bits=bits), g, bits)
+                # float32: in bf16 the rounding of the difference biases the error by a few percent
+                batch.append(row_sums(mx.square(d.astype(mx.float32) - ref)))
         mx.eval(batch)
         errs += batch
-    totals = [max(total(t), 1e-30) for t in signals]
-    return [[total(e) / t for e, t in zip(row, totals, strict=True)] for row in errs]
+    # row sums in float32, added up in float64: one float32 sum over millions of elements drifts by
+    # about 1% (measured on a 5632 x 2048 tensor); row sums do not
+    base = np.ones(w.shape[0]) if weight is None else weight
+    weights = [base] if fisher is None else [base, base * fisher[0]]
 
+    def weighted(rows: list[mx.array]) -> list[float]:
+        return [
+            float(wt @ np.asarray(r, dtype=np.float64)) for wt, r in zip(weights, rows, strict=True)
+        ]
 
-def rowsum(a: mx.array, stream: mx.Stream | None = None) -> mx.array:
-    """Sums along the last axis; ``total`` adds them up in float64. One float32 sum over millions of
-    elements drifts by about 1% (measured on a 5632 x 2048 tensor); row sums do not."""
-    return a.sum(axis=-1, stream=stream)
-
-
-def total(a: mx.array) -> float:
-    return float(np.asarray(a, dtype=np.float64).sum())
+    totals = [max(t, 1e-30) for t in weighted(signal)]
+    out = []
+    for rows in errs:
+        rel = [e / t for e, t in zip(weighted(rows), totals, strict=True)]
+        out.append((rel[0], rel[1] if fisher else None))
+    return out
 
 
 def analyse_module(
@@ -167,23 +181,51 @@ def analyse_module(
     budget = max(a.sample_elements, int(m.numel * a.sample_fraction))
     idx = sample_rows(m.path, flat.shape[0], cols, budget, prob)
     sample = flat if idx is None else flat[mx.array(idx)]
-    weightings: list[mx.array | None] = [None]
+    # importance-sampled rows: each counts 1/p (the plain error), times F̂ (the Fisher error)
+    inverse = None if idx is None or prob is None else 1 / prob[idx]
+    factors = None
     if fisher:
-        # importance-sampled rows: each counts 1/p (the plain error), times F̂ (the Fisher error)
-        inverse = None if idx is None or prob is None else mx.array(1 / prob[idx])[:, None]
-        weightings = [inverse, fisher.weights(idx, smooth) * (1 if inverse is None else inverse)]
+        scale = fisher.row_scale(smooth)
+        factors = (scale if idx is None else scale[idx], fisher.column_weights(idx))
     mx.eval(sample)
-    errors = measure_errors(sample, cands, streams, weightings)
-    for (bits, g), rel in zip(cands, errors, strict=True):
-        sqnr = -10 * math.log10(rel[0]) if rel[0] > 0 else None
+    errors = measure_errors(sample, cands, streams, inverse, factors)
+    for (bits, g), (rel, rel_fisher) in zip(cands, errors, strict=True):
+        sqnr = -10 * math.log10(rel) if rel > 0 else None
         size = quantized_bytes(m.numel, cols, bits, g, fb)
-        options.append(Option(bits, g, size, rel[0], sqnr, rel[1] if fisher else None))
+        options.append(Option(bits, g, size, rel, sqnr, rel_fisher))
     return options
 
 
-def fisher_energy(w: mx.array, fisher: FisherStat, smooth: float) -> float:
-    """½ Σ F̂_ij W_ij² over the whole module: the KL per token if every weight were lost."""
-    return 0.5 * fisher.weighted_sum(mx.square(w.astype(mx.float32)), smooth)
+def squared_products(w: mx.array, columns: np.ndarray, slab_bytes: int = 16 << 20) -> np.ndarray:
+    """Σ_j W_ij² c_jk for every flattened row i of ``w`` and column k of ``columns`` ((experts or 1,
+    in, k)), in float64, shape (rows, k). A slab of rows at a time: the float32 square of a whole
+    embedding would be twice its size."""
+    per_expert = w.reshape(-1, *w.shape[-2:])
+    c = mx.array(columns.astype(np.float32))
+    step = max(1, slab_bytes // (4 * w.shape[-1]))
+    out = []
+    for e in range(per_expert.shape[0]):
+        for r in range(0, per_expert.shape[1], step):
+            part = mx.square(per_expert[e, r : r + step].astype(mx.float32)) @ c[e % c.shape[0]]
+            out.append(np.asarray(part, dtype=np.float64))
+    return np.concatenate(out)
+
+
+def module_energies(
+    m: ModuleInfo, w: mx.array, flow: EnergyFlow, fisher: FisherStat | None, smooth: float
+) -> float | None:
+    """One pass over the whole weight for what needs every row: the output energy the energy flow
+    records (``flow.observe``), and ½ Σ F̂_ij W_ij², the KL per token if every weight were lost."""
+    width = m.shape[-1]
+    xin = flow.input_energy(m)
+    parts = [np.ones(width) if xin is None else xin]
+    if fisher:
+        parts.append(fisher.columns())
+    experts = max(p.size // width for p in parts)
+    columns = np.stack([np.broadcast_to(p.reshape(-1, width), (experts, width)) for p in parts], -1)
+    products = squared_products(w, columns)
+    flow.observe(m, products[:, 0].reshape(m.shape[:-1]))
+    return 0.5 * float(fisher.row_scale(smooth) @ products[:, 1]) if fisher else None
 
 
 def settings_key(settings: Settings) -> str:
@@ -224,9 +266,7 @@ def analyse_iter(
         mx.eval(w)
         stat = fisher.get(m.path) if fisher else None
         options = analyse_module(m, w, settings, source.float_dtype, streams, stat)
-        flow.observe(m, w)
-        smooth = settings.sensitivity.fisher.row_smoothing
-        energy = fisher_energy(w, stat, smooth) if stat else None
+        energy = module_energies(m, w, flow, stat, settings.sensitivity.fisher.row_smoothing)
         del w
         mx.clear_cache()  # return freed buffers, so resident memory tracks one module
         yield ModuleRecord(m.path, m.kind, m.block, m.layer, list(m.shape), m.numel,

@@ -110,17 +110,13 @@ class EnergyFlow:
             return np.asarray(silu_second_moment(gate) * up)
         return None
 
-    def observe(self, m: ModuleInfo, w: mx.array) -> None:
-        """Record the module's output energy, given its (float) weight."""
+    def observe(self, m: ModuleInfo, out: np.ndarray) -> None:
+        """Record the module's output energy per channel, ``out`` = Σ_j W_ij² E[x_j²] with the
+        input energy of ``input_energy`` (ones where it is None): (out,) or (experts, out)."""
         if m.kind == "embedding":
-            # Energy per token: the mean squared norm of an embedding row.
-            rows = mx.square(w.astype(mx.float32)).sum(-1).mean()
-            self.energy[m.path] = float(np.asarray(rows, dtype=np.float64))
+            # energy per token: the mean squared norm of an embedding row
+            self.energy[m.path] = float(out.mean())
             return
-        xin = self.input_energy(m)
-        w2 = mx.square(w.astype(mx.float32))
-        x = mx.ones((w.shape[-1],)) if xin is None else mx.array(xin.astype(np.float32))
-        out = np.asarray(mx.squeeze(w2 @ mx.expand_dims(x, -1), -1))  # (O,) or (E, O)
         if m.layer is not None:
             self._outputs[(m.layer, m.kind)] = out
         per_token = out.sum(-1)
