@@ -20,6 +20,10 @@ sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAMSERVE_HOME", tempfile.mkdtemp(prefix="ramserve-bench-"))
 
+from ramserve.process import restart_with_huge_pages  # noqa: E402
+
+restart_with_huge_pages()  # as the `ramserve` command does
+
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from memory import peak_rss_over_baseline  # noqa: E402

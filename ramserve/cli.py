@@ -338,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # the program itself, not a call from Python
+        from .process import restart_with_huge_pages
+
+        restart_with_huge_pages()
     args = build_parser().parse_args(argv)
     func: Handler = args.func
     try:

@@ -13,7 +13,6 @@ quantized kernels use the GPU and batch well):
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import math
 import os
@@ -24,6 +23,8 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from .process import blas_threads
 
 
 def unpack_affine(
@@ -113,14 +114,6 @@ def blas_gflops() -> float:
     return 2 * 256**3 / best / 1e9
 
 
-def _blas_threads(count: int) -> None:
-    """Caps OpenBLAS's threads where it is loaded (the Makefile preloads it on Linux): with the
-    matmuls split over one stream per core, its own threads fought them for the same cores
-    (bench/serve.py, 8 streams: 85 tokens/s with them, 118 without)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).openblas_set_num_threads(count)
-
-
 _threads = threading.local()
 
 
@@ -186,7 +179,9 @@ def adapt_to_cpu(model: nn.Module, *, min_rows: int, workers: int, min_gflops: f
     if blas_gflops() < min_gflops:
         min_rows = sys.maxsize
     if workers > 1:
-        _blas_threads(1)
+        # its own threads fought the streams for the same cores (bench/serve.py, 8 streams: 85
+        # tokens/s with them, 118 without)
+        blas_threads(1)
     converted = 0
     for _, module in model.named_modules():
         target = _CONVERSIONS.get(type(module))

@@ -14,8 +14,6 @@ last completed layer; the final file appears (atomically) only when every module
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import hashlib
 import json
 import math
@@ -33,11 +31,14 @@ import numpy as np
 from . import atomic
 from .cpu import unpack_affine
 from .fisher import FisherStat, self_fisher
+from .process import freed_memory_returned
 from .sensitivity import EnergyFlow, flow_order, importances
 from .settings import Settings, load_settings, ramserve_home
 from .source import FLOAT_BYTES, ModuleInfo, Source, open_source, require_full_precision
 
 FORMAT = "ramserve-profile/5"
+# What the error measurement keeps alive at once (a candidate holds about 16 bytes per element).
+IN_FLIGHT_BYTES = 48 << 20
 
 
 @dataclass(frozen=True)
@@ -130,12 +131,13 @@ def measure_errors(
 
     signal = row_sums(mx.square(ref))
     errs: list[list[mx.array]] = []
-    # One candidate per stream at a time: both cores busy, and only that many copies alive.
-    for start in range(0, len(cands), len(streams)):
+    # Candidates go round the streams (both cores busy), as many at once as keep about
+    # ``IN_FLIGHT_BYTES`` of copies alive: small modules in one evaluation, whose fixed cost dominates.
+    at_once = len(streams) * max(1, IN_FLIGHT_BYTES // (len(streams) * 16 * w.size))
+    for start in range(0, len(cands), at_once):
         batch = []
-        # the last batch may hold fewer candidates than there are streams
-        for s, (bits, g) in zip(streams, cands[start : start + len(streams)], strict=False):
-            with mx.stream(s):
+        for k, (bits, g) in enumerate(cands[start : start + at_once]):
+            with mx.stream(streams[k % len(streams)]):
                 # unpack_affine equals mx.dequantize, and is several times faster at 3, 5 and 6 bits
                 d = unpack_affine(*mx.quantize(w, group_size=g, bits=bits), g, bits)
                 # float32: in bf16 the rounding of the difference biases the error by a few percent
@@ -309,27 +311,6 @@ def _resume_state(partial: Path, key: str) -> dict[str, ModuleRecord]:
     if not data or data.get("settings_key") != key:
         return {}
     return {d["path"]: ModuleRecord.from_json(d) for d in data.get("modules", [])}
-
-
-def _mmap_threshold(size: int) -> None:
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").mallopt(-3, size)  # M_MMAP_THRESHOLD
-
-
-@contextlib.contextmanager
-def freed_memory_returned() -> Iterator[None]:
-    """Makes glibc give freed tensors back to the system while it lasts. It serves blocks under its
-    adaptive mmap threshold (which rises to 32 MB) from the heap and keeps them when freed, so resident
-    memory grows with every tensor read and dropped; a fixed 1 MiB threshold maps each one on its own.
-    Measured on the 2 GB synthetic model's analysis: peak RSS 673 -> 551 MB. Afterwards the threshold
-    goes to glibc's own ceiling: serving reuses the same scratch every step, and mapping it afresh each
-    time costs the CPU decode page faults on every step. (Elsewhere: nothing to do.)"""
-    _mmap_threshold(1 << 20)
-    try:
-        yield
-    finally:
-        _mmap_threshold(32 << 20)
 
 
 def analyze(source: Source | str, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
