@@ -237,6 +237,7 @@ class StreamedModel:
         self.width = int(source.tensor_shapes[f"{embed}.weight"][-1])
         self.vocab_out = int(source.tensor_shapes[f"{self.head_path}.weight"][0])
         self.quantizable = {f"{m.path}.weight": m.path for m in source.modules}
+        self.layer_done: Callable[[], None] = lambda: None  # progress: one layer of a pass run
 
     def _module(self, path: str) -> Any:
         return dict(self.model.named_modules())[path] if path else self.model
@@ -321,6 +322,7 @@ class StreamedModel:
                 out = layer(x, *args, **kwargs)
                 mx.eval(out)
                 self.release_layer(i)
+                self.layer_done()
                 seen.append(x)
                 if i == len(self.layers) - 1:
                     raise _Stop(out)
@@ -407,13 +409,14 @@ def streamed_fisher(
 
     run = StreamedModel(source, dtype)
     n, layers = cfg.sequences, len(run.layers)
-    bar = tqdm(total=cfg.sweeps + 1 + layers, desc="self-Fisher", unit="pass", file=sys.stderr,
+    # every layer of the sweeps, of the labelling pass and of the backward pass
+    bar = tqdm(total=(cfg.sweeps + 2) * layers, desc="self-Fisher", unit="layer", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)  # fmt: skip
+    run.layer_done = lambda: bar.update(1)
     vocab = int(source.config["vocab_size"])
     x, labels, (seen, last, args, kwargs) = jacobi_inputs(
         run, n, cfg.tokens, cfg.sweeps, cfg.seed, start_token(source.config, vocab), vocab
     )
-    bar.update(cfg.sweeps + 1)
     sums = Marginals({m.path: m.shape for m in source.modules})
     grads, head_rows = _head(run, x, labels, last, sums)
     for i in reversed(range(layers)):
