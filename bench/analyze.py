@@ -20,9 +20,9 @@ sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAMSERVE_HOME", tempfile.mkdtemp(prefix="ramserve-bench-"))
 
-from ramserve.process import restart_with_huge_pages  # noqa: E402
+from ramserve.process import restart_tuned  # noqa: E402
 
-restart_with_huge_pages()  # as the `ramserve` command does
+restart_tuned()  # as the `ramserve` command does
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402

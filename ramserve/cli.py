@@ -339,9 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # the program itself, not a call from Python
-        from .process import restart_with_huge_pages
+        from .process import restart_tuned
 
-        restart_with_huge_pages()
+        restart_tuned()
     args = build_parser().parse_args(argv)
     func: Handler = args.func
     try:

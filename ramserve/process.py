@@ -24,23 +24,47 @@ def _linux() -> bool:
     return sys.platform.startswith("linux")
 
 
-def restart_with_huge_pages() -> None:
-    """Restarts this command (same process id, arguments and environment) with glibc's malloc
-    asking for transparent huge pages for its large blocks: a tunable glibc reads only at start-up.
-    Measured on the 2 GB synthetic model's self-Fisher pass: 20M page faults -> 2.7M, 82 s -> 49 s.
-    Does nothing where the kernel has huge pages off, or once the tunable is set."""
-    if not _linux() or "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""):
-        return
+def _huge_pages(env: dict[str, str]) -> bool:
+    """Asks glibc's malloc for transparent huge pages for its large blocks, unless asked already or
+    the kernel has them off. Measured on the 2 GB synthetic model's self-Fisher pass: 20M page
+    faults -> 2.7M, 82 s -> 49 s."""
+    if "glibc.malloc.hugetlb" in env.get("GLIBC_TUNABLES", ""):
+        return False
     try:
         if "[never]" in THP_MODE.read_text():
-            return
+            return False
     except OSError:
+        return False
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+    env["GLIBC_TUNABLES"] = ":".join([*tunables, HUGE_PAGES])
+    return True
+
+
+def _fast_blas(env: dict[str, str]) -> bool:
+    """Preloads the OpenBLAS that scripts/fast-blas put beside the environment (``make setup``), as
+    the Makefile does: MLX's Linux wheel calls the reference BLAS, about 3 GFLOP/s here against
+    OpenBLAS's 150, and the self-Fisher pass and evaluation are all matmuls."""
+    found = sorted(Path(sys.prefix, "fastblas").glob("usr/lib/*/openblas-pthread/libblas.so.3"))
+    if not found or "libblas" in env.get("LD_PRELOAD", ""):
+        return False
+    lib = found[0]
+    paths = [str(lib.parent.parent), str(lib.parent), env.get("LD_LIBRARY_PATH", "")]
+    env["LD_LIBRARY_PATH"] = ":".join(p for p in paths if p)
+    env["LD_PRELOAD"] = ":".join(p for p in (str(lib), env.get("LD_PRELOAD", "")) if p)
+    return True
+
+
+def restart_tuned() -> None:
+    """Restarts this command (same process id, arguments and output) with the C runtime set as the
+    analysis wants it: settings glibc and the dynamic loader read only at start-up. Does nothing
+    where both are set already, or nothing applies (not Linux)."""
+    if not _linux():
         return
-    tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t]
-    os.environ["GLIBC_TUNABLES"] = ":".join([*tunables, HUGE_PAGES])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    env = dict(os.environ)
+    if _huge_pages(env) | _fast_blas(env):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def _mmap_threshold(size: int) -> None:
