@@ -85,13 +85,6 @@ class FisherStat:
         index = np.arange(self.rows.size) if row_index is None else row_index
         return cols[index // self.rows.shape[-1]]
 
-    def weights(self, row_index: np.ndarray | None, smooth: float) -> np.ndarray:
-        """F̂ for the given flattened rows (all when None), shape (rows, in), with smoothed rows."""
-        scale = self.row_scale(smooth)
-        index = np.arange(scale.size) if row_index is None else row_index
-        cols = self.column_weights(row_index)
-        return np.asarray(scale[index, None] * cols)
-
 
 class _Stop(Exception):
     """Ends a model call early, carrying the hidden state where it stopped."""
