@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
@@ -29,6 +30,7 @@ import numpy as np  # noqa: E402
 from memory import peak_rss_over_baseline  # noqa: E402
 from synthetic import synthetic_model  # noqa: E402
 
+from ramserve import affine  # noqa: E402
 from ramserve.fmt import table  # noqa: E402
 from ramserve.profile import analyse_module, analyze  # noqa: E402
 from ramserve.settings import load_settings  # noqa: E402
@@ -51,15 +53,17 @@ def throughput(folder: Path) -> dict:
             "MB_per_s": round(mb / seconds, 1), "peak_rss_MB": round(peak / 1e6)}  # fmt: skip
 
 
-def exact_errors(w: mx.array, cands: list[tuple[int, int]]) -> list[float]:
-    """Whole-tensor relative error, row sums in float32 added up in float64 (one float32 sum over the
-    whole tensor drifts by about 1%): the reference for the sample."""
+def exact_errors(
+    w: mx.array, cands: list[tuple[int, int]], quantizer: dict[str, Any]
+) -> list[float]:
+    """Whole-tensor relative error of ``quantizer``, row sums in float32 added up in float64 (one
+    float32 sum over the whole tensor drifts by about 1%): the reference for the sample."""
     w2 = w.reshape(-1, w.shape[-1])
     ref = w2.astype(mx.float32)
     signal = np.asarray(mx.square(ref).sum(axis=1), dtype=np.float64).sum()
     out = []
     for bits, g in cands:
-        d = mx.dequantize(*mx.quantize(w2, group_size=g, bits=bits), group_size=g, bits=bits)
+        d = affine.dequantize(w2, g, bits, **quantizer)
         sq = mx.square(d.astype(mx.float32) - ref).sum(axis=1)
         out.append(np.asarray(sq, dtype=np.float64).sum() / signal)
         mx.clear_cache()
@@ -77,7 +81,7 @@ def sampling_error(folder: Path, limit: int = 12) -> float:
     for m in sampled_modules[:limit]:
         w = weights.pop(f"{m.path}.weight").astype(mx.bfloat16)
         a = analyse_module(m, w, settings, "bfloat16", [mx.cpu])[1:]
-        b = exact_errors(w, [(o.bits, o.group_size) for o in a])
+        b = exact_errors(w, [(o.bits, o.group_size) for o in a], settings.quantizer.model_dump())
         worst = max(worst, max(abs(x.rel_mse / y - 1) for x, y in zip(a, b, strict=True)))
     return worst
 

@@ -87,18 +87,19 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .plan import load_plan
     from .source import open_source
 
-    quantization, label = None, None
+    quantization, quantizer, label = None, None, None
     if a.plan or a.budget:
         plan = (
             load_plan(Path(a.plan))
             if a.plan
             else plan_model(open_source(a.model), a.budget, a.quiet)
         )
-        quantization, label = plan["quantization"], f"ramserve@{plan['budget']['spec']}"
+        quantization, quantizer = plan["quantization"], plan.get("quantizer")
+        label = f"ramserve@{plan['budget']['spec']}"
     elif a.recipe:
         quantization, label = recipe_quantization(open_source(a.model), a.recipe), a.recipe
     scores = evaluate(a.model, Path(a.text), reference=a.reference, quantization=quantization,
-                      label=label, seq_len=a.seq_len, samples=a.samples,
+                      quantizer=quantizer, label=label, seq_len=a.seq_len, samples=a.samples,
                       batch_size=a.batch_size, progress=not a.quiet)  # fmt: skip
     _emit(scores.to_json() if a.json else scores, a.json, render_scores)
     return 0

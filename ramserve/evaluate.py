@@ -23,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import affine
 from .engine import max_positions, runtime_dtype
 from .errors import RamserveError
 from .source import FLOAT_BYTES, Source, open_source
@@ -119,9 +120,15 @@ def recipe_quantization(source: Source, recipe: str) -> dict[str, Any]:
     return out
 
 
-def simulate(model: nn.Module, quantization: dict[str, Any], dtype: mx.Dtype) -> None:
+def simulate(
+    model: nn.Module,
+    quantization: dict[str, Any],
+    dtype: mx.Dtype,
+    quantizer: dict[str, Any] | None = None,
+) -> None:
     """Replace each quantized module's weight by dequantize(quantize(W)), as the kernels compute it:
-    quantized from the stored float weight, scales and biases stored in it and used in ``dtype``."""
+    quantized from the stored float weight by ``quantizer`` (a plan's; default mx.quantize, as
+    mlx-lm does), scales and biases stored in it and used in ``dtype``."""
     modules = quantizable_paths(model)
     for path, q in quantization.items():
         if not isinstance(q, dict):
@@ -130,8 +137,7 @@ def simulate(model: nn.Module, quantization: dict[str, Any], dtype: mx.Dtype) ->
             raise EvalError(f"the quantization map names {path!r}, which this model does not have")
         m = modules[path]
         g, bits = q["group_size"], q["bits"]
-        w, s, b = mx.quantize(m.weight, group_size=g, bits=bits)
-        m.weight = mx.dequantize(w, s.astype(dtype), b.astype(dtype), group_size=g, bits=bits)
+        m.weight = affine.dequantize(m.weight, g, bits, **(quantizer or {}), dtype=dtype)
         mx.eval(m.weight)
 
 
@@ -143,17 +149,20 @@ def load_source_model(source: Source) -> tuple[nn.Module, Any]:
 
 
 def load_for_eval(
-    spec: str, quantization: dict[str, Any] | None = None, label: str | None = None
+    spec: str,
+    quantization: dict[str, Any] | None = None,
+    label: str | None = None,
+    quantizer: dict[str, Any] | None = None,
 ) -> Evaluated:
     """A model to evaluate: a folder as it is stored (quantized or not), or a float source with a
-    quantization map simulated on it."""
+    quantization map simulated on it (by ``quantizer``, see ``simulate``)."""
     source = open_source(spec)
     dtype = getattr(mx, runtime_dtype(source.float_dtype))
     if source.quantization and quantization:
         raise EvalError(f"{source.path} is already quantized; a plan applies to a float source")
     model, tokenizer = load_source_model(source)
     if quantization:
-        simulate(model, quantization, dtype)
+        simulate(model, quantization, dtype, quantizer)
         size = stored_bytes(source, quantization)
     else:
         size = sum(
@@ -319,6 +328,7 @@ def evaluate(
     *,
     reference: str | None = None,
     quantization: dict[str, Any] | None = None,
+    quantizer: dict[str, Any] | None = None,
     label: str | None = None,
     seq_len: int = 512,
     samples: int | None = 48,
@@ -331,7 +341,7 @@ def evaluate(
     if samples is not None and samples < 1:
         raise EvalError(f"--samples must be at least 1, not {samples}")
     content = read_text(text)
-    e = load_for_eval(model, quantization, label)
+    e = load_for_eval(model, quantization, label, quantizer)
     check_model(e, seq_len)
     windows = token_windows(encode(e.tokenizer, content), seq_len, samples)
     ref = None

@@ -200,6 +200,7 @@ def _plan_json(
         },  # fmt: skip
         "note": note,
         "quantization": quantization,
+        "quantizer": profile.get("quantizer", {}),
         "choices": choices,
     }
     plan["hash"] = plan_hash(plan)
@@ -207,8 +208,10 @@ def _plan_json(
 
 
 def plan_hash(plan: dict[str, Any]) -> str:
-    """Identifies the weights a plan produces: the source fingerprint and the quantization object."""
-    key = json.dumps([plan["fingerprint"], plan["quantization"]], sort_keys=True)
+    """Identifies the weights a plan produces: the source fingerprint, the quantization object and the
+    quantizer."""
+    key = json.dumps([plan["fingerprint"], plan["quantization"], plan.get("quantizer", {})],
+                     sort_keys=True)  # fmt: skip
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

@@ -28,8 +28,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from . import atomic
-from .cpu import unpack_affine
+from . import affine, atomic
 from .fisher import FisherStat, self_fisher
 from .process import freed_memory_returned
 from .sensitivity import EnergyFlow, flow_order, importances
@@ -115,10 +114,12 @@ def measure_errors(
     streams: list[mx.Stream],
     weight: np.ndarray | None = None,
     fisher: tuple[np.ndarray, np.ndarray] | None = None,
+    quantizer: dict[str, Any] | None = None,
 ) -> list[tuple[float, float | None]]:
-    """Relative squared error of MLX's affine quantization of ``w`` (2-D, float) per candidate: its
-    rows weighted by ``weight`` (default 1), and, given ``fisher`` = (row factors, column factors
-    (rows or 1, in)), weighted by the Fisher's rank-1 estimate as well (else None)."""
+    """Relative squared error of the affine quantization of ``w`` (2-D, float) per candidate, by
+    ``quantizer`` (``affine.quantize``'s options; default mx.quantize): its rows weighted by ``weight``
+    (default 1), and, given ``fisher`` = (row factors, column factors (rows or 1, in)), weighted by the
+    Fisher's rank-1 estimate as well (else None)."""
     ref = w.astype(mx.float32)
     cols = None if fisher is None else mx.array(fisher[1].astype(np.float32))
 
@@ -138,8 +139,7 @@ def measure_errors(
         batch = []
         for k, (bits, g) in enumerate(cands[start : start + at_once]):
             with mx.stream(streams[k % len(streams)]):
-                # unpack_affine equals mx.dequantize, and is several times faster at 3, 5 and 6 bits
-                d = unpack_affine(*mx.quantize(w, group_size=g, bits=bits), g, bits)
+                d = affine.dequantize(w, g, bits, **(quantizer or {}))
                 # float32: in bf16 the rounding of the difference biases the error by a few percent
                 batch.append(row_sums(mx.square(d.astype(mx.float32) - ref)))
         mx.eval(batch)
@@ -160,6 +160,39 @@ def measure_errors(
         rel = [e / t for e, t in zip(weighted(rows), totals, strict=True)]
         out.append((rel[0], rel[1] if fisher else None))
     return out
+
+
+def _searched(
+    errors: list[tuple[float, float | None]],
+    sample: mx.array,
+    cands: list[tuple[int, int]],
+    streams: list[mx.Stream],
+    inverse: np.ndarray | None,
+    factors: tuple[np.ndarray, np.ndarray] | None,
+    quantizer: dict[str, Any],
+    elements: int,
+) -> list[tuple[float, float | None]]:
+    """The errors of the search quantizer: the sample's errors under mx.quantize times the ratio of
+    the two quantizers' errors on every k-th sampled row (the same rows for both, so the ratio's own
+    sampling noise mostly cancels)."""
+    step = max(1, math.ceil(sample.size / elements))
+    rows = np.arange(0, sample.shape[0], step)
+    sub = sample[mx.array(rows)] if step > 1 else sample
+    inv = None if inverse is None else inverse[rows]
+    fac = None if factors is None else (factors[0][rows],
+                                        factors[1] if len(factors[1]) == 1 else factors[1][rows])  # fmt: skip
+    plain = errors if step == 1 else measure_errors(sub, cands, streams, inv, fac)
+    searched = measure_errors(sub, cands, streams, inv, fac, quantizer)
+
+    def scaled(full: float | None, base: float | None, new: float | None) -> float | None:
+        if full is None or base is None or new is None:
+            return None
+        return full * new / base if base > 0 else new
+
+    return [
+        (scaled(e[0], p[0], s[0]) or 0.0, scaled(e[1], p[1], s[1]))
+        for e, p, s in zip(errors, plain, searched, strict=True)
+    ]
 
 
 def analyse_module(
@@ -191,6 +224,10 @@ def analyse_module(
         factors = (scale if idx is None else scale[idx], fisher.column_weights(idx))
     mx.eval(sample)
     errors = measure_errors(sample, cands, streams, inverse, factors)
+    quantizer = settings.quantizer.model_dump()
+    if quantizer["ranges"]:
+        errors = _searched(errors, sample, cands, streams, inverse, factors, quantizer,
+                           a.search_sample_elements)  # fmt: skip
     for (bits, g), (rel, rel_fisher) in zip(cands, errors, strict=True):
         sqnr = -10 * math.log10(rel) if rel > 0 else None
         size = quantized_bytes(m.numel, cols, bits, g, fb)
@@ -233,6 +270,7 @@ def module_energies(
 def settings_key(settings: Settings) -> str:
     """What the profile depends on besides the weights; a change invalidates the cache."""
     relevant = {"format": FORMAT, "analysis": settings.analysis.model_dump(),
+                "quantizer": settings.quantizer.model_dump(),
                 "kinds": [k.model_dump() for k in settings.kinds],
                 "restrict": {k: v.model_dump() for k, v in settings.restrict.items()},
                 "sensitivity": settings.sensitivity.model_dump()}  # fmt: skip
@@ -397,6 +435,8 @@ def _assemble(
         "parameters": source.parameter_count,
         "bf16_bytes": 2 * source.parameter_count,
         "fixed_bytes": fixed_bytes(source),
+        # the quantizer the errors were measured with, which a plan's weights must be written with
+        "quantizer": settings.quantizer.model_dump(),
         "estimator": "self-fisher/2" if fisher else "energy-flow/1",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "analysis_seconds": sum(r.seconds for r in records) + (fisher_seconds or 0.0),

@@ -21,7 +21,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from . import atomic
+from . import affine, atomic
 from .errors import BadModel
 from .plan import FORMAT as PLAN_FORMAT
 from .settings import ramserve_home
@@ -113,8 +113,9 @@ def _to_bytes(a: mx.array) -> bytes:
 class _Producer:
     """Computes output tensors from the lazy source weights, one source tensor at a time."""
 
-    def __init__(self, source: Source) -> None:
+    def __init__(self, source: Source, quantizer: dict[str, Any]) -> None:
         self.weights = source.weights()
+        self.quantizer = quantizer
         self.float_dtype = getattr(mx, source.float_dtype)
         self.name: str | None = None
         self.parts: dict[str, mx.array] = {}
@@ -129,8 +130,8 @@ class _Producer:
                 self.parts["copy"] = w.astype(self.float_dtype) if mx.issubdtype(
                     w.dtype, mx.floating) else w  # fmt: skip
             else:
-                q, s, b = mx.quantize(
-                    w.astype(self.float_dtype), group_size=t.group_size, bits=t.bits
+                q, s, b = affine.quantize(
+                    w.astype(self.float_dtype), t.group_size, t.bits, **self.quantizer
                 )
                 self.parts.update(weight=q, scales=s, biases=b)
             mx.eval(*self.parts.values())
@@ -147,7 +148,7 @@ def write_shards(
     total = sum(t.nbytes for t in tensors)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)  # fmt: skip
-    producer = _Producer(source)
+    producer = _Producer(source, plan.get("quantizer", {}))
     weight_map = {}
     for i, shard in enumerate(shards):
         name = (

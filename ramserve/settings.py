@@ -32,6 +32,12 @@ class AnalysisSettings(BaseModel):
     sample_elements: int = Field(gt=0)
     sample_fraction: float = Field(gt=0, le=1)
     streams: int = Field(ge=1)
+    search_sample_elements: int = Field(gt=0)
+
+
+class QuantizerSettings(BaseModel):
+    ranges: list[float] = []
+    refits: int = Field(default=0, ge=0)
 
 
 class AllocateSettings(BaseModel):
@@ -88,6 +94,7 @@ class ServerSettings(BaseModel):
 
 class Settings(BaseModel):
     analysis: AnalysisSettings
+    quantizer: QuantizerSettings
     sensitivity: SensitivitySettings
     kinds: list[KindRule]
     restrict: dict[str, Restriction] = {}
