@@ -65,7 +65,11 @@ def bench_model(folder: Path, samples: int, seq_len: int) -> list[dict]:
         size = stored_bytes(source, quant)
         fixed = score(load_for_eval(str(folder), quant, recipe), windows, ref_lp)
         plan = make_plan(profile, f"{size}B")
-        ours = score(load_for_eval(str(folder), plan["quantization"], "ramserve", plan["quantizer"]), windows, ref_lp)
+        ours = score(
+            load_for_eval(str(folder), plan["quantization"], "ramserve", plan["quantizer"]),
+            windows,
+            ref_lp,
+        )
         ratio = ours.kl_mean / fixed.kl_mean if fixed.kl_mean else float("nan")
         target = 0.7 if recipe in UNIFORM else 1.0
         rows.append({"model": source.name, "recipe": recipe, "recipe_scores": fixed.to_json(),

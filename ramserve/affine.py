@@ -132,16 +132,15 @@ def quantize(
     flat = w.reshape(-1, columns)
     step = max(1, SLAB_ELEMENTS // columns)
     if flat.shape[0] <= step:
-        parts = _search(flat, group_size, bits, ranges, refits)
+        slabs = [_search(flat, group_size, bits, ranges, refits)]
     else:  # the search keeps several float32 copies alive: a slab of rows at a time, two at once
-        slabs: list[tuple[mx.array, mx.array, mx.array]] = []
+        slabs = []
         for start in range(0, flat.shape[0], step):
             with mx.stream(_streams()[len(slabs) % 2]):
                 slabs.append(_search(flat[start : start + step], group_size, bits, ranges, refits))
             if len(slabs) % 2 == 0 or start + step >= flat.shape[0]:
                 mx.eval(slabs[-2:])
-        parts = tuple(mx.concatenate(p) for p in zip(*slabs, strict=True))
-    q, s, b = (p.reshape(*lead, -1) for p in parts)
+    q, s, b = (mx.concatenate([slab[k] for slab in slabs]).reshape(*lead, -1) for k in range(3))
     return q, s, b
 
 
@@ -151,7 +150,11 @@ def _search(
     s, b = _best_scales(w, group_size, bits, ranges, refits)
     x = w.astype(mx.float32).reshape(*s.shape[:-1], group_size)
     packed = pack_codes(_codes(x, s, b, (1 << bits) - 1).reshape(w.shape), bits)
-    return packed, s.reshape(w.shape[0], -1).astype(w.dtype), b.reshape(w.shape[0], -1).astype(w.dtype)
+    return (
+        packed,
+        s.reshape(w.shape[0], -1).astype(w.dtype),
+        b.reshape(w.shape[0], -1).astype(w.dtype),
+    )
 
 
 def _best_scales(
