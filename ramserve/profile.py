@@ -184,15 +184,14 @@ def _searched(
     plain = errors if step == 1 else measure_errors(sub, cands, streams, inv, fac)
     searched = measure_errors(sub, cands, streams, inv, fac, quantizer)
 
-    def scaled(full: float | None, base: float | None, new: float | None) -> float | None:
-        if full is None or base is None or new is None:
-            return None
+    def scaled(full: float, base: float, new: float) -> float:
         return full * new / base if base > 0 else new
 
-    return [
-        (scaled(e[0], p[0], s[0]) or 0.0, scaled(e[1], p[1], s[1]))
-        for e, p, s in zip(errors, plain, searched, strict=True)
-    ]
+    out: list[tuple[float, float | None]] = []
+    for (e, ef), (p, pf), (s, sf) in zip(errors, plain, searched, strict=True):
+        fisher = None if ef is None or pf is None or sf is None else scaled(ef, pf, sf)
+        out.append((scaled(e, p, s), fisher))
+    return out
 
 
 def analyse_module(
