@@ -1,9 +1,11 @@
-"""Loading a quantized model and generating: continuous batching, sampling, stop strings, prompt cache.
+"""Loading a quantized model and scheduling its generation: continuous batching, sampling, prompt cache.
 
 One worker thread owns every MLX call. It runs mlx-lm's ``BatchGenerator`` (continuous batching:
 requests join and leave the decoding batch at any step) and reuses KV caches of earlier prompts
 through mlx-lm's ``LRUPromptCache``, so a shared prefix is not recomputed. Callers submit a prompt
-with sampling parameters and receive ``Event`` objects through a callback, from the worker thread.
+with sampling parameters, the request's ``Output`` (ramserve/output.py: detokenizing, stop strings,
+reasoning and tool calls, typed events) and any extra logits processors (ramserve/constrain.py's
+grammars); the scheduler hands each sampled token to that request's output, from the worker thread.
 
 Memory is bounded up front instead of failing mid-generation: at most ``parallel`` sequences decode
 at once, each within ``context`` tokens (what the budget's KV line pays for); later requests wait in
@@ -24,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import numpy as np
 
+from .constrain import Grammars
 from .errors import RamserveError
+from .output import Done, Event, Output, Usage, make_output
+from .settings import load_settings
 
 log = logging.getLogger("ramserve.engine")
 
@@ -51,7 +55,6 @@ def load_model(folder: Path, *, cpu_layers: bool = True) -> tuple[Any, Any]:
     import mlx_lm
 
     from .cpu import adapt_to_cpu, cores
-    from .settings import load_settings
 
     model, tokenizer = mlx_lm.load(str(folder))[:2]
     if cpu_layers and mx.default_device() == mx.cpu:
@@ -88,29 +91,6 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     logprobs: bool = False
     top_logprobs: int = 0
-
-
-@dataclass
-class TokenLogprob:
-    token: str
-    logprob: float
-    top: list[tuple[str, float]]
-
-
-@dataclass
-class Event:
-    """A piece of a response: new text, and on the last one the finish reason and usage."""
-
-    text: str = ""
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "length", or "error"
-    error: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-
-
-Sink = Callable[[Event], None]
 
 
 def _greedy(logprobs: mx.array) -> mx.array:
@@ -155,30 +135,18 @@ def make_processors(p: SamplingParams) -> list[Any]:
     )
 
 
-def stop_holdback(text: str, stops: list[str]) -> int:
-    """How many trailing characters of ``text`` could start a stop string (held until resolved)."""
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), hold, -1):
-            if text.endswith(s[:k]):
-                hold = k
-                break
-    return hold
-
-
 @dataclass
 class Request:
     prompt: list[int]
     params: SamplingParams
-    sink: Sink
+    output: Output
     max_tokens: int
+    processors: list[Any] = field(default_factory=list)
     submitted: float = field(default_factory=time.perf_counter)
     uid: int | None = None
     cached_tokens: int = 0
     generated: int = 0
     first_token_at: float | None = None
-    pending_text: str = ""
-    detokenizer: Any = None
     cancelled: bool = False
     done: bool = False
 
@@ -216,6 +184,9 @@ class Engine:
 
         self.folder = Path(folder)
         self.model, self.tokenizer = load_model(self.folder)
+        self.grammars = Grammars(
+            self.tokenizer, vocab_size(self.model), load_settings().tool_formats
+        )
         limit = max_positions(self.model)
         self.context = min(context or limit, limit)
         self.parallel = parallel
@@ -244,7 +215,8 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
 
-    def submit(self, prompt: list[int], params: SamplingParams, sink: Sink) -> Request:
+    def submit(self, prompt: list[int], params: SamplingParams, output: Output,
+               processors: list[Any] | None = None) -> Request:  # fmt: skip
         """Queue a generation; raises ContextExceeded or QueueFull instead of over-committing."""
         room = self.context - len(prompt)
         if not prompt:
@@ -255,7 +227,7 @@ class Engine:
                 f"the prompt ({len(prompt)} tokens){asked} exceeds the context of "
                 f"{self.context} tokens"
             )
-        request = Request(prompt, params, sink, params.max_tokens or room)
+        request = Request(prompt, params, output, params.max_tokens or room, processors or [])
         with self._lock:
             if len(self._waiting) >= self.queue_size + max(0, self.parallel - len(self._active)):
                 raise QueueFull(f"all {self.parallel} slots are busy and {self.queue_size} wait")
@@ -268,16 +240,17 @@ class Engine:
         events: list[list[Event]] = [[] for _ in prompts]
         done = threading.Semaphore(0)
 
-        def sink_for(i: int) -> Sink:
+        def sink_for(i: int) -> Callable[[Event], None]:
             def sink(e: Event) -> None:
                 events[i].append(e)
-                if e.finish_reason is not None:
+                if isinstance(e, Done):
                     done.release()
 
             return sink
 
         for i, prompt in enumerate(prompts):
-            self.submit(prompt, params, sink_for(i))
+            output = make_output(self.tokenizer, prompt, sink_for(i), stops=params.stop)
+            self.submit(prompt, params, output)
         for _ in prompts:
             done.acquire()
         return events
@@ -307,8 +280,6 @@ class Engine:
 
     def _new_generator(self) -> Any:
         from mlx_lm.generate import BatchGenerator
-
-        from .settings import load_settings
 
         cfg = load_settings().budget  # the prefill shape the budget's scratch line pays for
         return BatchGenerator(
@@ -377,14 +348,13 @@ class Engine:
             trim_prompt_cache(cache, 1)
             rest = r.prompt[-1:]
         r.cached_tokens = len(r.prompt) - len(rest)
-        r.detokenizer = self.tokenizer.detokenizer
         (r.uid,) = self._generator.insert(
             [rest],
             max_tokens=[r.max_tokens],
             caches=[cache] if cache is not None else None,
             all_tokens=[r.prompt[: r.cached_tokens]],
             samplers=[make_sampler(r.params)],
-            logits_processors=[make_processors(r.params)],
+            logits_processors=[make_processors(r.params) + r.processors],
         )
         self._active[r.uid] = r
         self.stats.prompt_tokens += len(r.prompt)
@@ -424,48 +394,14 @@ class Engine:
             self.stats.ttft_count += 1
         r.generated += 1
         self.stats.generated_tokens += 1
-        eos = resp.finish_reason == "stop"
-        entries = []
-        if not eos:
-            r.detokenizer.add_token(resp.token)
-            if r.params.logprobs:
-                entries.append(
-                    self._logprob_entry(resp.token, resp.logprobs, r.params.top_logprobs)
-                )
-        if resp.finish_reason is not None:
-            r.detokenizer.finalize()
-        text = r.pending_text + r.detokenizer.last_segment
-        finish = resp.finish_reason
-        stops = r.params.stop
-        if stops:
-            hits = [(text.find(s), s) for s in stops if s in text]
-            if hits:
-                text, finish = text[: min(hits)[0]], "stop"
-                r.pending_text = ""
-            elif finish is None:
-                hold = stop_holdback(text, stops)
-                text, r.pending_text = text[: len(text) - hold], text[len(text) - hold :]
-            else:
-                r.pending_text = ""
-        event = Event(text=text, logprobs=entries, finish_reason=finish)
+        stopped = False
+        if resp.finish_reason != "stop":  # "stop" is the end-of-sequence token: no text
+            stopped = r.output.token(resp.token, resp.logprobs if r.params.logprobs else None)
+        finish = "stop" if stopped else resp.finish_reason
         if finish is not None:
             r.done = True
-            event.prompt_tokens = len(r.prompt)
-            event.completion_tokens = r.generated
-            event.cached_tokens = r.cached_tokens
             self._count_finish(finish)
-        if event.text or event.logprobs or event.finish_reason:
-            r.sink(event)
-
-    def _logprob_entry(self, token: int, logprobs: mx.array, top: int) -> TokenLogprob:
-        decode = self.tokenizer.decode
-        row = np.array(logprobs.astype(mx.float32))
-        entry = TokenLogprob(decode([token]), float(row[token]), [])
-        if top:
-            part = np.argpartition(-row, top - 1)[:top]  # not a sort of the whole vocabulary
-            best = part[np.argsort(-row[part], kind="stable")]
-            entry.top = [(decode([int(i)]), float(row[i])) for i in best]
-        return entry
+            r.output.finish(finish, Usage(len(r.prompt), r.generated, r.cached_tokens))
 
     def _count_finish(self, reason: str) -> None:
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
@@ -479,7 +415,12 @@ class Engine:
         for r in failed:
             self._count_finish("error")
             r.done = True
-            r.sink(Event(finish_reason="error", error=message))
+            r.output.fail(message)
+
+
+def vocab_size(model: Any) -> int:
+    """The width of the model's logits."""
+    return int(model.args.vocab_size)
 
 
 def max_positions(model: Any) -> int:

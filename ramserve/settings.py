@@ -1,4 +1,4 @@
-"""Typed settings, with every default in configs/defaults.toml.
+"""Typed settings, with every default in configs/ (defaults.toml, tools.toml).
 
 A user file at ``$RAMSERVE_HOME/config.toml`` overrides any key (merged table by table).
 """
@@ -9,7 +9,7 @@ import os
 import tomllib
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -92,6 +92,17 @@ class ServerSettings(BaseModel):
     cpu_dense_min_gflops: float = Field(ge=0)
 
 
+class ToolFormat(BaseModel):
+    """How a model family writes a tool call (configs/tools.toml)."""
+
+    open: str = Field(min_length=1)
+    close: str = ""
+    separator: str = ""
+    body: Literal["object"] = "object"
+    key_separator: str = ": "
+    item_separator: str = ", "
+
+
 class Settings(BaseModel):
     analysis: AnalysisSettings
     quantizer: QuantizerSettings
@@ -102,6 +113,7 @@ class Settings(BaseModel):
     budget: BudgetSettings
     devices: dict[str, Device] = {}
     server: ServerSettings
+    tool_formats: dict[str, ToolFormat] = {}
 
 
 def ramserve_home() -> Path:

@@ -73,3 +73,16 @@ def profile_cache(tmp_path_factory: pytest.TempPathFactory):
         return memo[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def served_dense(profile_cache, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared dense model quantized to 30% of its bf16 size, once per session, for servers."""
+    from ramserve.plan import make_plan
+    from ramserve.quantize import quantize
+    from ramserve.source import open_source
+
+    src = open_source(str(shared_model(DENSE)))
+    plan = make_plan(profile_cache(DENSE), "30%")
+    out, _ = quantize(src, plan, tmp_path_factory.mktemp("served") / "model", progress=False)
+    return out

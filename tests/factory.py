@@ -17,6 +17,19 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# The Qwen/Hermes tool format, from which mlx-lm infers its ``json_tools`` parser.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n# Tools\n<tools>\n{% for t in tools %}{{ t | tojson }}\n"
+    "{% endfor %}</tools>\nCall a function as <tool_call>\n{\"name\": <name>, \"arguments\": "
+    "<args>}\n</tool_call><|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ 'user' if m.role == 'tool' else m.role }}\n"
+    "{% if m.role == 'tool' %}<tool_response>\n{{ m.content }}\n</tool_response>"
+    "{% else %}{{ m.content }}{% endif %}"
+    "{% for c in m.tool_calls or [] %}{% set tool_call = c.function %}<tool_call>\n{\"name\": "
+    "\"{{ tool_call.name }}\", \"arguments\": {{ tool_call.arguments | tojson }}}\n</tool_call>"
+    "{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 CORPUS = [
     "def add(a, b):\n    return a + b\n",
     "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
@@ -31,13 +44,14 @@ ARCHS = {
 }
 
 
-def write_tokenizer(folder: Path, vocab_size: int) -> None:
+def write_tokenizer(folder: Path, vocab_size: int, chat_template: str = CHAT_TEMPLATE,
+                    extra_special: tuple[str, ...] = ()) -> None:  # fmt: skip
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *extra_special]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=special,
@@ -53,7 +67,7 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
                 "eos_token": "<|im_end|>",
                 "bos_token": None,
                 "pad_token": "<|endoftext|>",
-                "chat_template": CHAT_TEMPLATE,
+                "chat_template": chat_template,
                 "model_max_length": 512,
             }
         )
@@ -138,9 +152,15 @@ def make_model(
     tied: bool | None = None,
     shards: int = 2,
     seed: int = 0,
+    chat_template: str = CHAT_TEMPLATE,
+    extra_special: tuple[str, ...] = (),
     **config_extra: Any,
 ) -> Path:
-    """Write a tiny random ``arch`` model into ``folder`` and return it."""
+    """Write a tiny random ``arch`` model into ``folder`` and return it.
+
+    ``chat_template`` defaults to plain ChatML (no tools); ``extra_special`` adds special tokens
+    (``<think>``, ``</think>`` make mlx-lm treat it as a thinking model).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     tied = arch == "qwen3_moe" if tied is None else tied
     cfg = _config(arch, layers, hidden, vocab, tied, **config_extra)
@@ -157,7 +177,7 @@ def make_model(
         weight_map |= {k: fname for k in part}
     index = {"metadata": {}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    write_tokenizer(folder, vocab)
+    write_tokenizer(folder, vocab, chat_template, extra_special)
     return folder
 
 

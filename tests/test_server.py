@@ -11,13 +11,9 @@ import httpx
 import openai
 import pytest
 
-from ramserve.plan import make_plan
-from ramserve.quantize import quantize
 from ramserve.server.app import create_app
 from ramserve.server.registry import Registry
-from ramserve.source import open_source
 
-from .conftest import DENSE, shared_model
 from .serving import live_server, metric, wait_for
 
 NAME = "code-qwen3-30m"
@@ -25,11 +21,8 @@ HELLO = [{"role": "user", "content": "Write a function that adds two numbers."}]
 
 
 @pytest.fixture(scope="module")
-def folder(profile_cache, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src = open_source(str(shared_model(DENSE)))
-    plan = make_plan(profile_cache(DENSE), "30%")
-    out, _ = quantize(src, plan, tmp_path_factory.mktemp("served") / "model", progress=False)
-    return out
+def folder(served_dense: Path) -> Path:
+    return served_dense
 
 
 @pytest.fixture(scope="module")
@@ -230,10 +223,14 @@ def assert_error(
         ({"model": NAME, "messages": "hello"}, "messages", None),
         ({"model": NAME}, "messages", "missing"),
         ({"model": NAME, "messages": HELLO, "n": 2}, "n", None),
-        ({"model": NAME, "messages": HELLO, "tools": [{"type": "function"}]}, "tools", None),
         (
-            {"model": NAME, "messages": HELLO, "response_format": {"type": "json_object"}},
-            "response_format",
+            {"model": NAME, "messages": HELLO, "tools": [{"type": "function"}]},
+            "tools[0].function",
+            "missing",
+        ),
+        (
+            {"model": NAME, "messages": HELLO, "response_format": {"type": "xml"}},
+            "response_format.type",
             None,
         ),
         (

@@ -13,6 +13,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -24,8 +25,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from ..engine import ContextExceeded, Engine, Event, QueueFull, SamplingParams, TokenLogprob
+from ..constrain import ConstraintError
+from ..engine import ContextExceeded, Engine, QueueFull, SamplingParams
 from ..errors import BudgetError, RamserveError
+from ..output import Done, Event, Output, Reasoning, Sink, Text, TokenLogprob, ToolCall, make_output
 from .metrics import Metrics
 from .registry import NotReady, Registry, UnknownModel
 from .schemas import (
@@ -38,6 +41,8 @@ from .schemas import (
     ChunkChoice,
     CompletionRequest,
     Delta,
+    FunctionDelta,
+    FunctionOut,
     LogprobContent,
     ModelCard,
     ModelList,
@@ -45,6 +50,8 @@ from .schemas import (
     TextChoice,
     TextCompletion,
     TextLogprobs,
+    ToolCallDelta,
+    ToolCallOut,
     TopLogprob,
     Usage,
 )
@@ -76,6 +83,7 @@ REFUSALS: dict[type[Exception], tuple[int, str, str | None, str]] = {
     ContextExceeded: (400, "invalid_request_error", "messages", "context_length_exceeded"),
     QueueFull: (503, "server_error", None, "queue_full"),
     NotReady: (503, "server_error", None, "model_not_ready"),
+    ConstraintError: (400, "invalid_request_error", None, "invalid_request"),
 }
 
 
@@ -83,7 +91,7 @@ def api_error(e: Exception) -> APIError:
     for cls, (status, type_, param, code) in REFUSALS.items():
         if isinstance(e, cls):
             headers = {"Retry-After": "1"} if status == 503 else None
-            return APIError(status, str(e), type_, param, code, headers)
+            return APIError(status, str(e), type_, getattr(e, "param", param), code, headers)
     if isinstance(e, RamserveError):
         return APIError(400, str(e), code="invalid_request")
     return APIError(
@@ -93,7 +101,7 @@ def api_error(e: Exception) -> APIError:
 
 def validation_error(e: ValidationError) -> APIError:
     first = e.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])[1:] or None
     if first["type"] == "extra_forbidden":
         message = f"unsupported field {param!r}: ramserve does not implement it"
         return APIError(400, message, param=param, code="unsupported_parameter")
@@ -103,16 +111,16 @@ def validation_error(e: ValidationError) -> APIError:
     )
 
 
-def generation_error(e: Event) -> APIError:
+def generation_error(e: Done) -> APIError:
     return APIError(500, e.error or "generation failed", "server_error", code="internal_error")
 
 
-def error_event(e: Event) -> dict[str, str]:
+def error_event(e: Done) -> dict[str, str]:
     """A fault mid-stream, sent as its own event before the stream ends."""
     return {"data": json.dumps(generation_error(e).body())}
 
 
-def _usage(e: Event) -> Usage:
+def _usage(e: Done) -> Usage:
     return Usage(prompt_tokens=e.prompt_tokens, completion_tokens=e.completion_tokens,
                  total_tokens=e.prompt_tokens + e.completion_tokens,
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=e.cached_tokens))  # fmt: skip
@@ -228,45 +236,69 @@ class API:
 
     async def chat(self, request: Request) -> Response:
         body: ChatRequest = await self.parse(request, ChatRequest)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        return await self.generate(body, body.sampling(), chat=True,
-                                   encode=lambda e: e.encode_chat(messages))  # fmt: skip
+        use, schema, messages = body.tool_use(), body.answer_schema(), body.template_messages()
+        offered = use if use is not None and use.choice != "none" else None
+
+        def prepare(engine: Engine, sink: Sink) -> Job:
+            engine.grammars.check_tools(use) if use is not None else None
+            if schema is not None:
+                engine.grammars.check_schema(schema, "response_format.json_schema.schema")
+            tools = [t.openai() for t in offered.tools] if offered else None
+            prompt = engine.encode_chat(messages, tools=tools)
+            grammar = engine.grammars.grammar(use, schema, prompt)
+            processors = [engine.grammars.processor(*grammar)] if grammar else []
+            # A constrained answer is cut by nothing but its grammar and max_tokens.
+            stops = body.sampling().stop if grammar is None else []
+            output = make_output(engine.tokenizer, prompt, sink, stops=stops, chat=True,
+                                 tools=offered.tools if offered else None,
+                                 top_logprobs=body.top_logprobs if body.logprobs else -1)  # fmt: skip
+            return Job(prompt, output, processors)
+
+        return await self.generate(body, body.sampling(), prepare, chat=True)
 
     async def completions(self, request: Request) -> Response:
         body: CompletionRequest = await self.parse(request, CompletionRequest)
-        return await self.generate(body, body.sampling(), chat=False,
-                                   encode=lambda e: e.encode(body.text()))  # fmt: skip
+        params = body.sampling()
 
-    async def generate(self, body: Any, params: SamplingParams, *, chat: bool,
-                       encode: Callable[[Engine], list[int]]) -> Response:  # fmt: skip
+        def prepare(engine: Engine, sink: Sink) -> Job:
+            prompt = engine.encode(body.text())
+            top = params.top_logprobs if params.logprobs else -1
+            return Job(prompt, make_output(engine.tokenizer, prompt, sink, stops=params.stop,
+                                           top_logprobs=top))  # fmt: skip
+
+        return await self.generate(body, params, prepare, chat=False)
+
+    async def generate(self, body: Any, params: SamplingParams,
+                       prepare: Callable[[Engine, Sink], Job], *, chat: bool) -> Response:  # fmt: skip
+        """The one generation path: lease the model, prepare the request, stream or collect."""
         # The lease outlives this call when streaming: the stream's end releases it.
         lease = contextlib.AsyncExitStack()
         engine = await lease.enter_async_context(self.registry.lease(body.model))
         try:
-            prompt = encode(engine)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[Event] = asyncio.Queue()
 
             def sink(e: Event) -> None:
                 loop.call_soon_threadsafe(queue.put_nowait, e)
 
-            job = engine.submit(prompt, params, sink)
+            # Grammars compile off the event loop (the vocabulary's first use takes a second).
+            job = await asyncio.to_thread(prepare, engine, sink)
+            request = engine.submit(job.prompt, params, job.output, job.processors)
         except BaseException:
             await lease.aclose()
             raise
-        rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-        created = int(time.time())
+        head = Head(("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), int(time.time()),
+                    body.model, self.fingerprint)  # fmt: skip
 
         async def events() -> AsyncIterator[Event]:
             while True:
                 e = await queue.get()
                 yield e
-                if e.finish_reason is not None:
+                if isinstance(e, Done):
                     return
 
         if body.stream:
-            stream = self.stream_chat if chat else self.stream_text
-            gen = stream(rid, created, body, events())
+            gen = (stream_chat if chat else stream_text)(head, body, events())
 
             async def guarded() -> AsyncIterator[dict[str, str]]:
                 finished = False
@@ -276,7 +308,7 @@ class API:
                     finished = True
                 finally:
                     if not finished:
-                        job.cancel()
+                        request.cancel()
                         self.metrics.disconnects += 1
                     await lease.aclose()
 
@@ -284,69 +316,132 @@ class API:
         try:
             collected = [e async for e in events()]
         except asyncio.CancelledError:
-            job.cancel()
+            request.cancel()
             raise
         finally:
             await lease.aclose()
-        last = collected[-1]
-        if last.finish_reason == "error":
-            raise generation_error(last)
-        text = "".join(e.text for e in collected)
-        entries = [x for e in collected for x in e.logprobs]
-        usage = _usage(last)
-        if chat:
-            choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=last.finish_reason,
-                                logprobs=_chat_logprobs(entries) if params.logprobs else None)  # fmt: skip
-            out: BaseModel = ChatCompletion(id=rid, created=created, model=body.model,
-                                            system_fingerprint=self.fingerprint, choices=[choice],
-                                            usage=usage)  # fmt: skip
-        else:
-            choice_t = TextChoice(text=text, finish_reason=last.finish_reason,
-                                  logprobs=_text_logprobs(entries, 0) if params.logprobs else None)  # fmt: skip
-            out = TextCompletion(id=rid, created=created, model=body.model,
-                                 system_fingerprint=self.fingerprint, choices=[choice_t], usage=usage)  # fmt: skip
+        out = (chat_completion if chat else text_completion)(head, params, collected)
         return JSONResponse(out.model_dump(exclude_none=False))
 
-    async def stream_chat(self, rid: str, created: int, body: ChatRequest, events: AsyncIterator[Event]
-                          ) -> AsyncIterator[dict[str, str]]:  # fmt: skip
-        def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> dict[str, str]:
-            c = ChatCompletionChunk(id=rid, created=created, model=body.model, choices=choices,
-                                    system_fingerprint=self.fingerprint, usage=usage)  # fmt: skip
-            return {"data": c.model_dump_json(exclude_none=usage is None and bool(choices))}
 
-        yield chunk([ChunkChoice(delta=Delta(role="assistant", content=""))])
-        async for e in events:
+@dataclass
+class Job:
+    """A request made ready for the engine: its prompt, output pipeline and grammar, if any."""
+
+    prompt: list[int]
+    output: Output
+    processors: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class Head:
+    """What every completion object and chunk of one response carries."""
+
+    id: str
+    created: int
+    model: str
+    fingerprint: str
+
+    def envelope(self) -> dict[str, Any]:
+        return {"id": self.id, "created": self.created, "model": self.model,
+                "system_fingerprint": self.fingerprint}  # fmt: skip
+
+
+def _done(events: list[Event]) -> Done:
+    last = events[-1]
+    assert isinstance(last, Done)
+    if last.finish_reason == "error":
+        raise generation_error(last)
+    return last
+
+
+def _tool_call(e: ToolCall) -> ToolCallOut:
+    return ToolCallOut(id=e.id, function=FunctionOut(name=e.name, arguments=e.arguments))
+
+
+def chat_completion(head: Head, params: SamplingParams, events: list[Event]) -> ChatCompletion:
+    done = _done(events)
+    texts = [e for e in events if isinstance(e, Text)]
+    calls = [_tool_call(e) for e in events if isinstance(e, ToolCall)]
+    reasoning = "".join(e.text for e in events if isinstance(e, Reasoning))
+    content = "".join(e.text for e in texts)
+    message = AssistantMessage(content=content or (None if calls else ""),
+                               reasoning_content=reasoning or None, tool_calls=calls or None)  # fmt: skip
+    entries = [x for e in texts for x in e.logprobs]
+    choice = ChatChoice(message=message, finish_reason=done.finish_reason,
+                        logprobs=_chat_logprobs(entries) if params.logprobs else None)  # fmt: skip
+    return ChatCompletion(**head.envelope(), choices=[choice], usage=_usage(done))
+
+
+def text_completion(head: Head, params: SamplingParams, events: list[Event]) -> TextCompletion:
+    done = _done(events)
+    texts = [e for e in events if isinstance(e, Text)]
+    entries = [x for e in texts for x in e.logprobs]
+    choice = TextChoice(text="".join(e.text for e in texts), finish_reason=done.finish_reason,
+                        logprobs=_text_logprobs(entries, 0) if params.logprobs else None)  # fmt: skip
+    return TextCompletion(**head.envelope(), choices=[choice], usage=_usage(done))
+
+
+def _chat_deltas(e: Event, logprobs: bool) -> list[ChunkChoice]:
+    """The chunk choices one event becomes; a tool call sends its name first, then its arguments."""
+    if isinstance(e, Text):
+        lp = _chat_logprobs(e.logprobs) if logprobs and e.logprobs else None
+        return [ChunkChoice(delta=Delta(content=e.text), logprobs=lp)]
+    if isinstance(e, Reasoning):
+        return [ChunkChoice(delta=Delta(reasoning_content=e.text))]
+    if isinstance(e, ToolCall):
+        name = ToolCallDelta(index=e.index, id=e.id, type="function",
+                             function=FunctionDelta(name=e.name, arguments=""))  # fmt: skip
+        args = ToolCallDelta(index=e.index, function=FunctionDelta(arguments=e.arguments))
+        return [ChunkChoice(delta=Delta(tool_calls=[name])),
+                ChunkChoice(delta=Delta(tool_calls=[args]))]  # fmt: skip
+    return []
+
+
+async def stream_chat(head: Head, body: ChatRequest, events: AsyncIterator[Event]
+                      ) -> AsyncIterator[dict[str, str]]:  # fmt: skip
+    def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> dict[str, str]:
+        c = ChatCompletionChunk(**head.envelope(), choices=choices, usage=usage)
+        return {"data": c.model_dump_json(exclude_none=usage is None and bool(choices))}
+
+    # The role alone: whether content or tool calls follow is not known yet.
+    yield chunk([ChunkChoice(delta=Delta(role="assistant"))])
+    async for e in events:
+        if isinstance(e, Done):
             if e.finish_reason == "error":
                 yield error_event(e)
                 return
-            lp = _chat_logprobs(e.logprobs) if body.logprobs and e.logprobs else None
-            if e.text or lp:
-                yield chunk([ChunkChoice(delta=Delta(content=e.text), logprobs=lp)])
-            if e.finish_reason is not None:
-                yield chunk([ChunkChoice(delta=Delta(), finish_reason=e.finish_reason)])
-                if body.include_usage:
-                    yield chunk([], _usage(e))
-        yield {"data": "[DONE]"}
+            yield chunk([ChunkChoice(delta=Delta(), finish_reason=e.finish_reason)])
+            if body.include_usage:
+                yield chunk([], _usage(e))
+        for choice in _chat_deltas(e, body.logprobs):
+            yield chunk([choice])
+    yield {"data": "[DONE]"}
 
-    async def stream_text(self, rid: str, created: int, body: CompletionRequest,
-                          events: AsyncIterator[Event]) -> AsyncIterator[dict[str, str]]:  # fmt: skip
-        def chunk(choices: list[TextChoice], usage: Usage | None = None) -> dict[str, str]:
-            c = TextCompletion(id=rid, created=created, model=body.model, choices=choices,
-                               system_fingerprint=self.fingerprint, usage=usage)  # fmt: skip
-            return {"data": c.model_dump_json()}
 
-        offset = 0
-        async for e in events:
-            if e.finish_reason == "error":
-                yield error_event(e)
-                return
+async def stream_text(head: Head, body: CompletionRequest, events: AsyncIterator[Event]
+                      ) -> AsyncIterator[dict[str, str]]:  # fmt: skip
+    def chunk(choices: list[TextChoice], usage: Usage | None = None) -> dict[str, str]:
+        return {
+            "data": TextCompletion(
+                **head.envelope(), choices=choices, usage=usage
+            ).model_dump_json()
+        }
+
+    offset = 0
+    async for e in events:
+        if isinstance(e, Text):
             lp = _text_logprobs(e.logprobs, offset) if body.logprobs is not None else None
             offset += len(e.text)
-            if e.text or e.finish_reason:
-                yield chunk([TextChoice(text=e.text, logprobs=lp, finish_reason=e.finish_reason)])
-            if e.finish_reason is not None and body.include_usage:
+            yield chunk([TextChoice(text=e.text, logprobs=lp)])
+        elif isinstance(e, Done):
+            if e.finish_reason == "error":
+                yield error_event(e)
+                return
+            yield chunk([TextChoice(text="", finish_reason=e.finish_reason)])
+            if body.include_usage:
                 yield chunk([], _usage(e))
-        yield {"data": "[DONE]"}
+    yield {"data": "[DONE]"}
 
 
 def create_app(registry: Registry, *, api_key: str | None = None, allow_origin: list[str] | None = None,

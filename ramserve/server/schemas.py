@@ -1,16 +1,18 @@
 """The OpenAI API's request and response objects, as pydantic models.
 
 Requests forbid unknown fields, and fields ramserve accepts only in their default form (``n``,
-``tools``, ``response_format``, ``echo``...) are refused when set otherwise: an app must learn that a
-feature is missing, never get a silently different answer.
+``echo``, ``suffix``...) are refused when set otherwise: an app must learn that a feature is missing,
+never get a silently different answer.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..constrain import ConstraintError, Tool, ToolUse
 from ..engine import SamplingParams
 
 
@@ -27,15 +29,115 @@ class ContentPart(Strict):
     text: str
 
 
+class FunctionCall(Strict):
+    name: str
+    arguments: str
+
+
+class ToolCallIn(Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    # Sent back by clients that keep whole assistant messages; not part of the prompt.
+    reasoning_content: str | None = None
+    refusal: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
+
+    def template(self, index: int) -> dict[str, Any]:
+        """The message as chat templates take it: text content, tool-call arguments as objects."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"id": c.id, "type": c.type,
+                 "function": {"name": c.function.name,
+                              "arguments": _arguments(c.function.arguments, index, j)}}
+                for j, c in enumerate(self.tool_calls)
+            ]  # fmt: skip
+        return out
+
+
+def _arguments(text: str, message: int, call: int) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        param = f"messages[{message}].tool_calls[{call}].function.arguments"
+        raise ConstraintError(f"{param}: must be a JSON object, as a string", param)
+    return value
+
+
+class FunctionDef(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None  # ramserve always enforces the schema
+
+
+class ToolDef(Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a json_schema object")
+        return self
+
+    def target(self) -> dict[str, Any] | None:
+        """The JSON schema the answer must follow; None for plain text."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.json_schema is not None:
+            return self.json_schema.schema_
+        return None
+
+
+def check_json_schema(schema: dict[str, Any], param: str) -> None:
+    """Refuse a schema that is not valid JSON Schema, naming where it is."""
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise ConstraintError(f"{param}: not a valid JSON schema: {e.message}", param) from e
 
 
 class Sampling(Strict):
@@ -109,30 +211,10 @@ class ChatRequest(Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int = Field(default=0, ge=0, le=20)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v: list[Any] | None) -> list[Any] | None:
-        if v:
-            raise ValueError("ramserve does not support tool calling yet")
-        return v
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, v: Any) -> Any:
-        if v not in (None, "none", "auto"):
-            raise ValueError("ramserve does not support tool calling yet")
-        return v
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None and v.get("type") != "text":
-            raise ValueError("ramserve does not support structured output; only type 'text'")
-        return v
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatRequest:
@@ -143,6 +225,41 @@ class ChatRequest(Sampling):
     def sampling(self) -> SamplingParams:
         limit = self.max_completion_tokens or self.max_tokens
         return self.params(limit, self.logprobs, self.top_logprobs)
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.template(i) for i, m in enumerate(self.messages)]
+
+    def tool_use(self) -> ToolUse | None:
+        """The request's tools and how they may be used; None when it has none."""
+        choice = self.tool_choice
+        named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        if not self.tools:
+            if choice not in (None, "none", "auto"):
+                raise ConstraintError("tool_choice requires tools", "tool_choice")
+            return None
+        tools: list[Tool] = []
+        for i, t in enumerate(self.tools):
+            param = f"tools[{i}].function.parameters"
+            if t.function.parameters.get("type", "object") != "object":
+                raise ConstraintError(f"{param}: a function's parameters must be an object schema",
+                                      param)  # fmt: skip
+            check_json_schema(t.function.parameters, param)
+            if any(t.function.name == u.name for u in tools):
+                raise ConstraintError(f"tools[{i}]: a second function named {t.function.name!r}",
+                                      f"tools[{i}].function.name")  # fmt: skip
+            tools.append(Tool(t.function.name, t.function.parameters, t.function.description))
+        if named is not None and named not in {t.name for t in tools}:
+            raise ConstraintError(f"tool_choice names {named!r}, which is not in tools",
+                                  "tool_choice")  # fmt: skip
+        mode = "required" if named or choice == "required" else choice or "auto"
+        return ToolUse(tools, mode, named, self.parallel_tool_calls)  # type: ignore[arg-type]
+
+    def answer_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the answer must follow (``response_format``); None for free text."""
+        schema = self.response_format.target() if self.response_format else None
+        if schema is not None:
+            check_json_schema(schema, "response_format.json_schema.schema")
+        return schema
 
 
 class CompletionRequest(Sampling):
@@ -216,9 +333,22 @@ class ChoiceLogprobs(BaseModel):
     content: list[LogprobContent]
 
 
+class FunctionOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -243,9 +373,23 @@ class ChatCompletion(Envelope):
     usage: Usage
 
 
+class FunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):
