@@ -1,7 +1,10 @@
 """Serving throughput on a shared model, through the real HTTP server: time to first token, tokens per
 second for one stream, and total tokens per second at 1, 4 and 8 concurrent streams, beside
 `mlx_lm.generate` on the same model in the same run. Targets (issue 8): one stream >= 0.9 x
-mlx_lm.generate; 8 streams >= 2 x the total of one stream.  Usage: python bench/serve.py
+mlx_lm.generate; 8 streams >= 2 x the total of one stream. Then chat requests free, under a JSON
+schema and under a required tool call, at 1 and 8 streams, each constrained row beside the free
+one of the same run (target, issue 19: constrained <= 15% slower at one stream).
+Usage: python bench/serve.py
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
@@ -52,17 +56,36 @@ def reference(folder: Path, cpu_layers: bool) -> float:
     return best
 
 
-async def streams(base: str, n: int) -> dict[str, float]:
+# Constrained answers of about TOKENS tokens, masked at every step: 40 bounded integers.
+NUMBERS = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999},
+           "minItems": 40, "maxItems": 40}  # fmt: skip
+SCHEMA = {"type": "object", "properties": {"values": NUMBERS}, "required": ["values"]}
+TOOL = {"type": "function", "function": {"name": "record", "parameters": SCHEMA}}
+CHAT_MODES: dict[str, dict[str, Any]] = {
+    "free": {},
+    "json schema": {"response_format": {"type": "json_schema",
+                                        "json_schema": {"name": "values", "schema": SCHEMA}}},
+    "tool call (required)": {"tools": [TOOL], "tool_choice": "required", "parallel_tool_calls": False},
+}  # fmt: skip
+
+
+async def streams(base: str, n: int, mode: str | None = None) -> dict[str, Any]:
+    """n concurrent streams: text completions, or chat in one of CHAT_MODES."""
     async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0) as client:
 
         async def one(i: int) -> tuple[float, float, int]:
             start = time.perf_counter()
             first, count = 0.0, 0
-            stream = await client.completions.create(
-                model="bench", prompt=f"def task_{i}():", max_tokens=TOKENS, temperature=0,
-                stream=True, stream_options={"include_usage": True}, logit_bias=BAN_EOS)  # fmt: skip
+            common = {"model": "bench", "max_tokens": TOKENS, "temperature": 0, "stream": True,
+                      "stream_options": {"include_usage": True}, "logit_bias": BAN_EOS}  # fmt: skip
+            if mode is None:
+                stream: Any = await client.completions.create(prompt=f"def task_{i}():", **common)
+            else:
+                ask = [{"role": "user", "content": f"List the values of task {i}."}]
+                stream = await client.chat.completions.create(messages=ask, **common,
+                                                              **CHAT_MODES[mode])  # fmt: skip
             async for chunk in stream:
-                if chunk.choices and chunk.choices[0].text and not first:
+                if chunk.choices and not first:
                     first = time.perf_counter() - start
                 if chunk.usage:
                     count = chunk.usage.completion_tokens
@@ -73,8 +96,9 @@ async def streams(base: str, n: int) -> dict[str, float]:
         wall = time.perf_counter() - start
     tokens = sum(r[2] for r in results)
     per_stream = [r[2] / (r[1] - r[0]) for r in results]
-    return {"streams": n, "ttft_s": sum(r[0] for r in results) / n, "total_tok_s": tokens / wall,
-            "per_stream_tok_s": sum(per_stream) / n}  # fmt: skip
+    return {"mode": mode or "text", "streams": n, "ttft_s": sum(r[0] for r in results) / n,
+            "total_tok_s": tokens / wall, "per_stream_tok_s": sum(per_stream) / n,
+            "tokens": tokens / n}  # fmt: skip
 
 
 def main() -> None:
@@ -82,11 +106,15 @@ def main() -> None:
     folder, _ = quantize(src, make_plan(analyze(src, progress=False), "4.5bpw"), progress=False)
     stock = reference(folder, cpu_layers=False)
     ref = reference(folder, cpu_layers=True)
-    results = []
+    results, chat = [], []
     with live_server(create_app(Registry(folder, "bench", {"parallel": 8}))) as base:
         asyncio.run(streams(base, 1))  # warm up
         for n in (1, 4, 8):
             results.append(asyncio.run(streams(base, n)))
+        for mode in CHAT_MODES:
+            asyncio.run(streams(base, 1, mode))  # warm up: the grammar's vocabulary is built once
+        for n in (1, 8):
+            chat += [asyncio.run(streams(base, n, mode)) for mode in CHAT_MODES]
     one = results[0]["total_tok_s"]
     rows = [("mlx_lm.generate, mlx-lm's layers", 1, "-", f"{stock:.1f}", f"{stock:.1f}",
              f"{stock / ref:.2f}"),
@@ -96,8 +124,19 @@ def main() -> None:
     print(table(["", "streams", "TTFT ms", "tok/s per stream", "tok/s total", "x generate"], rows))
     print(f"one stream / mlx_lm.generate: {one / ref:.2f} (target >= 0.9); "
           f"8 streams / one stream: {results[2]['total_tok_s'] / one:.2f} (target >= 2)")  # fmt: skip
+    free = {r["streams"]: r for r in chat if r["mode"] == "free"}
+    rows = [(r["mode"], r["streams"], f"{r['tokens']:.0f}", f"{1000 * r['ttft_s']:.0f}",
+             f"{r['per_stream_tok_s']:.1f}", f"{r['total_tok_s']:.1f}",
+             f"{r['per_stream_tok_s'] / free[r['streams']]['per_stream_tok_s']:.2f}") for r in chat]  # fmt: skip
+    print(table(["chat", "streams", "tokens", "TTFT ms", "tok/s per stream", "tok/s total",
+                 "x free"], rows))  # fmt: skip
+    slowest = (
+        min(r["per_stream_tok_s"] for r in chat if r["streams"] == 1) / free[1]["per_stream_tok_s"]
+    )
+    print(f"constrained / free at one stream: {slowest:.2f} at worst (target >= 0.85)")
     print(json.dumps({"bench": "serve", "mlx_lm_generate_tok_s": ref,
-                      "mlx_lm_generate_stock_layers_tok_s": stock, "results": results}))  # fmt: skip
+                      "mlx_lm_generate_stock_layers_tok_s": stock, "results": results,
+                      "chat": chat}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -20,8 +20,7 @@ CHAT_TEMPLATE = (
 # The Qwen/Hermes tool format, from which mlx-lm infers its ``json_tools`` parser.
 TOOLS_TEMPLATE = (
     "{% if tools %}<|im_start|>system\n# Tools\n<tools>\n{% for t in tools %}{{ t | tojson }}\n"
-    "{% endfor %}</tools>\nCall a function as <tool_call>\n{\"name\": <name>, \"arguments\": "
-    "<args>}\n</tool_call><|im_end|>\n{% endif %}"
+    "{% endfor %}</tools><|im_end|>\n{% endif %}"
     "{% for m in messages %}<|im_start|>{{ 'user' if m.role == 'tool' else m.role }}\n"
     "{% if m.role == 'tool' %}<tool_response>\n{{ m.content }}\n</tool_response>"
     "{% else %}{{ m.content }}{% endif %}"
