@@ -24,8 +24,8 @@ TOOLS_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ 'user' if m.role == 'tool' else m.role }}\n"
     "{% if m.role == 'tool' %}<tool_response>\n{{ m.content }}\n</tool_response>"
     "{% else %}{{ m.content }}{% endif %}"
-    "{% for c in m.tool_calls or [] %}{% set tool_call = c.function %}<tool_call>\n{\"name\": "
-    "\"{{ tool_call.name }}\", \"arguments\": {{ tool_call.arguments | tojson }}}\n</tool_call>"
+    '{% for c in m.tool_calls or [] %}{% set tool_call = c.function %}<tool_call>\n{"name": '
+    '"{{ tool_call.name }}", "arguments": {{ tool_call.arguments | tojson }}}\n</tool_call>'
     "{% endfor %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )

@@ -140,7 +140,9 @@ def test_streamed_calls_assemble_to_the_same_calls(client: openai.OpenAI) -> Non
     ]
     assert final.content == whole.content
     # The name comes first, in its own delta, then the arguments.
-    deltas = [d for c in chunks if c.type == "chunk" for d in c.chunk.choices[0].delta.tool_calls or []]
+    deltas = [
+        d for c in chunks if c.type == "chunk" for d in c.chunk.choices[0].delta.tool_calls or []
+    ]
     assert deltas[0].function.name and deltas[0].id and deltas[0].function.arguments == ""
     assert deltas[1].function.name is None and json.loads(deltas[1].function.arguments)
 
@@ -248,7 +250,9 @@ def error_of(base: str, body: dict[str, Any]) -> dict[str, Any]:
     r = httpx.post(f"{base}/v1/chat/completions", json={"model": NAME, "messages": ASK, **body})
     assert r.status_code == 400, r.text
     err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert (
+        set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    )
     return dict(err)
 
 
@@ -262,9 +266,10 @@ def test_tool_and_schema_errors_name_the_parameter(base: str) -> None:
         "type": "object", "properties": {"a": {"not": {"type": "string"}}}}}}  # fmt: skip
     err = error_of(base, {"tools": [unenforceable], "tool_choice": "required"})
     assert err["param"] == "tools[0].function.parameters" and "not" in err["message"]
-    assert error_of(base, {"tools": [{"type": "function", "function": {"name": "bad name"}}]})[
-        "param"
-    ] == "tools[0].function.name"
+    assert (
+        error_of(base, {"tools": [{"type": "function", "function": {"name": "bad name"}}]})["param"]
+        == "tools[0].function.name"
+    )
     named = {"type": "function", "function": {"name": "nope"}}
     err = error_of(base, {"tools": TOOLS, "tool_choice": named})
     assert err["param"] == "tool_choice" and "nope" in err["message"]
@@ -276,7 +281,9 @@ def test_tool_and_schema_errors_name_the_parameter(base: str) -> None:
     assert err["param"] == "response_format.json_schema.schema" and "look" in err["message"]
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nothing"}}}
     assert error_of(base, {"response_format": fmt})["param"] == "response_format.json_schema.schema"
-    assert error_of(base, {"response_format": {"type": "json_schema"}})["param"] == "response_format"
+    assert (
+        error_of(base, {"response_format": {"type": "json_schema"}})["param"] == "response_format"
+    )
     bad_args = {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "not json"}}]}  # fmt: skip
     err = error_of(base, {"messages": [*ASK, bad_args]})
