@@ -240,7 +240,8 @@ class API:
         offered = use if use is not None and use.choice != "none" else None
 
         def prepare(engine: Engine, sink: Sink) -> Job:
-            engine.grammars.check_tools(use) if use is not None else None
+            if use is not None:
+                engine.grammars.check_tools(use)
             if schema is not None:
                 engine.grammars.check_schema(schema, "response_format.json_schema.schema")
             tools = [t.openai() for t in offered.tools] if offered else None
