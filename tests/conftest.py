@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,3 +87,17 @@ def served_dense(profile_cache, tmp_path_factory: pytest.TempPathFactory) -> Pat
     plan = make_plan(profile_cache(DENSE), "30%")
     out, _ = quantize(src, plan, tmp_path_factory.mktemp("served") / "model", progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def thinker(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A tiny model's tokenizer with <think> markers and the Hermes tool format."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from .factory import TOOLS_TEMPLATE
+
+    folder = make_model(tmp_path_factory.mktemp("think") / "m", chat_template=TOOLS_TEMPLATE,
+                        extra_special=("<think>", "</think>"))  # fmt: skip
+    tok = load_tokenizer(Path(folder))
+    assert tok.has_thinking and tok.has_tool_calling
+    return tok
