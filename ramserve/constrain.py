@@ -33,7 +33,7 @@ from typing import Any, Literal, cast
 import mlx.core as mx
 import numpy as np
 
-from .errors import RamserveError
+from .errors import ConfigError, RamserveError
 from .settings import ToolFormat
 
 log = logging.getLogger("ramserve.constrain")
@@ -90,13 +90,25 @@ def parser_name(tokenizer: Any) -> str | None:
     return parser.__module__.rsplit(".", 1)[-1] if parser is not None else None
 
 
+def _tool_format(tokenizer: Any, formats: dict[str, ToolFormat]) -> ToolFormat | None:
+    """The configured call format of this tokenizer's family, checked against its call marker."""
+    name = parser_name(tokenizer)
+    fmt = formats.get(name) if name else None
+    if fmt is not None and not fmt.open.startswith(tokenizer.tool_call_start):
+        raise ConfigError(
+            f"tool_formats.{name}.open = {fmt.open!r} must start with the family's call marker "
+            f"{tokenizer.tool_call_start!r} (configs/tools.toml or $RAMSERVE_HOME/config.toml)"
+        )
+    return fmt
+
+
 class Grammars:
     """Grammars for one loaded model: checks requests and makes their logits processors."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, formats: dict[str, ToolFormat]) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
-        self.formats = formats
+        self.tool_format = _tool_format(tokenizer, formats)
         self._ll: Any = None
         self._lock = threading.Lock()
 
@@ -113,11 +125,6 @@ class Grammars:
                     eos_token=sorted(self.tokenizer.eos_token_ids),
                 )
             return self._ll
-
-    @property
-    def tool_format(self) -> ToolFormat | None:
-        name = parser_name(self.tokenizer)
-        return self.formats.get(name) if name else None
 
     # -- checking ----------------------------------------------------------------------------
 
@@ -169,8 +176,6 @@ class Grammars:
                 else None
             )
         trigger = self.tokenizer.tool_call_start
-        if not fmt.open.startswith(trigger):
-            raise ValueError(f"configs/tools.toml: open {fmt.open!r} must start with {trigger!r}")
         more = f"({self._literal(fmt.separator)} {self._literal(trigger)} call)*"
         lines = [
             f"call: {self._call_body(use, fmt, rest=fmt.open[len(trigger) :])}",

@@ -396,7 +396,7 @@ class Engine:
         self.stats.generated_tokens += 1
         stopped = False
         if resp.finish_reason != "stop":  # "stop" is the end-of-sequence token: no text
-            stopped = r.output.token(resp.token, resp.logprobs if r.params.logprobs else None)
+            stopped = r.output.token(resp.token, resp.logprobs)
         finish = "stop" if stopped else resp.finish_reason
         if finish is not None:
             r.done = True

@@ -285,24 +285,22 @@ class Output:
         """A stage ended the output (a stop string): the scheduler drops the sequence."""
         return any(getattr(s, "stopped", False) for s in self.stages)
 
-    def token(self, token: int, logprobs: mx.array | None) -> bool:
+    def token(self, token: int, logprobs: mx.array) -> bool:
         """One sampled token (not the end of sequence); True when the output wants no more."""
         self.detokenizer.add_token(token)
         entries = []
-        if self.top_logprobs >= 0 and logprobs is not None:
+        if self.top_logprobs >= 0:
             entries.append(self._logprob_entry(token, logprobs))
         self._emit(self._run([Text(self.detokenizer.last_segment, entries)]))
         return self.stopped
 
     def finish(self, reason: str, usage: Usage) -> None:
-        """The sequence ended: flush every stage, then send ``Done``."""
+        """The sequence ended (``reason`` "stop" also when a stage stopped it): flush, send ``Done``."""
         self.detokenizer.finalize()
         events: list[Any] = [Text(self.detokenizer.last_segment)]
         for stage in self.stages:
             events = stage.push(events) + stage.close()
         self._emit(events)
-        if self.stopped:
-            reason = "stop"
         if reason == "stop" and self.called_tools:
             reason = "tool_calls"
         self.sink(Done(reason, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens))

@@ -41,6 +41,7 @@ from .schemas import (
     ChunkChoice,
     CompletionRequest,
     Delta,
+    Envelope,
     FunctionDelta,
     FunctionOut,
     LogprobContent,
@@ -236,6 +237,7 @@ class API:
 
     async def chat(self, request: Request) -> Response:
         body: ChatRequest = await self.parse(request, ChatRequest)
+        params = body.sampling()
         use, schema, messages = body.tool_use(), body.answer_schema(), body.template_messages()
         offered = use if use is not None and use.choice != "none" else None
 
@@ -249,13 +251,13 @@ class API:
             grammar = engine.grammars.grammar(use, schema, prompt)
             processors = [engine.grammars.processor(*grammar)] if grammar else []
             # A constrained answer is cut by nothing but its grammar and max_tokens.
-            stops = body.sampling().stop if grammar is None else []
+            stops = params.stop if grammar is None else []
             output = make_output(engine.tokenizer, prompt, sink, stops=stops, chat=True,
                                  tools=offered.tools if offered else None,
                                  top_logprobs=body.top_logprobs if body.logprobs else -1)  # fmt: skip
             return Job(prompt, output, processors)
 
-        return await self.generate(body, body.sampling(), prepare, chat=True)
+        return await self.generate(body, params, prepare, chat=True)
 
     async def completions(self, request: Request) -> Response:
         body: CompletionRequest = await self.parse(request, CompletionRequest)
@@ -288,8 +290,9 @@ class API:
         except BaseException:
             await lease.aclose()
             raise
-        head = Head(("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), int(time.time()),
-                    body.model, self.fingerprint)  # fmt: skip
+        head = Envelope(id=("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12),
+                        created=int(time.time()), model=body.model,
+                        system_fingerprint=self.fingerprint)  # fmt: skip
 
         async def events() -> AsyncIterator[Event]:
             while True:
@@ -334,20 +337,6 @@ class Job:
     processors: list[Any] = field(default_factory=list)
 
 
-@dataclass
-class Head:
-    """What every completion object and chunk of one response carries."""
-
-    id: str
-    created: int
-    model: str
-    fingerprint: str
-
-    def envelope(self) -> dict[str, Any]:
-        return {"id": self.id, "created": self.created, "model": self.model,
-                "system_fingerprint": self.fingerprint}  # fmt: skip
-
-
 def _done(events: list[Event]) -> Done:
     last = events[-1]
     assert isinstance(last, Done)
@@ -360,7 +349,7 @@ def _tool_call(e: ToolCall) -> ToolCallOut:
     return ToolCallOut(id=e.id, function=FunctionOut(name=e.name, arguments=e.arguments))
 
 
-def chat_completion(head: Head, params: SamplingParams, events: list[Event]) -> ChatCompletion:
+def chat_completion(head: Envelope, params: SamplingParams, events: list[Event]) -> ChatCompletion:
     done = _done(events)
     texts = [e for e in events if isinstance(e, Text)]
     calls = [_tool_call(e) for e in events if isinstance(e, ToolCall)]
@@ -371,16 +360,16 @@ def chat_completion(head: Head, params: SamplingParams, events: list[Event]) -> 
     entries = [x for e in texts for x in e.logprobs]
     choice = ChatChoice(message=message, finish_reason=done.finish_reason,
                         logprobs=_chat_logprobs(entries) if params.logprobs else None)  # fmt: skip
-    return ChatCompletion(**head.envelope(), choices=[choice], usage=_usage(done))
+    return ChatCompletion(**head.model_dump(), choices=[choice], usage=_usage(done))
 
 
-def text_completion(head: Head, params: SamplingParams, events: list[Event]) -> TextCompletion:
+def text_completion(head: Envelope, params: SamplingParams, events: list[Event]) -> TextCompletion:
     done = _done(events)
     texts = [e for e in events if isinstance(e, Text)]
     entries = [x for e in texts for x in e.logprobs]
     choice = TextChoice(text="".join(e.text for e in texts), finish_reason=done.finish_reason,
                         logprobs=_text_logprobs(entries, 0) if params.logprobs else None)  # fmt: skip
-    return TextCompletion(**head.envelope(), choices=[choice], usage=_usage(done))
+    return TextCompletion(**head.model_dump(), choices=[choice], usage=_usage(done))
 
 
 def _chat_deltas(e: Event, logprobs: bool) -> list[ChunkChoice]:
@@ -399,10 +388,10 @@ def _chat_deltas(e: Event, logprobs: bool) -> list[ChunkChoice]:
     return []
 
 
-async def stream_chat(head: Head, body: ChatRequest, events: AsyncIterator[Event]
+async def stream_chat(head: Envelope, body: ChatRequest, events: AsyncIterator[Event]
                       ) -> AsyncIterator[dict[str, str]]:  # fmt: skip
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> dict[str, str]:
-        c = ChatCompletionChunk(**head.envelope(), choices=choices, usage=usage)
+        c = ChatCompletionChunk(**head.model_dump(), choices=choices, usage=usage)
         return {"data": c.model_dump_json(exclude_none=usage is None and bool(choices))}
 
     # The role alone: whether content or tool calls follow is not known yet.
@@ -420,12 +409,12 @@ async def stream_chat(head: Head, body: ChatRequest, events: AsyncIterator[Event
     yield {"data": "[DONE]"}
 
 
-async def stream_text(head: Head, body: CompletionRequest, events: AsyncIterator[Event]
+async def stream_text(head: Envelope, body: CompletionRequest, events: AsyncIterator[Event]
                       ) -> AsyncIterator[dict[str, str]]:  # fmt: skip
     def chunk(choices: list[TextChoice], usage: Usage | None = None) -> dict[str, str]:
         return {
             "data": TextCompletion(
-                **head.envelope(), choices=choices, usage=usage
+                **head.model_dump(), choices=choices, usage=usage
             ).model_dump_json()
         }
 
