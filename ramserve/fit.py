@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from .budget import Budget, machine_budget, require_fit, weight_budget
+from .cache import model_dir
 from .errors import BudgetError
 from .fmt import human_bytes, table
 from .plan import histogram, is_size_spec, limits, make_plan
 from .profile import analyze, candidates_for, quantized_bytes
-from .quantize import is_complete, model_dir, quantize
+from .quantize import is_complete, quantize
 from .settings import load_settings
 from .source import FLOAT_BYTES, Source
 

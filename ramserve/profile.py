@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import sys
 import time
@@ -28,14 +29,19 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from . import affine, atomic
+from . import affine, atomic, cache
+from .cache import profile_path
 from .fisher import FisherStat, self_fisher
 from .process import freed_memory_returned
 from .sensitivity import EnergyFlow, flow_order, importances
-from .settings import Settings, load_settings, ramserve_home
+from .settings import Settings, load_settings
 from .source import FLOAT_BYTES, ModuleInfo, Source, open_source, require_full_precision
 
+log = logging.getLogger("ramserve.profile")
+
 FORMAT = "ramserve-profile/5"
+# Bytes of profile JSON per candidate, with headroom (measured: ~150), for the disk reservation.
+BYTES_PER_OPTION = 400
 # What the error measurement keeps alive at once (a candidate holds about 16 bytes per element).
 IN_FLIGHT_BYTES = 48 << 20
 
@@ -322,10 +328,6 @@ def fixed_bytes(source: Source) -> int:
     )
 
 
-def profile_path(fingerprint: str) -> Path:
-    return ramserve_home() / "profiles" / f"{fingerprint}.json"
-
-
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
@@ -334,13 +336,27 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def checksum(profile: dict[str, Any]) -> str:
+    """The digest a profile is stored with: an edited or damaged file no longer matches it."""
+    body = {k: v for k, v in profile.items() if k not in ("checksum", "cache_hit")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def load_profile(source: Source, settings: Settings | None = None) -> dict[str, Any] | None:
-    """The cached profile for this model and these settings, or None."""
+    """The cached profile for this model and these settings, or None (a damaged one is reported)."""
     settings = settings or load_settings()
-    data = _read_json(profile_path(source.fingerprint))
-    if data and data.get("format") == FORMAT and data.get("settings_key") == settings_key(settings):
-        return data
-    return None
+    path = profile_path(source.fingerprint)
+    data = _read_json(path)
+    if data is None:
+        if path.exists():
+            log.warning("%s is not valid JSON; analysing again", path)
+        return None
+    if data.get("format") != FORMAT or data.get("settings_key") != settings_key(settings):
+        return None
+    if data.get("checksum") != checksum(data):
+        log.warning("%s does not match its checksum (edited or damaged); analysing again", path)
+        return None
+    return data
 
 
 def _resume_state(partial: Path, key: str) -> dict[str, ModuleRecord]:
@@ -356,21 +372,29 @@ def analyze(source: Source | str, *, force: bool = False, progress: bool = True)
     require_full_precision(source)
     settings = load_settings()
     key = settings_key(settings)
-    if not force and (cached := load_profile(source, settings)):
-        cached["cache_hit"] = True
-        return cached
     final = profile_path(source.fingerprint)
-    partial = final.with_suffix(".partial.json")
-    done = {} if force else _resume_state(partial, key)
-    start = time.perf_counter()
-    with freed_memory_returned():
-        # not checkpointed: on a resumed run the seeded pass gives the same statistics again
-        fisher = self_fisher(source, settings.sensitivity.fisher, progress)
-        fisher_s = time.perf_counter() - start if fisher else None
-        records = _run_analysis(source, settings, done, fisher, partial, key, progress)
-    profile = _assemble(source, settings, records, fisher_s, key)
-    atomic.write_json(final, profile)
-    partial.unlink(missing_ok=True)
+    with cache.writing(final):  # a second run for the same model waits, then finds it cached
+        if not force and (cached := load_profile(source, settings)):
+            cache.touch(final)
+            cached["cache_hit"] = True
+            return cached
+        partial = final.with_suffix(".partial.json")
+        # the profile, the checkpoint and the atomic write's temporary copy of each
+        needed = 4 * BYTES_PER_OPTION * sum(len(candidates_for(m, settings)) + 1
+                                            for m in source.modules)  # fmt: skip
+        cache.reserve(needed, f"the profile of {source.name}", keep=final)
+        done = {} if force else _resume_state(partial, key)
+        start = time.perf_counter()
+        with cache.disk_errors(f"the profile of {source.name}", final.parent):
+            with freed_memory_returned():
+                # not checkpointed: on a resumed run the seeded pass gives the same statistics again
+                fisher = self_fisher(source, settings.sensitivity.fisher, progress)
+                fisher_s = time.perf_counter() - start if fisher else None
+                records = _run_analysis(source, settings, done, fisher, partial, key, progress)
+            profile = _assemble(source, settings, records, fisher_s, key)
+            profile["checksum"] = checksum(profile)
+            atomic.write_json(final, profile)
+        partial.unlink(missing_ok=True)
     profile["cache_hit"] = False
     return profile
 

@@ -9,7 +9,9 @@ run leaves nothing a later run would load; a complete folder with the same plan 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import shutil
 import struct
 import sys
@@ -21,11 +23,15 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from . import affine, atomic
+from . import affine, atomic, cache
+from .cache import model_dir
 from .errors import BadModel
+from .fmt import human_bytes
 from .plan import FORMAT as PLAN_FORMAT
-from .settings import ramserve_home
+from .plan import plan_hash
 from .source import Source, open_source, require_full_precision
+
+log = logging.getLogger("ramserve.quantize")
 
 SHARD_BYTES = 2_000_000_000
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -49,10 +55,6 @@ class OutTensor:
     def nbytes(self) -> int:
         dtype = getattr(mx, "bool_" if self.dtype == "bool" else self.dtype)
         return int(dtype.size) * int(np.prod(self.shape, dtype=np.int64))
-
-
-def model_dir(fingerprint: str, plan_hash: str) -> Path:
-    return ramserve_home() / "models" / fingerprint / plan_hash
 
 
 def output_tensors(source: Source, plan: dict[str, Any]) -> list[OutTensor]:
@@ -192,31 +194,95 @@ def check_plan(source: Source, plan: dict[str, Any]) -> None:
 def quantize(
     source: Source | str, plan: dict[str, Any], output: Path | None = None, *, progress: bool = True
 ) -> tuple[Path, bool]:
-    """Write (or reuse) the quantized model for ``plan``; returns its folder and whether it was cached."""
+    """Write (or reuse) the quantized model for ``plan``; returns its folder and whether it was cached.
+
+    A cached folder is checked first (``verify``); one that fails is rebuilt, never loaded. The bytes
+    are reserved before the first is written (``cache.reserve``), and a process that quantized a cache
+    entry holds it in use (never evicted) until it ends.
+    """
     source = open_source(source) if isinstance(source, str) else source
     check_plan(source, plan)
     final = output or model_dir(source.fingerprint, plan["hash"])
-    if is_complete(final, plan["hash"]):
-        return final, True
-    start = time.perf_counter()
-    with atomic.staging_dir(final) as tmp:
-        index = write_shards(source, plan, tmp, progress)
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-        (tmp / "config.json").write_text(json.dumps(_config(source, plan), indent=1))
-        for name in TOKENIZER_FILES:
-            if (source.path / name).is_file():
-                shutil.copyfile(source.path / name, tmp / name)
-        stats = {
-            "seconds": time.perf_counter() - start,
-            "stored_bytes": index["metadata"]["total_size"],
-        }
-        (tmp / "plan.json").write_text(json.dumps({**plan, "written": stats}, indent=1))
+    with cache.writing(final):
+        problem = verify(final, plan["hash"])
+        if problem is None:
+            cache.touch(final)
+            return final, True
+        if final.exists():
+            log.warning("%s cannot be trusted (%s); writing it again", final, problem)
+        _write(source, plan, final, output is None, progress)
     return final, False
 
 
-def is_complete(folder: Path, plan_hash: str) -> bool:
-    """A folder is trusted only if it was renamed into place with a plan of this hash."""
+def _write(
+    source: Source, plan: dict[str, Any], final: Path, in_cache: bool, progress: bool
+) -> None:
+    tensors = output_tensors(source, plan)
+    extra = [source.path / n for n in TOKENIZER_FILES if (source.path / n).is_file()]
+    needed = sum(t.nbytes for t in tensors) + sum(p.stat().st_size for p in extra) + (1 << 20)
+    what = f"{source.name}@{plan['budget']['spec']} ({human_bytes(needed)})"
+    if in_cache:
+        cache.reserve(needed, what, keep=final)
+    else:
+        cache.require_free(needed, final.parent, what)
+    start = time.perf_counter()
+    with cache.disk_errors(what, final.parent), atomic.staging_dir(final) as tmp:
+        index = write_shards(source, plan, tmp, progress)
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        (tmp / "config.json").write_text(json.dumps(_config(source, plan), indent=1))
+        for path in extra:
+            shutil.copyfile(path, tmp / path.name)
+        written = {
+            "seconds": time.perf_counter() - start,
+            "stored_bytes": index["metadata"]["total_size"],
+            **manifest(tmp),
+        }
+        (tmp / "plan.json").write_text(json.dumps({**plan, "written": written}, indent=1))
+
+
+def manifest(folder: Path) -> dict[str, Any]:
+    """What a written folder must still hold: every file's size, and the small files' digests (a
+    shard is checked by size alone: hashing gigabytes on every load would cost more than the load)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    return {"files": {p.name: p.stat().st_size for p in files},
+            "sha256": {p.name: _digest(p) for p in files if p.suffix != ".safetensors"}}  # fmt: skip
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def verify(folder: Path, expected_hash: str) -> str | None:
+    """Why ``folder`` cannot be trusted as the model of plan ``expected_hash``, or None if it can: its
+    plan.json must name that plan and hash to it, and every file must be as it was written."""
     try:
-        return json.loads((folder / "plan.json").read_text()).get("hash") == plan_hash
-    except (OSError, ValueError):
-        return False
+        plan = json.loads((folder / "plan.json").read_text())
+    except OSError:
+        return "no plan.json: never completed"
+    except ValueError:
+        return "plan.json is corrupt"
+    if not isinstance(plan, dict) or plan.get("hash") != expected_hash:
+        return "plan.json is for another plan"
+    try:
+        if plan_hash(plan) != expected_hash:
+            return "plan.json was edited: its quantization no longer hashes to its name"
+    except (KeyError, TypeError):
+        return "plan.json is incomplete"
+    written = plan.get("written", {})
+    if not isinstance(written, dict) or not written.get("files"):
+        return "plan.json has no file manifest (written by an older ramserve)"
+    for name, size in written["files"].items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size:,} bytes; {size:,} were written"
+    for name, digest in written.get("sha256", {}).items():
+        if name != "plan.json" and _digest(folder / name) != digest:
+            return f"{name} was changed after it was written"
+    return None
+
+
+def is_complete(folder: Path, expected_hash: str) -> bool:
+    """A folder is trusted only if it was renamed into place with a plan of this hash, intact."""
+    return verify(folder, expected_hash) is None

@@ -92,6 +92,11 @@ class ServerSettings(BaseModel):
     cpu_dense_min_gflops: float = Field(ge=0)
 
 
+class CacheSettings(BaseModel):
+    max_gb: float = Field(gt=0)
+    min_free_gb: float = Field(ge=0)
+
+
 class ToolFormat(BaseModel):
     """How a model family writes a tool call (configs/tools.toml)."""
 
@@ -113,6 +118,7 @@ class Settings(BaseModel):
     budget: BudgetSettings
     devices: dict[str, Device] = {}
     server: ServerSettings
+    cache: CacheSettings
     tool_formats: dict[str, ToolFormat] = {}
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import cache
 from .errors import BadModel, ModelNotFound
 from .settings import KindRule, load_settings
 
@@ -325,20 +326,39 @@ def hub_snapshot(repo: str, revision: str | None, patterns: list[str] | None = N
 
     # huggingface_hub reads its environment once, at import; read it at call time instead.
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
+    fetch: dict[str, Any] = {"revision": revision, "allow_patterns": patterns or HUB_PATTERNS,
+             "cache_dir": os.environ.get("HF_HUB_CACHE")}  # fmt: skip
+    if not offline:
+        _require_room_for(repo, fetch)
     try:
-        path = snapshot_download(
-            repo,
-            revision=revision,
-            allow_patterns=patterns or HUB_PATTERNS,
-            cache_dir=os.environ.get("HF_HUB_CACHE"),
-            local_files_only=offline,
-        )
+        with cache.disk_errors(f"the download of {repo}", _hub_cache_dir()):
+            path = snapshot_download(repo, local_files_only=offline, **fetch)
     except LocalEntryNotFoundError as e:
         why = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else "the hub cannot be reached"
         raise ModelNotFound(f"{repo} is not in the Hugging Face cache and {why}") from e
     except HfHubHTTPError as e:
         raise ModelNotFound(f"cannot fetch {repo} from the Hugging Face hub: {e}") from e
     return Path(path)
+
+
+def _hub_cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
+
+
+def _require_room_for(repo: str, fetch: dict[str, Any]) -> None:
+    """Refuse a download the disk cannot take, before its first byte (sizes from the hub's listing;
+    when the hub cannot list them, the download itself reports a full disk)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        files = snapshot_download(repo, dry_run=True, **fetch)
+    except Exception:  # offline, gated, unknown: the real call says why, with its own message
+        return
+    needed = sum(f.file_size for f in files if f.will_download) if isinstance(files, list) else 0
+    if needed:
+        cache.require_free(needed, _hub_cache_dir(), f"downloading {repo} ({needed:,} bytes)")
 
 
 def open_source(spec: str) -> Source:
