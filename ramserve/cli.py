@@ -161,7 +161,7 @@ def cmd_run(a: argparse.Namespace) -> int:
                  progress=not a.quiet)  # fmt: skip
     print(render_fit(fitted), flush=True)
     args = engine_args(fitted.budget.context, fitted.budget.parallel)
-    registry = VariantRegistry(fitted, args, cfg.variants, cfg.swap_timeout_s)
+    registry = VariantRegistry(fitted, args, cfg, any_budget=a.any_budget)
     serve(registry, host=a.host, port=a.port, api_key=api_key(a), allow_origin=a.allow_origin)
     return 0
 
@@ -313,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget", default="auto", help="auto (this machine), or any budget `plan` takes"
     )
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--any-budget", action="store_true",
+                   help="let clients ask for any name@budget (each new one is quantized and cached)")  # fmt: skip
     add_server_options(s)
     s.set_defaults(func=cmd_run)
 

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 import traceback
+from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -137,7 +138,7 @@ def make_processors(p: SamplingParams) -> list[Any]:
 
 @dataclass
 class Request:
-    prompt: list[int]
+    prompt: array[int]  # 4 bytes a token while it waits (a list holds ~36)
     params: SamplingParams
     output: Output
     max_tokens: int
@@ -227,7 +228,8 @@ class Engine:
                 f"the prompt ({len(prompt)} tokens){asked} exceeds the context of "
                 f"{self.context} tokens"
             )
-        request = Request(prompt, params, output, params.max_tokens or room, processors or [])
+        request = Request(array("i", prompt), params, output, params.max_tokens or room,
+                          processors or [])  # fmt: skip
         with self._lock:
             if len(self._waiting) >= self.queue_size + max(0, self.parallel - len(self._active)):
                 raise QueueFull(f"all {self.parallel} slots are busy and {self.queue_size} wait")
@@ -343,16 +345,17 @@ class Engine:
         if r.cancelled:
             self._count_finish("cancelled")
             return
-        cache, rest = self._prompt_cache.fetch_nearest_cache(self._key, r.prompt)
+        prompt = r.prompt.tolist()
+        cache, rest = self._prompt_cache.fetch_nearest_cache(self._key, prompt)
         if cache is not None and not rest:  # an exact hit: recompute the last token for its logits
             trim_prompt_cache(cache, 1)
-            rest = r.prompt[-1:]
-        r.cached_tokens = len(r.prompt) - len(rest)
+            rest = prompt[-1:]
+        r.cached_tokens = len(prompt) - len(rest)
         (r.uid,) = self._generator.insert(
             [rest],
             max_tokens=[r.max_tokens],
             caches=[cache] if cache is not None else None,
-            all_tokens=[r.prompt[: r.cached_tokens]],
+            all_tokens=[prompt[: r.cached_tokens]],
             samplers=[make_sampler(r.params)],
             logits_processors=[make_processors(r.params) + r.processors],
         )

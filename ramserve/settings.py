@@ -85,8 +85,12 @@ class ServerSettings(BaseModel):
     queue_size: int = Field(ge=0)
     prompt_cache_entries: int = Field(ge=0)
     max_body_bytes: int = Field(gt=0)
+    max_pending_body_mb: int = Field(gt=0)
+    max_json_depth: int = Field(gt=0)
     variants: list[str]
+    any_budget: bool = False
     swap_timeout_s: float = Field(gt=0)
+    swap_waiting: int = Field(ge=0)
     cpu_dense_rows: int = Field(ge=1)
     cpu_workers: int = Field(ge=0)
     cpu_dense_min_gflops: float = Field(ge=0)

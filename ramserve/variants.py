@@ -3,7 +3,10 @@
 A request for a variant that is not loaded plans it from the cached profile, quantizes it (or takes
 it from the cache) and swaps it in. Only one model is held at a time: the swap waits for in-flight
 requests on the old engine to finish, frees it, then loads the new one; requests that arrive
-meanwhile wait (bounded, then 503). A failed swap reloads the previous model.
+meanwhile wait (bounded in number and time, then 503). A failed swap reloads the previous model.
+
+Each new variant costs minutes and gigabytes of disk, so by default a client may ask only for the
+listed variants and for budgets whose plan is already cached; ``--any-budget`` lifts that.
 """
 
 from __future__ import annotations
@@ -12,28 +15,32 @@ import asyncio
 import logging
 from typing import Any
 
+from . import cache
 from .budget import machine_budget
 from .engine import Engine
 from .errors import BudgetError
 from .fit import Fit, require_plan_fits, variant_status
 from .plan import make_plan
 from .quantize import quantize
-from .server.registry import NotReady, Registry, UnknownModel, plan_fields
+from .server.registry import NotOffered, NotReady, Registry, UnknownModel, plan_fields
+from .settings import ServerSettings
 
 log = logging.getLogger("ramserve.variants")
 
 
 class VariantRegistry(Registry):
-    def __init__(self, fitted: Fit, engine_args: dict[str, Any], listed: list[str],
-                 swap_timeout: float = 600.0) -> None:  # fmt: skip
+    def __init__(self, fitted: Fit, engine_args: dict[str, Any], server: ServerSettings,
+                 any_budget: bool = False) -> None:  # fmt: skip
         super().__init__(fitted.folder, fitted.source.name, engine_args)
         self.fitted = fitted
-        self.listed = listed
-        self.swap_timeout = swap_timeout
+        self.listed = server.variants
+        self.swap_timeout = server.swap_timeout_s
+        self.swap_waiting = server.swap_waiting
+        self.any_budget = any_budget or server.any_budget
         self.loaded_hash = fitted.plan["hash"]
-        self.loaded_id = self.name
         self._plans: dict[str, dict[str, Any]] = {"": fitted.plan}
         self._swap = asyncio.Lock()
+        self._waiting = 0
         self._machine = machine_budget(fitted.source, fitted.budget.context, fitted.budget.parallel)
 
     # -- plans --------------------------------------------------------------------------------
@@ -54,6 +61,32 @@ class VariantRegistry(Registry):
             self._plans[spec] = plan
         return self._plans[spec]
 
+    def offered(self, spec: str, plan: dict[str, Any]) -> bool:
+        """Whether a client may have this variant: listed, already cached, or any (--any-budget)."""
+        if self.any_budget or spec in ("", *self.listed) or plan["hash"] == self.loaded_hash:
+            return True
+        if variant_status(self.fitted.source, plan) == "cached":
+            return True
+        return any(self._listed_hash(s) == plan["hash"] for s in self.listed)
+
+    def _listed_hash(self, spec: str) -> str | None:
+        try:
+            return str(self.plan_for(spec)["hash"])
+        except BudgetError:
+            return None
+
+    def require_offered(self, model_id: str) -> dict[str, Any]:
+        spec = self.spec_of(model_id)
+        plan = self.plan_for(spec)
+        if not self.offered(spec, plan):
+            listed = ", ".join(f"{self.name}@{s}" for s in self.listed) or "none"
+            raise NotOffered(
+                f"{model_id} is not offered: this server quantizes new budget variants only when "
+                f"started with --any-budget (or [server] any_budget = true in config.toml); it "
+                f"serves {self.name}, its listed variants ({listed}) and budgets already cached"
+            )
+        return plan
+
     # -- models -------------------------------------------------------------------------------
 
     def cards(self) -> list[dict[str, Any]]:
@@ -67,7 +100,7 @@ class VariantRegistry(Registry):
         return cards
 
     def card_for(self, model_id: str) -> dict[str, Any]:
-        plan = self.plan_for(self.spec_of(model_id))
+        plan = self.require_offered(model_id)
         if plan["hash"] == self.loaded_hash and self.ready:
             status = "loaded"
         else:
@@ -79,13 +112,19 @@ class VariantRegistry(Registry):
     # -- swapping -----------------------------------------------------------------------------
 
     async def resolve(self, model_id: str) -> Engine:
-        plan = self.plan_for(self.spec_of(model_id))
+        plan = self.require_offered(model_id)
         if plan["hash"] == self.loaded_hash and not self._swap.locked():
             return self.require_ready()
+        if self._waiting >= self.swap_waiting:
+            raise NotReady(f"{self._waiting} requests already wait for a model swap; try "
+                           f"{model_id} again shortly")  # fmt: skip
+        self._waiting += 1
         try:
             await asyncio.wait_for(self._swap.acquire(), self.swap_timeout)
         except TimeoutError as e:
             raise NotReady(f"still swapping models; try {model_id} again shortly") from e
+        finally:
+            self._waiting -= 1
         try:
             if plan["hash"] != self.loaded_hash:
                 await self._swap_to(model_id, plan)
@@ -108,6 +147,8 @@ class VariantRegistry(Registry):
             folder, _ = await asyncio.to_thread(quantize, self.fitted.source, plan, progress=False)
             self.stage = f"loading {model_id}"
             await asyncio.to_thread(self._replace, folder)
+            if folder != previous[0]:
+                cache.release(previous[0])  # the old variant may be evicted from now on
             self.folder, self.loaded_hash, self.loaded_id = folder, plan["hash"], model_id
         except Exception as e:
             log.exception("swap to %s failed; restoring %s", model_id, previous[2])

@@ -150,6 +150,7 @@ def test_a_failed_swap_leaves_the_previous_model_serving(tmp_path: Path, tiny_di
 
     from ramserve.fit import fit
     from ramserve.server.app import create_app
+    from ramserve.settings import load_settings
     from ramserve.source import open_source
     from ramserve.variants import VariantRegistry
 
@@ -158,7 +159,8 @@ def test_a_failed_swap_leaves_the_previous_model_serving(tmp_path: Path, tiny_di
     model = tmp_path / "tiny-coder"
     shutil.copytree(tiny_dir, model)
     fitted = fit(open_source(str(model)), "50%", context=256, parallel=2, progress=False)
-    registry = VariantRegistry(fitted, {"context": 256, "parallel": 2}, ["min-safe"])
+    server = load_settings().server.model_copy(update={"variants": ["min-safe"]})
+    registry = VariantRegistry(fitted, {"context": 256, "parallel": 2}, server)
     with live_server(create_app(registry)) as base:
         for shard in model.glob("*.safetensors"):
             shard.write_bytes(b"corrupt")  # the source can no longer be quantized

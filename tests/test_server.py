@@ -13,6 +13,7 @@ import pytest
 
 from ramserve.server.app import create_app
 from ramserve.server.registry import Registry
+from ramserve.settings import load_settings
 
 from .serving import live_server, metric, wait_for
 
@@ -36,7 +37,8 @@ def base(folder: Path) -> Iterator[str]:
 def strict(folder: Path) -> Iterator[str]:
     """One slot, no queue, a 256-token context and an API key."""
     registry = Registry(folder, NAME, {"parallel": 1, "queue_size": 0, "context": 256})
-    with live_server(create_app(registry, api_key="sekret", max_body_bytes=20_000)) as url:
+    server = load_settings().server.model_copy(update={"max_body_bytes": 20_000})
+    with live_server(create_app(registry, api_key="sekret", server=server)) as url:
         yield url
 
 
@@ -256,6 +258,65 @@ def test_malformed_and_unknown(base: str) -> None:
         post(base, "/v1/completions", {"model": NAME, "prompt": "x", "echo": True}), 400, "echo"
     )
     assert_error(httpx.get(f"{base}/v1/nothing"), 404)
+
+
+def test_lax_booleans_deep_nesting_and_huge_bodies_are_refused(base: str) -> None:
+    # "yes" is not true: a lax coercion would start a stream the client cannot read.
+    for value in ("yes", 1, "true"):
+        body = {"model": NAME, "messages": HELLO, "stream": value}
+        assert_error(post(base, "/v1/chat/completions", body), 400, "stream", "bool_type")
+    assert_error(post(base, "/v1/completions", {"model": NAME, "prompt": "x", "echo": "no"}), 400,
+                 "echo", "bool_type")  # fmt: skip
+    # 100,000 brackets exhaust the parser's stack; 65 levels pass it but not the server's limit.
+    assert_error(post(base, "/v1/chat/completions", "[" * 100_000 + "]" * 100_000), 400,
+                 code="invalid_json")  # fmt: skip
+    deep: dict = {"type": "object"}
+    for _ in range(70):
+        deep = {"type": "object", "properties": {"a": deep}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": deep}}
+    err = assert_error(post(base, "/v1/chat/completions", dict(model=NAME, messages=HELLO,
+                                                                tools=[tool])), 400, code="invalid_json")  # fmt: skip
+    assert "64 levels" in err["message"]
+    # A body over the limit is read to its end and answered 413, not a reset connection.
+    limit = load_settings().server.max_body_bytes
+    huge = json.dumps({"model": NAME, "messages": [{"role": "user", "content": "x" * limit}]})
+    assert_error(post(base, "/v1/chat/completions", huge), 413, code="body_too_large")
+    chunks = (huge[i : i + 65536].encode() for i in range(0, len(huge), 65536))  # no length header
+    chunked = httpx.post(f"{base}/v1/chat/completions", content=chunks, timeout=60)
+    assert_error(chunked, 413, code="body_too_large")
+    assert httpx.get(f"{base}/health").status_code == 200
+
+
+def test_status_reports_the_model_and_the_work_in_flight(base: str) -> None:
+    body = {"model": NAME, "messages": HELLO, "max_tokens": 3000, "stream": True,
+            "logit_bias": {"0": -100}, "user": "u" * 50_000}  # fmt: skip
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()  # kept: a dropped iterator closes the response
+        next(lines)
+        st = httpx.get(f"{base}/status").json()
+    assert st["model"] == NAME and st["stage"] == "ready" and st["folder"].endswith("model")
+    assert st["active"] == 1 and st["queued"] == 0 and st["parallel"] == 8
+    assert st["pending_body_bytes"] > 50_000  # the stream's body, held until it ends
+    assert 0 < st["weight_bytes"] < st["rss_bytes"]
+    assert wait_for(lambda: httpx.get(f"{base}/status").json()["pending_body_bytes"] == 0)
+
+
+def test_bodies_in_flight_are_bounded(folder: Path) -> None:
+    registry = Registry(folder, NAME, {"parallel": 2, "queue_size": 4})
+    server = load_settings().server.model_copy(update={"max_pending_body_mb": 1})
+    body = {"model": NAME, "messages": HELLO, "max_tokens": 3000, "stream": True,
+            "logit_bias": {"0": -100}, "user": "u" * 600_000}  # fmt: skip
+    with live_server(create_app(registry, server=server)) as url:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()  # kept: a dropped iterator closes the response
+            next(lines)  # holds 600 KB until it ends
+            refused = post(url, "/v1/chat/completions", dict(body, stream=False))
+            small = post(url, "/v1/chat/completions", {"model": NAME, "messages": HELLO,
+                                                       "max_tokens": 2})  # fmt: skip
+        assert_error(refused, 503, code="server_busy")
+        assert refused.headers["Retry-After"] and small.status_code == 200
+        again = post(url, "/v1/chat/completions", dict(body, stream=False, max_tokens=2))
+        assert again.status_code == 200, again.text
 
 
 def test_api_key_context_and_body_limits(strict: str) -> None:

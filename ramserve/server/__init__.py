@@ -14,7 +14,6 @@ def serve(registry: Any, *, host: str, port: int, api_key: str | None = None,
 
     from .app import create_app
 
-    cfg = load_settings().server
     app = create_app(registry, api_key=api_key, allow_origin=allow_origin,
-                     max_body_bytes=cfg.max_body_bytes)  # fmt: skip
+                     server=load_settings().server)  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)

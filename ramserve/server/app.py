@@ -29,8 +29,11 @@ from ..constrain import ConstraintError
 from ..engine import ContextExceeded, Engine, QueueFull, SamplingParams
 from ..errors import BudgetError, RamserveError
 from ..output import Done, Event, Output, Reasoning, Sink, Text, TokenLogprob, ToolCall, make_output
+from ..settings import ServerSettings, load_settings
+from .errors import APIError
+from .limits import BodyLimits, InFlight, parse_json
 from .metrics import Metrics
-from .registry import NotReady, Registry, UnknownModel
+from .registry import NotOffered, NotReady, Registry, UnknownModel
 from .schemas import (
     AssistantMessage,
     ChatChoice,
@@ -48,6 +51,7 @@ from .schemas import (
     ModelCard,
     ModelList,
     PromptTokensDetails,
+    ServerStatus,
     TextChoice,
     TextCompletion,
     TextLogprobs,
@@ -60,26 +64,10 @@ from .schemas import (
 log = logging.getLogger("ramserve.server")
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:  # fmt: skip
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type_
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}  # fmt: skip
-
-
 # The status, type, param and code each engine or registry refusal maps to.
 REFUSALS: dict[type[Exception], tuple[int, str, str | None, str]] = {
     UnknownModel: (404, "invalid_request_error", "model", "model_not_found"),
+    NotOffered: (400, "invalid_request_error", "model", "variant_not_offered"),
     BudgetError: (400, "invalid_request_error", "model", "invalid_budget"),
     ContextExceeded: (400, "invalid_request_error", "messages", "context_length_exceeded"),
     QueueFull: (503, "server_error", None, "queue_full"),
@@ -150,10 +138,11 @@ def _text_logprobs(entries: list[TokenLogprob], offset: int) -> TextLogprobs:
 class API:
     """The routes, bound to a registry, its metrics and the server's options."""
 
-    def __init__(self, registry: Registry, *, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(self, registry: Registry, *, api_key: str | None, server: ServerSettings) -> None:
         self.registry = registry
         self.api_key = api_key
-        self.max_body_bytes = max_body_bytes
+        self.server = server
+        self.in_flight = InFlight()
         self.metrics = Metrics()
         self.fingerprint = f"ramserve-{registry.name}"
 
@@ -167,12 +156,11 @@ class API:
                     self.authorize(request)
                 response = await handler(request)
             except APIError as e:
-                response = JSONResponse(e.body(), e.status, headers=e.headers)
+                response = e.response()
             except Exception as e:
                 if not isinstance(e, RamserveError):
                     log.exception("internal error on %s", request.url.path)
-                err = api_error(e)
-                response = JSONResponse(err.body(), err.status, headers=err.headers)
+                response = api_error(e).response()
             self.metrics.count(path, response.status_code)
             return response
 
@@ -189,22 +177,8 @@ class API:
                            "invalid_request_error", code="invalid_api_key")  # fmt: skip
 
     async def parse(self, request: Request, model: type[BaseModel]) -> Any:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise APIError(
-                413, f"request body over {self.max_body_bytes} bytes", code="body_too_large"
-            )
-        body = await request.body()
-        if len(body) > self.max_body_bytes:
-            raise APIError(
-                413, f"request body over {self.max_body_bytes} bytes", code="body_too_large"
-            )
-        try:
-            data = json.loads(body)
-        except ValueError as e:
-            raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from e
-        if not isinstance(data, dict):
-            raise APIError(400, "the body must be a JSON object", code="invalid_json")
+        # The body's size was checked as it arrived (limits.BodyLimits).
+        data = parse_json(await request.body(), self.server.max_json_depth)
         try:
             return model.model_validate(data)
         except ValidationError as e:
@@ -228,6 +202,27 @@ class API:
         return JSONResponse(
             body, 200 if r.ready else 503, headers=None if r.ready else {"Retry-After": "2"}
         )
+
+    async def status(self, request: Request) -> Response:
+        import os
+
+        import mlx.core as mx
+        import psutil
+
+        r, engine = self.registry, self.registry.engine
+        st = ServerStatus(
+            pid=os.getpid(), model=r.loaded_id, folder=str(r.folder), stage=r.stage,
+            uptime_s=time.time() - r.created,
+            weight_bytes=engine.weight_bytes() if engine else None,
+            mlx_active_bytes=mx.get_active_memory(), mlx_peak_bytes=mx.get_peak_memory(),
+            rss_bytes=psutil.Process().memory_info().rss,
+            context=engine.context if engine else None,
+            parallel=engine.parallel if engine else None,
+            active=engine.active if engine else 0, queued=engine.queue_depth if engine else 0,
+            queue_size=engine.queue_size if engine else None,
+            pending_body_bytes=self.in_flight.bytes,
+        )  # fmt: skip
+        return JSONResponse(st.model_dump())
 
     async def metrics_text(self, request: Request) -> Response:
         return PlainTextResponse(self.metrics.render(self.registry.engine),
@@ -435,8 +430,9 @@ async def stream_text(head: Envelope, body: CompletionRequest, events: AsyncIter
 
 
 def create_app(registry: Registry, *, api_key: str | None = None, allow_origin: list[str] | None = None,
-               max_body_bytes: int = 4 << 20) -> Starlette:  # fmt: skip
-    api = API(registry, api_key=api_key, max_body_bytes=max_body_bytes)
+               server: ServerSettings | None = None) -> Starlette:  # fmt: skip
+    server = server or load_settings().server
+    api = API(registry, api_key=api_key, server=server)
     routes = [
         Route(path, api.route(path, handler, auth=auth), methods=[method])
         for path, method, handler, auth in (
@@ -444,11 +440,14 @@ def create_app(registry: Registry, *, api_key: str | None = None, allow_origin: 
             ("/v1/completions", "POST", api.completions, True),
             ("/v1/models", "GET", api.list_models, True),
             ("/v1/models/{model:path}", "GET", api.get_model, True),
+            ("/status", "GET", api.status, True),
             ("/health", "GET", api.health, False),
             ("/metrics", "GET", api.metrics_text, False),
         )
     ]
-    middleware = []
+    middleware = [Middleware(BodyLimits, max_body_bytes=server.max_body_bytes,
+                             max_pending_bytes=server.max_pending_body_mb << 20,
+                             in_flight=api.in_flight)]  # fmt: skip
     if allow_origin:
         middleware.append(Middleware(CORSMiddleware, allow_origins=allow_origin,
                                      allow_methods=["GET", "POST"], allow_headers=["*"]))  # fmt: skip
@@ -457,7 +456,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, allow_origin: 
         status = getattr(exc, "status_code", 404)
         message = "method not allowed" if status == 405 else f"no route {request.url.path}"
         err = APIError(status, message, code="not_found" if status == 404 else "method_not_allowed")
-        return JSONResponse(err.body(), status)
+        return err.response()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from .. import cache
 from ..engine import Engine
 from ..errors import RamserveError
 from ..source import folder_plan
@@ -38,6 +39,12 @@ class NotReady(RamserveError):
     """The model is still loading (or failed to load)."""
 
 
+class NotOffered(RamserveError):
+    """A budget variant this server does not quantize on request (see ``--any-budget``)."""
+
+    param = "model"
+
+
 class Registry:
     """Serves one model folder under one name."""
 
@@ -49,6 +56,7 @@ class Registry:
         self.stage = "starting"
         self.error: str | None = None
         self.created = int(time.time())
+        self.loaded_id = name  # the id of the model loaded now
         self._leases: dict[int, int] = {}
         self._idle = asyncio.Condition()  # binds to the server's loop on first use
 
@@ -61,6 +69,7 @@ class Registry:
     def _load_initial(self) -> None:
         try:
             self.stage = "loading model"
+            cache.hold(self.folder)  # never evicted while this server has it loaded
             self.engine = Engine(self.folder, **self.engine_args)
             self.stage = "ready"
         except Exception as e:  # reported by /health and every request, never a crash

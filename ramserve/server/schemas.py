@@ -10,18 +10,21 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from ..constrain import ConstraintError, Tool, ToolUse
 from ..engine import SamplingParams
 
 
 class Strict(BaseModel):
+    """A request part: unknown fields are refused, and a boolean must be JSON true or false (a lax
+    "yes" or 1 would turn streaming on by accident)."""
+
     model_config = ConfigDict(extra="forbid")
 
 
 class StreamOptions(Strict):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ContentPart(Strict):
@@ -87,7 +90,7 @@ class FunctionDef(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
-    strict: bool | None = None  # ramserve always enforces the schema
+    strict: StrictBool | None = None  # ramserve always enforces the schema
 
 
 class ToolDef(Strict):
@@ -108,7 +111,7 @@ class JsonSchemaFormat(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
-    strict: bool | None = None
+    strict: StrictBool | None = None
 
 
 class ResponseFormat(Strict):
@@ -144,7 +147,7 @@ class Sampling(Strict):
     """Fields shared by chat and text completions."""
 
     model: str
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
@@ -209,11 +212,11 @@ class Sampling(Strict):
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
+    logprobs: StrictBool = False
     top_logprobs: int = Field(default=0, ge=0, le=20)
     tools: list[ToolDef] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: StrictBool = True
     response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
@@ -265,7 +268,7 @@ class ChatRequest(Sampling):
 class CompletionRequest(Sampling):
     prompt: str | list[str]
     logprobs: int | None = Field(default=None, ge=0, le=5)
-    echo: bool = False
+    echo: StrictBool = False
     suffix: str | None = None
     best_of: int | None = None
 
@@ -439,3 +442,23 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ServerStatus(BaseModel):
+    """What ``GET /status`` (and ``ramserve ps``) reports: the model held and the work in flight."""
+
+    pid: int
+    model: str  # the id of the model loaded now (a budget variant: name@budget)
+    folder: str
+    stage: str
+    uptime_s: float
+    weight_bytes: int | None
+    mlx_active_bytes: int
+    mlx_peak_bytes: int
+    rss_bytes: int
+    context: int | None
+    parallel: int | None
+    active: int
+    queued: int
+    queue_size: int | None
+    pending_body_bytes: int
