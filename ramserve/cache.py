@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -38,14 +39,16 @@ from .settings import CacheSettings, load_settings, ramserve_home
 log = logging.getLogger("ramserve.cache")
 
 GB = 1_000_000_000  # decimal, as human_bytes prints sizes
-# OS errors that mean "this disk cannot take the write", each with what to tell the user.
+# OS errors that mean "this disk cannot take the write": what to tell the user, and the fix.
+FULL = "free some space (`ramserve prune`) or point RAMSERVE_HOME at a bigger disk"
+LOCKED = "point RAMSERVE_HOME at a folder you can write"
 DISK_ERRORS = {
-    errno.ENOSPC: "the disk is full",
-    errno.EDQUOT: "the disk quota is exhausted",
-    errno.EFBIG: "the file size limit was reached",
-    errno.EROFS: "the file system is read-only",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "permission denied",
+    errno.ENOSPC: ("the disk is full", FULL),
+    errno.EDQUOT: ("the disk quota is exhausted", FULL),
+    errno.EFBIG: ("the file size limit was reached", FULL),
+    errno.EROFS: ("the file system is read-only", LOCKED),
+    errno.EACCES: ("permission denied", LOCKED),
+    errno.EPERM: ("permission denied", LOCKED),
 }
 
 
@@ -137,14 +140,20 @@ def _exclusive(path: Path, wait: bool) -> Iterator[bool]:
 
 @contextlib.contextmanager
 def writing(entry: Path) -> Iterator[None]:
-    """Held while ``entry`` is written: another writer of the same entry waits for this one, and the
-    entry counts as in use (never evicted) from here on, for as long as this process lives."""
-    hold(entry)
+    """Held while ``entry`` is checked and written: another writer of the same entry waits for this
+    one, and the entry is in use (never evicted) meanwhile. A caller that will load the entry holds
+    it first (``hold``), so it stays in use after the write as well."""
     if not _in_cache(entry):
         yield
         return
-    with _exclusive(_lock_file(entry_key(entry), "write"), wait=True):
-        yield
+    held_before = str(_lock_file(entry_key(entry), "use")) in _held
+    hold(entry)
+    try:
+        with _exclusive(_lock_file(entry_key(entry), "write"), wait=True):
+            yield
+    finally:
+        if not held_before:
+            release(entry)
 
 
 def in_use(entry: Path) -> bool:
@@ -176,10 +185,9 @@ def disk_errors(what: str, where: Path) -> Iterator[None]:
     except OSError as e:
         if e.errno not in DISK_ERRORS:
             raise
-        raise CacheError(
-            f"cannot write {what} under {where}: {DISK_ERRORS[e.errno]} ({e.strerror}); nothing "
-            "was kept. Free some space (`ramserve prune`) or point RAMSERVE_HOME at a writable disk"
-        ) from e
+        why, fix = DISK_ERRORS[e.errno]
+        raise CacheError(f"cannot write {what} under {where}: {why}; nothing was kept. To fix: {fix}"
+                         ) from e  # fmt: skip
 
 
 # -- listing ----------------------------------------------------------------------------------
@@ -388,7 +396,11 @@ def reserve(needed: int, what: str, keep: Path | None = None) -> list[Entry]:
 
 
 def require_free(needed: int, where: Path, what: str, keep: Path | None = None) -> None:
-    """Refuse, before writing, a write that would leave less than ``[cache] min_free_gb`` free."""
+    """Refuse, before writing, a write that would leave less than ``[cache] min_free_gb`` free, or
+    that the folder cannot take at all (read-only, no permission)."""
+    with disk_errors(what, where):
+        where.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=where).close()
     free, margin = disk_free(where), int(load_settings().cache.min_free_gb * GB)
     if free - needed < margin:
         prunable = sum(e.bytes for e in evictable(keep))
@@ -418,7 +430,14 @@ def render_entries(found: list[dict[str, Any]], total: dict[str, Any]) -> str:
         state = "partial" if e["partial"] else ("in use" if e["in_use"] else "")
         rows.append((e["label"], e["kind"], human_bytes(e["bytes"]), bpw, dmg, ago(e["last_used"]),
                      state))  # fmt: skip
-    head = table(["entry", "kind", "size", "bpw", "damage", "last used", ""], rows)
+    head = table(["entry", "kind", "size", "bpw", "damage", "last used", "state"], rows)
     foot = (f"{human_bytes(total['used'])} of {human_bytes(total['max_bytes'])} cache budget; "
             f"{human_bytes(total['disk_free'])} free on disk ({ramserve_home()})")  # fmt: skip
     return (head + "\n" if rows else "the cache is empty\n") + foot
+
+
+def render_removed(d: dict[str, Any]) -> str:
+    listing = render_entries(d["removed"], d["total"])
+    return (
+        "removed:\n" + listing if d["removed"] else "nothing removed; " + listing.splitlines()[-1]
+    )

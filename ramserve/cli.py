@@ -186,6 +186,54 @@ def add_server_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--parallel", type=int, help="sequences decoding at once")
 
 
+def cmd_ls(a: argparse.Namespace) -> int:
+    from .cache import entries, render_entries, usage
+
+    data = {"entries": [e.to_json() for e in entries()], "total": usage().to_json()}
+    _emit(data, a.json, lambda d: render_entries(d["entries"], d["total"]))
+    return 0
+
+
+def cmd_rm(a: argparse.Namespace) -> int:
+    from .cache import CacheError, remove, select
+
+    found = select(a.model)
+    if not found:
+        raise CacheError(f"nothing cached matches {a.model!r}; `ramserve ls` lists what is")
+    removed = remove(found)
+    kept = [e for e in found if e not in removed]
+    _report_removed(removed, a.json, kept)
+    if kept:
+        raise CacheError(", ".join(e.label for e in kept) + " is in use by a running ramserve; "
+                         "stop it first (`ramserve ps` shows what runs)")  # fmt: skip
+    return 0
+
+
+def cmd_prune(a: argparse.Namespace) -> int:
+    from .cache import GB, prune
+    from .settings import load_settings
+
+    keep = a.keep_gb if a.keep_gb is not None else load_settings().cache.max_gb
+    _report_removed(prune(int(keep * GB)), a.json, [])
+    return 0
+
+
+def _report_removed(removed: list[Any], as_json: bool, kept: list[Any]) -> None:
+    from .cache import render_removed, usage
+
+    data = {"removed": [e.to_json() for e in removed], "in_use": [e.to_json() for e in kept],
+            "total": usage().to_json()}  # fmt: skip
+    _emit(data, as_json, render_removed)
+
+
+def cmd_ps(a: argparse.Namespace) -> int:
+    from .status import default_urls, probe, render_status
+
+    servers = probe(a.url or default_urls(), api_key(a))
+    _emit(servers, a.json, render_status)
+    return 0
+
+
 def cmd_service(a: argparse.Namespace) -> int:
     from . import service
 
@@ -317,6 +365,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let clients ask for any name@budget (each new one is quantized and cached)")  # fmt: skip
     add_server_options(s)
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("ls", help="list the cache: profiles and quantized models")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_ls)
+
+    s = sub.add_parser("rm", help="remove a model's cached profile and variants, or one variant")
+    s.add_argument(
+        "model", help="MODEL (name or fingerprint) or MODEL@BUDGET (budget or plan hash)"
+    )
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_rm)
+
+    s = sub.add_parser("prune", help="evict least recently used entries (and crashed runs' files)")
+    s.add_argument("--keep-gb", type=float, help="keep at most this much (default: [cache] max_gb)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_prune)
+
+    s = sub.add_parser("ps", help="what running servers hold: model, memory, requests")
+    s.add_argument("--url", action="append", help="a server's base URL (default: the configured "
+                   "port and the service's)")  # fmt: skip
+    s.add_argument("--api-key", help="the server's key (or set RAMSERVE_API_KEY)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_ps)
 
     s = sub.add_parser("service", help="run ramserve as a launchd agent (macOS)")
     acts = s.add_subparsers(dest="action", required=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import cache
 from .budget import Budget, machine_budget, require_fit, weight_budget
 from .cache import model_dir
 from .errors import BudgetError
@@ -128,6 +129,7 @@ def fit(
     stages.append(("plan", time.perf_counter() - t, False))
 
     t = time.perf_counter()
+    cache.hold(model_dir(source.fingerprint, plan["hash"]))  # to be served: never evicted
     folder, cached = quantize(source, plan, progress=progress)
     stages.append(("quantize", time.perf_counter() - t, cached))
     return Fit(source, profile, budget, plan, folder, stages)

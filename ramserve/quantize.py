@@ -26,7 +26,6 @@ import numpy as np
 from . import affine, atomic, cache
 from .cache import model_dir
 from .errors import BadModel
-from .fmt import human_bytes
 from .plan import FORMAT as PLAN_FORMAT
 from .plan import plan_hash
 from .source import Source, open_source, require_full_precision
@@ -197,8 +196,8 @@ def quantize(
     """Write (or reuse) the quantized model for ``plan``; returns its folder and whether it was cached.
 
     A cached folder is checked first (``verify``); one that fails is rebuilt, never loaded. The bytes
-    are reserved before the first is written (``cache.reserve``), and a process that quantized a cache
-    entry holds it in use (never evicted) until it ends.
+    are reserved before the first is written (``cache.reserve``). A caller that will load the folder
+    holds it first (``cache.hold``), so that no eviction takes it in between.
     """
     source = open_source(source) if isinstance(source, str) else source
     check_plan(source, plan)
@@ -219,8 +218,10 @@ def _write(
 ) -> None:
     tensors = output_tensors(source, plan)
     extra = [source.path / n for n in TOKENIZER_FILES if (source.path / n).is_file()]
-    needed = sum(t.nbytes for t in tensors) + sum(p.stat().st_size for p in extra) + (1 << 20)
-    what = f"{source.name}@{plan['budget']['spec']} ({human_bytes(needed)})"
+    # the shards, the tokenizer files, and the index, config and plan (sized from the plan)
+    metadata = 2 * len(json.dumps(plan)) + 100 * len(tensors) + len(json.dumps(source.config))
+    needed = sum(t.nbytes for t in tensors) + sum(p.stat().st_size for p in extra) + metadata
+    what = f"{source.name}@{plan['budget']['spec']}"
     if in_cache:
         cache.reserve(needed, what, keep=final)
     else:

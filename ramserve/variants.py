@@ -17,6 +17,7 @@ from typing import Any
 
 from . import cache
 from .budget import machine_budget
+from .cache import model_dir
 from .engine import Engine
 from .errors import BudgetError
 from .fit import Fit, require_plan_fits, variant_status
@@ -142,9 +143,11 @@ class VariantRegistry(Registry):
                 self.stage = "ready"
                 raise NotReady(f"requests on {self.loaded_id} did not finish; try again") from e
         previous = (self.folder, self.loaded_hash, self.loaded_id)
+        source = self.fitted.source
+        cache.hold(model_dir(source.fingerprint, plan["hash"]))  # to be loaded: never evicted
         try:
             self.stage = f"quantizing {model_id}"
-            folder, _ = await asyncio.to_thread(quantize, self.fitted.source, plan, progress=False)
+            folder, _ = await asyncio.to_thread(quantize, source, plan, progress=False)
             self.stage = f"loading {model_id}"
             await asyncio.to_thread(self._replace, folder)
             if folder != previous[0]:
@@ -152,6 +155,7 @@ class VariantRegistry(Registry):
             self.folder, self.loaded_hash, self.loaded_id = folder, plan["hash"], model_id
         except Exception as e:
             log.exception("swap to %s failed; restoring %s", model_id, previous[2])
+            cache.release(model_dir(source.fingerprint, plan["hash"]))
             self.stage = f"restoring {previous[2]}"
             await asyncio.to_thread(self._replace, previous[0])
             self.stage = "ready"

@@ -86,8 +86,13 @@ def test_run_serves_swaps_variants_and_restarts_from_cache(ramserve_home: Path) 
             cards["code-qwen3-30m@min-safe"]["weight_bytes"]
             < cards["code-qwen3-30m"]["weight_bytes"]
         )
-        # An unlisted budget is valid too; a budget no plan can meet is a 400 naming the minimum.
-        assert client.models.retrieve("code-qwen3-30m@4.2bpw").model_dump()["status"] == "available"
+        # An unlisted budget is not quantized on request by default; a budget no plan can meet is a
+        # 400 naming the minimum.
+        try:
+            client.models.retrieve("code-qwen3-30m@4.2bpw")
+            raise AssertionError("an unlisted variant was offered")
+        except openai.BadRequestError as e:
+            assert "--any-budget" in str(e)
         try:
             client.chat.completions.create(model="code-qwen3-30m@1KB", max_tokens=2,
                                            messages=[{"role": "user", "content": "x"}])  # fmt: skip
