@@ -38,7 +38,7 @@ lint: setup
 
 bench: setup
 	$(FAST) $(PY) bench/analyze.py && $(PY) bench/allocate.py && $(PY) bench/quantize.py
-	$(FAST) $(PY) bench/budget.py && $(FAST) $(PY) bench/serve.py
+	$(FAST) $(PY) bench/budget.py && $(FAST) $(PY) bench/serve.py && $(FAST) $(PY) bench/load.py
 	$(FAST) $(PY) bench/quality.py
 
 quality: setup
