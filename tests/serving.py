@@ -60,3 +60,17 @@ def metric(base: str, name: str, labels: str = "") -> float:
         if line.startswith(f"ramserve_{name}{labels} "):
             return float(line.split()[-1])
     return 0.0
+
+
+def wait_healthy(base: str, proc: Any = None, timeout: float = 180.0) -> None:
+    """Wait for a server (optionally a subprocess that must stay alive) to answer /health with 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc is None or proc.poll() is None, "the server exited"
+        try:
+            if httpx.get(f"{base}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"the server on {base} never became healthy")

@@ -24,7 +24,7 @@ from ramserve.profile import analyze
 from ramserve.quantize import quantize, verify
 from ramserve.source import open_source
 
-from .serving import free_port, live_server
+from .serving import free_port, live_server, wait_healthy
 
 
 def configure(home: Path, text: str) -> None:
@@ -53,23 +53,16 @@ def models(home: Path) -> set[str]:
 
 
 @contextmanager
-def holder(folder: Path, home: Path) -> Iterator[None]:
-    """Another process that has ``folder`` loaded: a real `ramserve serve` of it."""
+def serving(folder: Path, home: Path, **env: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A real `ramserve serve` of ``folder``, which holds it loaded; yields it and its base URL."""
     port = free_port()
-    env = {**os.environ, "RAMSERVE_HOME": str(home)}
     proc = subprocess.Popen([sys.executable, "-m", "ramserve.cli", "serve", str(folder), "--port",
-                             str(port)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+                             str(port)], env={**os.environ, "RAMSERVE_HOME": str(home), **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
         assert cache.in_use(folder)
-        yield
+        yield proc, f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -95,7 +88,7 @@ def test_more_variants_than_fit_evict_the_oldest_and_spare_the_loaded(
     assert cache.usage().used <= cache.usage().max_bytes
     # The oldest now is `second`, but a server has it loaded: `third` goes instead.
     os.utime(second, (time.time() - 200, time.time() - 200))
-    with holder(second, ramserve_home):
+    with serving(second, ramserve_home):
         fourth = variant(tiny_dir, "70%")
         assert second.exists() and fourth.exists() and not third.exists()
         done = cli("ls", "--json", home=ramserve_home)
@@ -248,7 +241,7 @@ def test_ls_rm_prune_through_the_cli(
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"x" * 1000)
     kept = Path(labels["tiny-qwen3@70%"]["path"])
-    with holder(kept, ramserve_home):
+    with serving(kept, ramserve_home):
         busy = cli("rm", "tiny-qwen3@70%", home=ramserve_home, check=False)
         assert busy.returncode == 2 and "in use" in busy.stderr and kept.exists()
         pruned = json.loads(cli("prune", "--keep-gb", "0", "--json", home=ramserve_home).stdout)
@@ -262,20 +255,7 @@ def test_ls_rm_prune_through_the_cli(
 
 def test_ps_reads_what_a_server_holds(tiny_dir: Path, ramserve_home: Path) -> None:
     folder = variant(tiny_dir, "50%")
-    port = free_port()
-    env = {**os.environ, "RAMSERVE_HOME": str(ramserve_home), "RAMSERVE_API_KEY": "k"}
-    proc = subprocess.Popen([sys.executable, "-m", "ramserve.cli", "serve", str(folder), "--port",
-                             str(port)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    with serving(folder, ramserve_home, RAMSERVE_API_KEY="k") as (proc, url):
         nokey = cli("ps", "--url", url, home=ramserve_home, check=False)
         assert nokey.returncode == 2 and "API key" in nokey.stderr
         done = cli("ps", "--url", url, "--api-key", "k", "--json", home=ramserve_home)
@@ -285,9 +265,6 @@ def test_ps_reads_what_a_server_holds(tiny_dir: Path, ramserve_home: Path) -> No
         assert st["rss_bytes"] > st["weight_bytes"] > 0
         text = cli("ps", "--url", url, "--api-key", "k", home=ramserve_home).stdout
         assert "tiny-qwen3" in text and url in text
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     gone = cli("ps", "--url", url, home=ramserve_home, check=False)
     assert gone.returncode == 2 and "no ramserve server answers" in gone.stderr
 

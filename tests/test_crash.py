@@ -20,7 +20,7 @@ import httpx
 from ramserve.source import open_source
 
 from .conftest import DENSE, shared_model
-from .serving import free_port
+from .serving import free_port, wait_healthy
 
 
 def start(home: Path, *args: str) -> subprocess.Popen[str]:
@@ -150,16 +150,3 @@ def test_kill_9_during_analysis_quantization_and_swap(tmp_path: Path) -> None:
 def _post(base: str, body: dict) -> None:
     with contextlib.suppress(httpx.HTTPError):  # the server is killed under it
         httpx.post(f"{base}/v1/completions", json=body, timeout=300)
-
-
-def wait_healthy(base: str, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the server exited"
-        try:
-            if httpx.get(f"{base}/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("the server never became healthy")

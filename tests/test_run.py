@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +14,7 @@ import openai
 
 from .conftest import DENSE, shared_model
 from .factory import make_hf_cache
-from .serving import free_port
+from .serving import free_port, wait_healthy
 
 
 @contextmanager
@@ -29,16 +28,10 @@ def ramserve_run(*args: str, env: dict[str, str]) -> Iterator[tuple[str, list[st
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, "ramserve run exited:\n" + log.read_text()
-            assert time.monotonic() < deadline, "never became healthy:\n" + log.read_text()
-            try:
-                if httpx.get(f"{base}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        try:
+            wait_healthy(base, proc)
+        except AssertionError as e:
+            raise AssertionError(f"{e}:\n{log.read_text()}") from e
         yield base, log.read_text().splitlines()
     finally:
         proc.terminate()
