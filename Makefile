@@ -1,8 +1,8 @@
-# Two commands for a newcomer: `make run` (set up, then fit and serve the shared model) and `make test`.
+# Two commands for a newcomer: `make run` (set up, then fit and serve the model in models/) and `make test`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-MODEL ?= ../shared/models/code-qwen3-30m
+MODEL ?= models/code-qwen3-30m
 BUDGET ?= auto
 PORT ?= 8000
 

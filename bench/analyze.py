@@ -36,7 +36,7 @@ from ramserve.profile import analyse_module, analyze  # noqa: E402
 from ramserve.settings import load_settings  # noqa: E402
 from ramserve.source import open_source  # noqa: E402
 
-DENSE = ROOT.parent.parent / "shared" / "models" / "code-qwen3-30m"
+DENSE = ROOT.parent / "models" / "code-qwen3-30m"
 
 
 def throughput(folder: Path) -> dict:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT.parent))
 from ramserve.fmt import human_bytes, table  # noqa: E402
 from tests.serving import free_port  # noqa: E402
 
-MODEL = ROOT.parent.parent / "shared" / "models" / "code-qwen3-30m"
+MODEL = ROOT.parent / "models" / "code-qwen3-30m"
 PROMPTS = ["Write a function that adds two numbers.", "Sort a list in Python.",
            "Parse a CSV file.", "Reverse a string."]  # fmt: skip
 

@@ -42,7 +42,7 @@ from ramserve.source import open_source  # noqa: E402
 
 SHARED = ROOT.parent.parent / "shared"
 MODELS = {
-    "dense": SHARED / "models" / "code-qwen3-30m",
+    "dense": ROOT.parent / "models" / "code-qwen3-30m",
     "moe": SHARED / "models" / "code-qwen3moe-27m",
 }
 TEXT = SHARED / "data" / "code-eval.txt"

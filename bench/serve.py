@@ -34,7 +34,7 @@ from ramserve.server.registry import Registry  # noqa: E402
 from ramserve.source import open_source  # noqa: E402
 from tests.serving import live_server  # noqa: E402
 
-MODEL = ROOT.parent.parent / "shared" / "models" / "code-qwen3-30m"
+MODEL = ROOT.parent / "models" / "code-qwen3-30m"
 TOKENS = 128
 BAN_EOS = {"0": -100}  # every stream decodes exactly TOKENS tokens
 

@@ -8,10 +8,11 @@ import pytest
 
 from .factory import make_model
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-DENSE = SHARED / "models" / "code-qwen3-30m"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DENSE = REPO / "models" / "code-qwen3-30m"  # in the repo: every clone has it
 MOE = SHARED / "models" / "code-qwen3moe-27m"
-EVAL_TEXT = SHARED / "data" / "code-eval.txt"
+EVAL_TEXT = REPO / "models" / "data" / "code-eval-64k.txt"
 
 
 def shared_model(path: Path) -> Path:
