@@ -17,7 +17,8 @@ os.environ.setdefault("RAMSERVE_HOME", tempfile.mkdtemp(prefix="ramserve-bench-"
 
 import mlx.core as mx  # noqa: E402
 
-from ramserve.budget import activation_shape, fill_context, kv_shape, runtime_bytes  # noqa: E402
+from bench.measure import fill_context  # noqa: E402
+from ramserve.budget import activation_shape, kv_shape, runtime_bytes  # noqa: E402
 from ramserve.engine import Engine  # noqa: E402
 from ramserve.fmt import human_bytes, table  # noqa: E402
 from ramserve.plan import make_plan  # noqa: E402

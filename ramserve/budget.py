@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .device import FLOAT_BYTES, Machine, runtime_dtype, this_machine
 from .errors import BudgetError
 from .fmt import human_bytes
 from .settings import Device, load_settings
-from .source import FLOAT_BYTES
 
 if TYPE_CHECKING:
     from .source import Source
@@ -141,36 +141,11 @@ def activation_dtype(source: Source, device: str | None = None) -> str:
     A named device is an Apple Silicon machine (the stored dtype); this machine runs what the engine
     chooses for its back end (float32 on MLX's CPU, see engine.runtime_dtype).
     """
-    from .engine import runtime_dtype
-
     return source.float_dtype if device else runtime_dtype(source.float_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
 # The machine
-
-
-@dataclass(frozen=True)
-class Machine:
-    name: str
-    total: int
-    available: int
-    working_set_limit: int | None  # MLX's recommended limit for the GPU (Apple Silicon)
-    live: bool  # this machine (available memory is real) or a named device (a fresh boot)
-
-
-def this_machine() -> Machine:
-    import mlx.core as mx
-    import psutil
-
-    vm = psutil.virtual_memory()
-    info: dict[str, Any] = {}
-    if mx.metal.is_available():
-        info = dict(mx.device_info())
-    limit = info.get("max_recommended_working_set_size")
-    return Machine(
-        "this machine", int(vm.total), int(vm.available), int(limit) if limit else None, True
-    )
 
 
 def named_devices() -> dict[str, Device]:
@@ -431,32 +406,3 @@ def machine_budget(
         return weights, FLOAT_BYTES[activation_dtype(source, device)]
 
     return fit
-
-
-def fill_context(engine: Any, context: int, parallel: int) -> dict[str, int]:
-    """Run ``parallel`` sequences that each fill ``context`` tokens; MLX's memory while doing it.
-
-    Returns the loaded weights' bytes, the KV cache mlx-lm allocated (the largest the batch's caches
-    reached), and MLX's peak. Prompts are random token ids filling all but the last 32 tokens, and
-    the end of sequence is banned, so every sequence decodes to the full context.
-    """
-    import mlx.core as mx
-
-    from .engine import SamplingParams
-
-    vocab = engine.model.args.vocab_size
-    prompt_len = context - min(32, context // 2)
-    prompts = [mx.random.randint(1, vocab, (prompt_len,), key=mx.random.key(i)).tolist()
-               for i in range(parallel)]  # fmt: skip
-    ban = {int(t): -100.0 for t in engine.tokenizer.eos_token_ids}
-    params = SamplingParams(max_tokens=context - prompt_len, temperature=0, logit_bias=ban)
-    kv_seen: list[int] = []
-    engine.on_step = lambda gen: kv_seen.append(gen.prompt_cache_nbytes)
-    mx.synchronize()
-    weights = engine.weight_bytes()
-    mx.reset_peak_memory()
-    events = engine.run_batch(prompts, params)
-    engine.on_step = None
-    if any(e[-1].finish_reason != "length" for e in events):
-        raise RuntimeError("a sequence ended before filling the context")
-    return {"weights": weights, "kv": max(kv_seen, default=0), "peak": int(mx.get_peak_memory())}

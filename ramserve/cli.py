@@ -18,7 +18,8 @@ def _emit(data: Any, as_json: bool, render: Callable[[Any], str]) -> None:
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
-    from .source import describe, open_source, render_description
+    from .describe import describe, render_description
+    from .source import open_source
 
     _emit(describe(open_source(a.model)), a.json, render_description)
     return 0
@@ -128,9 +129,10 @@ def cmd_budget(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
+    from .plan import served_name
     from .server import serve
     from .server.registry import Registry
-    from .source import open_source, served_name
+    from .source import open_source
 
     source = open_source(a.model)
     registry = Registry(

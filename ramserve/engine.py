@@ -29,6 +29,7 @@ from typing import Any
 import mlx.core as mx
 
 from .constrain import Grammars
+from .device import runtime_dtype
 from .errors import RamserveError
 from .output import Done, Event, Output, Usage, make_output
 from .settings import load_settings
@@ -70,11 +71,6 @@ def load_model(folder: Path, *, cpu_layers: bool = True) -> tuple[Any, Any]:
         model.set_dtype(mx.float32)
         mx.eval(model.parameters())  # now, on this thread's stream: the worker thread has no other
     return model, tokenizer
-
-
-def runtime_dtype(stored: str = "bfloat16") -> str:
-    """The dtype activations, scales and 16-bit weights take in memory on this device."""
-    return "float32" if mx.default_device() == mx.cpu else stored
 
 
 @dataclass

@@ -24,9 +24,10 @@ import mlx.nn as nn
 import numpy as np
 
 from . import affine
-from .engine import max_positions, runtime_dtype
+from .device import FLOAT_BYTES, runtime_dtype
+from .engine import max_positions
 from .errors import RamserveError
-from .source import FLOAT_BYTES, Source, open_source
+from .source import Source, open_source
 
 
 class EvalError(RamserveError):

@@ -638,7 +638,7 @@ def self_fisher(source: Any, cfg: FisherSettings, progress: bool) -> dict[str, F
     not fit in the configured share of free memory (the profile then uses the energy flow)."""
     import psutil
 
-    from .engine import runtime_dtype
+    from .device import runtime_dtype
 
     dtype = getattr(mx, runtime_dtype(source.float_dtype))
     if peak_bytes(source, cfg, dtype) > cfg.memory_share * psutil.virtual_memory().available:

@@ -14,13 +14,14 @@ from typing import Any
 from . import cache
 from .budget import Budget, machine_budget, require_fit, weight_budget
 from .cache import model_dir
+from .device import FLOAT_BYTES, runtime_dtype
 from .errors import BudgetError
 from .fmt import human_bytes, table
 from .plan import histogram, is_size_spec, limits, make_plan
 from .profile import analyze, candidates_for, quantized_bytes
 from .quantize import is_complete, quantize
 from .settings import load_settings
-from .source import FLOAT_BYTES, Source
+from .source import Source
 
 
 @dataclass
@@ -54,7 +55,6 @@ def hub_precheck(spec: str, context: int | None, parallel: int | None) -> None:
     import json
 
     from .budget import activation_shape_of, budget_for, kv_shape_of_config
-    from .engine import runtime_dtype
     from .source import REPO_ID, hub_snapshot
 
     if Path(spec).expanduser().exists() or not (match := REPO_ID.match(spec)):

@@ -20,6 +20,7 @@ from .budget import named_devices, parse_budget
 from .errors import BudgetError
 from .fmt import human_bytes, table
 from .settings import load_settings
+from .source import Source
 
 FORMAT = "ramserve-plan/1"
 
@@ -302,3 +303,18 @@ def plot_plan(plan: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def folder_plan(folder: Path) -> dict[str, Any] | None:
+    """The plan.json of a folder ramserve quantized, or None."""
+    try:
+        plan = json.loads((folder / "plan.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return plan if isinstance(plan, dict) and "quantization" in plan else None
+
+
+def served_name(source: Source) -> str:
+    """The id a server offers a model under: the source model's name for a folder ramserve wrote."""
+    plan = folder_plan(source.path)
+    return str(plan["name"]) if plan else source.name

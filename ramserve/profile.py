@@ -31,11 +31,12 @@ import numpy as np
 
 from . import affine, atomic, cache
 from .cache import profile_path
+from .device import FLOAT_BYTES
 from .fisher import FisherStat, self_fisher
 from .process import freed_memory_returned
 from .sensitivity import EnergyFlow, flow_order, importances
 from .settings import Settings, load_settings
-from .source import FLOAT_BYTES, ModuleInfo, Source, open_source, require_full_precision
+from .source import ModuleInfo, Source, open_source, require_full_precision
 
 log = logging.getLogger("ramserve.profile")
 

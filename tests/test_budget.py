@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.measure import fill_context
 from ramserve.budget import (
     activation_shape,
-    fill_context,
     kv_shape,
     machine_budget,
     require_fit,

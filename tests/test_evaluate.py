@@ -10,7 +10,7 @@ import pytest
 
 from ramserve import quantize as qz
 from ramserve.cli import main
-from ramserve.engine import runtime_dtype
+from ramserve.device import runtime_dtype
 from ramserve.evaluate import (
     EvalError,
     evaluate,

@@ -11,11 +11,12 @@ from mlx_lm.utils import load_model
 
 from ramserve import quantize as qz
 from ramserve.cli import main
+from ramserve.describe import describe
 from ramserve.errors import BadModel
 from ramserve.evaluate import simulate
 from ramserve.plan import make_plan
 from ramserve.profile import analyze
-from ramserve.source import describe, open_source
+from ramserve.source import open_source
 
 from .factory import make_model
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from ramserve.cli import main
+from ramserve.describe import describe
 from ramserve.errors import BadModel, ModelNotFound
-from ramserve.source import describe, open_source
+from ramserve.source import open_source
 
 from .factory import make_hf_cache, make_model
 

@@ -19,7 +19,7 @@ from typing import Any
 from .. import cache
 from ..engine import Engine
 from ..errors import RamserveError
-from ..source import folder_plan
+from ..plan import folder_plan
 
 log = logging.getLogger("ramserve.server")
 

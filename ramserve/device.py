@@ -1,0 +1,38 @@
+"""Facts about the device ramserve runs on, which every stage may use: the dtype the runtime computes
+in, bytes per float, and this machine's memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+
+FLOAT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def runtime_dtype(stored: str = "bfloat16") -> str:
+    """The dtype activations, scales and 16-bit weights take in memory on this device."""
+    return "float32" if mx.default_device() == mx.cpu else stored
+
+
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    total: int
+    available: int
+    working_set_limit: int | None  # MLX's recommended limit for the GPU (Apple Silicon)
+    live: bool  # this machine (available memory is real) or a named device (a fresh boot)
+
+
+def this_machine() -> Machine:
+    import psutil
+
+    vm = psutil.virtual_memory()
+    info: dict[str, Any] = {}
+    if mx.metal.is_available():
+        info = dict(mx.device_info())
+    limit = info.get("max_recommended_working_set_size")
+    return Machine(
+        "this machine", int(vm.total), int(vm.available), int(limit) if limit else None, True
+    )
