@@ -30,7 +30,8 @@ def _streams() -> tuple[mx.Stream, mx.Stream]:
     Per thread, because MLX refuses a stream made in another thread."""
     if not hasattr(_local, "streams"):
         _local.streams = (mx.new_stream(mx.default_device()), mx.new_stream(mx.default_device()))
-    return _local.streams
+    streams: tuple[mx.Stream, mx.Stream] = _local.streams
+    return streams
 
 
 def _pack_shape(bits: int) -> tuple[int, int]:

@@ -60,7 +60,8 @@ class Problem:
     def best_choice(self) -> np.ndarray:
         """Each module's least-damage candidate (the fewest bytes among equals)."""
         dmin = self.damage.min(axis=1, keepdims=True)
-        return np.argmin(np.where(self.damage <= dmin, self.bytes, INF), axis=1)
+        best: np.ndarray = np.argmin(np.where(self.damage <= dmin, self.bytes, INF), axis=1)
+        return best
 
     def bytes_of(self, choice: np.ndarray) -> int:
         return int(self.fixed_bytes + self.bytes[np.arange(len(self.bytes)), choice].sum())
@@ -153,7 +154,8 @@ def lower_hulls(b: np.ndarray, d: np.ndarray) -> np.ndarray:
         top_b[r], top_d[r], least[r] = nb[r], nd[r], nd[r]
     hull = stack % k
     hull[np.arange(k)[None, :] >= size[:, None]] = -1  # empty and popped slots
-    return hull[:, : max(1, int(size.max()))]
+    out: np.ndarray = hull[:, : max(1, int(size.max()))]
+    return out
 
 
 def _pops(*state: np.ndarray) -> np.ndarray:
@@ -161,7 +163,8 @@ def _pops(*state: np.ndarray) -> np.ndarray:
     strictly below the segment from the point under it to the new one."""
     size, top_b, top_d, prev_b, prev_d, nb, nd = state
     cross = (top_d - prev_d) * (nb - prev_b) >= (nd - prev_d) * (top_b - prev_b)
-    return (top_b >= nb) | ((size > 1) & cross)
+    popped: np.ndarray = (top_b >= nb) | ((size > 1) & cross)
+    return popped
 
 
 def solve(problem: Problem, budget: int) -> Solution:

@@ -38,11 +38,12 @@ FORMS += "min-safe, max, auto, or a named device (see `ramserve budget --devices
 
 def parse_budget(spec: str, *, parameters: int, bf16_bytes: int) -> int:
     """Bytes for a size, bits-per-weight or percentage spec (symbolic specs are the caller's)."""
-    for pattern, to_bytes in (
+    forms: list[tuple[re.Pattern[str], Callable[[float, re.Match[str]], float]]] = [
         (SIZE, lambda n, m: n * UNITS[m["unit"].lower()]),
         (PERCENT, lambda n, m: n / 100 * bf16_bytes),
         (BPW, lambda n, m: n * parameters / 8),
-    ):
+    ]
+    for pattern, to_bytes in forms:
         if match := pattern.match(spec):
             value = float(match["n"])
             if value <= 0:
@@ -388,7 +389,7 @@ def stable_budget(weights: int) -> int:
     if weights <= 0:
         return weights
     step = 2 ** math.floor(math.log2(weights)) // 32
-    return max(step, weights // step * step)
+    return int(max(step, weights // step * step))
 
 
 def machine_budget(

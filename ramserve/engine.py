@@ -124,12 +124,13 @@ def make_sampler(p: SamplingParams) -> Callable[[mx.array], mx.array]:
 def make_processors(p: SamplingParams) -> list[Any]:
     from mlx_lm.sample_utils import make_logits_processors
 
-    return make_logits_processors(
+    processors: list[Any] = make_logits_processors(
         logit_bias=p.logit_bias,
         repetition_penalty=p.repetition_penalty,
         presence_penalty=p.presence_penalty or None,
         frequency_penalty=p.frequency_penalty or None,
     )
+    return processors
 
 
 @dataclass

@@ -242,7 +242,7 @@ def check_reference(e: Evaluated, ref: Evaluated, sample_text: str) -> None:
 
 
 def log_probs(model: nn.Module, batch: mx.array) -> mx.array:
-    logits = model(batch).astype(mx.float32)
+    logits: mx.array = model(batch).astype(mx.float32)
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 

@@ -83,7 +83,8 @@ class FisherStat:
         if cols.shape[0] == 1:
             return cols
         index = np.arange(self.rows.size) if row_index is None else row_index
-        return cols[index // self.rows.shape[-1]]
+        picked: np.ndarray = cols[index // self.rows.shape[-1]]
+        return picked
 
 
 class _Stop(Exception):
@@ -196,7 +197,9 @@ class Marginals:
                 for p in self.rows}  # fmt: skip
 
 
-Hidden = tuple[list[mx.array], mx.array, tuple, dict]  # what StreamedModel.hidden_states returns
+Hidden = tuple[
+    list[mx.array], mx.array, tuple[Any, ...], dict[str, Any]
+]  # what StreamedModel.hidden_states returns
 
 
 class StreamedModel:
@@ -286,14 +289,15 @@ class StreamedModel:
     def lookups(self, x: mx.array) -> mx.array:
         """The embedding rows of ``x`` in the run dtype (the table is read once, in its own dtype)."""
         table = self.source.weights()[f"{self.embed_path}.weight"]
-        rows = table[x].astype(self.dtype)
+        rows: mx.array = table[x].astype(self.dtype)
         mx.eval(rows)
         return rows
 
     def layer_params(self, i: int) -> dict[str, Any]:
         prefix = self.prefixes[i]
         flat = self.tensors(lambda k: k.startswith(prefix))
-        return tree_unflatten([(k[len(prefix) :], v) for k, v in flat.items()])
+        params: dict[str, Any] = tree_unflatten([(k[len(prefix) :], v) for k, v in flat.items()])
+        return params
 
     def release_layer(self, i: int) -> None:
         self.layers[i].update(self.blank[i])
@@ -312,7 +316,7 @@ class StreamedModel:
                 extra.update(args=args, kwargs=kwargs)
                 layer = self.layers[i]
                 layer.update(self.layer_params(i))
-                out = layer(x, *args, **kwargs)
+                out: mx.array = layer(x, *args, **kwargs)
                 mx.eval(out)
                 self.release_layer(i)
                 self.layer_done()
@@ -346,7 +350,8 @@ class StreamedModel:
     def logits(self, inputs: mx.array, h: mx.array) -> mx.array:
         self._head_only(h)
         try:
-            return self.model(inputs).astype(mx.float32)
+            logits: mx.array = self.model(inputs).astype(mx.float32)
+            return logits
         finally:
             self.slots[:] = self.layers
 
@@ -433,7 +438,8 @@ def _head(
         def loss(z: mx.array, h: mx.array, i: int) -> mx.array:
             probe._z = z
             logits = run.logits(x[i : i + 1], h)
-            return nn.losses.cross_entropy(logits, labels[i : i + 1], reduction="sum")
+            loss: mx.array = nn.losses.cross_entropy(logits, labels[i : i + 1], reduction="sum")
+            return loss
 
         grad = mx.grad(loss, argnums=(0, 1))
         z = mx.zeros((1, x.shape[1], run.vocab_out), dtype=run.dtype)
@@ -468,7 +474,8 @@ class _Probe:
         y = self.inner(x, *args, **kwargs)
         self.x, self.shape = x, y.shape
         self.experts = args[0] if args else kwargs.get("indices")
-        return y if self.z is None else y + self.z
+        out: mx.array = y if self.z is None else y + self.z
+        return out
 
     def add_to(self, sums: Marginals, path: str, delta: mx.array, sequences: int) -> None:
         """The marginals of each sequence's weight gradient (a batch of ``sequences`` of them)."""
@@ -514,8 +521,8 @@ def _layer(
     i: int,
     inputs: mx.array,
     upstream: mx.array,
-    args: tuple,
-    kwargs: dict,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
     sums: Marginals,
 ) -> mx.array:
     """Layer i run again under ``mx.grad`` with the gradient from above: its modules' statistics from
@@ -531,7 +538,8 @@ def _layer(
         layer.update(tree_unflatten(list(w.items())), strict=False)
         for probe, z in zip(probes.values(), zs, strict=True):
             probe.z = z
-        return (layer(h, *args, **kwargs) * g).sum()
+        total: mx.array = (layer(h, *args, **kwargs) * g).sum()
+        return total
 
     def zeros_at_outputs(h: mx.array) -> list[mx.array]:
         for probe in probes.values():

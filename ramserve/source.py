@@ -219,7 +219,8 @@ def model_classes(config: dict[str, Any]) -> tuple[Any, Any]:
     from mlx_lm.utils import _get_classes
 
     try:
-        return _get_classes(config)
+        classes: tuple[Any, Any] = _get_classes(config)
+        return classes
     except (ValueError, ImportError) as e:
         supported = ", ".join(supported_model_types())
         raise BadModel(
