@@ -36,24 +36,15 @@ def cmd_analyze(a: argparse.Namespace) -> int:
     return 0
 
 
-def plan_model(source: Any, spec: str, quiet: bool, allow_unsafe: bool = False) -> dict[str, Any]:
-    """The plan for a budget: the profile (cached) solved against this machine's memory."""
-    from .budget import machine_budget
-    from .plan import make_plan
-    from .profile import analyze
-
-    profile = analyze(source, progress=not quiet)
-    return make_plan(profile, spec, allow_unsafe=allow_unsafe, machine=machine_budget(source))
-
-
 def cmd_plan(a: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import atomic
+    from .fit import plan_for
     from .plan import plot_plan, render_plan
     from .source import open_source
 
-    plan = plan_model(open_source(a.model), a.budget, a.quiet, allow_unsafe=a.allow_unsafe)
+    plan = plan_for(open_source(a.model), a.budget, a.quiet, allow_unsafe=a.allow_unsafe)
     if a.output:
         atomic.write_json(Path(a.output), plan)
     if a.plot:
@@ -65,12 +56,13 @@ def cmd_plan(a: argparse.Namespace) -> int:
 def cmd_quantize(a: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .fit import plan_for
     from .plan import load_plan
     from .quantize import quantize
     from .source import open_source
 
     source = open_source(a.model)
-    plan = load_plan(Path(a.plan)) if a.plan else plan_model(source, a.budget, a.quiet)
+    plan = load_plan(Path(a.plan)) if a.plan else plan_for(source, a.budget, a.quiet)
     folder, cached = quantize(
         source, plan, Path(a.output) if a.output else None, progress=not a.quiet
     )
@@ -85,15 +77,14 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .evaluate import evaluate, recipe_quantization, render_scores
+    from .fit import plan_for
     from .plan import load_plan
     from .source import open_source
 
     quantization, quantizer, label = None, None, None
     if a.plan or a.budget:
         plan = (
-            load_plan(Path(a.plan))
-            if a.plan
-            else plan_model(open_source(a.model), a.budget, a.quiet)
+            load_plan(Path(a.plan)) if a.plan else plan_for(open_source(a.model), a.budget, a.quiet)
         )
         quantization, quantizer = plan["quantization"], plan.get("quantizer")
         label = f"ramserve@{plan['budget']['spec']}"
@@ -136,18 +127,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     source = open_source(a.model)
     registry = Registry(
-        source.path, a.name or served_name(source), engine_args(a.context, a.parallel)
+        source.path, a.name or served_name(source), {"context": a.context, "parallel": a.parallel}
     )
     serve(registry, host=a.host, port=a.port, api_key=api_key(a), allow_origin=a.allow_origin)
     return 0
-
-
-def engine_args(context: int | None, parallel: int | None) -> dict[str, Any]:
-    from .settings import load_settings
-
-    cfg = load_settings().server
-    return {"context": context, "parallel": parallel or cfg.parallel,
-            "queue_size": cfg.queue_size, "prompt_cache_entries": cfg.prompt_cache_entries}  # fmt: skip
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -162,7 +145,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     fitted = fit(open_source(a.model), a.budget, context=a.context, parallel=a.parallel,
                  progress=not a.quiet)  # fmt: skip
     print(render_fit(fitted), flush=True)
-    args = engine_args(fitted.budget.context, fitted.budget.parallel)
+    args = {"context": fitted.budget.context, "parallel": fitted.budget.parallel}
     registry = VariantRegistry(fitted, args, cfg, any_budget=a.any_budget)
     serve(registry, host=a.host, port=a.port, api_key=api_key(a), allow_origin=a.allow_origin)
     return 0
@@ -258,30 +241,8 @@ def cmd_service(a: argparse.Namespace) -> int:
     elif a.action == "status":
         _emit(service.status(), a.json, lambda d: "\n".join(f"{k:16} {v}" for k, v in d.items()))
     else:
-        follow_logs(service.log_files(), a.lines, a.follow)
+        service.follow_logs(service.log_files(), a.lines, a.follow)
     return 0
-
-
-def follow_logs(files: list[Any], lines: int, follow: bool) -> None:
-    import time
-
-    for path in files:
-        if path.is_file():
-            print(f"==> {path} <==")
-            print(
-                "".join(path.read_text(errors="replace").splitlines(keepends=True)[-lines:]), end=""
-            )
-    if not follow:
-        return
-    offsets = {p: p.stat().st_size if p.is_file() else 0 for p in files}
-    while True:
-        for path in files:
-            if path.is_file() and path.stat().st_size > offsets[path]:
-                with path.open() as f:
-                    f.seek(offsets[path])
-                    print(f.read(), end="", flush=True)
-                    offsets[path] = f.tell()
-        time.sleep(0.5)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -173,24 +173,28 @@ class Engine:
         folder: Path,
         *,
         context: int | None = None,
-        parallel: int = 4,
-        queue_size: int = 16,
-        prompt_cache_entries: int = 8,
+        parallel: int | None = None,
+        queue_size: int | None = None,
+        prompt_cache_entries: int | None = None,
         prompt_cache_bytes: int | None = None,
     ) -> None:
+        """Load ``folder`` and start its worker; each count not given is ``[server]``'s in configs."""
         from mlx_lm.models.cache import LRUPromptCache
 
+        settings = load_settings()
+        server = settings.server
         self.folder = Path(folder)
         self.model, self.tokenizer = load_model(self.folder)
-        self.grammars = Grammars(
-            self.tokenizer, vocab_size(self.model), load_settings().tool_formats
-        )
+        self.grammars = Grammars(self.tokenizer, vocab_size(self.model), settings.tool_formats)
         limit = max_positions(self.model)
         self.context = min(context or limit, limit)
-        self.parallel = parallel
-        self.queue_size = queue_size
+        self.parallel = server.parallel if parallel is None else parallel
+        self.queue_size = server.queue_size if queue_size is None else queue_size
+        entries = (
+            server.prompt_cache_entries if prompt_cache_entries is None else prompt_cache_entries
+        )
         self.stats = Stats()
-        self._prompt_cache = LRUPromptCache(prompt_cache_entries, prompt_cache_bytes or 1 << 62)
+        self._prompt_cache = LRUPromptCache(entries, prompt_cache_bytes or 1 << 62)
         self._waiting: deque[Request] = deque()
         self._active: dict[int, Request] = {}
         self._lock = threading.Condition()

@@ -34,7 +34,11 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .errors import BadModel
 from .settings import FisherSettings
+
+# The architectures the seams (this layer streaming, cpu.adapt_to_cpu) are tested on, for the message.
+TESTED = "Llama, Qwen3 and Qwen3-MoE, with tied and untied heads"
 
 
 @dataclass
@@ -354,6 +358,19 @@ class StreamedModel:
             return logits
         finally:
             self.slots[:] = self.layers
+
+
+def require_streamable(source: Any) -> None:
+    """Refuse, before any work, a model whose mlx-lm class the layer streaming cannot drive: its
+    decoder layers must be a list the model's loop reads (``model.layers``), and its embedding and
+    head must be found by the module kinds in configs."""
+    try:
+        StreamedModel(source, mx.float32)
+    except (AttributeError, KeyError, ValueError, IndexError, TypeError) as e:
+        raise BadModel(
+            f"ramserve cannot analyse {source.name}: its architecture ({source.model_type}) does "
+            f"not fit how ramserve drives mlx-lm's models ({e}); tested on {TESTED}"
+        ) from e
 
 
 def jacobi_inputs(

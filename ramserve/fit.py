@@ -135,6 +135,12 @@ def fit(
     return Fit(source, profile, budget, plan, folder, stages)
 
 
+def plan_for(source: Source, spec: str, quiet: bool, allow_unsafe: bool = False) -> dict[str, Any]:
+    """The plan for a budget: the profile (cached) solved against this machine's memory."""
+    profile = analyze(source, progress=not quiet)
+    return make_plan(profile, spec, allow_unsafe=allow_unsafe, machine=machine_budget(source))
+
+
 def require_plan_fits(plan: dict[str, Any], budget: Budget, what: str) -> None:
     """Refuse a plan whose weights, as loaded, exceed what the machine allows beside its KV cache."""
     if plan["memory_bytes"] > budget.weights:

@@ -32,7 +32,7 @@ import numpy as np
 from . import affine, atomic, cache
 from .cache import profile_path
 from .device import FLOAT_BYTES
-from .fisher import FisherStat, self_fisher
+from .fisher import FisherStat, require_streamable, self_fisher
 from .process import freed_memory_returned
 from .sensitivity import EnergyFlow, flow_order, importances
 from .settings import Settings, load_settings
@@ -379,6 +379,7 @@ def analyze(source: Source | str, *, force: bool = False, progress: bool = True)
             cache.touch(final)
             cached["cache_hit"] = True
             return cached
+        require_streamable(source)  # before any work: an unsupported architecture is named
         partial = final.with_suffix(".partial.json")
         # the profile, the checkpoint and the atomic write's temporary copy of each
         needed = 4 * BYTES_PER_OPTION * sum(len(candidates_for(m, settings)) + 1

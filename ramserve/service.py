@@ -176,3 +176,26 @@ def _option(settings: dict[str, Any], flag: str, default: object) -> str:
 def log_files() -> list[Path]:
     logs = Paths.here().logs
     return [logs / "ramserve.out.log", logs / "ramserve.err.log"]
+
+
+def follow_logs(files: list[Path], lines: int, follow: bool) -> None:
+    """Print the last ``lines`` of each log, then (``follow``) what is appended, as ``tail -f``."""
+    import time
+
+    for path in files:
+        if path.is_file():
+            print(f"==> {path} <==")
+            print(
+                "".join(path.read_text(errors="replace").splitlines(keepends=True)[-lines:]), end=""
+            )
+    if not follow:
+        return
+    offsets = {p: p.stat().st_size if p.is_file() else 0 for p in files}
+    while True:
+        for path in files:
+            if path.is_file() and path.stat().st_size > offsets[path]:
+                with path.open() as f:
+                    f.seek(offsets[path])
+                    print(f.read(), end="", flush=True)
+                    offsets[path] = f.tell()
+        time.sleep(0.5)

@@ -72,8 +72,13 @@ def _greedy(model: nn.Module, prompt: mx.array, n: int) -> list[int]:
     return [int(t) for t, _ in steps]
 
 
-def test_adapted_model_keeps_its_tree_and_its_output(tmp_path: Path) -> None:
-    folder = make_model(tmp_path / "m", layers=2, hidden=256, vocab=512)
+@pytest.mark.parametrize(
+    ("arch", "tied"), [("qwen3", False), ("qwen3", True), ("llama", False), ("qwen3_moe", False)]
+)
+def test_adapted_model_keeps_its_tree_and_its_output(tmp_path: Path, arch: str, tied: bool) -> None:
+    """The CPU layer swap's contract, on every architecture ramserve supports: every quantized
+    linear and embedding takes the CPU class in place, the tree and the outputs stay the same."""
+    folder = make_model(tmp_path / "m", arch, layers=2, hidden=256, vocab=512, tied=tied)
     model = load(str(folder))[0]
     nn.quantize(model, group_size=64, bits=4)
     model.set_dtype(mx.float32)
@@ -83,7 +88,9 @@ def test_adapted_model_keeps_its_tree_and_its_output(tmp_path: Path) -> None:
     reference_logits, reference_tokens = model(batch), _greedy(model, prompt, 12)
     changed = cpu.adapt_to_cpu(model, min_rows=4, workers=2, min_gflops=0)
     quantized = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
-    assert changed == len(quantized) + 1 and all(isinstance(m, cpu.CpuLinear) for m in quantized)
+    embeddings = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedEmbedding)]
+    assert changed == len(quantized) + len(embeddings) and len(embeddings) == 1
+    assert all(isinstance(m, cpu.CpuLinear) for m in quantized)
     assert {k: v.shape for k, v in tree_flatten(model.parameters())} == before
     for m in quantized:
         m.split_weights = 1  # every layer split over both workers, as a large model's would be

@@ -345,3 +345,32 @@ def test_fisher_rank_one_estimate_keeps_each_experts_marginals() -> None:
     )
     smoothed = estimate(stat, None, 1.0).reshape(15, 4)
     assert np.allclose(smoothed.sum(-1), f.sum(-1).reshape(-1) + f.sum(-1).mean(), rtol=1e-5)
+
+
+def test_an_architecture_the_seams_do_not_fit_is_named_before_any_work(
+    tmp_path: Path, ramserve_home: Path, capsys
+) -> None:
+    """GPT-2 is an mlx-lm model, but its embedding (``wte``) is not one the module kinds know: the
+    analysis refuses it by name, with the tested architectures, and writes nothing."""
+    import json
+
+    from mlx.utils import tree_flatten
+
+    from ramserve.cli import main
+    from ramserve.source import model_classes
+
+    from .factory import write_tokenizer
+
+    config = {"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "n_ctx": 128,
+              "n_positions": 128, "vocab_size": 384, "layer_norm_epsilon": 1e-5}  # fmt: skip
+    folder = tmp_path / "tiny-gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    model_class, args_class = model_classes(config)
+    weights = dict(tree_flatten(model_class(args_class.from_dict(config)).parameters()))
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
+    write_tokenizer(folder, 384, "", ())
+    assert main(["analyze", str(folder), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot analyse tiny-gpt2" in err and "gpt2" in err and "Qwen3-MoE" in err
+    assert "Traceback" not in err and not (ramserve_home / "profiles").exists()
