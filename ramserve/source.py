@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pkgutil
 import re
@@ -55,10 +56,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -83,10 +81,7 @@ class ModuleInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass
@@ -171,19 +166,12 @@ class Source:
 
     @property
     def parameter_count(self) -> int:
-        return sum(_prod(s) for s in self.tensor_shapes.values())
+        return sum(math.prod(s) for s in self.tensor_shapes.values())
 
     @property
     def float_dtype(self) -> str:
         """The dtype ramserve stores 16-bit tensors, scales and biases in."""
         return "float16" if self.config.get("torch_dtype") == "float16" else "bfloat16"
-
-
-def _prod(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _module_order(m: ModuleInfo) -> tuple[int, str]:
