@@ -31,6 +31,7 @@ from ramserve.profile import analyze  # noqa: E402
 from ramserve.quantize import quantize  # noqa: E402
 from ramserve.server.app import create_app  # noqa: E402
 from ramserve.server.registry import Registry  # noqa: E402
+from ramserve.settings import load_settings  # noqa: E402
 from ramserve.source import open_source  # noqa: E402
 from tests.serving import live_server  # noqa: E402
 
@@ -107,7 +108,9 @@ def main() -> None:
     stock = reference(folder, cpu_layers=False)
     ref = reference(folder, cpu_layers=True)
     results, chat = [], []
-    with live_server(create_app(Registry(folder, "bench", {"parallel": 8}))) as base:
+    with live_server(
+        create_app(Registry(folder, "bench", {"parallel": 8}), load_settings().server)
+    ) as base:
         asyncio.run(streams(base, 1))  # warm up
         for n in (1, 4, 8):
             results.append(asyncio.run(streams(base, n)))

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .errors import RamserveError
+from .settings import ServerSettings, Settings, load_settings
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -129,25 +130,25 @@ def cmd_serve(a: argparse.Namespace) -> int:
     registry = Registry(
         source.path, a.name or served_name(source), {"context": a.context, "parallel": a.parallel}
     )
-    serve(registry, host=a.host, port=a.port, api_key=api_key(a), allow_origin=a.allow_origin)
+    serve(registry, a.settings.server, host=a.host, port=a.port, api_key=api_key(a),
+          allow_origin=a.allow_origin)  # fmt: skip
     return 0
 
 
 def cmd_run(a: argparse.Namespace) -> int:
     from .fit import fit, hub_precheck, render_fit
     from .server import serve
-    from .settings import load_settings
     from .source import open_source
     from .variants import VariantRegistry
 
-    cfg = load_settings().server
+    cfg = a.settings.server
     hub_precheck(a.model, a.context, a.parallel)
     fitted = fit(open_source(a.model), a.budget, context=a.context, parallel=a.parallel,
                  progress=not a.quiet)  # fmt: skip
     print(render_fit(fitted), flush=True)
     args = {"context": fitted.budget.context, "parallel": fitted.budget.parallel}
     registry = VariantRegistry(fitted, args, cfg, any_budget=a.any_budget)
-    serve(registry, host=a.host, port=a.port, api_key=api_key(a), allow_origin=a.allow_origin)
+    serve(registry, cfg, host=a.host, port=a.port, api_key=api_key(a), allow_origin=a.allow_origin)
     return 0
 
 
@@ -157,10 +158,7 @@ def api_key(a: argparse.Namespace) -> str | None:
     return a.api_key or os.environ.get("RAMSERVE_API_KEY") or None
 
 
-def add_server_options(s: argparse.ArgumentParser) -> None:
-    from .settings import load_settings
-
-    cfg = load_settings().server
+def add_server_options(s: argparse.ArgumentParser, cfg: ServerSettings) -> None:
     s.add_argument("--host", default=cfg.host, help="listen address (default: loopback only)")
     s.add_argument("--port", type=int, default=cfg.port)
     s.add_argument("--api-key", help="require this bearer key (or set RAMSERVE_API_KEY)")
@@ -196,9 +194,8 @@ def cmd_rm(a: argparse.Namespace) -> int:
 
 def cmd_prune(a: argparse.Namespace) -> int:
     from .cache import GB, prune
-    from .settings import load_settings
 
-    keep = a.keep_gb if a.keep_gb is not None else load_settings().cache.max_gb
+    keep = a.keep_gb if a.keep_gb is not None else a.settings.cache.max_gb
     _report_removed(prune(int(keep * GB)), a.json, [])
     return 0
 
@@ -214,7 +211,7 @@ def _report_removed(removed: list[Any], as_json: bool, kept: list[Any]) -> None:
 def cmd_ps(a: argparse.Namespace) -> int:
     from .status import default_urls, probe, render_status
 
-    servers = probe(a.url or default_urls(), api_key(a))
+    servers = probe(a.url or default_urls(a.settings.server), api_key(a))
     _emit(servers, a.json, render_status)
     return 0
 
@@ -239,13 +236,17 @@ def cmd_service(a: argparse.Namespace) -> int:
             print(("would run: " if a.dry_run else "ran: ") + " ".join(cmd))
         print(("would remove: " if a.dry_run else "removed: ") + ", ".join(done["removes"]))
     elif a.action == "status":
-        _emit(service.status(), a.json, lambda d: "\n".join(f"{k:16} {v}" for k, v in d.items()))
+        _emit(
+            service.status(a.settings.server),
+            a.json,
+            lambda d: "\n".join(f"{k:16} {v}" for k, v in d.items()),
+        )
     else:
         service.follow_logs(service.log_files(), a.lines, a.follow)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(settings: Settings) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ramserve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -315,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a (quantized) model folder through the OpenAI API")
     s.add_argument("model", help="a model folder (e.g. from `ramserve quantize`) or repo id")
     s.add_argument("--name", help="the model id clients use (default: the model's name)")
-    add_server_options(s)
+    add_server_options(s, settings.server)
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("run", help="fit a model to this machine and serve it (all stages cached)")
@@ -326,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     s.add_argument("--any-budget", action="store_true",
                    help="let clients ask for any name@budget (each new one is quantized and cached)")  # fmt: skip
-    add_server_options(s)
+    add_server_options(s, settings.server)
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("ls", help="list the cache: profiles and quantized models")
@@ -379,9 +380,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .process import restart_tuned
 
         restart_tuned()
-    args = build_parser().parse_args(argv)
-    func: Handler = args.func
     try:
+        settings = load_settings()  # the one place settings are read; passed down from here
+        args = build_parser(settings).parse_args(argv)
+        args.settings = settings
+        func: Handler = args.func
         return func(args)
     except RamserveError as e:
         print(f"ramserve: error: {e}", file=sys.stderr)

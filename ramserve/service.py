@@ -19,7 +19,7 @@ from typing import Any
 
 from . import atomic
 from .errors import RamserveError
-from .settings import CONFIG_DIR, load_settings, ramserve_home
+from .settings import CONFIG_DIR, ServerSettings, ramserve_home
 
 TEMPLATE = CONFIG_DIR.parent / "launchd" / "ramserve.plist"
 LABEL = "dev.ramserve.server"
@@ -143,7 +143,7 @@ def uninstall(*, purge: bool = False, dry_run: bool = False) -> dict[str, Any]:
     return {"commands": commands, "removes": removed}
 
 
-def status() -> dict[str, Any]:
+def status(server: ServerSettings) -> dict[str, Any]:
     """launchd's view of the agent and a probe of its /health."""
     import httpx
 
@@ -159,7 +159,6 @@ def status() -> dict[str, Any]:
     settings = load_service_settings(paths) if paths.settings.is_file() else None
     if settings:
         out["model"] = settings["model"]
-        server = load_settings().server
         url = f"http://{_option(settings, '--host', server.host)}:{_option(settings, '--port', server.port)}"
         try:
             out["health"] = httpx.get(f"{url}/health", timeout=2).json()

@@ -7,12 +7,11 @@ from typing import Any
 
 from .errors import RamserveError
 from .fmt import human_bytes, table
-from .settings import load_settings, ramserve_home
+from .settings import ServerSettings, ramserve_home
 
 
-def default_urls() -> list[str]:
+def default_urls(server: ServerSettings) -> list[str]:
     """Where a server is expected: the configured host and port, and the launchd service's."""
-    server = load_settings().server
     host = "127.0.0.1" if server.host in ("0.0.0.0", "::") else server.host
     urls = [f"http://{host}:{server.port}"]
     try:

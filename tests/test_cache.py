@@ -284,7 +284,7 @@ def test_unlisted_budgets_are_quantized_only_when_allowed(tiny_dir: Path) -> Non
         return httpx.post(f"{base}/v1/completions", json=body, timeout=120)
 
     registry = VariantRegistry(fitted, {"context": 256, "parallel": 2}, server)
-    with live_server(create_app(registry, server=server)) as base:
+    with live_server(create_app(registry, server)) as base:
         refused = ask(base, "tiny-qwen3@40%")
         assert refused.status_code == 400, refused.text
         err = refused.json()["error"]
@@ -295,6 +295,6 @@ def test_unlisted_budgets_are_quantized_only_when_allowed(tiny_dir: Path) -> Non
         assert ask(base, "tiny-qwen3@65%").status_code == 200
         assert len(models(cache.ramserve_home())) == 3  # nothing new was written for the refusal
     registry = VariantRegistry(fitted, {"context": 256, "parallel": 2}, server, any_budget=True)
-    with live_server(create_app(registry, server=server)) as base:
+    with live_server(create_app(registry, server)) as base:
         assert ask(base, "tiny-qwen3@40%").status_code == 200
         assert len(models(cache.ramserve_home())) == 4

@@ -29,7 +29,7 @@ def folder(served_dense: Path) -> Path:
 @pytest.fixture(scope="module")
 def base(folder: Path) -> Iterator[str]:
     registry = Registry(folder, NAME, {"parallel": 8, "queue_size": 16})
-    with live_server(create_app(registry)) as url:
+    with live_server(create_app(registry, load_settings().server)) as url:
         yield url
 
 
@@ -38,7 +38,7 @@ def strict(folder: Path) -> Iterator[str]:
     """One slot, no queue, a 256-token context and an API key."""
     registry = Registry(folder, NAME, {"parallel": 1, "queue_size": 0, "context": 256})
     server = load_settings().server.model_copy(update={"max_body_bytes": 20_000})
-    with live_server(create_app(registry, api_key="sekret", server=server)) as url:
+    with live_server(create_app(registry, server, api_key="sekret")) as url:
         yield url
 
 
@@ -306,7 +306,7 @@ def test_bodies_in_flight_are_bounded(folder: Path) -> None:
     server = load_settings().server.model_copy(update={"max_pending_body_mb": 1})
     body = {"model": NAME, "messages": HELLO, "max_tokens": 3000, "stream": True,
             "logit_bias": {"0": -100}, "user": "u" * 600_000}  # fmt: skip
-    with live_server(create_app(registry, server=server)) as url:
+    with live_server(create_app(registry, server)) as url:
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()  # kept: a dropped iterator closes the response
             next(lines)  # holds 600 KB until it ends

@@ -19,6 +19,7 @@ import pytest
 
 from ramserve.server.app import create_app
 from ramserve.server.registry import Registry
+from ramserve.settings import load_settings
 
 from .factory import TOOLS_TEMPLATE, make_model
 from .serving import live_server, metric
@@ -57,7 +58,7 @@ TOOLS = [WEATHER, CLOCK]
 @pytest.fixture(scope="module")
 def base(served_dense: Path) -> Iterator[str]:
     registry = Registry(served_dense, NAME, {"parallel": 8, "queue_size": 16})
-    with live_server(create_app(registry)) as url:
+    with live_server(create_app(registry, load_settings().server)) as url:
         yield url
 
 
@@ -303,7 +304,7 @@ def test_random_model_still_returns_valid_calls(tmp_path: Path) -> None:
                                          "color": {"enum": ["red", "blue"]},
                                          "flag": {"type": "boolean"}},
         "required": ["n", "color", "flag"]}}}]  # fmt: skip
-    with live_server(create_app(registry)) as url:
+    with live_server(create_app(registry, load_settings().server)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         for seed in range(4):
             r = client.chat.completions.create(
@@ -317,7 +318,7 @@ def test_random_model_still_returns_valid_calls(tmp_path: Path) -> None:
 
 def test_a_template_without_tools_refuses_them(tiny_dir: Path) -> None:
     registry = Registry(tiny_dir, "tiny", {"parallel": 1, "queue_size": 1})
-    with live_server(create_app(registry)) as url:
+    with live_server(create_app(registry, load_settings().server)) as url:
         r = httpx.post(f"{url}/v1/chat/completions",
                        json={"model": "tiny", "messages": ASK, "tools": TOOLS})  # fmt: skip
         assert r.status_code == 400

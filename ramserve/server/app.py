@@ -29,7 +29,7 @@ from ..constrain import ConstraintError
 from ..engine import ContextExceeded, Engine, QueueFull, SamplingParams
 from ..errors import BudgetError, RamserveError
 from ..output import Done, Event, Output, Reasoning, Sink, Text, TokenLogprob, ToolCall, make_output
-from ..settings import ServerSettings, load_settings
+from ..settings import ServerSettings
 from .errors import APIError
 from .limits import BodyLimits, InFlight, parse_json
 from .metrics import Metrics
@@ -429,9 +429,8 @@ async def stream_text(head: Envelope, body: CompletionRequest, events: AsyncIter
     yield {"data": "[DONE]"}
 
 
-def create_app(registry: Registry, *, api_key: str | None = None, allow_origin: list[str] | None = None,
-               server: ServerSettings | None = None) -> Starlette:  # fmt: skip
-    server = server or load_settings().server
+def create_app(registry: Registry, server: ServerSettings, *, api_key: str | None = None,
+               allow_origin: list[str] | None = None) -> Starlette:  # fmt: skip
     api = API(registry, api_key=api_key, server=server)
     routes = [
         Route(path, api.route(path, handler, auth=auth), methods=[method])
