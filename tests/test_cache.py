@@ -24,7 +24,7 @@ from ramserve.profile import analyze
 from ramserve.quantize import quantize, verify
 from ramserve.source import open_source
 
-from .serving import free_port, live_server, wait_healthy
+from .serving import free_port, live_server, wait_for, wait_healthy
 
 
 def configure(home: Path, text: str) -> None:
@@ -298,3 +298,44 @@ def test_unlisted_budgets_are_quantized_only_when_allowed(tiny_dir: Path) -> Non
     with live_server(create_app(registry, server)) as base:
         assert ask(base, "tiny-qwen3@40%").status_code == 200
         assert len(models(cache.ramserve_home())) == 4
+
+
+def test_one_quantization_at_a_time_and_its_waiters_are_bounded() -> None:
+    """While one swap quantizes, one more request may wait for the swap lock (swap_waiting = 1); the
+    next is answered 503 with Retry-After at once, and the waiter is served after the swap."""
+    import threading
+
+    from ramserve.fit import fit
+    from ramserve.server.app import create_app
+    from ramserve.settings import load_settings
+    from ramserve.variants import VariantRegistry
+
+    from .conftest import DENSE
+
+    fitted = fit(open_source(str(DENSE)), "30%", context=256, parallel=2, progress=False)
+    server = load_settings().server.model_copy(
+        update={"variants": ["min-safe", "25%", "35%"], "swap_waiting": 1}
+    )
+    registry = VariantRegistry(fitted, {"context": 256, "parallel": 2}, server)
+    results: dict[str, httpx.Response] = {}
+
+    def ask(base: str, spec: str) -> None:
+        body = {"model": f"{DENSE.name}@{spec}", "prompt": "def", "max_tokens": 2}
+        results[spec] = httpx.post(f"{base}/v1/completions", json=body, timeout=300)
+
+    with live_server(create_app(registry, server)) as base:
+        first = threading.Thread(target=ask, args=(base, "min-safe"))
+        first.start()
+        assert wait_for(lambda: registry.stage.startswith("quantizing"), timeout=60)
+        second = threading.Thread(target=ask, args=(base, "25%"))
+        second.start()
+        assert wait_for(lambda: registry._waiting == 1, timeout=60)
+        ask(base, "35%")  # a third, while the first quantizes and the second waits
+        first.join()
+        second.join()
+    assert results["35%"].status_code == 503, results["35%"].text
+    assert (
+        results["35%"].headers["Retry-After"]
+        and "swap" in results["35%"].json()["error"]["message"]
+    )
+    assert results["min-safe"].status_code == 200 and results["25%"].status_code == 200
