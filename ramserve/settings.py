@@ -11,7 +11,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
+
+from .errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -142,8 +144,11 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
-    with path.open("rb") as f:
-        return tomllib.load(f)
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from e
 
 
 @lru_cache(maxsize=8)
@@ -154,7 +159,16 @@ def _load(home: str, user_mtime: float | None) -> Settings:
     user = Path(home) / "config.toml"
     if user.is_file():
         data = _merge(data, _read_toml(user))
-    return Settings.model_validate(data)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"[{'.'.join(str(p) for p in err['loc'][:-1])}] {err['loc'][-1]}: {err['msg']}"
+            if len(err["loc"]) > 1 else f"{err['loc'][0] if err['loc'] else '?'}: {err['msg']}"
+            for err in e.errors()
+        )  # fmt: skip
+        where = user if user.is_file() else CONFIG_DIR
+        raise ConfigError(f"bad settings (from {where}): {problems}") from e
 
 
 def load_settings() -> Settings:

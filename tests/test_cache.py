@@ -339,3 +339,13 @@ def test_one_quantization_at_a_time_and_its_waiters_are_bounded() -> None:
         and "swap" in results["35%"].json()["error"]["message"]
     )
     assert results["min-safe"].status_code == 200 and results["25%"].status_code == 200
+
+
+def test_a_bad_config_file_is_named_without_a_traceback(ramserve_home: Path) -> None:
+    configure(ramserve_home, "[cache]\nmax_gb = -3\n")
+    done = cli("ls", home=ramserve_home, check=False)
+    assert done.returncode == 2 and "[cache] max_gb" in done.stderr
+    assert str(ramserve_home / "config.toml") in done.stderr
+    configure(ramserve_home, "[cache\n")
+    done = cli("ls", home=ramserve_home, check=False)
+    assert done.returncode == 2 and "is not valid TOML" in done.stderr
