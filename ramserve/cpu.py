@@ -26,6 +26,7 @@ import mlx.nn as nn
 
 from .affine import unpack_affine
 from .process import blas_threads
+from .seams import swap_classes
 
 
 def _rows(layer: Any, rows: slice) -> tuple[mx.array, mx.array, mx.array | None]:
@@ -146,11 +147,7 @@ def adapt_to_cpu(model: nn.Module, *, min_rows: int, workers: int, min_gflops: f
         # its own threads fought the streams for the same cores (bench/serve.py, 8 streams: 85
         # tokens/s with them, 118 without)
         blas_threads(1)
-    converted = 0
-    for _, module in model.named_modules():
-        target = _CONVERSIONS.get(type(module))
-        if target is not None:
-            module.__class__ = target
-            module.min_rows, module.workers = min_rows, workers
-            converted += 1
-    return converted
+    changed = swap_classes(model, _CONVERSIONS)  # seams: same parameters, same tree
+    for module in changed:
+        module.min_rows, module.workers = min_rows, workers
+    return len(changed)

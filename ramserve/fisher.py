@@ -35,6 +35,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import BadModel
+from .seams import DecoderStack
 from .settings import FisherSettings
 
 # The architectures the seams (this layer streaming, cpu.adapt_to_cpu) are tested on, for the message.
@@ -215,14 +216,10 @@ class StreamedModel:
         self.source, self.dtype = source, dtype
         model_class, args_class = model_classes(source.config)
         self.model = model_class(args_class.from_dict(source.config))
-        self.layers = list(self.model.layers)
-        names = {id(m): p for p, m in self.model.named_modules()}
-        paths = [names[id(layer)] for layer in self.layers]
-        self.prefixes = [p + "." for p in paths]
-        # the list the model's loop reads (``model.layers`` may be a copy of a slice of it): its
-        # entries are swapped for stand-ins that the loop then calls
-        owner, _, attr = paths[0].rpartition(".")[0].rpartition(".")
-        self.slots: list[Any] = self._module(owner)[attr]
+        stack = DecoderStack.of(self.model)  # seams: the list the model's loop reads
+        self.layers = stack.layers
+        self.prefixes = [p + "." for p in stack.paths]
+        self.slots: list[Any] = stack.slots  # its entries are swapped for stand-ins
         # their never-evaluated initialisers: restoring them lets loaded tensors go
         self.blank = [layer.parameters() for layer in self.layers]
         flat: list[tuple[str, mx.array]] = tree_flatten(self.model.parameters())  # type: ignore[assignment]
