@@ -42,7 +42,7 @@ def main() -> None:
         kv = kv_shape(source)
         shape = activation_shape(source)
         for context, parallel in CASES:
-            engine = Engine(folder, parallel=parallel, prompt_cache_entries=0)
+            engine = Engine(folder, load_settings(), parallel=parallel, prompt_cache_entries=0)
             m = fill_context(engine, context, parallel)
             engine.close()
             predicted = kv.bytes(context, parallel)

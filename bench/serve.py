@@ -45,7 +45,7 @@ def reference(folder: Path, cpu_layers: bool) -> float:
     ramserve's CPU layers (ramserve/cpu.py), or as mlx-lm's own."""
     import mlx_lm
 
-    model, tokenizer = load_model(folder, cpu_layers=cpu_layers)
+    model, tokenizer = load_model(folder, load_settings().server if cpu_layers else None)
     mlx_lm.generate(model, tokenizer, "def main():", max_tokens=8)  # warm up
     best = 0.0
     for _ in range(3):
@@ -109,7 +109,9 @@ def main() -> None:
     ref = reference(folder, cpu_layers=True)
     results, chat = [], []
     with live_server(
-        create_app(Registry(folder, "bench", {"parallel": 8}), load_settings().server)
+        create_app(
+            Registry(folder, "bench", load_settings(), {"parallel": 8}), load_settings().server
+        )
     ) as base:
         asyncio.run(streams(base, 1))  # warm up
         for n in (1, 4, 8):

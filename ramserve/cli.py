@@ -127,9 +127,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from .source import open_source
 
     source = open_source(a.model)
-    registry = Registry(
-        source.path, a.name or served_name(source), {"context": a.context, "parallel": a.parallel}
-    )
+    registry = Registry(source.path, a.name or served_name(source), a.settings,
+                        {"context": a.context, "parallel": a.parallel})  # fmt: skip
     serve(registry, a.settings.server, host=a.host, port=a.port, api_key=api_key(a),
           allow_origin=a.allow_origin)  # fmt: skip
     return 0
@@ -147,7 +146,7 @@ def cmd_run(a: argparse.Namespace) -> int:
                  progress=not a.quiet)  # fmt: skip
     print(render_fit(fitted), flush=True)
     args = {"context": fitted.budget.context, "parallel": fitted.budget.parallel}
-    registry = VariantRegistry(fitted, args, cfg, any_budget=a.any_budget)
+    registry = VariantRegistry(fitted, a.settings, args, any_budget=a.any_budget)
     serve(registry, cfg, host=a.host, port=a.port, api_key=api_key(a), allow_origin=a.allow_origin)
     return 0
 

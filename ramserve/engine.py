@@ -32,7 +32,7 @@ from .constrain import Grammars
 from .device import runtime_dtype
 from .errors import RamserveError
 from .output import Done, Event, Output, Usage, make_output
-from .settings import load_settings
+from .settings import ServerSettings, Settings
 
 log = logging.getLogger("ramserve.engine")
 
@@ -45,28 +45,23 @@ class ContextExceeded(RamserveError):
     """The prompt plus the tokens asked for do not fit the context."""
 
 
-def load_model(folder: Path, *, cpu_layers: bool = True) -> tuple[Any, Any]:
+def load_model(folder: Path, cpu: ServerSettings | None = None) -> tuple[Any, Any]:
     """mlx-lm's model and tokenizer for a folder, in the dtype this device runs fastest.
 
     On MLX's CPU back end the model runs in float32: quantized matmuls with bf16 scales decode about
     7x slower there than with float32 scales (measured: 3.9 vs 28.8 tokens/s on code-qwen3-30m), and
     MoE expert matmuls (``gather_mm``) exist only in float32. budget.activation_dtype counts it.
-    There too, ``cpu_layers`` gives the quantized layers ramserve/cpu.py's paths, which use every core
-    and batch rows; without it they are mlx-lm's own.
+    There too, given ``cpu`` (the server's ``cpu_*`` settings), the quantized layers take
+    ramserve/cpu.py's paths, which use every core and batch rows; without it they are mlx-lm's own.
     """
     import mlx_lm
 
     from .cpu import adapt_to_cpu, cores
 
     model, tokenizer = mlx_lm.load(str(folder))[:2]
-    if cpu_layers and mx.default_device() == mx.cpu:
-        server = load_settings().server
-        adapt_to_cpu(
-            model,
-            min_rows=server.cpu_dense_rows,
-            workers=server.cpu_workers or cores(),
-            min_gflops=server.cpu_dense_min_gflops,
-        )
+    if cpu is not None and mx.default_device() == mx.cpu:
+        adapt_to_cpu(model, min_rows=cpu.cpu_dense_rows, workers=cpu.cpu_workers or cores(),
+                     min_gflops=cpu.cpu_dense_min_gflops)  # fmt: skip
     if runtime_dtype() == "float32":
         model.set_dtype(mx.float32)
         mx.eval(model.parameters())  # now, on this thread's stream: the worker thread has no other
@@ -171,6 +166,7 @@ class Engine:
     def __init__(
         self,
         folder: Path,
+        settings: Settings,
         *,
         context: int | None = None,
         parallel: int | None = None,
@@ -181,10 +177,10 @@ class Engine:
         """Load ``folder`` and start its worker; each count not given is ``[server]``'s in configs."""
         from mlx_lm.models.cache import LRUPromptCache
 
-        settings = load_settings()
         server = settings.server
+        self.prefill = settings.budget  # the prefill shape the budget's scratch line pays for
         self.folder = Path(folder)
-        self.model, self.tokenizer = load_model(self.folder)
+        self.model, self.tokenizer = load_model(self.folder, server)
         self.grammars = Grammars(self.tokenizer, vocab_size(self.model), settings.tool_formats)
         limit = max_positions(self.model)
         self.context = min(context or limit, limit)
@@ -284,7 +280,7 @@ class Engine:
     def _new_generator(self) -> Any:
         from mlx_lm.generate import BatchGenerator
 
-        cfg = load_settings().budget  # the prefill shape the budget's scratch line pays for
+        cfg = self.prefill
         return BatchGenerator(
             self.model,
             stream=self._stream,

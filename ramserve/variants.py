@@ -24,15 +24,16 @@ from .fit import Fit, require_plan_fits, variant_status
 from .plan import make_plan
 from .quantize import quantize
 from .server.registry import NotOffered, NotReady, Registry, UnknownModel, plan_fields
-from .settings import ServerSettings
+from .settings import Settings
 
 log = logging.getLogger("ramserve.variants")
 
 
 class VariantRegistry(Registry):
-    def __init__(self, fitted: Fit, engine_args: dict[str, Any], server: ServerSettings,
+    def __init__(self, fitted: Fit, settings: Settings, engine_args: dict[str, Any],
                  any_budget: bool = False) -> None:  # fmt: skip
-        super().__init__(fitted.folder, fitted.source.name, engine_args)
+        super().__init__(fitted.folder, fitted.source.name, settings, engine_args)
+        server = settings.server
         self.fitted = fitted
         self.listed = server.variants
         self.swap_timeout = server.swap_timeout_s
@@ -170,4 +171,4 @@ class VariantRegistry(Registry):
         import mlx.core as mx
 
         mx.clear_cache()
-        self.engine = Engine(folder, **self.engine_args)
+        self.engine = Engine(folder, self.settings, **self.engine_args)

@@ -44,7 +44,9 @@ def test_kv_formula_matches_mlx_lm_cache_and_memory_stays_in_budget(
         profile_cache(model), "auto", machine=machine_budget(source, context, parallel)
     )
     folder, _ = quantize(source, plan, tmp_path / "model", progress=False)
-    engine = Engine(folder, context=context, parallel=parallel, prompt_cache_entries=0)
+    engine = Engine(
+        folder, load_settings(), context=context, parallel=parallel, prompt_cache_entries=0
+    )
     try:
         m = fill_context(engine, context, parallel)
     finally:

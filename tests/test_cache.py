@@ -283,7 +283,11 @@ def test_unlisted_budgets_are_quantized_only_when_allowed(tiny_dir: Path) -> Non
         body = {"model": model, "prompt": "def", "max_tokens": 2, "temperature": 0}
         return httpx.post(f"{base}/v1/completions", json=body, timeout=120)
 
-    registry = VariantRegistry(fitted, {"context": 256, "parallel": 2}, server)
+    registry = VariantRegistry(
+        fitted,
+        load_settings().model_copy(update={"server": server}),
+        {"context": 256, "parallel": 2},
+    )
     with live_server(create_app(registry, server)) as base:
         refused = ask(base, "tiny-qwen3@40%")
         assert refused.status_code == 400, refused.text
@@ -294,7 +298,12 @@ def test_unlisted_budgets_are_quantized_only_when_allowed(tiny_dir: Path) -> Non
         assert ask(base, "tiny-qwen3@min-safe").status_code == 200
         assert ask(base, "tiny-qwen3@65%").status_code == 200
         assert len(models(cache.ramserve_home())) == 3  # nothing new was written for the refusal
-    registry = VariantRegistry(fitted, {"context": 256, "parallel": 2}, server, any_budget=True)
+    registry = VariantRegistry(
+        fitted,
+        load_settings().model_copy(update={"server": server}),
+        {"context": 256, "parallel": 2},
+        any_budget=True,
+    )
     with live_server(create_app(registry, server)) as base:
         assert ask(base, "tiny-qwen3@40%").status_code == 200
         assert len(models(cache.ramserve_home())) == 4
@@ -316,7 +325,11 @@ def test_one_quantization_at_a_time_and_its_waiters_are_bounded() -> None:
     server = load_settings().server.model_copy(
         update={"variants": ["min-safe", "25%", "35%"], "swap_waiting": 1}
     )
-    registry = VariantRegistry(fitted, {"context": 256, "parallel": 2}, server)
+    registry = VariantRegistry(
+        fitted,
+        load_settings().model_copy(update={"server": server}),
+        {"context": 256, "parallel": 2},
+    )
     results: dict[str, httpx.Response] = {}
 
     def ask(base: str, spec: str) -> None:

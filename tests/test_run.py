@@ -158,7 +158,11 @@ def test_a_failed_swap_leaves_the_previous_model_serving(tmp_path: Path, tiny_di
     shutil.copytree(tiny_dir, model)
     fitted = fit(open_source(str(model)), "50%", context=256, parallel=2, progress=False)
     server = load_settings().server.model_copy(update={"variants": ["min-safe"]})
-    registry = VariantRegistry(fitted, {"context": 256, "parallel": 2}, server)
+    registry = VariantRegistry(
+        fitted,
+        load_settings().model_copy(update={"server": server}),
+        {"context": 256, "parallel": 2},
+    )
     with live_server(create_app(registry, server)) as base:
         for shard in model.glob("*.safetensors"):
             shard.write_bytes(b"corrupt")  # the source can no longer be quantized

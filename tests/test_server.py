@@ -28,7 +28,7 @@ def folder(served_dense: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def base(folder: Path) -> Iterator[str]:
-    registry = Registry(folder, NAME, {"parallel": 8, "queue_size": 16})
+    registry = Registry(folder, NAME, load_settings(), {"parallel": 8, "queue_size": 16})
     with live_server(create_app(registry, load_settings().server)) as url:
         yield url
 
@@ -36,7 +36,9 @@ def base(folder: Path) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def strict(folder: Path) -> Iterator[str]:
     """One slot, no queue, a 256-token context and an API key."""
-    registry = Registry(folder, NAME, {"parallel": 1, "queue_size": 0, "context": 256})
+    registry = Registry(
+        folder, NAME, load_settings(), {"parallel": 1, "queue_size": 0, "context": 256}
+    )
     server = load_settings().server.model_copy(update={"max_body_bytes": 20_000})
     with live_server(create_app(registry, server, api_key="sekret")) as url:
         yield url
@@ -302,7 +304,7 @@ def test_status_reports_the_model_and_the_work_in_flight(base: str) -> None:
 
 
 def test_bodies_in_flight_are_bounded(folder: Path) -> None:
-    registry = Registry(folder, NAME, {"parallel": 2, "queue_size": 4})
+    registry = Registry(folder, NAME, load_settings(), {"parallel": 2, "queue_size": 4})
     server = load_settings().server.model_copy(update={"max_pending_body_mb": 1})
     body = {"model": NAME, "messages": HELLO, "max_tokens": 3000, "stream": True,
             "logit_bias": {"0": -100}, "user": "u" * 600_000}  # fmt: skip

@@ -57,7 +57,7 @@ TOOLS = [WEATHER, CLOCK]
 
 @pytest.fixture(scope="module")
 def base(served_dense: Path) -> Iterator[str]:
-    registry = Registry(served_dense, NAME, {"parallel": 8, "queue_size": 16})
+    registry = Registry(served_dense, NAME, load_settings(), {"parallel": 8, "queue_size": 16})
     with live_server(create_app(registry, load_settings().server)) as url:
         yield url
 
@@ -298,7 +298,7 @@ def test_tool_and_schema_errors_name_the_parameter(base: str) -> None:
 
 def test_random_model_still_returns_valid_calls(tmp_path: Path) -> None:
     folder = make_model(tmp_path / "tiny-tools", "qwen3", chat_template=TOOLS_TEMPLATE)
-    registry = Registry(folder, "tiny", {"parallel": 4, "queue_size": 4})
+    registry = Registry(folder, "tiny", load_settings(), {"parallel": 4, "queue_size": 4})
     tools = [{"type": "function", "function": {"name": "pick", "parameters": {
         "type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9},
                                          "color": {"enum": ["red", "blue"]},
@@ -317,7 +317,7 @@ def test_random_model_still_returns_valid_calls(tmp_path: Path) -> None:
 
 
 def test_a_template_without_tools_refuses_them(tiny_dir: Path) -> None:
-    registry = Registry(tiny_dir, "tiny", {"parallel": 1, "queue_size": 1})
+    registry = Registry(tiny_dir, "tiny", load_settings(), {"parallel": 1, "queue_size": 1})
     with live_server(create_app(registry, load_settings().server)) as url:
         r = httpx.post(f"{url}/v1/chat/completions",
                        json={"model": "tiny", "messages": ASK, "tools": TOOLS})  # fmt: skip

@@ -20,6 +20,7 @@ from .. import cache
 from ..engine import Engine
 from ..errors import RamserveError
 from ..plan import folder_plan
+from ..settings import Settings
 
 log = logging.getLogger("ramserve.server")
 
@@ -48,9 +49,11 @@ class NotOffered(RamserveError):
 class Registry:
     """Serves one model folder under one name."""
 
-    def __init__(self, folder: Path, name: str, engine_args: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, name: str, settings: Settings,
+                 engine_args: dict[str, Any]) -> None:  # fmt: skip
         self.name = name
         self.folder = Path(folder)
+        self.settings = settings
         self.engine_args = engine_args
         self.engine: Engine | None = None
         self.stage = "starting"
@@ -70,7 +73,7 @@ class Registry:
         try:
             self.stage = "loading model"
             cache.hold(self.folder)  # never evicted while this server has it loaded
-            self.engine = Engine(self.folder, **self.engine_args)
+            self.engine = Engine(self.folder, self.settings, **self.engine_args)
             self.stage = "ready"
         except Exception as e:  # reported by /health and every request, never a crash
             log.exception("loading %s failed", self.folder)
