@@ -380,7 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         restart_tuned()
     try:
-        settings = load_settings()  # the one place settings are read; passed down from here
+        settings = load_settings()  # read once for the command and passed down (issue 23: the
+        # analysis, planning and cache stages still read their own)
         args = build_parser(settings).parse_args(argv)
         args.settings = settings
         func: Handler = args.func
