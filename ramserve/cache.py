@@ -149,6 +149,8 @@ def writing(entry: Path) -> Iterator[None]:
     held_before = str(_lock_file(entry_key(entry), "use")) in _held
     hold(entry)
     try:
+        if being_written(entry):  # another process is writing it: say why this one waits
+            log.warning("waiting for another ramserve writing %s", entry)
         with _exclusive(_lock_file(entry_key(entry), "write"), wait=True):
             yield
     finally:

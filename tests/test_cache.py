@@ -362,3 +362,19 @@ def test_a_bad_config_file_is_named_without_a_traceback(ramserve_home: Path) -> 
     configure(ramserve_home, "[cache\n")
     done = cli("ls", home=ramserve_home, check=False)
     assert done.returncode == 2 and "is not valid TOML" in done.stderr
+
+
+def test_a_second_writer_of_an_entry_waits_and_says_so(ramserve_home: Path, caplog) -> None:
+    entry = cache.profile_path("0123456789abcdef")
+    code = ("import sys, time; from pathlib import Path; from ramserve import cache\n"
+            f"with cache.writing(Path({str(entry)!r})):\n"
+            "    print('held', flush=True); time.sleep(1.0)\n")  # fmt: skip
+    other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "RAMSERVE_HOME": str(ramserve_home)})  # fmt: skip
+    assert other.stdout is not None and other.stdout.readline().strip() == "held"
+    start = time.monotonic()
+    with cache.writing(entry):
+        waited = time.monotonic() - start
+    other.wait(timeout=30)
+    other.stdout.close()
+    assert waited > 0.5 and "waiting for another ramserve writing" in caplog.text
