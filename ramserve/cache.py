@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -32,9 +31,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .atomic import read_json
 from .errors import RamserveError
 from .fmt import human_bytes
-from .settings import CacheSettings, load_settings, ramserve_home
+from .settings import load_settings, ramserve_home
 
 log = logging.getLogger("ramserve.cache")
 
@@ -82,6 +82,10 @@ def _lock_file(key: str, kind: str) -> Path:
     return ramserve_home() / "locks" / f"{key}.{kind}"
 
 
+def _use_lock(entry: Path) -> str:
+    return str(_lock_file(entry_key(entry), "use"))
+
+
 # -- locks ------------------------------------------------------------------------------------
 
 # Open lock files of this process, by path: flock belongs to the open file, so the table is process
@@ -105,7 +109,7 @@ def hold(entry: Path) -> None:
     """Mark ``entry`` in use by this process until ``release`` (or the process ends)."""
     if not _in_cache(entry):
         return  # a folder of the user's (`ramserve serve DIR`, `quantize -o DIR`) is never evicted
-    key = str(_lock_file(entry_key(entry), "use"))
+    key = _use_lock(entry)
     if key in _held:
         return
     fd = _open_lock(Path(key))
@@ -115,7 +119,7 @@ def hold(entry: Path) -> None:
 
 
 def release(entry: Path) -> None:
-    fd = _held.pop(str(_lock_file(entry_key(entry), "use")), None)
+    fd = _held.pop(_use_lock(entry), None)
     if fd is not None:
         os.close(fd)
 
@@ -146,7 +150,7 @@ def writing(entry: Path) -> Iterator[None]:
     if not _in_cache(entry):
         yield
         return
-    held_before = str(_lock_file(entry_key(entry), "use")) in _held
+    held_before = _use_lock(entry) in _held
     hold(entry)
     try:
         if being_written(entry):  # another process is writing it: say why this one waits
@@ -159,9 +163,9 @@ def writing(entry: Path) -> Iterator[None]:
 
 
 def in_use(entry: Path) -> bool:
-    if str(_lock_file(entry_key(entry), "use")) in _held:
+    if _use_lock(entry) in _held:
         return True
-    with _exclusive(_lock_file(entry_key(entry), "use"), wait=False) as got:
+    with _exclusive(Path(_use_lock(entry)), wait=False) as got:
         return not got
 
 
@@ -230,25 +234,17 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _profile_entry(path: Path, names: dict[str, str]) -> Entry:
     partial = path.name.endswith((".partial.json", ".tmp"))
     fp = path.name.lstrip(".").split(".")[0]
-    name = "" if partial else str(_read_json(path).get("name", ""))
+    name = "" if partial else str((read_json(path) or {}).get("name", ""))
     return Entry("profile", path, _size(path), fp, name or names.get(fp, "?"),
                  path.stat().st_mtime, in_use(path) or being_written(path), partial)  # fmt: skip
 
 
 def _model_entry(path: Path) -> Entry:
     partial = path.name.startswith(".")
-    plan = {} if partial else _read_json(path / "plan.json")
+    plan = {} if partial else read_json(path / "plan.json") or {}
     summary = {}
     if plan:
         summary = {"budget": plan.get("budget", {}).get("spec"),
@@ -301,8 +297,8 @@ def disk_free(path: Path) -> int:
     return shutil.disk_usage(_existing(path)).free
 
 
-def usage(cfg: CacheSettings | None = None) -> Usage:
-    cfg = cfg or load_settings().cache
+def usage() -> Usage:
+    cfg = load_settings().cache
     return Usage(sum(e.bytes for e in entries()), int(cfg.max_gb * GB),
                  disk_free(ramserve_home()), int(cfg.min_free_gb * GB))  # fmt: skip
 
@@ -312,7 +308,7 @@ def usage(cfg: CacheSettings | None = None) -> Usage:
 
 def _delete(e: Entry) -> bool:
     """Remove an entry nobody holds (its lock taken while deleting, so a loader cannot race it)."""
-    with _exclusive(_lock_file(entry_key(e.path), "use"), wait=False) as free:
+    with _exclusive(Path(_use_lock(e.path)), wait=False) as free:
         if not free or (e.partial and being_written(e.path)):
             return False
         if e.path.is_dir():
@@ -324,11 +320,25 @@ def _delete(e: Entry) -> bool:
     return not e.path.exists()
 
 
-def evictable(keep: Path | None = None) -> list[Entry]:
-    """Entries that may go, in eviction order: crashed runs' partial files first, then least
-    recently used. Never one in use or being written, never ``keep``."""
-    out = [e for e in entries() if not e.in_use and (keep is None or e.path != keep)]
+def evictable(found: list[Entry], keep: Path | None = None) -> list[Entry]:
+    """Of ``found``, the entries that may go, in eviction order: crashed runs' partial files first,
+    then least recently used. Never one in use or being written, never ``keep``."""
+    out = [e for e in found if not e.in_use and (keep is None or e.path != keep)]
     return sorted(out, key=lambda e: (not e.partial, e.last_used))
+
+
+def _evict(found: list[Entry], limit: int, keep: Path | None,
+           every_partial: bool) -> tuple[list[Entry], int]:  # fmt: skip
+    """Delete evictable entries of ``found`` until at most ``limit`` bytes are left (with
+    ``every_partial``, crashed runs' files even then); what was deleted, and the bytes left."""
+    used, removed = sum(e.bytes for e in found), []
+    for e in evictable(found, keep):
+        if used <= limit and not (every_partial and e.partial):
+            break
+        if _delete(e):
+            removed.append(e)
+            used -= e.bytes
+    return removed, used
 
 
 def remove(found: list[Entry]) -> list[Entry]:
@@ -338,15 +348,7 @@ def remove(found: list[Entry]) -> list[Entry]:
 
 def prune(keep_bytes: int) -> list[Entry]:
     """Evict until the cache holds at most ``keep_bytes`` (always removing stale partial files)."""
-    used = sum(e.bytes for e in entries())
-    removed = []
-    for e in evictable():
-        if used <= keep_bytes and not e.partial:
-            break
-        if _delete(e):
-            removed.append(e)
-            used -= e.bytes
-    return removed
+    return _evict(entries(), keep_bytes, None, every_partial=True)[0]
 
 
 def select(model: str) -> list[Entry]:
@@ -375,29 +377,26 @@ def reserve(needed: int, what: str, keep: Path | None = None) -> list[Entry]:
             f"{what} needs {human_bytes(needed)}, more than the whole cache budget "
             f"([cache] max_gb = {cfg.max_gb:g}); raise it in {ramserve_home() / 'config.toml'}"
         )
-    used = sum(e.bytes for e in entries())
-    evicted: list[Entry] = []
-    for e in evictable(keep):
-        if used + needed <= limit:
-            break
-        if _delete(e):
-            log.warning("cache: evicted %s (%s, last used %s) to make room for %s", e.label,
-                        human_bytes(e.bytes), time.strftime("%Y-%m-%d %H:%M", time.localtime(
-                            e.last_used)), what)  # fmt: skip
-            evicted.append(e)
-            used -= e.bytes
+    found = entries()
+    evicted, used = _evict(found, limit - needed, keep, every_partial=False)
+    found = [e for e in found if e not in evicted]
+    for e in evicted:
+        log.warning("cache: evicted %s (%s, last used %s) to make room for %s", e.label,
+                    human_bytes(e.bytes), time.strftime("%Y-%m-%d %H:%M", time.localtime(
+                        e.last_used)), what)  # fmt: skip
     if used + needed > limit:
-        busy = sum(e.bytes for e in entries() if e.in_use)
+        busy = sum(e.bytes for e in found if e.in_use)
         raise CacheError(
             f"{what} needs {human_bytes(needed)}, but the cache holds {human_bytes(used)} of its "
             f"{human_bytes(limit)} budget and {human_bytes(busy)} of it is in use; stop the server "
             "using it, or raise [cache] max_gb"
         )
-    require_free(needed, ramserve_home(), what, keep)
+    require_free(needed, ramserve_home(), what, keep, found)
     return evicted
 
 
-def require_free(needed: int, where: Path, what: str, keep: Path | None = None) -> None:
+def require_free(needed: int, where: Path, what: str, keep: Path | None = None,
+                 found: list[Entry] | None = None) -> None:  # fmt: skip
     """Refuse, before writing, a write that would leave less than ``[cache] min_free_gb`` free, or
     that the folder cannot take at all (read-only, no permission)."""
     with disk_errors(what, where):
@@ -405,7 +404,7 @@ def require_free(needed: int, where: Path, what: str, keep: Path | None = None) 
         tempfile.TemporaryFile(dir=where).close()
     free, margin = disk_free(where), int(load_settings().cache.min_free_gb * GB)
     if free - needed < margin:
-        prunable = sum(e.bytes for e in evictable(keep))
+        prunable = sum(e.bytes for e in evictable(entries() if found is None else found, keep))
         raise CacheError(
             f"not enough disk for {what}: it needs {human_bytes(needed)} and {human_bytes(margin)} "
             f"must stay free ([cache] min_free_gb), but only {human_bytes(free)} is free on the disk "

@@ -280,14 +280,13 @@ class Engine:
     def _new_generator(self) -> Any:
         from mlx_lm.generate import BatchGenerator
 
-        cfg = self.prefill
         return BatchGenerator(
             self.model,
             stream=self._stream,
             stop_tokens=[[t] for t in self.tokenizer.eos_token_ids],
             completion_batch_size=self.parallel,
-            prefill_batch_size=min(self.parallel, cfg.prefill_batch),
-            prefill_step_size=cfg.prefill_chunk,
+            prefill_batch_size=min(self.parallel, self.prefill.prefill_batch),
+            prefill_step_size=self.prefill.prefill_chunk,
         )
 
     def _run(self) -> None:

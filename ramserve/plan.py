@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .allocate import Problem, Solution, solve
+from .atomic import read_json
 from .budget import named_devices, parse_budget
 from .errors import BudgetError
 from .fmt import human_bytes, table
@@ -307,11 +308,8 @@ def plot_plan(plan: dict[str, Any], path: Path) -> None:
 
 def folder_plan(folder: Path) -> dict[str, Any] | None:
     """The plan.json of a folder ramserve quantized, or None."""
-    try:
-        plan = json.loads((folder / "plan.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return plan if isinstance(plan, dict) and "quantization" in plan else None
+    plan = read_json(folder / "plan.json")
+    return plan if plan and "quantization" in plan else None
 
 
 def served_name(source: Source) -> str:

@@ -329,14 +329,6 @@ def fixed_bytes(source: Source) -> int:
     )
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def checksum(profile: dict[str, Any]) -> str:
     """The digest a profile is stored with: an edited or damaged file no longer matches it."""
     body = {k: v for k, v in profile.items() if k not in ("checksum", "cache_hit")}
@@ -347,7 +339,7 @@ def load_profile(source: Source, settings: Settings | None = None) -> dict[str, 
     """The cached profile for this model and these settings, or None (a damaged one is reported)."""
     settings = settings or load_settings()
     path = profile_path(source.fingerprint)
-    data = _read_json(path)
+    data = atomic.read_json(path)
     if data is None:
         if path.exists():
             log.warning("%s is not valid JSON; analysing again", path)
@@ -361,7 +353,7 @@ def load_profile(source: Source, settings: Settings | None = None) -> dict[str, 
 
 
 def _resume_state(partial: Path, key: str) -> dict[str, ModuleRecord]:
-    data = _read_json(partial)
+    data = atomic.read_json(partial)
     if not data or data.get("settings_key") != key:
         return {}
     return {d["path"]: ModuleRecord.from_json(d) for d in data.get("modules", [])}

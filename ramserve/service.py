@@ -159,12 +159,19 @@ def status(server: ServerSettings) -> dict[str, Any]:
     settings = load_service_settings(paths) if paths.settings.is_file() else None
     if settings:
         out["model"] = settings["model"]
-        url = f"http://{_option(settings, '--host', server.host)}:{_option(settings, '--port', server.port)}"
+        url = service_url(settings, server)
         try:
             out["health"] = httpx.get(f"{url}/health", timeout=2).json()
         except (httpx.HTTPError, ValueError) as e:
             out["health"] = f"no answer from {url}: {type(e).__name__}"
     return out
+
+
+def service_url(settings: dict[str, Any], server: ServerSettings) -> str:
+    """The base URL the saved service's server listens on (a wildcard host reached by loopback)."""
+    host = _option(settings, "--host", server.host)
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://{host}:{_option(settings, '--port', server.port)}"
 
 
 def _option(settings: dict[str, Any], flag: str, default: object) -> str:

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 from typing import Any
 
+from . import service
 from .errors import RamserveError
 from .fmt import human_bytes, table
-from .settings import ServerSettings, ramserve_home
+from .settings import ServerSettings
 
 
 def default_urls(server: ServerSettings) -> list[str]:
     """Where a server is expected: the configured host and port, and the launchd service's."""
     host = "127.0.0.1" if server.host in ("0.0.0.0", "::") else server.host
     urls = [f"http://{host}:{server.port}"]
-    try:
-        options = json.loads((ramserve_home() / "service.json").read_text())["options"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return urls
-    if "--port" in options[:-1]:
-        urls.append(f"http://{host}:{options[options.index('--port') + 1]}")
+    paths = service.Paths.here()
+    if paths.settings.is_file():
+        with contextlib.suppress(service.ServiceError, KeyError, TypeError, ValueError):
+            urls.append(service.service_url(service.load_service_settings(paths), server))
     return list(dict.fromkeys(urls))
 
 

@@ -67,9 +67,9 @@ class VariantRegistry(Registry):
         """Whether a client may have this variant: listed, already cached, or any (--any-budget)."""
         if self.any_budget or spec in ("", *self.listed) or plan["hash"] == self.loaded_hash:
             return True
-        if variant_status(self.fitted.source, plan) == "cached":
+        if any(self._listed_hash(s) == plan["hash"] for s in self.listed):  # plans are memoised
             return True
-        return any(self._listed_hash(s) == plan["hash"] for s in self.listed)
+        return variant_status(self.fitted.source, plan) == "cached"
 
     def _listed_hash(self, spec: str) -> str | None:
         try:

@@ -21,7 +21,7 @@ ORDER = [
     "fit", "evaluate",
     "server.errors", "server.limits", "server.metrics", "server.schemas", "server.registry",
     "server.app", "server",
-    "variants", "status", "service",
+    "variants", "service", "status",
     "cli",
 ]  # fmt: skip
 
