@@ -40,14 +40,14 @@ DENSE = ROOT.parent / "models" / "code-qwen3-30m"
 
 
 def throughput(folder: Path) -> dict:
-    src = open_source(str(folder))
+    src = open_source(str(folder), load_settings())
     _ = src.modules  # resolve the module map before measuring
     profile, peak, seconds = peak_rss_over_baseline(
         lambda: analyze(src, force=True, progress=False)
     )
-    mb = profile["bf16_bytes"] / 1e6
+    mb = profile.bf16_bytes / 1e6
     fisher = profile.get("fisher_seconds") or 0.0
-    return {"model": src.name, "estimator": profile["estimator"], "bf16_MB": round(mb),
+    return {"model": src.name, "estimator": profile.estimator, "bf16_MB": round(mb),
             "seconds": round(seconds, 2), "fisher_s": round(fisher, 2),
             "weights_pass_MB_per_s": round(mb / (seconds - fisher), 1),
             "MB_per_s": round(mb / seconds, 1), "peak_rss_MB": round(peak / 1e6)}  # fmt: skip
@@ -73,7 +73,7 @@ def exact_errors(
 def sampling_error(folder: Path, limit: int = 12) -> float:
     """Largest relative difference between sampled and exact whole-tensor error, over modules x
     candidates."""
-    src = open_source(str(folder))
+    src = open_source(str(folder), load_settings())
     settings = load_settings()
     weights = src.weights()
     worst = 0.0

@@ -35,9 +35,11 @@ def main() -> None:
     rows, results = [], []
     fixed = int(load_settings().budget.runtime_fixed_mb * 2**20)
     for name in ("code-qwen3-30m", "code-qwen3moe-27m"):
-        source = open_source(str(SHARED / name))
+        source = open_source(str(SHARED / name), load_settings())
         folder, _ = quantize(
-            source, make_plan(analyze(source, progress=False), "30%"), progress=False
+            source,
+            make_plan(analyze(source, progress=False), "30%", settings=load_settings()),
+            progress=False,
         )
         kv = kv_shape(source)
         shape = activation_shape(source)
@@ -47,7 +49,7 @@ def main() -> None:
             engine.close()
             predicted = kv.bytes(context, parallel)
             scratch = m["peak"] - m["weights"] - m["kv"]
-            formula = runtime_bytes(kv, context, parallel, shape) - fixed
+            formula = runtime_bytes(kv, context, parallel, shape, source.settings.budget) - fixed
             r = {"model": name, "context": context, "parallel": parallel, **m,
                  "kv_predicted": predicted, "scratch": scratch, "scratch_formula": formula}  # fmt: skip
             results.append(r)

@@ -38,6 +38,7 @@ from ramserve.evaluate import (  # noqa: E402
 from ramserve.fmt import table  # noqa: E402
 from ramserve.plan import make_plan  # noqa: E402
 from ramserve.profile import analyze  # noqa: E402
+from ramserve.settings import load_settings  # noqa: E402
 from ramserve.source import open_source  # noqa: E402
 
 SHARED = ROOT.parent.parent / "shared"
@@ -51,11 +52,11 @@ MIXED = ["mixed_3_6", "mixed_4_6"]
 
 
 def bench_model(folder: Path, samples: int, seq_len: int) -> list[dict]:
-    source = open_source(str(folder))
+    source = open_source(str(folder), load_settings())
     start = time.perf_counter()
     profile = analyze(source, progress=False)
     analysis_s = time.perf_counter() - start
-    ref = load_for_eval(str(folder), label="bf16")
+    ref = load_for_eval(str(folder), load_settings(), label="bf16")
     windows = token_windows(encode(ref.tokenizer, TEXT.read_text()), seq_len, samples)
     ref_lp = reference_log_probs(ref, windows)
     base = score(ref, windows, ref_lp)
@@ -63,10 +64,12 @@ def bench_model(folder: Path, samples: int, seq_len: int) -> list[dict]:
     for recipe in UNIFORM + MIXED:
         quant = recipe_quantization(source, recipe)
         size = stored_bytes(source, quant)
-        fixed = score(load_for_eval(str(folder), quant, recipe), windows, ref_lp)
-        plan = make_plan(profile, f"{size}B")
+        fixed = score(load_for_eval(str(folder), load_settings(), quant, recipe), windows, ref_lp)
+        plan = make_plan(profile, f"{size}B", settings=load_settings())
         ours = score(
-            load_for_eval(str(folder), plan["quantization"], "ramserve", plan["quantizer"]),
+            load_for_eval(
+                str(folder), load_settings(), plan.quantization, "ramserve", plan.quantizer
+            ),
             windows,
             ref_lp,
         )

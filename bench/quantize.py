@@ -22,21 +22,22 @@ from ramserve.fmt import table  # noqa: E402
 from ramserve.plan import make_plan  # noqa: E402
 from ramserve.profile import analyze  # noqa: E402
 from ramserve.quantize import quantize  # noqa: E402
+from ramserve.settings import load_settings  # noqa: E402
 from ramserve.source import open_source  # noqa: E402
 
 
 def main() -> None:
-    src = open_source(str(synthetic_model()))
+    src = open_source(str(synthetic_model()), load_settings())
     profile = analyze(src, progress=False)
     rows, results = [], []
     for spec in ("4.5bpw", "30%"):
-        plan = make_plan(profile, spec)
+        plan = make_plan(profile, spec, settings=load_settings())
         with tempfile.TemporaryDirectory(dir=os.environ["RAMSERVE_HOME"]) as tmp:
             (folder, _), peak, seconds = peak_rss_over_baseline(
                 lambda: quantize(src, plan, Path(tmp) / "out", progress=False)  # noqa: B023
             )
             written = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-        mb = profile["bf16_bytes"] / 1e6
+        mb = profile.bf16_bytes / 1e6
         r = {"budget": spec, "bf16_MB": round(mb), "written_MB": round(written / 1e6),
              "seconds": round(seconds, 2), "MB_per_s": round(mb / seconds, 1),
              "peak_rss_MB": round(peak / 1e6)}  # fmt: skip

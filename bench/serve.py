@@ -103,8 +103,12 @@ async def streams(base: str, n: int, mode: str | None = None) -> dict[str, Any]:
 
 
 def main() -> None:
-    src = open_source(str(MODEL))
-    folder, _ = quantize(src, make_plan(analyze(src, progress=False), "4.5bpw"), progress=False)
+    src = open_source(str(MODEL), load_settings())
+    folder, _ = quantize(
+        src,
+        make_plan(analyze(src, progress=False), "4.5bpw", settings=load_settings()),
+        progress=False,
+    )
     stock = reference(folder, cpu_layers=False)
     ref = reference(folder, cpu_layers=True)
     results, chat = [], []

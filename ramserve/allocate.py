@@ -20,11 +20,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
 
 import numpy as np
 
 from .errors import BudgetError
+from .records import Profile
 
 INF = np.inf
 
@@ -38,21 +38,21 @@ class Problem:
     fixed_bytes: int
 
     @classmethod
-    def from_profile(cls, profile: dict[str, Any], min_sqnr_db: float | None) -> Problem:
-        modules = profile["modules"]
-        k = max(len(m["options"]) for m in modules)
+    def from_profile(cls, profile: Profile, min_sqnr_db: float | None) -> Problem:
+        modules = profile.modules
+        k = max(len(m.options) for m in modules)
         b = np.full((len(modules), k), INF)
         d = np.full((len(modules), k), INF)
         for i, m in enumerate(modules):
-            for j, o in enumerate(m["options"]):
+            for j, o in enumerate(m.options):
                 safe = (
-                    o["bits"] >= 16
+                    o.bits >= 16
                     or min_sqnr_db is None
-                    or (o["sqnr_db"] is not None and o["sqnr_db"] >= min_sqnr_db)
+                    or (o.sqnr_db is not None and o.sqnr_db >= min_sqnr_db)
                 )
                 if safe:
-                    b[i, j], d[i, j] = o["bytes"], o["damage"]
-        return cls(b, d, int(profile["fixed_bytes"]))
+                    b[i, j], d[i, j] = o.bytes, o.damage
+        return cls(b, d, profile.fixed_bytes)
 
     def min_bytes(self) -> int:
         return int(self.fixed_bytes + self.bytes.min(axis=1).sum())

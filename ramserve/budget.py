@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .device import FLOAT_BYTES, Machine, runtime_dtype, this_machine
 from .errors import BudgetError
 from .fmt import human_bytes
-from .settings import Device, load_settings
+from .settings import BudgetSettings, Device, Settings
 
 if TYPE_CHECKING:
     from .source import Source
@@ -149,12 +149,7 @@ def activation_dtype(source: Source, device: str | None = None) -> str:
 # The machine
 
 
-def named_devices() -> dict[str, Device]:
-    return load_settings().devices
-
-
-def device_machine(name: str) -> Machine:
-    devices = named_devices()
+def device_machine(name: str, devices: dict[str, Device]) -> Machine:
     if name not in devices:
         known = ", ".join(sorted(devices))
         raise BudgetError(f"unknown device {name!r}; known devices: {known}")
@@ -195,19 +190,19 @@ class Budget:
         return out
 
 
-def reserve_bytes(machine: Machine) -> int:
-    cfg = load_settings().budget
+def reserve_bytes(machine: Machine, cfg: BudgetSettings) -> int:
     return max(int(cfg.os_reserve_min_gb * 2**30), int(cfg.os_reserve_share * machine.total))
 
 
-def runtime_bytes(kv: KVShape, context: int, parallel: int, shape: ActivationShape) -> int:
+def runtime_bytes(
+    kv: KVShape, context: int, parallel: int, shape: ActivationShape, cfg: BudgetSettings
+) -> int:
     """The runtime's own memory: the process (Python, MLX, tokenizer, server) and prefill scratch.
 
     The engine prefills ``prefill_chunk`` tokens of up to ``prefill_batch`` sequences at once; its
     scratch is the attention scores (heads x chunk x context) and the widest activation (chunk x
     width). The factors were measured with bench/budget.py (MLX's peak minus weights minus KV cache, see configs/).
     """
-    cfg = load_settings().budget
     chunk = min(cfg.prefill_chunk, context)
     per_sequence = chunk * (
         cfg.attention_factor * shape.heads * context + cfg.width_factor * shape.width
@@ -258,13 +253,14 @@ def weight_budget(
 ) -> Budget:
     """The weight budget for this machine (or a named device) at ``context`` x ``parallel``."""
     kv = kv_shape(source, device)
-    return budget_for(kv, activation_shape(source), context=context, parallel=parallel,
-                      device=device, min_safe=min_safe)  # fmt: skip
+    return budget_for(kv, activation_shape(source), source.settings, context=context,
+                      parallel=parallel, device=device, min_safe=min_safe)  # fmt: skip
 
 
 def budget_for(
     kv: KVShape,
     shape: ActivationShape,
+    settings: Settings,
     *,
     context: int | None = None,
     parallel: int | None = None,
@@ -272,14 +268,14 @@ def budget_for(
     min_safe: int | None = None,
 ) -> Budget:
     """weight_budget from a model's KV and activation shapes (which a config alone can give)."""
-    cfg = load_settings().budget
+    cfg = settings.budget
     if context is None:  # the default, not the user's ask: fit it to the model
         context = min(cfg.default_context, kv.max_context or cfg.default_context)
-    parallel = load_settings().server.parallel if parallel is None else parallel
+    parallel = settings.server.parallel if parallel is None else parallel
     check_request(kv, context, parallel)
-    machine = device_machine(device) if device else this_machine()
+    machine = device_machine(device, settings.devices) if device else this_machine()
 
-    reserve = reserve_bytes(machine)
+    reserve = reserve_bytes(machine, cfg)
     candidates = {"total - OS reserve": machine.total - reserve}
     if machine.live:
         candidates["available now"] = machine.available
@@ -287,7 +283,7 @@ def budget_for(
         candidates["MLX working-set limit"] = machine.working_set_limit
     bound = min(candidates, key=lambda k: candidates[k])
     usable = candidates[bound]
-    runtime = runtime_bytes(kv, context, parallel, shape)
+    runtime = runtime_bytes(kv, context, parallel, shape, cfg)
     kv_bytes = kv.bytes(context, parallel)
     weights = usable - runtime - kv_bytes
 

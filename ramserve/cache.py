@@ -34,7 +34,7 @@ from typing import Any, Literal
 from .atomic import read_json
 from .errors import RamserveError
 from .fmt import human_bytes
-from .settings import load_settings, ramserve_home
+from .settings import CacheSettings, ramserve_home
 
 log = logging.getLogger("ramserve.cache")
 
@@ -297,8 +297,7 @@ def disk_free(path: Path) -> int:
     return shutil.disk_usage(_existing(path)).free
 
 
-def usage() -> Usage:
-    cfg = load_settings().cache
+def usage(cfg: CacheSettings) -> Usage:
     return Usage(sum(e.bytes for e in entries()), int(cfg.max_gb * GB),
                  disk_free(ramserve_home()), int(cfg.min_free_gb * GB))  # fmt: skip
 
@@ -366,11 +365,10 @@ def select(model: str) -> list[Entry]:
 # -- reservations -----------------------------------------------------------------------------
 
 
-def reserve(needed: int, what: str, keep: Path | None = None) -> list[Entry]:
+def reserve(needed: int, what: str, cfg: CacheSettings, keep: Path | None = None) -> list[Entry]:
     """Make room for ``needed`` bytes of ``what`` before it is written, or refuse with nothing
     written: evicts least recently used entries to stay under ``[cache] max_gb``, then requires the
     disk to keep ``min_free_gb`` free. Returns what was evicted."""
-    cfg = load_settings().cache
     limit = int(cfg.max_gb * GB)
     if needed > limit:
         raise CacheError(
@@ -391,18 +389,18 @@ def reserve(needed: int, what: str, keep: Path | None = None) -> list[Entry]:
             f"{human_bytes(limit)} budget and {human_bytes(busy)} of it is in use; stop the server "
             "using it, or raise [cache] max_gb"
         )
-    require_free(needed, ramserve_home(), what, keep, found)
+    require_free(needed, ramserve_home(), what, cfg, keep, found)
     return evicted
 
 
-def require_free(needed: int, where: Path, what: str, keep: Path | None = None,
-                 found: list[Entry] | None = None) -> None:  # fmt: skip
+def require_free(needed: int, where: Path, what: str, cfg: CacheSettings,
+                 keep: Path | None = None, found: list[Entry] | None = None) -> None:  # fmt: skip
     """Refuse, before writing, a write that would leave less than ``[cache] min_free_gb`` free, or
     that the folder cannot take at all (read-only, no permission)."""
     with disk_errors(what, where):
         where.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=where).close()
-    free, margin = disk_free(where), int(load_settings().cache.min_free_gb * GB)
+    free, margin = disk_free(where), int(cfg.min_free_gb * GB)
     if free - needed < margin:
         prunable = sum(e.bytes for e in evictable(entries() if found is None else found, keep))
         raise CacheError(

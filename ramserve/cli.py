@@ -22,16 +22,17 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     from .describe import describe, render_description
     from .source import open_source
 
-    _emit(describe(open_source(a.model)), a.json, render_description)
+    _emit(describe(open_source(a.model, a.settings)), a.json, render_description)
     return 0
 
 
 def cmd_analyze(a: argparse.Namespace) -> int:
     from .profile import analyze, render_report, summary
+    from .source import open_source
 
-    profile = analyze(a.model, force=a.force, progress=not a.quiet)
+    profile = analyze(open_source(a.model, a.settings), force=a.force, progress=not a.quiet)
     if a.report:
-        _emit(profile, False, render_report)
+        print(render_report(profile))
     else:
         _emit(summary(profile), a.json, lambda s: "\n".join(f"{k:18} {v}" for k, v in s.items()))
     return 0
@@ -40,17 +41,18 @@ def cmd_analyze(a: argparse.Namespace) -> int:
 def cmd_plan(a: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import atomic
     from .fit import plan_for
     from .plan import plot_plan, render_plan
     from .source import open_source
 
-    plan = plan_for(open_source(a.model), a.budget, a.quiet, allow_unsafe=a.allow_unsafe)
+    plan = plan_for(
+        open_source(a.model, a.settings), a.budget, a.quiet, allow_unsafe=a.allow_unsafe
+    )
     if a.output:
-        atomic.write_json(Path(a.output), plan)
+        plan.write(Path(a.output))
     if a.plot:
         plot_plan(plan, Path(a.plot))
-    _emit(plan, a.json, render_plan)
+    _emit(plan.to_json() if a.json else plan, a.json, render_plan)
     return 0
 
 
@@ -62,14 +64,14 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from .quantize import quantize
     from .source import open_source
 
-    source = open_source(a.model)
+    source = open_source(a.model, a.settings)
     plan = load_plan(Path(a.plan)) if a.plan else plan_for(source, a.budget, a.quiet)
     folder, cached = quantize(
         source, plan, Path(a.output) if a.output else None, progress=not a.quiet
     )
     print(
-        f"{folder}  ({'cached' if cached else 'written'}; {plan['bits_per_weight']:.3f} bits per "
-        f"weight, {plan['total_bytes']:,} bytes)"
+        f"{folder}  ({'cached' if cached else 'written'}; {plan.bits_per_weight:.3f} bits per "
+        f"weight, {plan.total_bytes:,} bytes)"
     )
     return 0
 
@@ -85,13 +87,18 @@ def cmd_eval(a: argparse.Namespace) -> int:
     quantization, quantizer, label = None, None, None
     if a.plan or a.budget:
         plan = (
-            load_plan(Path(a.plan)) if a.plan else plan_for(open_source(a.model), a.budget, a.quiet)
+            load_plan(Path(a.plan))
+            if a.plan
+            else plan_for(open_source(a.model, a.settings), a.budget, a.quiet)
         )
-        quantization, quantizer = plan["quantization"], plan.get("quantizer")
-        label = f"ramserve@{plan['budget']['spec']}"
+        quantization, quantizer = plan.quantization, plan.quantizer
+        label = f"ramserve@{plan.budget.spec}"
     elif a.recipe:
-        quantization, label = recipe_quantization(open_source(a.model), a.recipe), a.recipe
-    scores = evaluate(a.model, Path(a.text), reference=a.reference, quantization=quantization,
+        quantization, label = (
+            recipe_quantization(open_source(a.model, a.settings), a.recipe),
+            a.recipe,
+        )
+    scores = evaluate(a.model, Path(a.text), a.settings, reference=a.reference, quantization=quantization,
                       quantizer=quantizer, label=label, seq_len=a.seq_len, samples=a.samples,
                       batch_size=a.batch_size, progress=not a.quiet)  # fmt: skip
     _emit(scores.to_json() if a.json else scores, a.json, render_scores)
@@ -99,22 +106,22 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_budget(a: argparse.Namespace) -> int:
-    from .budget import named_devices, render_budget, weight_budget
+    from .budget import render_budget, weight_budget
     from .fmt import table
 
     if a.devices or not a.model:
         rows = [(name, f"{d.memory_gb:g} GiB", f"{d.working_set_share or 1:.2f}")
-                for name, d in named_devices().items()]  # fmt: skip
+                for name, d in a.settings.devices.items()]  # fmt: skip
         print(table(["device", "memory", "GPU share"], rows))
         return 0
     from .plan import limits
     from .profile import analyze
     from .source import open_source
 
-    source = open_source(a.model)
+    source = open_source(a.model, a.settings)
     ask = {"context": a.context, "parallel": a.parallel, "device": a.device}
     weight_budget(source, **ask)  # bad input is refused before any analysis
-    min_safe = limits(analyze(source, progress=not a.quiet))["min_safe"]
+    min_safe = limits(analyze(source, progress=not a.quiet), a.settings)["min_safe"]
     b = weight_budget(source, **ask, min_safe=min_safe)
     _emit(b.to_json(), a.json, render_budget)
     return 0
@@ -126,7 +133,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from .server.registry import Registry
     from .source import open_source
 
-    source = open_source(a.model)
+    source = open_source(a.model, a.settings)
     registry = Registry(source.path, a.name or served_name(source), a.settings,
                         {"context": a.context, "parallel": a.parallel})  # fmt: skip
     serve(registry, a.settings.server, host=a.host, port=a.port, api_key=api_key(a),
@@ -141,8 +148,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .variants import VariantRegistry
 
     cfg = a.settings.server
-    hub_precheck(a.model, a.context, a.parallel)
-    fitted = fit(open_source(a.model), a.budget, context=a.context, parallel=a.parallel,
+    hub_precheck(a.model, a.settings, a.context, a.parallel)
+    fitted = fit(open_source(a.model, a.settings), a.budget, context=a.context, parallel=a.parallel,
                  progress=not a.quiet)  # fmt: skip
     print(render_fit(fitted), flush=True)
     args = {"context": fitted.budget.context, "parallel": fitted.budget.parallel}
@@ -171,7 +178,7 @@ def add_server_options(s: argparse.ArgumentParser, cfg: ServerSettings) -> None:
 def cmd_ls(a: argparse.Namespace) -> int:
     from .cache import entries, render_entries, usage
 
-    data = {"entries": [e.to_json() for e in entries()], "total": usage().to_json()}
+    data = {"entries": [e.to_json() for e in entries()], "total": usage(a.settings.cache).to_json()}
     _emit(data, a.json, lambda d: render_entries(d["entries"], d["total"]))
     return 0
 
@@ -184,7 +191,7 @@ def cmd_rm(a: argparse.Namespace) -> int:
         raise CacheError(f"nothing cached matches {a.model!r}; `ramserve ls` lists what is")
     removed = remove(found)
     kept = [e for e in found if e not in removed]
-    _report_removed(removed, a.json, kept)
+    _report_removed(removed, a.json, kept, a.settings)
     if kept:
         raise CacheError(", ".join(e.label for e in kept) + " is in use by a running ramserve; "
                          "stop it first (`ramserve ps` shows what runs)")  # fmt: skip
@@ -195,15 +202,15 @@ def cmd_prune(a: argparse.Namespace) -> int:
     from .cache import GB, prune
 
     keep = a.keep_gb if a.keep_gb is not None else a.settings.cache.max_gb
-    _report_removed(prune(int(keep * GB)), a.json, [])
+    _report_removed(prune(int(keep * GB)), a.json, [], a.settings)
     return 0
 
 
-def _report_removed(removed: list[Any], as_json: bool, kept: list[Any]) -> None:
+def _report_removed(removed: list[Any], as_json: bool, kept: list[Any], settings: Settings) -> None:
     from .cache import render_removed, usage
 
     data = {"removed": [e.to_json() for e in removed], "in_use": [e.to_json() for e in kept],
-            "total": usage().to_json()}  # fmt: skip
+            "total": usage(settings.cache).to_json()}  # fmt: skip
     _emit(data, as_json, render_removed)
 
 
@@ -380,8 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         restart_tuned()
     try:
-        settings = load_settings()  # read once for the command and passed down (issue 23: the
-        # analysis, planning and cache stages still read their own)
+        settings = load_settings()  # the one read: every stage is given it (docs/architecture.md)
         args = build_parser(settings).parse_args(argv)
         args.settings = settings
         func: Handler = args.func

@@ -3,6 +3,7 @@ modules, and for a folder ramserve quantized, its plan."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from .fmt import human_bytes, human_count, table
@@ -57,10 +58,10 @@ def _folder_plan(source: Source) -> dict[str, Any] | None:
     plan = folder_plan(source.path) if source.quantization is not None else None
     if plan is None:
         return None
-    return {"budget": plan["budget"], "total_bytes": plan["total_bytes"], "hash": plan["hash"],
-            "parameters": plan["parameters"],
-            "bits_per_weight": plan["bits_per_weight"], "source_fingerprint": plan["fingerprint"],
-            "predicted_damage": plan["predicted_damage"],
+    return {"budget": asdict(plan.budget), "total_bytes": plan.total_bytes, "hash": plan.hash,
+            "parameters": plan.parameters,
+            "bits_per_weight": plan.bits_per_weight, "source_fingerprint": plan.fingerprint,
+            "predicted_damage": plan.predicted_damage,
             "histogram": [{"choice": c, "modules": a, "bytes": b} for c, a, b in histogram(plan)]}  # fmt: skip
 
 

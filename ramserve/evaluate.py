@@ -27,6 +27,7 @@ from . import affine
 from .device import FLOAT_BYTES, runtime_dtype
 from .engine import max_positions
 from .errors import RamserveError
+from .settings import Settings
 from .source import Source, open_source
 
 
@@ -151,13 +152,14 @@ def load_source_model(source: Source) -> tuple[nn.Module, Any]:
 
 def load_for_eval(
     spec: str,
+    settings: Settings,
     quantization: dict[str, Any] | None = None,
     label: str | None = None,
     quantizer: dict[str, Any] | None = None,
 ) -> Evaluated:
     """A model to evaluate: a folder as it is stored (quantized or not), or a float source with a
     quantization map simulated on it (by ``quantizer``, see ``simulate``)."""
-    source = open_source(spec)
+    source = open_source(spec, settings)
     dtype = getattr(mx, runtime_dtype(source.float_dtype))
     if source.quantization and quantization:
         raise EvalError(f"{source.path} is already quantized; a plan applies to a float source")
@@ -326,6 +328,7 @@ def read_text(path: Path) -> str:
 def evaluate(
     model: str,
     text: Path,
+    settings: Settings,
     *,
     reference: str | None = None,
     quantization: dict[str, Any] | None = None,
@@ -342,12 +345,12 @@ def evaluate(
     if samples is not None and samples < 1:
         raise EvalError(f"--samples must be at least 1, not {samples}")
     content = read_text(text)
-    e = load_for_eval(model, quantization, label, quantizer)
+    e = load_for_eval(model, settings, quantization, label, quantizer)
     check_model(e, seq_len)
     windows = token_windows(encode(e.tokenizer, content), seq_len, samples)
     ref = None
     if reference is not None:
-        ref = load_for_eval(reference)
+        ref = load_for_eval(reference, settings)
         check_reference(e, ref, content[:20000])
     return score(e, windows, ref, batch_size, progress)
 

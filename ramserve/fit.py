@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from . import cache
 from .budget import Budget, machine_budget, require_fit, weight_budget
@@ -20,16 +19,17 @@ from .fmt import human_bytes, table
 from .plan import histogram, is_size_spec, limits, make_plan
 from .profile import analyze, candidates_for, quantized_bytes
 from .quantize import is_complete, quantize
-from .settings import load_settings
+from .records import Plan, Profile
+from .settings import Settings
 from .source import Source
 
 
 @dataclass
 class Fit:
     source: Source
-    profile: dict[str, Any]
+    profile: Profile
     budget: Budget
-    plan: dict[str, Any]
+    plan: Plan
     folder: Path
     stages: list[tuple[str, float, bool]] = field(default_factory=list)  # name, seconds, cached
 
@@ -38,7 +38,7 @@ def absolute_minimum(source: Source) -> int:
     """The smallest any plan can be, from shapes alone (every module at its cheapest candidate)."""
     from .profile import fixed_bytes
 
-    settings = load_settings()
+    settings = source.settings
     total = fixed_bytes(source)
     for m in source.modules:
         sizes = [
@@ -49,7 +49,7 @@ def absolute_minimum(source: Source) -> int:
     return total
 
 
-def hub_precheck(spec: str, context: int | None, parallel: int | None) -> None:
+def hub_precheck(spec: str, settings: Settings, context: int | None, parallel: int | None) -> None:
     """For a hub repo, before downloading weights: refuse when even the smallest possible plan plus
     the KV cache cannot fit this machine, from config.json and the safetensors index alone."""
     import json
@@ -59,17 +59,21 @@ def hub_precheck(spec: str, context: int | None, parallel: int | None) -> None:
 
     if Path(spec).expanduser().exists() or not (match := REPO_ID.match(spec)):
         return
-    meta = hub_snapshot(match["repo"], match["rev"], ["config.json", "*.safetensors.index.json"])
+    meta = hub_snapshot(
+        match["repo"], match["rev"], settings.cache, ["config.json", "*.safetensors.index.json"]
+    )
     index = next(meta.glob("*.safetensors.index.json"), None)
     if index is None:
         return  # a single-file model: its size is known only once fetched
     config = json.loads((meta / "config.json").read_text())
     stored = int(json.loads(index.read_text()).get("metadata", {}).get("total_size", 0))
-    settings = load_settings().analysis
-    floor_bpw = min(settings.bits) + 32 / max(settings.group_sizes)
+    analysis = settings.analysis
+    floor_bpw = min(analysis.bits) + 32 / max(analysis.group_sizes)
     floor = int(stored / 2 * floor_bpw / 8)  # every bf16 parameter at the fewest bits
     kv = kv_shape_of_config(config, FLOAT_BYTES[runtime_dtype()])
-    budget = budget_for(kv, activation_shape_of(config), context=context, parallel=parallel)
+    budget = budget_for(
+        kv, activation_shape_of(config), settings, context=context, parallel=parallel
+    )
     if budget.weights < floor:
         raise BudgetError(
             f"{spec} cannot fit this machine: even at {floor_bpw:.2f} bits per weight its "
@@ -85,7 +89,7 @@ def precheck(source: Source, spec: str, budget: Budget) -> None:
     floor = absolute_minimum(source)
     if budget.weights < floor:
         require_fit(budget, floor)
-    if is_size_spec(spec):
+    if is_size_spec(spec, source.settings):
         from .budget import parse_budget
 
         asked = parse_budget(
@@ -116,47 +120,46 @@ def fit(
 
     t = time.perf_counter()
     profile = analyze(source, progress=progress)
-    stages.append(("profile", time.perf_counter() - t, bool(profile.get("cache_hit"))))
+    stages.append(("profile", time.perf_counter() - t, profile.cache_hit))
 
     t = time.perf_counter()
-    min_safe = limits(profile)["min_safe"]
+    min_safe = limits(profile, source.settings)["min_safe"]
     budget = weight_budget(
         source, context=budget.context, parallel=budget.parallel, min_safe=min_safe
     )
     require_fit(budget, min_safe)
-    plan = make_plan(profile, spec, machine=machine_budget(source, budget.context, budget.parallel))
+    machine = machine_budget(source, budget.context, budget.parallel)
+    plan = make_plan(profile, spec, source.settings, machine=machine)
     require_plan_fits(plan, budget, f"budget {spec}")
     stages.append(("plan", time.perf_counter() - t, False))
 
     t = time.perf_counter()
-    cache.hold(model_dir(source.fingerprint, plan["hash"]))  # to be served: never evicted
+    cache.hold(model_dir(source.fingerprint, plan.hash))  # to be served: never evicted
     folder, cached = quantize(source, plan, progress=progress)
     stages.append(("quantize", time.perf_counter() - t, cached))
     return Fit(source, profile, budget, plan, folder, stages)
 
 
-def plan_for(source: Source, spec: str, quiet: bool, allow_unsafe: bool = False) -> dict[str, Any]:
+def plan_for(source: Source, spec: str, quiet: bool, allow_unsafe: bool = False) -> Plan:
     """The plan for a budget: the profile (cached) solved against this machine's memory."""
     profile = analyze(source, progress=not quiet)
-    return make_plan(profile, spec, allow_unsafe=allow_unsafe, machine=machine_budget(source))
+    return make_plan(profile, spec, source.settings, allow_unsafe=allow_unsafe,
+                     machine=machine_budget(source))  # fmt: skip
 
 
-def require_plan_fits(plan: dict[str, Any], budget: Budget, what: str) -> None:
+def require_plan_fits(plan: Plan, budget: Budget, what: str) -> None:
     """Refuse a plan whose weights, as loaded, exceed what the machine allows beside its KV cache."""
-    if plan["memory_bytes"] > budget.weights:
+    if plan.memory_bytes > budget.weights:
         raise BudgetError(
-            f"{what} gives {human_bytes(plan['memory_bytes'])} of weights in memory, more than "
+            f"{what} gives {human_bytes(plan.memory_bytes)} of weights in memory, more than "
             f"this machine can hold beside a {budget.context:,}-token KV cache for {budget.parallel} "
             f"sequences ({human_bytes(budget.weights)}); use a smaller budget, context or --parallel"
         )
 
 
-def variant_status(source: Source, plan: dict[str, Any]) -> str:
-    return (
-        "cached"
-        if is_complete(model_dir(source.fingerprint, plan["hash"]), plan["hash"])
-        else "available"
-    )
+def variant_status(source: Source, plan: Plan) -> str:
+    folder = model_dir(source.fingerprint, plan.hash)
+    return "cached" if is_complete(folder, plan.hash) else "available"
 
 
 def render_fit(f: Fit) -> str:
@@ -167,9 +170,9 @@ def render_fit(f: Fit) -> str:
     lines = [
         render_budget(f.budget.to_json()),
         "",
-        f"plan {p['budget']['spec']}: {human_bytes(p['total_bytes'])} stored, "
-        f"{human_bytes(p['memory_bytes'])} in memory, {p['bits_per_weight']:.2f} bits per weight, "
-        f"predicted damage {p['predicted_damage']:.4g}",
+        f"plan {p.budget.spec}: {human_bytes(p.total_bytes)} stored, "
+        f"{human_bytes(p.memory_bytes)} in memory, {p.bits_per_weight:.2f} bits per weight, "
+        f"predicted damage {p.predicted_damage:.4g}",
         f"bits/group by weight: {hist}",
         f"model folder: {f.folder}",
         "",

@@ -22,7 +22,7 @@ import sys
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,48 +34,17 @@ from .cache import profile_path
 from .device import FLOAT_BYTES
 from .fisher import FisherStat, require_streamable, self_fisher
 from .process import freed_memory_returned
+from .records import PROFILE_FORMAT, ModuleRecord, Option, Profile, RecordError, module_records
 from .sensitivity import EnergyFlow, flow_order, importances
-from .settings import Settings, load_settings
-from .source import ModuleInfo, Source, open_source, require_full_precision
+from .settings import Settings
+from .source import ModuleInfo, Source, require_full_precision
 
 log = logging.getLogger("ramserve.profile")
 
-FORMAT = "ramserve-profile/5"
 # Bytes of profile JSON per candidate, with headroom (measured: ~150), for the disk reservation.
 BYTES_PER_OPTION = 400
 # What the error measurement keeps alive at once (a candidate holds about 16 bytes per element).
 IN_FLIGHT_BYTES = 48 << 20
-
-
-@dataclass(frozen=True)
-class Option:
-    bits: int
-    group_size: int | None
-    bytes: int
-    rel_mse: float
-    sqnr_db: float | None
-    rel_fisher: float | None = None  # the relative error weighted by the Fisher (fisher.py)
-
-
-@dataclass
-class ModuleRecord:
-    path: str
-    kind: str
-    block: str
-    layer: int | None
-    shape: list[int]
-    numel: int
-    energy: float
-    fisher_energy: float | None  # ½ Σ F̂_ij W_ij²: the predicted KL per token of a 100% error
-    options: list[Option]
-    seconds: float
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> ModuleRecord:
-        return cls(**{**d, "options": [Option(**o) for o in d["options"]]})
 
 
 def quantized_bytes(numel: int, last_dim: int, bits: int, group_size: int, float_bytes: int) -> int:
@@ -275,7 +244,7 @@ def module_energies(
 
 def settings_key(settings: Settings) -> str:
     """What the profile depends on besides the weights; a change invalidates the cache."""
-    relevant = {"format": FORMAT, "analysis": settings.analysis.model_dump(),
+    relevant = {"format": PROFILE_FORMAT, "analysis": settings.analysis.model_dump(),
                 "quantizer": settings.quantizer.model_dump(),
                 "kinds": [k.model_dump() for k in settings.kinds],
                 "restrict": {k: v.model_dump() for k, v in settings.restrict.items()},
@@ -329,54 +298,46 @@ def fixed_bytes(source: Source) -> int:
     )
 
 
-def checksum(profile: dict[str, Any]) -> str:
-    """The digest a profile is stored with: an edited or damaged file no longer matches it."""
-    body = {k: v for k, v in profile.items() if k not in ("checksum", "cache_hit")}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def load_profile(source: Source, settings: Settings | None = None) -> dict[str, Any] | None:
-    """The cached profile for this model and these settings, or None (a damaged one is reported)."""
-    settings = settings or load_settings()
+def load_profile(source: Source) -> Profile | None:
+    """The cached profile for this model and its settings, or None (a damaged one is reported)."""
     path = profile_path(source.fingerprint)
-    data = atomic.read_json(path)
-    if data is None:
-        if path.exists():
-            log.warning("%s is not valid JSON; analysing again", path)
+    if not path.exists():
         return None
-    if data.get("format") != FORMAT or data.get("settings_key") != settings_key(settings):
+    try:
+        profile = Profile.read(path)
+    except RecordError as e:
+        log.warning("%s; analysing again", e)
         return None
-    if data.get("checksum") != checksum(data):
-        log.warning("%s does not match its checksum (edited or damaged); analysing again", path)
-        return None
-    return data
+    return profile if profile.settings_key == settings_key(source.settings) else None
 
 
 def _resume_state(partial: Path, key: str) -> dict[str, ModuleRecord]:
     data = atomic.read_json(partial)
     if not data or data.get("settings_key") != key:
         return {}
-    return {d["path"]: ModuleRecord.from_json(d) for d in data.get("modules", [])}
+    try:
+        return {r.path: r for r in module_records(data.get("modules", []))}
+    except ValueError:  # a checkpoint from another version: start over
+        return {}
 
 
-def analyze(source: Source | str, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
+def analyze(source: Source, *, force: bool = False, progress: bool = True) -> Profile:
     """The profile of a model: from the cache when valid, else computed (resuming a partial run)."""
-    source = open_source(source) if isinstance(source, str) else source
     require_full_precision(source)
-    settings = load_settings()
+    settings = source.settings
     key = settings_key(settings)
     final = profile_path(source.fingerprint)
     with cache.writing(final):  # a second run for the same model waits, then finds it cached
-        if not force and (cached := load_profile(source, settings)):
+        if not force and (cached := load_profile(source)):
             cache.touch(final)
-            cached["cache_hit"] = True
+            cached.cache_hit = True
             return cached
         require_streamable(source)  # before any work: an unsupported architecture is named
         partial = final.with_suffix(".partial.json")
         # the profile, the checkpoint and the atomic write's temporary copy of each
         needed = 4 * BYTES_PER_OPTION * sum(len(candidates_for(m, settings)) + 1
                                             for m in source.modules)  # fmt: skip
-        cache.reserve(needed, f"the profile of {source.name}", keep=final)
+        cache.reserve(needed, f"the profile of {source.name}", settings.cache, keep=final)
         done = {} if force else _resume_state(partial, key)
         start = time.perf_counter()
         with cache.disk_errors(f"the profile of {source.name}", final.parent):
@@ -386,10 +347,8 @@ def analyze(source: Source | str, *, force: bool = False, progress: bool = True)
                 fisher_s = time.perf_counter() - start if fisher else None
                 records = _run_analysis(source, settings, done, fisher, partial, key, progress)
             profile = _assemble(source, settings, records, fisher_s, key)
-            profile["checksum"] = checksum(profile)
-            atomic.write_json(final, profile)
+            profile.write(final)
         partial.unlink(missing_ok=True)
-    profile["cache_hit"] = False
     return profile
 
 
@@ -412,7 +371,7 @@ def _run_analysis(
     for rec in analyse_iter(source, settings, done, fisher):
         if rec.layer != layer and records and rec.path not in done:
             atomic.write_json(
-                partial, {"settings_key": key, "modules": [r.to_json() for r in records]}
+                partial, {"settings_key": key, "modules": [asdict(r) for r in records]}
             )
         layer = rec.layer
         records.append(rec)
@@ -428,7 +387,7 @@ def _assemble(
     records: list[ModuleRecord],
     fisher_seconds: float | None,
     key: str,
-) -> dict[str, Any]:
+) -> Profile:
     infos = {m.path: m for m in source.modules}
     ordered = [infos[r.path] for r in records]
     energy = {r.path: r.energy for r in records}
@@ -436,60 +395,56 @@ def _assemble(
     fisher = fisher_seconds is not None
     modules = []
     for r in records:
-        d = r.to_json()
         # self-Fisher: damage = ½ Σ F̂ δW² = the predicted KL per token (fisher.py)
-        d["importance"] = r.fisher_energy if fisher else weight[r.path]
-        for o in d["options"]:
-            o["damage"] = d["importance"] * (o["rel_fisher"] if fisher else o["rel_mse"])
-        modules.append(d)
-    return {
-        "format": FORMAT,
-        "settings_key": key,
-        "fingerprint": source.fingerprint,
-        "name": source.name,
-        "model_type": source.model_type,
-        "float_dtype": source.float_dtype,
-        "parameters": source.parameter_count,
-        "bf16_bytes": 2 * source.parameter_count,
-        "fixed_bytes": fixed_bytes(source),
+        importance = (r.fisher_energy or 0.0) if fisher else weight[r.path]
+        options = [
+            replace(o, damage=importance * ((o.rel_fisher or 0.0) if fisher else o.rel_mse))
+            for o in r.options
+        ]
+        modules.append(replace(r, importance=importance, options=options))
+    return Profile(
+        settings_key=key,
+        fingerprint=source.fingerprint,
+        name=source.name,
+        model_type=source.model_type,
+        float_dtype=source.float_dtype,
+        parameters=source.parameter_count,
+        bf16_bytes=2 * source.parameter_count,
+        fixed_bytes=fixed_bytes(source),
         # the quantizer the errors were measured with, which a plan's weights must be written with
-        "quantizer": settings.quantizer.model_dump(),
-        "estimator": "self-fisher/2" if fisher else "energy-flow/1",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "analysis_seconds": sum(r.seconds for r in records) + (fisher_seconds or 0.0),
-        "fisher_seconds": fisher_seconds,
-        "layers": account,
-        "modules": modules,
-    }
-
-
-def option_at(module: dict[str, Any], bits: int, group_size: int | None) -> dict[str, Any] | None:
-    return next(
-        (o for o in module["options"] if o["bits"] == bits and o["group_size"] == group_size), None
+        quantizer=settings.quantizer.model_dump(),
+        estimator="self-fisher/2" if fisher else "energy-flow/1",
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        analysis_seconds=sum(r.seconds for r in records) + (fisher_seconds or 0.0),
+        fisher_seconds=fisher_seconds,
+        layers=account,
+        modules=modules,
     )
 
 
-def render_report(profile: dict[str, Any]) -> str:
+def render_report(profile: Profile) -> str:
     """The model X-ray: importance and 4-bit error per layer and module kind, and the outliers."""
     from .fmt import table
 
-    modules = profile["modules"]
-    kinds = list(dict.fromkeys(m["kind"] for m in modules if m["layer"] is not None))
-    by_cell = {(m["layer"], m["kind"]): m for m in modules}
-    layers = sorted({m["layer"] for m in modules if m["layer"] is not None})
+    modules = profile.modules
+    kinds = list(dict.fromkeys(m.kind for m in modules if m.layer is not None))
+    by_cell = {(m.layer, m.kind): m for m in modules}
+    layers = sorted({m.layer for m in modules if m.layer is not None})
     rows = []
     for layer in layers:
         row: list[object] = [layer]
         for kind in kinds:
             m = by_cell.get((layer, kind))
-            o = option_at(m, 4, 64) or (option_at(m, 4, 32) if m else None) if m else None
-            row.append(f"{m['importance']:.3g}/{o['sqnr_db']:.1f}" if m and o else "-")
+            o = (m.option(4, 64) or m.option(4, 32)) if m else None
+            row.append(
+                f"{m.importance:.3g}/{o.sqnr_db:.1f}" if m and o and o.sqnr_db is not None else "-"
+            )
         rows.append(row)
-    imp = sorted(modules, key=lambda m: m["importance"])
-    lo, hi = imp[0]["importance"], imp[-1]["importance"]
-    median = imp[len(imp) // 2]["importance"]
+    imp = sorted(modules, key=lambda m: m.importance)
+    lo, hi = imp[0].importance, imp[-1].importance
+    median = imp[len(imp) // 2].importance
     lines = [
-        f"{profile['name']}  fingerprint {profile['fingerprint']}  estimator {profile['estimator']}",
+        f"{profile.name}  fingerprint {profile.fingerprint}  estimator {profile.estimator}",
         "cell: importance / SQNR dB at 4-bit g64 (higher importance = the output cares more; with the"
         " self-Fisher, importance is the KL per token that losing the whole module would cost)",
         "",
@@ -497,25 +452,24 @@ def render_report(profile: dict[str, Any]) -> str:
         "",
     ]
     for m in modules:
-        if m["layer"] is None:
-            o = option_at(m, 4, 64)
-            lines.append(f"{m['path']}: importance {m['importance']:.3g}"
-                         + (f", SQNR {o['sqnr_db']:.1f} dB at 4-bit g64" if o else ""))  # fmt: skip
+        if m.layer is None:
+            o = m.option(4, 64)
+            lines.append(f"{m.path}: importance {m.importance:.3g}"
+                         + (f", SQNR {o.sqnr_db:.1f} dB at 4-bit g64" if o and o.sqnr_db is not None else ""))  # fmt: skip
     lines.append(f"span of importance: {lo:.3g} .. {hi:.3g} ({hi / max(lo, 1e-30):.0f}x), "
                  f"median {median:.3g}")  # fmt: skip
-    stand_out = [m for m in imp if m["importance"] > 4 * median][::-1][:8]
+    stand_out = [m for m in imp if m.importance > 4 * median][::-1][:8]
     if stand_out:
         lines.append("stand out (importance > 4x median): " + ", ".join(
-            f"{m['path']} ({m['importance'] / median:.0f}x)" for m in stand_out))  # fmt: skip
+            f"{m.path} ({m.importance / median:.0f}x)" for m in stand_out))  # fmt: skip
     return "\n".join(lines)
 
 
-def summary(profile: dict[str, Any]) -> dict[str, Any]:
+def summary(profile: Profile) -> dict[str, Any]:
     """The short JSON view of a profile (the full one is the cached file)."""
-    keys = ("name", "fingerprint", "estimator", "parameters", "bf16_bytes", "fixed_bytes",
-            "analysis_seconds", "cache_hit")  # fmt: skip
-    out = {k: profile.get(k) for k in keys}
-    out["modules"] = len(profile["modules"])
-    out["candidates"] = sum(len(m["options"]) for m in profile["modules"])
-    out["path"] = str(profile_path(profile["fingerprint"]))
-    return out
+    p = profile
+    return {"name": p.name, "fingerprint": p.fingerprint, "estimator": p.estimator,
+            "parameters": p.parameters, "bf16_bytes": p.bf16_bytes, "fixed_bytes": p.fixed_bytes,
+            "analysis_seconds": p.analysis_seconds, "cache_hit": p.cache_hit,
+            "modules": len(p.modules), "candidates": sum(len(m.options) for m in p.modules),
+            "path": str(profile_path(p.fingerprint))}  # fmt: skip

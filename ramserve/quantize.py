@@ -16,7 +16,7 @@ import shutil
 import struct
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,8 @@ import numpy as np
 from . import affine, atomic, cache
 from .cache import model_dir
 from .errors import BadModel
-from .plan import FORMAT as PLAN_FORMAT
-from .plan import plan_hash
-from .source import Source, open_source, require_full_precision
+from .records import Manifest, Plan, RecordError
+from .source import Source, require_full_precision
 
 log = logging.getLogger("ramserve.quantize")
 
@@ -56,9 +55,9 @@ class OutTensor:
         return int(dtype.size) * int(np.prod(self.shape, dtype=np.int64))
 
 
-def output_tensors(source: Source, plan: dict[str, Any]) -> list[OutTensor]:
+def output_tensors(source: Source, plan: Plan) -> list[OutTensor]:
     """Every tensor the quantized model stores, in a stable order."""
-    quant = {k: v for k, v in plan["quantization"].items() if isinstance(v, dict)}
+    quant = {k: v for k, v in plan.quantization.items() if isinstance(v, dict)}
     fdt = source.float_dtype
     out = []
     for name, shape in sorted(source.tensor_shapes.items()):
@@ -139,9 +138,7 @@ class _Producer:
         return self.parts[t.part]
 
 
-def write_shards(
-    source: Source, plan: dict[str, Any], folder: Path, progress: bool
-) -> dict[str, Any]:
+def write_shards(source: Source, plan: Plan, folder: Path, progress: bool) -> dict[str, Any]:
     from tqdm import tqdm
 
     tensors = output_tensors(source, plan)
@@ -149,7 +146,7 @@ def write_shards(
     total = sum(t.nbytes for t in tensors)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)  # fmt: skip
-    producer = _Producer(source, plan.get("quantizer", {}))
+    producer = _Producer(source, plan.quantizer)
     weight_map = {}
     for i, shard in enumerate(shards):
         name = (
@@ -171,27 +168,25 @@ def write_shards(
             "weight_map": dict(sorted(weight_map.items()))}  # fmt: skip
 
 
-def _config(source: Source, plan: dict[str, Any]) -> dict[str, Any]:
+def _config(source: Source, plan: Plan) -> dict[str, Any]:
     config = dict(source.config)
     config.pop("_name_or_path", None)
-    config["quantization"] = plan["quantization"]
-    config["quantization_config"] = plan["quantization"]  # as mlx-lm's save_config writes it
+    config["quantization"] = plan.quantization
+    config["quantization_config"] = plan.quantization  # as mlx-lm's save_config writes it
     return dict(sorted(config.items()))
 
 
-def check_plan(source: Source, plan: dict[str, Any]) -> None:
+def check_plan(source: Source, plan: Plan) -> None:
     require_full_precision(source)
-    if plan.get("format") != PLAN_FORMAT:
-        raise BadModel(f"not a ramserve plan (format {plan.get('format')!r})")
-    if plan["fingerprint"] != source.fingerprint:
+    if plan.fingerprint != source.fingerprint:
         raise BadModel(
-            f"the plan was made for model {plan['fingerprint']}, not {source.fingerprint} "
+            f"the plan was made for model {plan.fingerprint}, not {source.fingerprint} "
             f"({source.path}); make a new plan for this model"
         )
 
 
 def quantize(
-    source: Source | str, plan: dict[str, Any], output: Path | None = None, *, progress: bool = True
+    source: Source, plan: Plan, output: Path | None = None, *, progress: bool = True
 ) -> tuple[Path, bool]:
     """Write (or reuse) the quantized model for ``plan``; returns its folder and whether it was cached.
 
@@ -199,11 +194,10 @@ def quantize(
     are reserved before the first is written (``cache.reserve``). A caller that will load the folder
     holds it first (``cache.hold``), so that no eviction takes it in between.
     """
-    source = open_source(source) if isinstance(source, str) else source
     check_plan(source, plan)
-    final = output or model_dir(source.fingerprint, plan["hash"])
+    final = output or model_dir(source.fingerprint, plan.hash)
     with cache.writing(final):
-        problem = verify(final, plan["hash"])
+        problem = verify(final, plan.hash)
         if problem is None:
             cache.touch(final)
             return final, True
@@ -213,19 +207,19 @@ def quantize(
     return final, False
 
 
-def _write(
-    source: Source, plan: dict[str, Any], final: Path, in_cache: bool, progress: bool
-) -> None:
+def _write(source: Source, plan: Plan, final: Path, in_cache: bool, progress: bool) -> None:
     tensors = output_tensors(source, plan)
     extra = [source.path / n for n in TOKENIZER_FILES if (source.path / n).is_file()]
     # the shards, the tokenizer files, and the index, config and plan (sized from the plan)
-    metadata = 2 * len(json.dumps(plan)) + 100 * len(tensors) + len(json.dumps(source.config))
+    metadata = (
+        2 * len(json.dumps(plan.to_json())) + 100 * len(tensors) + len(json.dumps(source.config))
+    )
     needed = sum(t.nbytes for t in tensors) + sum(p.stat().st_size for p in extra) + metadata
-    what = f"{source.name}@{plan['budget']['spec']}"
+    what = f"{source.name}@{plan.budget.spec}"
     if in_cache:
-        cache.reserve(needed, what, keep=final)
+        cache.reserve(needed, what, source.settings.cache, keep=final)
     else:
-        cache.require_free(needed, final.parent, what)
+        cache.require_free(needed, final.parent, what, source.settings.cache)
     start = time.perf_counter()
     with cache.disk_errors(what, final.parent), atomic.staging_dir(final) as tmp:
         index = write_shards(source, plan, tmp, progress)
@@ -233,20 +227,20 @@ def _write(
         (tmp / "config.json").write_text(json.dumps(_config(source, plan), indent=1))
         for path in extra:
             shutil.copyfile(path, tmp / path.name)
-        written = {
-            "seconds": time.perf_counter() - start,
-            "stored_bytes": index["metadata"]["total_size"],
-            **manifest(tmp),
-        }
-        (tmp / "plan.json").write_text(json.dumps({**plan, "written": written}, indent=1))
+        files, digests = manifest(tmp)
+        seconds = time.perf_counter() - start
+        written = Manifest(seconds, index["metadata"]["total_size"], files, digests)
+        (tmp / "plan.json").write_text(
+            json.dumps(replace(plan, written=written).to_json(), indent=1)
+        )
 
 
-def manifest(folder: Path) -> dict[str, Any]:
+def manifest(folder: Path) -> tuple[dict[str, int], dict[str, str]]:
     """What a written folder must still hold: every file's size, and the small files' digests (a
     shard is checked by size alone: hashing gigabytes on every load would cost more than the load)."""
     files = sorted(p for p in folder.iterdir() if p.is_file())
-    return {"files": {p.name: p.stat().st_size for p in files},
-            "sha256": {p.name: _digest(p) for p in files if p.suffix != ".safetensors"}}  # fmt: skip
+    return ({p.name: p.stat().st_size for p in files},
+            {p.name: _digest(p) for p in files if p.suffix != ".safetensors"})  # fmt: skip
 
 
 def _digest(path: Path) -> str:
@@ -257,29 +251,24 @@ def verify(folder: Path, expected_hash: str, *, digests: bool = True) -> str | N
     """Why ``folder`` cannot be trusted as the model of plan ``expected_hash``, or None if it can: its
     plan.json must name that plan and hash to it, and every file must be as it was written (by size,
     and the small files by digest unless ``digests`` is false)."""
-    try:
-        plan = json.loads((folder / "plan.json").read_text())
-    except OSError:
+    if not (folder / "plan.json").is_file():
         return "no plan.json: never completed"
-    except ValueError:
-        return "plan.json is corrupt"
-    if not isinstance(plan, dict) or plan.get("hash") != expected_hash:
-        return "plan.json is for another plan"
     try:
-        if plan_hash(plan) != expected_hash:
-            return "plan.json was edited: its quantization no longer hashes to its name"
-    except (KeyError, TypeError):
-        return "plan.json is incomplete"
-    written = plan.get("written", {})
-    if not isinstance(written, dict) or not written.get("files"):
+        plan = Plan.read(folder / "plan.json")
+    except RecordError as e:
+        return str(e)
+    if plan.hash != expected_hash:
+        return "plan.json is for another plan, or was edited: it no longer hashes to its name"
+    written = plan.written
+    if written is None or not written.files:
         return "plan.json has no file manifest (written by an older ramserve)"
-    for name, size in written["files"].items():
+    for name, size in written.files.items():
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} is {path.stat().st_size:,} bytes; {size:,} were written"
-    for name, digest in written.get("sha256", {}).items() if digests else ():
+    for name, digest in written.sha256.items() if digests else ():
         if _digest(folder / name) != digest:
             return f"{name} was changed after it was written"
     return None

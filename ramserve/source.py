@@ -31,7 +31,7 @@ import mlx.nn as nn
 
 from . import cache
 from .errors import BadModel, ModelNotFound
-from .settings import KindRule, load_settings
+from .settings import CacheSettings, KindRule, Settings
 
 REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 HUB_PATTERNS = [
@@ -93,6 +93,7 @@ class Source:
     config: dict[str, Any]
     shards: list[Shard]
     name: str
+    settings: Settings = field(repr=False)  # what classifies its modules, and every later stage's
     _weights: dict[str, mx.array] | None = field(default=None, repr=False)
 
     @property
@@ -152,7 +153,7 @@ class Source:
     @cached_property
     def modules(self) -> list[ModuleInfo]:
         """Quantizable modules (those mlx-lm can turn quantized) in model order."""
-        settings = load_settings()
+        settings = self.settings
         shapes = self.tensor_shapes
         found = []
         for path, module in self.model.named_modules():
@@ -293,7 +294,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     return dict(config)
 
 
-def resolve_path(spec: str) -> tuple[Path, str]:
+def resolve_path(spec: str, limits: CacheSettings) -> tuple[Path, str]:
     """The local folder for a spec, and a display name for it."""
     local = Path(spec).expanduser()
     if local.exists():
@@ -304,10 +305,12 @@ def resolve_path(spec: str) -> tuple[Path, str]:
     if not match or spec.startswith((".", "/", "~")):
         raise ModelNotFound(f"no such folder: {spec} (nor a Hugging Face repo id like org/name)")
     repo, rev = match["repo"], match["rev"]
-    return hub_snapshot(repo, rev), repo.split("/")[-1]
+    return hub_snapshot(repo, rev, limits), repo.split("/")[-1]
 
 
-def hub_snapshot(repo: str, revision: str | None, patterns: list[str] | None = None) -> Path:
+def hub_snapshot(
+    repo: str, revision: str | None, limits: CacheSettings, patterns: list[str] | None = None
+) -> Path:
     """The snapshot folder of a hub repo: from the local cache, downloading first when online."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -317,7 +320,7 @@ def hub_snapshot(repo: str, revision: str | None, patterns: list[str] | None = N
     fetch: dict[str, Any] = {"revision": revision, "allow_patterns": patterns or HUB_PATTERNS,
              "cache_dir": os.environ.get("HF_HUB_CACHE")}  # fmt: skip
     if not offline:
-        _require_room_for(repo, fetch)
+        _require_room_for(repo, fetch, limits)
     try:
         with cache.disk_errors(f"the download of {repo}", _hub_cache_dir()):
             path = snapshot_download(repo, local_files_only=offline, **fetch)
@@ -335,7 +338,7 @@ def _hub_cache_dir() -> Path:
     return Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
 
 
-def _require_room_for(repo: str, fetch: dict[str, Any]) -> None:
+def _require_room_for(repo: str, fetch: dict[str, Any], limits: CacheSettings) -> None:
     """Refuse a download the disk cannot take, before its first byte (sizes from the hub's listing;
     when the hub cannot list them, the download itself reports a full disk)."""
     from huggingface_hub import snapshot_download
@@ -346,16 +349,18 @@ def _require_room_for(repo: str, fetch: dict[str, Any]) -> None:
         return
     needed = sum(f.file_size for f in files if f.will_download) if isinstance(files, list) else 0
     if needed:
-        cache.require_free(needed, _hub_cache_dir(), f"downloading {repo} ({needed:,} bytes)")
+        cache.require_free(
+            needed, _hub_cache_dir(), f"downloading {repo} ({needed:,} bytes)", limits
+        )
 
 
-def open_source(spec: str) -> Source:
+def open_source(spec: str, settings: Settings) -> Source:
     """Resolve a model spec and read its config and shard headers (no tensor data)."""
-    folder, name = resolve_path(spec)
+    folder, name = resolve_path(spec, settings.cache)
     config = read_config(folder)
     shards = [_read_shard(p) for p in shard_paths(folder)]
     model_classes(config)  # fail early, with the supported list, on an unknown model_type
-    return Source(spec=spec, path=folder, config=config, shards=shards, name=name)
+    return Source(spec, folder, config, shards, name, settings)
 
 
 def require_full_precision(source: Source) -> None:

@@ -23,6 +23,7 @@ from .errors import BudgetError
 from .fit import Fit, require_plan_fits, variant_status
 from .plan import make_plan
 from .quantize import quantize
+from .records import Plan
 from .server.registry import NotOffered, NotReady, Registry, UnknownModel, plan_fields
 from .settings import Settings
 
@@ -39,8 +40,8 @@ class VariantRegistry(Registry):
         self.swap_timeout = server.swap_timeout_s
         self.swap_waiting = server.swap_waiting
         self.any_budget = any_budget or server.any_budget
-        self.loaded_hash = fitted.plan["hash"]
-        self._plans: dict[str, dict[str, Any]] = {"": fitted.plan}
+        self.loaded_hash = fitted.plan.hash
+        self._plans: dict[str, Plan] = {"": fitted.plan}
         self._swap = asyncio.Lock()
         self._waiting = 0
         self._machine = machine_budget(fitted.source, fitted.budget.context, fitted.budget.parallel)
@@ -54,30 +55,30 @@ class VariantRegistry(Registry):
                                f"and its budget variants {self.name}@<budget>")  # fmt: skip
         return spec
 
-    def plan_for(self, spec: str) -> dict[str, Any]:
+    def plan_for(self, spec: str) -> Plan:
         """The plan for a variant (under a second from the cached profile); must fit the machine."""
         if spec not in self._plans:
             f = self.fitted
-            plan = make_plan(f.profile, spec, machine=self._machine)
+            plan = make_plan(f.profile, spec, f.source.settings, machine=self._machine)
             require_plan_fits(plan, f.budget, f"{self.name}@{spec}")
             self._plans[spec] = plan
         return self._plans[spec]
 
-    def offered(self, spec: str, plan: dict[str, Any]) -> bool:
+    def offered(self, spec: str, plan: Plan) -> bool:
         """Whether a client may have this variant: listed, already cached, or any (--any-budget)."""
-        if self.any_budget or spec in ("", *self.listed) or plan["hash"] == self.loaded_hash:
+        if self.any_budget or spec in ("", *self.listed) or plan.hash == self.loaded_hash:
             return True
-        if any(self._listed_hash(s) == plan["hash"] for s in self.listed):  # plans are memoised
+        if any(self._listed_hash(s) == plan.hash for s in self.listed):  # plans are memoised
             return True
         return variant_status(self.fitted.source, plan) == "cached"
 
     def _listed_hash(self, spec: str) -> str | None:
         try:
-            return str(self.plan_for(spec)["hash"])
+            return self.plan_for(spec).hash
         except BudgetError:
             return None
 
-    def require_offered(self, model_id: str) -> dict[str, Any]:
+    def require_offered(self, model_id: str) -> Plan:
         spec = self.spec_of(model_id)
         plan = self.plan_for(spec)
         if not self.offered(spec, plan):
@@ -103,19 +104,19 @@ class VariantRegistry(Registry):
 
     def card_for(self, model_id: str) -> dict[str, Any]:
         plan = self.require_offered(model_id)
-        if plan["hash"] == self.loaded_hash and self.ready:
+        if plan.hash == self.loaded_hash and self.ready:
             status = "loaded"
         else:
             status = variant_status(self.fitted.source, plan)
         return {"id": model_id, "created": self.created, "status": status,
                 "context_length": self.fitted.budget.context, **plan_fields(plan),
-                "memory_bytes": plan["memory_bytes"]}  # fmt: skip
+                "memory_bytes": plan.memory_bytes}  # fmt: skip
 
     # -- swapping -----------------------------------------------------------------------------
 
     async def resolve(self, model_id: str) -> Engine:
         plan = self.require_offered(model_id)
-        if plan["hash"] == self.loaded_hash and not self._swap.locked():
+        if plan.hash == self.loaded_hash and not self._swap.locked():
             return self.require_ready()
         if self._waiting >= self.swap_waiting:
             raise NotReady(f"{self._waiting} requests already wait for a model swap; try "
@@ -128,13 +129,13 @@ class VariantRegistry(Registry):
         finally:
             self._waiting -= 1
         try:
-            if plan["hash"] != self.loaded_hash:
+            if plan.hash != self.loaded_hash:
                 await self._swap_to(model_id, plan)
             return self.require_ready()
         finally:
             self._swap.release()
 
-    async def _swap_to(self, model_id: str, plan: dict[str, Any]) -> None:
+    async def _swap_to(self, model_id: str, plan: Plan) -> None:
         old = self.engine
         if old is not None:
             self.stage = f"draining {self.loaded_id}"
@@ -145,7 +146,7 @@ class VariantRegistry(Registry):
                 raise NotReady(f"requests on {self.loaded_id} did not finish; try again") from e
         previous = (self.folder, self.loaded_hash, self.loaded_id)
         source = self.fitted.source
-        cache.hold(model_dir(source.fingerprint, plan["hash"]))  # to be loaded: never evicted
+        cache.hold(model_dir(source.fingerprint, plan.hash))  # to be loaded: never evicted
         try:
             self.stage = f"quantizing {model_id}"
             folder, _ = await asyncio.to_thread(quantize, source, plan, progress=False)
@@ -153,10 +154,10 @@ class VariantRegistry(Registry):
             await asyncio.to_thread(self._replace, folder)
             if folder != previous[0]:
                 cache.release(previous[0])  # the old variant may be evicted from now on
-            self.folder, self.loaded_hash, self.loaded_id = folder, plan["hash"], model_id
+            self.folder, self.loaded_hash, self.loaded_id = folder, plan.hash, model_id
         except Exception as e:
             log.exception("swap to %s failed; restoring %s", model_id, previous[2])
-            cache.release(model_dir(source.fingerprint, plan["hash"]))
+            cache.release(model_dir(source.fingerprint, plan.hash))
             self.stage = f"restoring {previous[2]}"
             await asyncio.to_thread(self._replace, previous[0])
             self.stage = "ready"

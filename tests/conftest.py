@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 
+from ramserve.settings import load_settings
+
 from .factory import make_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +64,7 @@ def moe() -> Path:
 def profile_cache(tmp_path_factory: pytest.TempPathFactory):
     """Profiles computed once per session (the analysis is deterministic), keyed by model path."""
     from ramserve.profile import analyze
+    from ramserve.source import open_source
 
     home = tmp_path_factory.mktemp("profiles-home")
     memo: dict[str, dict] = {}
@@ -71,7 +74,7 @@ def profile_cache(tmp_path_factory: pytest.TempPathFactory):
         if key not in memo:
             with pytest.MonkeyPatch.context() as mp:
                 mp.setenv("RAMSERVE_HOME", str(home))
-                memo[key] = analyze(key, progress=False)
+                memo[key] = analyze(open_source(key, load_settings()), progress=False)
         return memo[key]
 
     return get
@@ -84,8 +87,8 @@ def served_dense(profile_cache, tmp_path_factory: pytest.TempPathFactory) -> Pat
     from ramserve.quantize import quantize
     from ramserve.source import open_source
 
-    src = open_source(str(shared_model(DENSE)))
-    plan = make_plan(profile_cache(DENSE), "30%")
+    src = open_source(str(shared_model(DENSE)), load_settings())
+    plan = make_plan(profile_cache(DENSE), "30%", settings=load_settings())
     out, _ = quantize(src, plan, tmp_path_factory.mktemp("served") / "model", progress=False)
     return out
 

@@ -12,6 +12,8 @@ from ramserve.cli import main
 from ramserve.errors import BudgetError
 from ramserve.plan import limits, make_plan
 from ramserve.profile import analyze
+from ramserve.settings import load_settings
+from ramserve.source import open_source
 
 
 def random_problem(rng: np.random.Generator, modules: int, cands: int) -> Problem:
@@ -100,57 +102,63 @@ def test_shared_plans_fit_and_use_the_budget(
 ) -> None:
     for model in (dense, moe):
         profile = profile_cache(model)
-        plan = make_plan(profile, spec)
-        assert plan["total_bytes"] <= plan["budget"]["bytes"]
-        assert plan["total_bytes"] >= 0.995 * plan["budget"]["bytes"]
-        recount = profile["fixed_bytes"] + sum(c["bytes"] for c in plan["choices"].values())
-        assert recount == plan["total_bytes"]
-        q = plan["quantization"]
+        plan = make_plan(profile, spec, settings=load_settings())
+        assert plan.total_bytes <= plan.budget.bytes
+        assert plan.total_bytes >= 0.995 * plan.budget.bytes
+        recount = profile.fixed_bytes + sum(c.bytes for c in plan.choices.values())
+        assert recount == plan.total_bytes
+        q = plan.quantization
         listed = {k for k in q if isinstance(q[k], dict)}
-        assert listed == {p for p, c in plan["choices"].items() if c["bits"] < 16}
+        assert listed == {p for p, c in plan.choices.items() if c.bits < 16}
 
 
 def test_safety_floor_and_allow_unsafe(tiny_dir: Path) -> None:
-    profile = analyze(str(tiny_dir), progress=False)
-    lim = limits(profile)
+    profile = analyze(open_source(str(tiny_dir), load_settings()), progress=False)
+    lim = limits(profile, load_settings())
     assert lim["absolute_min"] < lim["min_safe"]
     with pytest.raises(BudgetError, match="min-safe is .* absolute minimum"):
-        make_plan(profile, str(lim["absolute_min"]) + "B")
-    plan = make_plan(profile, f"{lim['absolute_min']}B", allow_unsafe=True)
-    assert plan["safety_floor"]["lifted"] and any(c["bits"] == 2 for c in plan["choices"].values())
-    floor = plan["safety_floor"]["min_sqnr_db"]
-    safe = make_plan(profile, "min-safe")
-    for m in profile["modules"]:
-        c = safe["choices"][m["path"]]
-        if c["bits"] < 16:
-            o = next(
-                o
-                for o in m["options"]
-                if o["bits"] == c["bits"] and o["group_size"] == c["group_size"]
-            )
-            assert o["sqnr_db"] >= floor
+        make_plan(profile, str(lim["absolute_min"]) + "B", settings=load_settings())
+    plan = make_plan(
+        profile, f"{lim['absolute_min']}B", allow_unsafe=True, settings=load_settings()
+    )
+    assert plan.safety_floor.lifted and any(c.bits == 2 for c in plan.choices.values())
+    floor = plan.safety_floor.min_sqnr_db
+    safe = make_plan(profile, "min-safe", settings=load_settings())
+    for m in profile.modules:
+        c = safe.choices[m.path]
+        if c.bits < 16:
+            o = next(o for o in m.options if o.bits == c.bits and o.group_size == c.group_size)
+            assert o.sqnr_db >= floor
 
 
 @pytest.mark.parametrize("spec", ["lots", "-5GB", "0%", "0bpw", "12 parsecs"])
 def test_bad_budget_names_accepted_forms(tiny_dir: Path, spec: str) -> None:
     with pytest.raises(BudgetError, match="accepted forms"):
-        make_plan(analyze(str(tiny_dir), progress=False), spec)
+        make_plan(
+            analyze(open_source(str(tiny_dir), load_settings()), progress=False),
+            spec,
+            settings=load_settings(),
+        )
 
 
 def test_budget_at_bf16_size_is_all_16_bit(tiny_dir: Path) -> None:
-    plan = make_plan(analyze(str(tiny_dir), progress=False), "100%")
-    assert all(c["bits"] == 16 for c in plan["choices"].values())
-    assert "16-bit" in plan["note"]
+    plan = make_plan(
+        analyze(open_source(str(tiny_dir), load_settings()), progress=False),
+        "100%",
+        settings=load_settings(),
+    )
+    assert all(c.bits == 16 for c in plan.choices.values())
+    assert "16-bit" in plan.note
 
 
 def test_budget_units(tiny_dir: Path) -> None:
-    profile = analyze(str(tiny_dir), progress=False)
-    mib = make_plan(profile, "0.25MiB")["budget"]["bytes"]
-    mb = make_plan(profile, "0.25MB")["budget"]["bytes"]
+    profile = analyze(open_source(str(tiny_dir), load_settings()), progress=False)
+    mib = make_plan(profile, "0.25MiB", settings=load_settings()).budget.bytes
+    mb = make_plan(profile, "0.25MB", settings=load_settings()).budget.bytes
     assert mib == int(0.25 * 2**20) and mb == 250_000
-    bpw = make_plan(profile, "6bpw")
-    assert bpw["budget"]["bytes"] == int(6 * profile["parameters"] / 8)
-    assert bpw["bits_per_weight"] <= 6
+    bpw = make_plan(profile, "6bpw", settings=load_settings())
+    assert bpw.budget.bytes == int(6 * profile.parameters / 8)
+    assert bpw.bits_per_weight <= 6
 
 
 def test_plan_cli_writes_json_and_plot(tiny_moe_dir: Path, tmp_path: Path, capsys) -> None:
@@ -174,12 +182,19 @@ def test_max_is_the_best_plan_the_machine_holds(tiny_dir: Path) -> None:
     from ramserve.budget import machine_budget
     from ramserve.source import open_source
 
-    profile = analyze(str(tiny_dir), progress=False)
-    roomy = make_plan(profile, "max", machine=machine_budget(open_source(str(tiny_dir)), 256, 1))
-    assert all(c["bits"] == 16 for c in roomy["choices"].values())  # this machine holds it all
-    tight = roomy["memory_bytes"] // 2
-    small = make_plan(profile, "max", machine=lambda device: (tight, 4))  # a small machine's answer
+    profile = analyze(open_source(str(tiny_dir), load_settings()), progress=False)
+    roomy = make_plan(
+        profile,
+        "max",
+        machine=machine_budget(open_source(str(tiny_dir), load_settings()), 256, 1),
+        settings=load_settings(),
+    )
+    assert all(c.bits == 16 for c in roomy.choices.values())  # this machine holds it all
+    tight = roomy.memory_bytes // 2
+    small = make_plan(
+        profile, "max", machine=lambda device: (tight, 4), settings=load_settings()
+    )  # a small machine's answer
     # fills it to within one module's move (a tiny model's modules are each ~2% of it)
-    step = max(m["numel"] for m in profile["modules"]) * 4
-    assert tight - step <= small["memory_bytes"] <= tight
-    assert small["predicted_damage"] > 0
+    step = max(m.numel for m in profile.modules) * 4
+    assert tight - step <= small.memory_bytes <= tight
+    assert small.predicted_damage > 0

@@ -12,7 +12,7 @@ PACKAGE = REPO / "ramserve"
 # The pipeline's order: a module may import only the modules before it (imports inside functions
 # included). Foundations first, the command last.
 ORDER = [
-    "errors", "fmt", "settings", "atomic", "process", "device", "seams",
+    "errors", "fmt", "settings", "atomic", "records", "process", "device", "seams",
     "cache", "affine", "source",
     "sensitivity", "fisher", "profile",
     "allocate", "budget", "plan", "describe",

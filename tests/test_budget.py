@@ -38,10 +38,13 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_kv_formula_matches_mlx_lm_cache_and_memory_stays_in_budget(
     model: Path, context: int, parallel: int, profile_cache, tmp_path: Path
 ) -> None:
-    source = open_source(str(shared_model(model)))
+    source = open_source(str(shared_model(model)), load_settings())
     budget = weight_budget(source, context=context, parallel=parallel)
     plan = make_plan(
-        profile_cache(model), "auto", machine=machine_budget(source, context, parallel)
+        profile_cache(model),
+        "auto",
+        machine=machine_budget(source, context, parallel),
+        settings=load_settings(),
     )
     folder, _ = quantize(source, plan, tmp_path / "model", progress=False)
     engine = Engine(
@@ -53,19 +56,19 @@ def test_kv_formula_matches_mlx_lm_cache_and_memory_stays_in_budget(
         engine.close()
     kv = kv_shape(source)
     assert m["kv"] == kv.bytes(context, parallel) == budget.kv
-    assert m["weights"] == plan["memory_bytes"]
+    assert m["weights"] == plan.memory_bytes
     scratch = budget.runtime - int(load_settings().budget.runtime_fixed_mb * 2**20)
-    allowed = plan["memory_bytes"] + budget.kv + scratch
+    allowed = plan.memory_bytes + budget.kv + scratch
     print(f"\n{source.name} context {context} x {parallel}: MLX peak {m['peak']:,} <= weights "
-          f"{plan['memory_bytes']:,} + KV {budget.kv:,} + scratch {scratch:,} = {allowed:,}")  # fmt: skip
+          f"{plan.memory_bytes:,} + KV {budget.kv:,} + scratch {scratch:,} = {allowed:,}")  # fmt: skip
     assert m["peak"] <= allowed
-    assert plan["memory_bytes"] <= budget.weights
+    assert plan.memory_bytes <= budget.weights
 
 
 def test_sliding_window_layers_are_counted_by_their_window(tiny_dir: Path) -> None:
     from mlx_lm.models.cache import RotatingKVCache
 
-    source = open_source(str(tiny_dir))
+    source = open_source(str(tiny_dir), load_settings())
     full = kv_shape(source)
     windowed = type(full)(tuple(type(layer)(layer.per_token, 256) for layer in full.layers),
                           full.dtype_bytes, full.max_context)  # fmt: skip
@@ -75,11 +78,11 @@ def test_sliding_window_layers_are_counted_by_their_window(tiny_dir: Path) -> No
 
 
 def test_named_devices_are_budgets_everywhere(profile_cache) -> None:
-    source = open_source(str(shared_model(DENSE)))
+    source = open_source(str(shared_model(DENSE)), load_settings())
     fit = machine_budget(source)
     for device in ("mac-8", "m4-pro-48"):
-        plan = make_plan(profile_cache(DENSE), device, machine=fit)
-        assert plan["budget"]["bytes"] == weight_budget(source, device=device).weights
+        plan = make_plan(profile_cache(DENSE), device, machine=fit, settings=load_settings())
+        assert plan.budget.bytes == weight_budget(source, device=device).weights
     assert (
         weight_budget(source, device="mac-8").weights
         < weight_budget(source, device="m4-pro-48").weights
@@ -102,15 +105,18 @@ def test_named_devices_are_budgets_everywhere(profile_cache) -> None:
 
 
 def test_tight_memory_names_the_tradeoffs_and_refuses(profile_cache, ramserve_home: Path) -> None:
-    source = open_source(str(shared_model(DENSE)))
-    min_safe = limits(profile_cache(DENSE))["min_safe"]
+    source = open_source(str(shared_model(DENSE)), load_settings())
+    min_safe = limits(profile_cache(DENSE), load_settings())["min_safe"]
     kv, shape = kv_shape(source, "x"), activation_shape(source)
-    needed = runtime_bytes(kv, 4096, 2, shape) + kv.bytes(4096, 2) + min_safe
+    needed = (
+        runtime_bytes(kv, 4096, 2, shape, load_settings().budget) + kv.bytes(4096, 2) + min_safe
+    )
     ramserve_home.mkdir(parents=True, exist_ok=True)
     (ramserve_home / "config.toml").write_text(
         "[budget]\nos_reserve_min_gb = 0\nos_reserve_share = 0\n"
         f"[devices.tight]\nmemory_gb = {(needed - min_safe // 2) / 2**30}\n"
     )
+    source = open_source(str(shared_model(DENSE)), load_settings())  # settings are read at open
     budget = weight_budget(source, context=4096, parallel=2, device="tight", min_safe=min_safe)
     t = budget.tradeoffs
     assert not t["fits"] and 0 < t["longest_context_at_min_safe"] < 4096

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import httpx
@@ -22,6 +23,8 @@ from ramserve import cache
 from ramserve.plan import make_plan
 from ramserve.profile import analyze
 from ramserve.quantize import quantize, verify
+from ramserve.records import Profile
+from ramserve.settings import load_settings
 from ramserve.source import open_source
 
 from .serving import free_port, live_server, wait_for, wait_healthy
@@ -43,8 +46,12 @@ def cli(*args: str, home: Path, check: bool = True, **kw) -> subprocess.Complete
 
 
 def variant(model: Path, spec: str) -> Path:
-    source = open_source(str(model))
-    folder, _ = quantize(source, make_plan(analyze(source, progress=False), spec), progress=False)
+    source = open_source(str(model), load_settings())
+    folder, _ = quantize(
+        source,
+        make_plan(analyze(source, progress=False), spec, settings=load_settings()),
+        progress=False,
+    )
     return folder
 
 
@@ -71,10 +78,10 @@ def serving(folder: Path, home: Path, **env: str) -> Iterator[tuple[subprocess.P
 def test_more_variants_than_fit_evict_the_oldest_and_spare_the_loaded(
     tiny_dir: Path, ramserve_home: Path, tmp_path: Path
 ) -> None:
-    source = open_source(str(tiny_dir))
+    source = open_source(str(tiny_dir), load_settings())
     profile = analyze(source, progress=False)
     specs = ("40%", "60%", "80%", "70%")
-    size = {s: cache._size(quantize(source, make_plan(profile, s), tmp_path / s, progress=False)[0])
+    size = {s: cache._size(quantize(source, make_plan(profile, s, settings=load_settings()), tmp_path / s, progress=False)[0])
             for s in specs}  # fmt: skip
     room = cache._size(cache.profile_path(source.fingerprint)) + size["60%"] + size["80%"]
     # Room for the profile and the two largest, not for the three.
@@ -85,7 +92,7 @@ def test_more_variants_than_fit_evict_the_oldest_and_spare_the_loaded(
     os.utime(first, (time.time() - 100, time.time() - 100))  # the least recently used
     third = variant(tiny_dir, "80%")
     assert second.exists() and third.exists() and not first.exists()
-    assert cache.usage().used <= cache.usage().max_bytes
+    assert cache.usage(load_settings().cache).used <= cache.usage(load_settings().cache).max_bytes
     # The oldest now is `second`, but a server has it loaded: `third` goes instead.
     os.utime(second, (time.time() - 200, time.time() - 200))
     with serving(second, ramserve_home):
@@ -107,13 +114,13 @@ def test_more_variants_than_fit_evict_the_oldest_and_spare_the_loaded(
 
 
 def test_a_truncated_shard_or_edited_plan_is_rebuilt_never_served(tiny_dir: Path) -> None:
-    source = open_source(str(tiny_dir))
-    plan = make_plan(analyze(source, progress=False), "50%")
+    source = open_source(str(tiny_dir), load_settings())
+    plan = make_plan(analyze(source, progress=False), "50%", settings=load_settings())
     folder, _ = quantize(source, plan, progress=False)
     shard = folder / "model.safetensors"
     good = shard.read_bytes()
     shard.write_bytes(good[: len(good) // 2])
-    assert "model.safetensors is" in (verify(folder, plan["hash"]) or "")
+    assert "model.safetensors is" in (verify(folder, plan.hash) or "")
     again, cached = quantize(source, plan, progress=False)
     assert again == folder and not cached and shard.read_bytes() == good
     meta = json.loads((folder / "plan.json").read_text())
@@ -121,27 +128,27 @@ def test_a_truncated_shard_or_edited_plan_is_rebuilt_never_served(tiny_dir: Path
     q = meta["quantization"][first]
     q["bits"] = 3 if q["bits"] != 3 else 4  # the shards say otherwise: no longer this plan
     (folder / "plan.json").write_text(json.dumps(meta))
-    assert "edited" in (verify(folder, plan["hash"]) or "")
+    assert "edited" in (verify(folder, plan.hash) or "")
     assert quantize(source, plan, progress=False) == (folder, False)
     (folder / "config.json").write_text((folder / "config.json").read_text().replace("4", "5", 1))
-    assert "changed" in (verify(folder, plan["hash"]) or "")
+    assert "changed" in (verify(folder, plan.hash) or "")
     assert quantize(source, plan, progress=False) == (folder, False)
-    assert verify(folder, plan["hash"]) is None
+    assert verify(folder, plan.hash) is None
 
 
 def test_an_edited_profile_is_analysed_again(tiny_dir: Path) -> None:
-    first = analyze(str(tiny_dir), progress=False)
-    path = cache.profile_path(first["fingerprint"])
+    first = analyze(open_source(str(tiny_dir), load_settings()), progress=False)
+    path = cache.profile_path(first.fingerprint)
     data = json.loads(path.read_text())
     data["modules"][0]["options"][0]["damage"] += 1.0
     path.write_text(json.dumps(data))
-    again = analyze(str(tiny_dir), progress=False)
+    again = analyze(open_source(str(tiny_dir), load_settings()), progress=False)
 
-    def measured(p: dict) -> list[dict]:
-        return [{k: v for k, v in m.items() if k != "seconds"} for m in p["modules"]]
+    def measured(p: Profile) -> list[dict]:
+        return [{k: v for k, v in asdict(m).items() if k != "seconds"} for m in p.modules]
 
-    assert not again["cache_hit"] and measured(again) == measured(first)
-    assert analyze(str(tiny_dir), progress=False)["cache_hit"]
+    assert not again.cache_hit and measured(again) == measured(first)
+    assert analyze(open_source(str(tiny_dir), load_settings()), progress=False).cache_hit
 
 
 def in_namespace(script: str, home: Path, *args: str, after: str = "true"
@@ -186,7 +193,9 @@ def test_a_full_disk_is_refused_before_anything_is_written(tmp_path: Path, tiny_
 
 def test_a_disk_that_fills_mid_write_leaves_nothing(tmp_path: Path, tiny_dir: Path) -> None:
     home = tmp_path / "home"
-    analyze(str(tiny_dir), progress=False)  # in this process's home; the child's is its own
+    analyze(
+        open_source(str(tiny_dir), load_settings()), progress=False
+    )  # in this process's home; the child's is its own
     cli("analyze", str(tiny_dir), "-q", home=home)
 
     def limit_file_size() -> None:  # every write past 64 KB fails (EFBIG), as ENOSPC would
@@ -275,7 +284,9 @@ def test_unlisted_budgets_are_quantized_only_when_allowed(tiny_dir: Path) -> Non
     from ramserve.settings import load_settings
     from ramserve.variants import VariantRegistry
 
-    fitted = fit(open_source(str(tiny_dir)), "50%", context=256, parallel=2, progress=False)
+    fitted = fit(
+        open_source(str(tiny_dir), load_settings()), "50%", context=256, parallel=2, progress=False
+    )
     variant(tiny_dir, "65%")  # cached beforehand: offered though not listed
     server = load_settings().server.model_copy(update={"variants": ["min-safe"]})
 
@@ -321,7 +332,9 @@ def test_one_quantization_at_a_time_and_its_waiters_are_bounded() -> None:
 
     from .conftest import DENSE
 
-    fitted = fit(open_source(str(DENSE)), "30%", context=256, parallel=2, progress=False)
+    fitted = fit(
+        open_source(str(DENSE), load_settings()), "30%", context=256, parallel=2, progress=False
+    )
     server = load_settings().server.model_copy(
         update={"variants": ["min-safe", "25%", "35%"], "swap_waiting": 1}
     )

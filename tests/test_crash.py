@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from ramserve.settings import load_settings
 from ramserve.source import open_source
 
 from .conftest import DENSE, shared_model
@@ -83,7 +84,7 @@ def folder_digest(folder: Path) -> dict[str, str]:
 
 def test_kill_9_during_analysis_quantization_and_swap(tmp_path: Path) -> None:
     model = str(shared_model(DENSE))
-    fp = open_source(model).fingerprint
+    fp = open_source(model, load_settings()).fingerprint
     clean, crashed = tmp_path / "clean", tmp_path / "crashed"
     for budget in ("30%", "4.5bpw"):
         finish(clean, "quantize", model, "--budget", budget, "-q")

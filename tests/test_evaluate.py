@@ -21,6 +21,7 @@ from ramserve.evaluate import (
 )
 from ramserve.plan import make_plan
 from ramserve.profile import analyze
+from ramserve.settings import load_settings
 from ramserve.source import open_source
 
 from .conftest import EVAL_TEXT
@@ -42,21 +43,25 @@ def test_simulated_quantization_scores_as_the_quantized_model(
 ) -> None:
     """Scoring a plan simulated on the float model gives what MLX's quantized kernels give."""
     src = make_model(tmp_path / arch, arch, layers=2)
-    plan = make_plan(analyze(str(src), progress=False), "40%")
-    folder, _ = qz.quantize(str(src), plan, progress=False)
+    plan = make_plan(
+        analyze(open_source(str(src), load_settings()), progress=False),
+        "40%",
+        settings=load_settings(),
+    )
+    folder, _ = qz.quantize(open_source(str(src), load_settings()), plan, progress=False)
     kw = {"reference": str(src), "seq_len": 64, "samples": 12, "progress": False}
-    real = evaluate(str(folder), text, **kw)
-    sim = evaluate(str(src), text, quantization=plan["quantization"], quantizer=plan["quantizer"],
+    real = evaluate(str(folder), text, load_settings(), **kw)
+    sim = evaluate(str(src), text, load_settings(), quantization=plan.quantization, quantizer=plan.quantizer,
                    **kw)  # fmt: skip
     # the same plan quantized by mx.quantize, as mlx-lm would: ramserve's quantizer does better
-    plain = evaluate(str(src), text, quantization=plan["quantization"], **kw)
+    plain = evaluate(str(src), text, load_settings(), quantization=plan.quantization, **kw)
     assert real.kl_mean is not None and sim.kl_mean is not None and plain.kl_mean is not None
-    assert plan["quantizer"]["ranges"] and sim.kl_mean < plain.kl_mean
+    assert plan.quantizer["ranges"] and sim.kl_mean < plain.kl_mean
     assert real.kl_mean > 1e-4  # the plan does change the model
     assert sim.ppl_mean == pytest.approx(real.ppl_mean, rel=1e-4)
     assert sim.ppl_median == pytest.approx(real.ppl_median, rel=1e-4)
     assert sim.kl_mean == pytest.approx(real.kl_mean, rel=0.02, abs=1e-6)
-    assert sim.bits_per_weight == pytest.approx(8 * plan["total_bytes"] / plan["parameters"])
+    assert sim.bits_per_weight == pytest.approx(8 * plan.total_bytes / plan.parameters)
     assert real.bits_per_weight == pytest.approx(sim.bits_per_weight, rel=0.01)
 
 
@@ -67,13 +72,16 @@ def test_the_same_arguments_score_the_same_sequences(tiny_dir: Path, text: Path)
     assert a[0, 0] == 0 and a[-1, 0] == 9_900  # spread over the whole text, first to last
     assert len({int(r[0]) for r in a}) == 7  # no window twice
     kw = {"seq_len": 48, "samples": 5, "progress": False}
-    first, second = evaluate(str(tiny_dir), text, **kw), evaluate(str(tiny_dir), text, **kw)
+    first, second = (
+        evaluate(str(tiny_dir), text, load_settings(), **kw),
+        evaluate(str(tiny_dir), text, load_settings(), **kw),
+    )
     assert first == second
     assert first.sequences == 5 and first.tokens == 5 * 47 and first.kl_mean is None
 
 
 def test_recipes_follow_mlx_lm(tiny_dir: Path, tiny_moe_dir: Path) -> None:
-    src = open_source(str(tiny_dir))
+    src = open_source(str(tiny_dir), load_settings())
     mixed = recipe_quantization(src, "mixed_4_6")
     # mlx-lm's mixed recipe: more bits for v/down in the first and last eighth and every third layer,
     # and for lm_head; the rest at the low width (of 2 layers, the second is the last eighth)
@@ -81,13 +89,17 @@ def test_recipes_follow_mlx_lm(tiny_dir: Path, tiny_moe_dir: Path) -> None:
     assert mixed["model.layers.0.mlp.down_proj"]["bits"] == 4
     assert mixed["model.layers.0.self_attn.q_proj"]["bits"] == 4
     assert mixed["lm_head"]["bits"] == 6
-    uniform = recipe_quantization(open_source(str(tiny_moe_dir)), "uniform-3g32")
+    uniform = recipe_quantization(open_source(str(tiny_moe_dir), load_settings()), "uniform-3g32")
     assert uniform["model.layers.0.mlp.gate"] == {"group_size": 64, "bits": 8, "mode": "affine"}
     assert uniform["model.layers.0.mlp.switch_mlp.up_proj"]["bits"] == 3
     assert {q["group_size"] for p, q in uniform.items() if not p.endswith("mlp.gate")} == {32}
     # the size of a plan's map is the plan's own byte count
-    plan = make_plan(analyze(str(tiny_dir), progress=False), "35%")
-    assert stored_bytes(src, plan["quantization"]) == plan["total_bytes"]
+    plan = make_plan(
+        analyze(open_source(str(tiny_dir), load_settings()), progress=False),
+        "35%",
+        settings=load_settings(),
+    )
+    assert stored_bytes(src, plan.quantization) == plan.total_bytes
     with pytest.raises(EvalError, match="unknown recipe"):
         recipe_quantization(src, "mixed_5_7")
     with pytest.raises(EvalError, match="uniform-<bits>g<group>"):
@@ -129,11 +141,15 @@ def test_eval_cli_on_the_shared_model(dense: Path, capsys) -> None:
 
 
 def test_a_quantized_folder_is_not_quantized_again(tiny_dir: Path, text: Path) -> None:
-    plan = make_plan(analyze(str(tiny_dir), progress=False), "40%")
-    folder, _ = qz.quantize(str(tiny_dir), plan, progress=False)
+    plan = make_plan(
+        analyze(open_source(str(tiny_dir), load_settings()), progress=False),
+        "40%",
+        settings=load_settings(),
+    )
+    folder, _ = qz.quantize(open_source(str(tiny_dir), load_settings()), plan, progress=False)
     with pytest.raises(EvalError, match="already quantized"):
-        load_for_eval(str(folder), plan["quantization"])
-    e = load_for_eval(str(folder))
+        load_for_eval(str(folder), load_settings(), plan.quantization)
+    e = load_for_eval(str(folder), load_settings())
     assert any("Quantized" in type(m).__name__ for _, m in e.model.named_modules())
     want = getattr(mx, runtime_dtype())  # float32 on MLX's CPU back end
     assert e.model.parameters()["model"]["norm"]["weight"].dtype == want

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import mlx.core as mx
@@ -30,41 +31,44 @@ def test_candidate_bytes_equal_mlx_arrays(shape, bits, group_size) -> None:
 
 
 def test_profile_covers_every_module_and_candidate(tiny_moe_dir: Path) -> None:
-    src = open_source(str(tiny_moe_dir))
+    src = open_source(str(tiny_moe_dir), load_settings())
     p = prof.analyze(src, progress=False)
     settings = load_settings()
-    by_path = {m["path"]: m for m in p["modules"]}
+    by_path = {m.path: m for m in p.modules}
     assert set(by_path) == {m.path for m in src.modules}
     for m in src.modules:
-        options = by_path[m.path]["options"]
+        options = by_path[m.path].options
         assert len(options) == 1 + len(prof.candidates_for(m, settings))
-        assert options[0]["bits"] == 16 and options[0]["damage"] == 0
+        assert options[0].bits == 16 and options[0].damage == 0
         for o in options[1:]:
-            assert 0 < o["rel_mse"] < 1 and o["damage"] > 0
+            assert 0 < o.rel_mse < 1 and o.damage > 0
     router = by_path["model.layers.0.mlp.gate"]
-    assert {o["bits"] for o in router["options"]} == {8, 16}  # restricted in configs/
+    assert {o.bits for o in router.options} == {8, 16}  # restricted in configs/
     experts = by_path["model.layers.1.mlp.switch_mlp.down_proj"]
-    assert experts["shape"] == [4, 64, 128]
+    assert experts.shape == [4, 64, 128]
     # more bits, less error, at every group size
     for g in (32, 64, 128):
-        errs = [prof.option_at(experts, b, g)["rel_mse"] for b in (2, 3, 4, 5, 6, 8)]
+        errs = [experts.option(b, g).rel_mse for b in (2, 3, 4, 5, 6, 8)]
         assert errs == sorted(errs, reverse=True)
 
 
 def test_non_divisible_dimension_omits_impossible_candidates(tiny_llama_dir: Path) -> None:
-    p = prof.analyze(str(tiny_llama_dir), progress=False)
-    q = next(m for m in p["modules"] if m["kind"] == "attn_q")  # last dim 96
-    assert {o["group_size"] for o in q["options"]} == {None, 32}
+    p = prof.analyze(open_source(str(tiny_llama_dir), load_settings()), progress=False)
+    q = next(m for m in p.modules if m.kind == "attn_q")  # last dim 96
+    assert {o.group_size for o in q.options} == {None, 32}
 
 
 def test_module_without_group_size_keeps_only_16_bit(tmp_path: Path) -> None:
-    p = prof.analyze(str(make_model(tmp_path / "odd", "llama", hidden=80)), progress=False)
-    q = next(m for m in p["modules"] if m["kind"] == "attn_q")
-    assert [o["bits"] for o in q["options"]] == [16]
+    p = prof.analyze(
+        open_source(str(make_model(tmp_path / "odd", "llama", hidden=80)), load_settings()),
+        progress=False,
+    )
+    q = next(m for m in p.modules if m.kind == "attn_q")
+    assert [o.bits for o in q.options] == [16]
 
 
 def test_sampled_error_close_to_full(dense: Path) -> None:
-    src = open_source(str(dense))
+    src = open_source(str(dense), load_settings())
     settings = load_settings()
     m = next(m for m in src.modules if m.kind == "mlp_down")
     w = src.weights()[f"{m.path}.weight"].astype(mx.bfloat16)
@@ -90,25 +94,28 @@ def test_measured_error_is_exact_on_a_large_tensor() -> None:
 
 
 def test_cache_reused_and_invalidated(tmp_path: Path, tiny_dir: Path, monkeypatch) -> None:
-    first = prof.analyze(str(tiny_dir), progress=False)
-    assert first["cache_hit"] is False
-    path = prof.profile_path(first["fingerprint"])
+    first = prof.analyze(open_source(str(tiny_dir), load_settings()), progress=False)
+    assert first.cache_hit is False
+    path = prof.profile_path(first.fingerprint)
 
     def boom(*a, **k):
         raise AssertionError("recomputed")
 
     monkeypatch.setattr(prof, "analyse_module", boom)
-    second = prof.analyze(str(tiny_dir), progress=False)
-    assert second["cache_hit"] is True and second["modules"] == first["modules"]
+    second = prof.analyze(open_source(str(tiny_dir), load_settings()), progress=False)
+    assert second.cache_hit is True and second.modules == first.modules
     with pytest.raises(AssertionError, match="recomputed"):
-        prof.analyze(str(tiny_dir), force=True, progress=False)
+        prof.analyze(open_source(str(tiny_dir), load_settings()), force=True, progress=False)
     with pytest.raises(AssertionError, match="recomputed"):  # another fingerprint
-        prof.analyze(str(make_model(tmp_path / "other", "qwen3", seed=7)), progress=False)
-    assert json.loads(path.read_text())["modules"] == first["modules"]
+        prof.analyze(
+            open_source(str(make_model(tmp_path / "other", "qwen3", seed=7)), load_settings()),
+            progress=False,
+        )
+    assert json.loads(path.read_text())["modules"] == [asdict(m) for m in first.modules]
 
 
 def test_interrupted_run_leaves_no_profile_and_resumes(tiny_dir: Path, monkeypatch) -> None:
-    src = open_source(str(tiny_dir))
+    src = open_source(str(tiny_dir), load_settings())
     reference = prof.analyze(src, progress=False)
     prof.profile_path(src.fingerprint).unlink()
     real = prof.analyse_module
@@ -139,11 +146,9 @@ def test_interrupted_run_leaves_no_profile_and_resumes(tiny_dir: Path, monkeypat
     monkeypatch.setattr(prof, "analyse_module", counting)
     resumed = prof.analyze(src, progress=False)
     assert 0 < counted["n"] < len(src.modules)  # resumed, not restarted
-    assert [m["options"] for m in resumed["modules"]] == [
-        m["options"] for m in reference["modules"]
-    ]
-    assert [m["importance"] for m in resumed["modules"]] == pytest.approx(
-        [m["importance"] for m in reference["modules"]]
+    assert [m.options for m in resumed.modules] == [m.options for m in reference.modules]
+    assert [m.importance for m in resumed.modules] == pytest.approx(
+        [m.importance for m in reference.modules]
     )
     assert not partial.exists()
 
@@ -153,13 +158,15 @@ def _streamed(folder: Path, sequences: int = 3, tokens: int = 16, sweeps: int = 
 
     cfg = FisherSettings(sequences=sequences, tokens=tokens, sweeps=sweeps, seed=0, memory_share=1,
                          row_smoothing=0)  # fmt: skip
-    return streamed_fisher(open_source(str(folder)), cfg, mx.float32, progress=False)
+    return streamed_fisher(
+        open_source(str(folder), load_settings()), cfg, mx.float32, progress=False
+    )
 
 
 def _inputs(folder: Path, sequences: int = 3, tokens: int = 16, sweeps: int = 2):
     from ramserve.fisher import StreamedModel, jacobi_inputs
 
-    src = open_source(str(folder))
+    src = open_source(str(folder), load_settings())
     run = StreamedModel(src, mx.float32)
     x, labels, _ = jacobi_inputs(
         run, sequences, tokens, sweeps, 0, 0, int(src.config["vocab_size"])
@@ -203,7 +210,7 @@ def test_streamed_fisher_equals_the_whole_models_gradients(
     cols: dict[str, np.ndarray] = {}
     for s in range(x.shape[0]):
         g = dict(tree_flatten(grad(x[s : s + 1], labels[s : s + 1])[1]))
-        for m in open_source(str(folder)).modules:
+        for m in open_source(str(folder), load_settings()).modules:
             sq = np.asarray(mx.square(g[f"{m.path}.weight"]), dtype=np.float64) / x.size
             rows[m.path] = rows.get(m.path, 0) + sq.sum(-1)
             cols[m.path] = cols.get(m.path, 0) + sq.sum(-2)
@@ -220,7 +227,9 @@ def test_streamed_fisher_equals_the_whole_models_gradients(
 def test_streamed_fisher_holds_about_one_layer(tmp_path: Path) -> None:
     """Bounded memory: MLX's peak while streaming an 8-layer model stays far below its weights."""
     folder = make_model(tmp_path / "m", "qwen3", layers=8, hidden=256, vocab=256)
-    weights = 4 * open_source(str(folder)).parameter_count  # float32, as the pass runs
+    weights = (
+        4 * open_source(str(folder), load_settings()).parameter_count
+    )  # float32, as the pass runs
     mx.clear_cache()
     mx.reset_peak_memory()
     _streamed(folder)
@@ -267,17 +276,21 @@ def test_self_fisher_predicts_the_kl_of_weight_noise(tiny_dir: Path) -> None:
 
 
 def test_profile_uses_the_self_fisher_and_is_deterministic(tiny_moe_dir: Path) -> None:
-    first = prof.analyze(str(tiny_moe_dir), progress=False, force=True)
-    second = prof.analyze(str(tiny_moe_dir), progress=False, force=True)
-    assert first["estimator"] == "self-fisher/2" and first["fisher_seconds"] > 0
-    imp = [m["importance"] for m in first["modules"]]
-    assert imp == [m["importance"] for m in second["modules"]]
+    first = prof.analyze(
+        open_source(str(tiny_moe_dir), load_settings()), progress=False, force=True
+    )
+    second = prof.analyze(
+        open_source(str(tiny_moe_dir), load_settings()), progress=False, force=True
+    )
+    assert first.estimator == "self-fisher/2" and first.fisher_seconds > 0
+    imp = [m.importance for m in first.modules]
+    assert imp == [m.importance for m in second.modules]
     assert all(i > 0 for i in imp)
-    for m in first["modules"]:  # damage: the predicted KL, ½ Σ F̂ δW² = ½ Σ F̂ W² × weighted error
-        assert m["options"][0]["bits"] == 16 and m["options"][0]["damage"] == 0
-        for o in m["options"][1:]:
-            assert o["damage"] == pytest.approx(m["fisher_energy"] * o["rel_fisher"])
-        fewer_bits = [o["rel_fisher"] for o in m["options"][1:] if o["group_size"] == 64]
+    for m in first.modules:  # damage: the predicted KL, ½ Σ F̂ δW² = ½ Σ F̂ W² × weighted error
+        assert m.options[0].bits == 16 and m.options[0].damage == 0
+        for o in m.options[1:]:
+            assert o.damage == pytest.approx(m.fisher_energy * o.rel_fisher)
+        fewer_bits = [o.rel_fisher for o in m.options[1:] if o.group_size == 64]
         assert fewer_bits == sorted(fewer_bits, reverse=True)  # 2-bit worst, 8-bit best
 
 
@@ -291,8 +304,8 @@ def test_energy_flow_when_the_model_does_not_fit_for_the_fisher(
     ramserve_home.mkdir(parents=True, exist_ok=True)
     (ramserve_home / "config.toml").write_text("[sensitivity.fisher]\nmemory_share = 1e-12\n")
     base = make_model(tmp_path / "a", "llama", layers=3)
-    p_base = prof.analyze(str(base), progress=False)
-    assert p_base["estimator"] == "energy-flow/1"
+    p_base = prof.analyze(open_source(str(base), load_settings()), progress=False)
+    assert p_base.estimator == "energy-flow/1"
     scaled = make_model(tmp_path / "b", "llama", layers=3)
     shard = next(
         f
@@ -304,8 +317,8 @@ def test_energy_flow_when_the_model_does_not_fit_for_the_fisher(
         arrays["model.layers.1.mlp.down_proj.weight"] * 8
     )
     mx.save_safetensors(str(shard), arrays, metadata={"format": "pt"})
-    p_scaled = prof.analyze(str(scaled), progress=False)
-    imp = lambda p, path: next(m["importance"] for m in p["modules"] if m["path"] == path)  # noqa: E731
+    p_scaled = prof.analyze(open_source(str(scaled), load_settings()), progress=False)
+    imp = lambda p, path: next(m.importance for m in p.modules if m.path == path)  # noqa: E731
     path = "model.layers.1.mlp.down_proj"
     assert imp(p_scaled, path) > 10 * imp(p_base, path)
     assert np.isclose(imp(p_scaled, "model.layers.0.mlp.down_proj"),

@@ -16,6 +16,7 @@ from ramserve.errors import BadModel
 from ramserve.evaluate import simulate
 from ramserve.plan import make_plan
 from ramserve.profile import analyze
+from ramserve.settings import load_settings
 from ramserve.source import open_source
 
 from .factory import make_model
@@ -26,7 +27,7 @@ PROMPT = mx.array([[1, 5, 9, 42, 7, 100, 3, 64, 12, 8]])
 def simulated_logits(source_dir: Path, plan: dict) -> mx.array:
     """The source in float32 with the plan's quantization applied as dequantize(quantize(W))."""
     model, _ = load_model(source_dir)
-    simulate(model, plan["quantization"], mx.float32, plan["quantizer"])
+    simulate(model, plan.quantization, mx.float32, plan.quantizer)
     model.set_dtype(mx.float32)
     return model(PROMPT)
 
@@ -42,28 +43,30 @@ def test_shared_models_quantize_load_and_match(
     dense: Path, moe: Path, budget: str, profile_cache
 ) -> None:
     for model_dir in (dense, moe):
-        plan = make_plan(profile_cache(model_dir), budget)
-        folder, cached = qz.quantize(str(model_dir), plan, progress=False)
+        plan = make_plan(profile_cache(model_dir), budget, settings=load_settings())
+        folder, cached = qz.quantize(
+            open_source(str(model_dir), load_settings()), plan, progress=False
+        )
         assert not cached
         index = json.loads((folder / "model.safetensors.index.json").read_text())
-        assert abs(index["metadata"]["total_size"] / plan["total_bytes"] - 1) < 0.01
+        assert abs(index["metadata"]["total_size"] / plan.total_bytes - 1) < 0.01
         got, want = quantized_logits(folder), simulated_logits(model_dir, plan)
         scale = mx.abs(want).max().item()
         assert mx.abs(got - want).max().item() < 1e-3 * scale
         cfg = json.loads((folder / "config.json").read_text())
-        assert cfg["quantization"] == plan["quantization"] == cfg["quantization_config"]
+        assert cfg["quantization"] == plan.quantization == cfg["quantization_config"]
 
 
 def test_generate_and_inspect_report_the_plan(dense: Path, profile_cache) -> None:
-    plan = make_plan(profile_cache(dense), "30%")
-    folder, _ = qz.quantize(str(dense), plan, progress=False)
+    plan = make_plan(profile_cache(dense), "30%", settings=load_settings())
+    folder, _ = qz.quantize(open_source(str(dense), load_settings()), plan, progress=False)
     model, tok = load(str(folder))
     text = generate(model, tok, "def add(a, b):", max_tokens=12)
     assert isinstance(text, str) and len(text) > 0
-    d = describe(open_source(str(folder)))
-    assert d["plan"]["hash"] == plan["hash"] and d["plan"]["budget"]["spec"] == "30%"
-    assert d["parameters"] == plan["parameters"]
-    again, cached = qz.quantize(str(dense), plan, progress=False)
+    d = describe(open_source(str(folder), load_settings()))
+    assert d["plan"]["hash"] == plan.hash and d["plan"]["budget"]["spec"] == "30%"
+    assert d["parameters"] == plan.parameters
+    again, cached = qz.quantize(open_source(str(dense), load_settings()), plan, progress=False)
     assert cached and again == folder
 
 
@@ -72,8 +75,12 @@ def test_every_kind_of_module(tmp_path: Path) -> None:
     bits x group size."""
     for arch, hidden in (("qwen3_moe", 64), ("llama", 96), ("llama", 80)):
         src = make_model(tmp_path / f"{arch}{hidden}", arch, hidden=hidden)
-        plan = make_plan(analyze(str(src), progress=False), "45%" if hidden != 80 else "100%")
-        folder, _ = qz.quantize(str(src), plan, progress=False)
+        plan = make_plan(
+            analyze(open_source(str(src), load_settings()), progress=False),
+            "45%" if hidden != 80 else "100%",
+            settings=load_settings(),
+        )
+        folder, _ = qz.quantize(open_source(str(src), load_settings()), plan, progress=False)
         got, want = quantized_logits(folder), simulated_logits(src, plan)
         assert mx.allclose(got, want, atol=1e-3 * mx.abs(want).max().item()).item()
         model, _ = load(str(folder))
@@ -87,8 +94,12 @@ def test_every_kind_of_module(tmp_path: Path) -> None:
 def test_interrupted_write_is_never_trusted_and_rerun_completes(
     tiny_moe_dir: Path, monkeypatch
 ) -> None:
-    plan = make_plan(analyze(str(tiny_moe_dir), progress=False), "40%")
-    final = qz.model_dir(plan["fingerprint"], plan["hash"])
+    plan = make_plan(
+        analyze(open_source(str(tiny_moe_dir), load_settings()), progress=False),
+        "40%",
+        settings=load_settings(),
+    )
+    final = qz.model_dir(plan.fingerprint, plan.hash)
     real = qz._Producer.get
     calls = {"n": 0}
 
@@ -100,28 +111,38 @@ def test_interrupted_write_is_never_trusted_and_rerun_completes(
 
     monkeypatch.setattr(qz._Producer, "get", failing)
     with pytest.raises(KeyboardInterrupt):
-        qz.quantize(str(tiny_moe_dir), plan, progress=False)
-    assert not final.exists() and not qz.is_complete(final, plan["hash"])
+        qz.quantize(open_source(str(tiny_moe_dir), load_settings()), plan, progress=False)
+    assert not final.exists() and not qz.is_complete(final, plan.hash)
     assert not list(final.parent.glob("*.partial"))  # the staging folder is gone too
     monkeypatch.setattr(qz._Producer, "get", real)
-    folder, cached = qz.quantize(str(tiny_moe_dir), plan, progress=False)
-    assert folder == final and not cached and qz.is_complete(folder, plan["hash"])
+    folder, cached = qz.quantize(
+        open_source(str(tiny_moe_dir), load_settings()), plan, progress=False
+    )
+    assert folder == final and not cached and qz.is_complete(folder, plan.hash)
     load(str(folder))
 
 
 def test_quantized_input_is_refused(tiny_dir: Path, capsys) -> None:
-    plan = make_plan(analyze(str(tiny_dir), progress=False), "40%")
-    folder, _ = qz.quantize(str(tiny_dir), plan, progress=False)
+    plan = make_plan(
+        analyze(open_source(str(tiny_dir), load_settings()), progress=False),
+        "40%",
+        settings=load_settings(),
+    )
+    folder, _ = qz.quantize(open_source(str(tiny_dir), load_settings()), plan, progress=False)
     with pytest.raises(BadModel, match="already quantized"):
-        qz.quantize(str(folder), plan, progress=False)
+        qz.quantize(open_source(str(folder), load_settings()), plan, progress=False)
     assert main(["quantize", str(folder), "--budget", "40%", "-q"]) == 2
     assert "already quantized" in capsys.readouterr().err
 
 
 def test_plan_for_another_model_is_refused(tiny_dir: Path, tiny_llama_dir: Path) -> None:
-    plan = make_plan(analyze(str(tiny_dir), progress=False), "40%")
+    plan = make_plan(
+        analyze(open_source(str(tiny_dir), load_settings()), progress=False),
+        "40%",
+        settings=load_settings(),
+    )
     with pytest.raises(BadModel, match="make a new plan"):
-        qz.quantize(str(tiny_llama_dir), plan, progress=False)
+        qz.quantize(open_source(str(tiny_llama_dir), load_settings()), plan, progress=False)
 
 
 def test_cli_quantize_from_plan_file(tiny_dir: Path, tmp_path: Path, capsys) -> None:

@@ -156,7 +156,9 @@ def test_a_failed_swap_leaves_the_previous_model_serving(tmp_path: Path, tiny_di
 
     model = tmp_path / "tiny-coder"
     shutil.copytree(tiny_dir, model)
-    fitted = fit(open_source(str(model)), "50%", context=256, parallel=2, progress=False)
+    fitted = fit(
+        open_source(str(model), load_settings()), "50%", context=256, parallel=2, progress=False
+    )
     server = load_settings().server.model_copy(update={"variants": ["min-safe"]})
     registry = VariantRegistry(
         fitted,

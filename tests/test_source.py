@@ -11,6 +11,7 @@ import pytest
 from ramserve.cli import main
 from ramserve.describe import describe
 from ramserve.errors import BadModel, ModelNotFound
+from ramserve.settings import load_settings
 from ramserve.source import open_source
 
 from .factory import make_hf_cache, make_model
@@ -23,7 +24,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_inspect_shared_dense(dense: Path) -> None:
-    d = describe(open_source(str(dense)))
+    d = describe(open_source(str(dense), load_settings()))
     assert round(d["parameters"] / 1e6, 1) == 30.4
     assert d["bf16_bytes"] == 2 * d["parameters"]
     assert d["modules_by_kind"]["lm_head"]["count"] == 1
@@ -32,7 +33,7 @@ def test_inspect_shared_dense(dense: Path) -> None:
 
 
 def test_inspect_shared_moe_has_18_stacked_experts(moe: Path) -> None:
-    d = describe(open_source(str(moe)))
+    d = describe(open_source(str(moe), load_settings()))
     assert round(d["parameters"] / 1e6, 1) == 26.8
     assert d["stacked_expert_modules"] == 18
     assert "lm_head" not in d["modules_by_kind"]  # tied: the embedding serves as lm_head
@@ -45,11 +46,11 @@ def test_module_paths_match_mlx_lm(tiny_moe_dir: Path) -> None:
 
     model, _ = load_model(tiny_moe_dir, lazy=True)
     expected = {p for p, m in model.named_modules() if hasattr(m, "to_quantized")}
-    assert {m.path for m in open_source(str(tiny_moe_dir)).modules} == expected
+    assert {m.path for m in open_source(str(tiny_moe_dir), load_settings()).modules} == expected
 
 
 def test_non_divisible_dimension_lists_only_possible_group_sizes(tiny_llama_dir: Path) -> None:
-    src = open_source(str(tiny_llama_dir))
+    src = open_source(str(tiny_llama_dir), load_settings())
     q = next(m for m in src.modules if m.kind == "attn_q")
     assert q.shape[-1] == 96 and q.group_sizes == (32,)
 
@@ -62,16 +63,16 @@ def test_module_without_any_group_size_is_reported(tmp_path: Path, capsys) -> No
 
 
 def test_fingerprint_is_stable_and_tracks_weights(tmp_path: Path, tiny_dir: Path) -> None:
-    a = open_source(str(tiny_dir)).fingerprint
-    assert a == open_source(str(tiny_dir)).fingerprint
+    a = open_source(str(tiny_dir), load_settings()).fingerprint
+    assert a == open_source(str(tiny_dir), load_settings()).fingerprint
     other = make_model(tmp_path / "other", "qwen3", seed=1)  # same shapes, different weights
-    assert open_source(str(other)).fingerprint != a
+    assert open_source(str(other), load_settings()).fingerprint != a
 
 
 def test_tensors_are_lazy_and_correct(tiny_dir: Path) -> None:
     import mlx.core as mx
 
-    src = open_source(str(tiny_dir))
+    src = open_source(str(tiny_dir), load_settings())
     w = src.weights()
     assert all(isinstance(v, mx.array) for v in w.values())
     assert w["model.layers.0.self_attn.q_proj.weight"].shape == (64, 64)
@@ -81,9 +82,9 @@ def test_hub_repo_resolves_from_offline_cache(tmp_path: Path, tiny_dir: Path, mo
     cache = tmp_path / "hub"
     make_hf_cache(cache, "acme/tiny", tiny_dir)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    src = open_source("acme/tiny")
+    src = open_source("acme/tiny", load_settings())
     assert src.name == "tiny"
-    assert src.fingerprint == open_source(str(tiny_dir)).fingerprint
+    assert src.fingerprint == open_source(str(tiny_dir), load_settings()).fingerprint
 
 
 @pytest.mark.parametrize(
@@ -131,7 +132,7 @@ def test_inspect_json(dense: Path, capsys) -> None:
 
 def test_missing_path_raises_typed_errors(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFound):
-        open_source(str(tmp_path / "nope"))
+        open_source(str(tmp_path / "nope"), load_settings())
     (tmp_path / "empty").mkdir()
     with pytest.raises(BadModel):
-        open_source(str(tmp_path / "empty"))
+        open_source(str(tmp_path / "empty"), load_settings())

@@ -20,16 +20,17 @@ from .. import cache
 from ..engine import Engine
 from ..errors import RamserveError
 from ..plan import folder_plan
+from ..records import Plan
 from ..settings import Settings
 
 log = logging.getLogger("ramserve.server")
 
 
-def plan_fields(plan: dict[str, Any]) -> dict[str, Any]:
+def plan_fields(plan: Plan) -> dict[str, Any]:
     """A model card's extension fields that describe the plan it was quantized with."""
-    return {"budget": plan["budget"]["spec"], "budget_bytes": plan["budget"]["bytes"],
-            "weight_bytes": plan["total_bytes"], "bits_per_weight": plan["bits_per_weight"],
-            "predicted_damage": plan["predicted_damage"]}  # fmt: skip
+    return {"budget": plan.budget.spec, "budget_bytes": plan.budget.bytes,
+            "weight_bytes": plan.total_bytes, "bits_per_weight": plan.bits_per_weight,
+            "predicted_damage": plan.predicted_damage}  # fmt: skip
 
 
 class UnknownModel(RamserveError):
