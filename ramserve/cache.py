@@ -34,6 +34,7 @@ from typing import Any, Literal
 from .atomic import read_json
 from .errors import RamserveError
 from .fmt import human_bytes
+from .records import Plan, RecordError
 from .settings import CacheSettings, ramserve_home
 
 log = logging.getLogger("ramserve.cache")
@@ -244,17 +245,18 @@ def _profile_entry(path: Path, names: dict[str, str]) -> Entry:
 
 def _model_entry(path: Path) -> Entry:
     partial = path.name.startswith(".")
-    plan = {} if partial else read_json(path / "plan.json") or {}
-    summary = {}
-    if plan:
-        summary = {"budget": plan.get("budget", {}).get("spec"),
-                   "bits_per_weight": plan.get("bits_per_weight"),
-                   "predicted_damage": plan.get("predicted_damage"),
-                   "weight_bytes": plan.get("total_bytes")}  # fmt: skip
+    plan = None if partial else _plan_in(path)
     busy = in_use(path) or being_written(path)
-    return Entry("model", path, _size(path), path.parent.name, str(plan.get("name", "?")),
-                 path.stat().st_mtime, busy, partial, plan.get("hash") or entry_key(path)[-16:],
-                 summary)  # fmt: skip
+    return Entry("model", path, _size(path), path.parent.name, plan.name if plan else "?",
+                 path.stat().st_mtime, busy, partial, plan.hash if plan else entry_key(path)[-16:],
+                 plan.summary() if plan else {})  # fmt: skip
+
+
+def _plan_in(folder: Path) -> Plan | None:
+    try:
+        return Plan.read(folder / "plan.json")
+    except RecordError:  # a damaged entry is listed, by its folder, so that it can be removed
+        return None
 
 
 def entries() -> list[Entry]:

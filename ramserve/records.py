@@ -228,6 +228,12 @@ class Plan:
             body.pop("written")
         return body
 
+    def summary(self) -> dict[str, Any]:
+        """The plan in a line: what model cards and cache listings show of it."""
+        return {"budget": self.budget.spec, "budget_bytes": self.budget.bytes,
+                "weight_bytes": self.total_bytes, "bits_per_weight": self.bits_per_weight,
+                "predicted_damage": self.predicted_damage}  # fmt: skip
+
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str = "the plan") -> Plan:
         data = {k: v for k, v in data.items() if k != "hash"}

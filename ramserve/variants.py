@@ -24,7 +24,7 @@ from .fit import Fit, require_plan_fits, variant_status
 from .plan import make_plan
 from .quantize import quantize
 from .records import Plan
-from .server.registry import NotOffered, NotReady, Registry, UnknownModel, plan_fields
+from .server.registry import NotOffered, NotReady, Registry, UnknownModel
 from .settings import Settings
 
 log = logging.getLogger("ramserve.variants")
@@ -109,7 +109,7 @@ class VariantRegistry(Registry):
         else:
             status = variant_status(self.fitted.source, plan)
         return {"id": model_id, "created": self.created, "status": status,
-                "context_length": self.fitted.budget.context, **plan_fields(plan),
+                "context_length": self.fitted.budget.context, **plan.summary(),
                 "memory_bytes": plan.memory_bytes}  # fmt: skip
 
     # -- swapping -----------------------------------------------------------------------------

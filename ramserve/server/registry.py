@@ -20,17 +20,9 @@ from .. import cache
 from ..engine import Engine
 from ..errors import RamserveError
 from ..plan import folder_plan
-from ..records import Plan
 from ..settings import Settings
 
 log = logging.getLogger("ramserve.server")
-
-
-def plan_fields(plan: Plan) -> dict[str, Any]:
-    """A model card's extension fields that describe the plan it was quantized with."""
-    return {"budget": plan.budget.spec, "budget_bytes": plan.budget.bytes,
-            "weight_bytes": plan.total_bytes, "bits_per_weight": plan.bits_per_weight,
-            "predicted_damage": plan.predicted_damage}  # fmt: skip
 
 
 class UnknownModel(RamserveError):
@@ -102,7 +94,7 @@ class Registry:
         return {"id": self.name, "created": self.created,
                 "status": "loaded" if self.ready else "loading",
                 "context_length": self.engine.context if self.engine else None,
-                **(plan_fields(plan) if plan else {})}  # fmt: skip
+                **(plan.summary() if plan else {})}  # fmt: skip
 
     # -- requests -----------------------------------------------------------------------------
 
