@@ -18,7 +18,7 @@ os.environ.setdefault("RAMSERVE_HOME", tempfile.mkdtemp(prefix="ramserve-bench-"
 import mlx.core as mx  # noqa: E402
 
 from bench.measure import fill_context  # noqa: E402
-from ramserve.budget import activation_shape, kv_shape, runtime_bytes  # noqa: E402
+from ramserve.budget import activation_shape, default_shape, kv_shape, runtime_bytes  # noqa: E402
 from ramserve.engine import Engine  # noqa: E402
 from ramserve.fmt import human_bytes, table  # noqa: E402
 from ramserve.plan import make_plan  # noqa: E402
@@ -49,7 +49,8 @@ def main() -> None:
             engine.close()
             predicted = kv.bytes(context, parallel)
             scratch = m["peak"] - m["weights"] - m["kv"]
-            formula = runtime_bytes(kv, context, parallel, shape, source.settings.budget) - fixed
+            runtime = default_shape(kv, source.settings, context, parallel)
+            formula = runtime_bytes(kv, runtime, shape, source.settings.budget) - fixed
             r = {"model": name, "context": context, "parallel": parallel, **m,
                  "kv_predicted": predicted, "scratch": scratch, "scratch_formula": formula}  # fmt: skip
             results.append(r)

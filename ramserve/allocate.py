@@ -57,6 +57,11 @@ class Problem:
     def min_bytes(self) -> int:
         return int(self.fixed_bytes + self.bytes.min(axis=1).sum())
 
+    def min_choice(self) -> np.ndarray:
+        """Each module's fewest-bytes candidate."""
+        choice: np.ndarray = np.argmin(self.bytes, axis=1)
+        return choice
+
     def best_choice(self) -> np.ndarray:
         """Each module's least-damage candidate (the fewest bytes among equals)."""
         dmin = self.damage.min(axis=1, keepdims=True)

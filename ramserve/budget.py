@@ -170,23 +170,69 @@ class Line:
     why: str
 
 
+@dataclass(frozen=True)
+class RuntimeShape:
+    """What the runtime is sized for: the KV cache's tokens and sequences, and the prefill's step
+    (``prefill_chunk`` tokens of up to ``prefill_batch`` sequences at once)."""
+
+    context: int
+    parallel: int
+    prefill_chunk: int
+    prefill_batch: int
+
+    def describe(self) -> str:
+        return (f"{self.context:,} tokens x {self.parallel} sequences, prefill "
+                f"{self.prefill_chunk} tokens x {self.prefill_batch}")  # fmt: skip
+
+
+def default_shape(
+    kv: KVShape, settings: Settings, context: int | None = None, parallel: int | None = None
+) -> RuntimeShape:
+    """The shape asked for: the user's context and parallelism, else the defaults in configs/."""
+    cfg = settings.budget
+    if context is None:  # the default, not the user's ask: fit it to the model
+        context = min(cfg.default_context, kv.max_context or cfg.default_context)
+    parallel = settings.server.parallel if parallel is None else parallel
+    check_request(kv, context, parallel)
+    return RuntimeShape(context, parallel, min(cfg.prefill_chunk, context),
+                        min(parallel, cfg.prefill_batch))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A runtime shape the fit tried and did not take, and the weight bytes it would have left."""
+
+    shape: RuntimeShape
+    weights: int
+
+
 @dataclass
 class Budget:
     """The weight budget with every line of its breakdown."""
 
     machine: Machine
-    context: int
-    parallel: int
+    shape: RuntimeShape
     usable: int
     runtime: int
     kv: int
     weights: int
     lines: list[Line] = field(default_factory=list)
     tradeoffs: dict[str, Any] = field(default_factory=dict)
+    rejected: list[Rejected] = field(default_factory=list)  # shapes the fit tried first
+    needed: int | None = None  # the weight bytes the fit had to find room for
+
+    @property
+    def context(self) -> int:
+        return self.shape.context
+
+    @property
+    def parallel(self) -> int:
+        return self.shape.parallel
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["machine"] = asdict(self.machine)
+        out["context"], out["parallel"] = self.context, self.parallel
         return out
 
 
@@ -195,7 +241,7 @@ def reserve_bytes(machine: Machine, cfg: BudgetSettings) -> int:
 
 
 def runtime_bytes(
-    kv: KVShape, context: int, parallel: int, shape: ActivationShape, cfg: BudgetSettings
+    kv: KVShape, runtime: RuntimeShape, shape: ActivationShape, cfg: BudgetSettings
 ) -> int:
     """The runtime's own memory: the process (Python, MLX, tokenizer, server) and prefill scratch.
 
@@ -203,14 +249,12 @@ def runtime_bytes(
     scratch is the attention scores (heads x chunk x context) and the widest activation (chunk x
     width). The factors were measured with bench/budget.py (MLX's peak minus weights minus KV cache, see configs/).
     """
-    chunk = min(cfg.prefill_chunk, context)
+    chunk = min(runtime.prefill_chunk, runtime.context)
     per_sequence = chunk * (
-        cfg.attention_factor * shape.heads * context + cfg.width_factor * shape.width
+        cfg.attention_factor * shape.heads * runtime.context + cfg.width_factor * shape.width
     )
-    scratch = (
-        cfg.scratch_fixed_mb * 2**20
-        + min(parallel, cfg.prefill_batch) * per_sequence * kv.dtype_bytes
-    )
+    batch = min(runtime.parallel, runtime.prefill_batch)
+    scratch = cfg.scratch_fixed_mb * 2**20 + batch * per_sequence * kv.dtype_bytes
     return int(cfg.runtime_fixed_mb * 2**20 + scratch)
 
 
@@ -250,28 +294,28 @@ def weight_budget(
     parallel: int | None = None,
     device: str | None = None,
     min_safe: int | None = None,
+    shape: RuntimeShape | None = None,
 ) -> Budget:
-    """The weight budget for this machine (or a named device) at ``context`` x ``parallel``."""
+    """The weight budget for this machine (or a named device) at ``context`` x ``parallel`` (the
+    defaults' prefill), or at the runtime ``shape`` given."""
     kv = kv_shape(source, device)
-    return budget_for(kv, activation_shape(source), source.settings, context=context,
-                      parallel=parallel, device=device, min_safe=min_safe)  # fmt: skip
+    shape = shape or default_shape(kv, source.settings, context, parallel)
+    return budget_for(kv, activation_shape(source), source.settings, shape, device=device,
+                      min_safe=min_safe)  # fmt: skip
 
 
 def budget_for(
     kv: KVShape,
     shape: ActivationShape,
     settings: Settings,
+    runtime_shape: RuntimeShape,
     *,
-    context: int | None = None,
-    parallel: int | None = None,
     device: str | None = None,
     min_safe: int | None = None,
 ) -> Budget:
     """weight_budget from a model's KV and activation shapes (which a config alone can give)."""
     cfg = settings.budget
-    if context is None:  # the default, not the user's ask: fit it to the model
-        context = min(cfg.default_context, kv.max_context or cfg.default_context)
-    parallel = settings.server.parallel if parallel is None else parallel
+    context, parallel = runtime_shape.context, runtime_shape.parallel
     check_request(kv, context, parallel)
     machine = device_machine(device, settings.devices) if device else this_machine()
 
@@ -283,7 +327,7 @@ def budget_for(
         candidates["MLX working-set limit"] = machine.working_set_limit
     bound = min(candidates, key=lambda k: candidates[k])
     usable = candidates[bound]
-    runtime = runtime_bytes(kv, context, parallel, shape, cfg)
+    runtime = runtime_bytes(kv, runtime_shape, shape, cfg)
     kv_bytes = kv.bytes(context, parallel)
     weights = usable - runtime - kv_bytes
 
@@ -304,7 +348,8 @@ def budget_for(
             "runtime",
             runtime,
             f"process {cfg.runtime_fixed_mb} MiB + prefill scratch "
-            f"({min(cfg.prefill_chunk, context)} tokens x {min(parallel, cfg.prefill_batch)} sequences)",
+            f"({runtime_shape.prefill_chunk} tokens x "
+            f"{min(parallel, runtime_shape.prefill_batch)} sequences)",
         ),  # fmt: skip
         Line(
             "KV cache",
@@ -314,7 +359,7 @@ def budget_for(
         ),  # fmt: skip
         Line("weights", weights, "usable - runtime - KV cache"),
     ]
-    budget = Budget(machine, context, parallel, usable, runtime, kv_bytes, weights, lines)
+    budget = Budget(machine, runtime_shape, usable, runtime, kv_bytes, weights, lines)
     if min_safe is not None:
         budget.tradeoffs = tradeoffs(budget, kv, min_safe)
     return budget
@@ -340,8 +385,8 @@ def tradeoffs(budget: Budget, kv: KVShape, min_safe: int) -> dict[str, Any]:
     }
 
 
-def require_fit(budget: Budget, min_safe: int) -> None:
-    """Refuse, with the numbers, when even the smallest safe plan cannot fit."""
+def require_fit(budget: Budget, min_safe: int, what: str = "the smallest safe plan") -> None:
+    """Refuse, with the numbers, when even the smallest safe plan (or ``what``) cannot fit."""
     if budget.weights >= min_safe:
         return
     t = budget.tradeoffs or {}
@@ -355,7 +400,7 @@ def require_fit(budget: Budget, min_safe: int) -> None:
         )
     raise BudgetError(
         f"the model does not fit {budget.machine.name}: the weights may use "
-        f"{human_bytes(budget.weights)} but the smallest safe plan needs {human_bytes(min_safe)}; "
+        f"{human_bytes(budget.weights)} but {what} needs {human_bytes(min_safe)}; "
         f"{budget.context:,} tokens x {budget.parallel} sequences needs "
         f"{human_bytes(min_safe + budget.kv + budget.runtime)} usable (have "
         f"{human_bytes(budget.usable)}){context_hint}"
@@ -367,6 +412,13 @@ def render_budget(b: dict[str, Any]) -> str:
 
     rows = [(ln["label"], human_bytes(ln["bytes"]), ln["why"]) for ln in b["lines"]]
     out = [table(["", "bytes", "why"], rows)]
+    s = RuntimeShape(**b["shape"])
+    out += ["", f"runtime shape: {s.describe()}"]
+    if b.get("rejected"):
+        need = human_bytes(b["needed"])
+        out.append(f"tried first (weights need {need}; shrunk in the order of ramserve/shape.py):")
+        out += [f"  {RuntimeShape(**r['shape']).describe()}: {human_bytes(r['weights'])} for "
+                "the weights" for r in b["rejected"]]  # fmt: skip
     t = b.get("tradeoffs") or {}
     if t:
         out.append("")
@@ -389,16 +441,22 @@ def stable_budget(weights: int) -> int:
 
 
 def machine_budget(
-    source: Source, context: int | None = None, parallel: int | None = None
+    source: Source, shape: RuntimeShape | None = None
 ) -> Callable[[str | None], tuple[int, int]]:
-    """plan.MachineBudget for this model: weight bytes and runtime float bytes per device.
+    """plan.MachineBudget for this model: weight bytes and runtime float bytes per device, this
+    machine at the runtime ``shape`` (default: the defaults'), a named device at its context and
+    parallelism with the default prefill.
 
     This machine's budget moves with its free memory, so it is put on a grid (stable_budget): every
     command that plans for ``auto`` or ``max`` picks the same plan, and the cached model, while the
     free memory moves a little."""
 
     def fit(device: str | None) -> tuple[int, int]:
-        b = weight_budget(source, context=context, parallel=parallel, device=device)
+        if device is None:
+            b = weight_budget(source, shape=shape)
+        else:
+            context, parallel = (shape.context, shape.parallel) if shape else (None, None)
+            b = weight_budget(source, context=context, parallel=parallel, device=device)
         weights = b.weights if device else stable_budget(b.weights)
         return weights, FLOAT_BYTES[activation_dtype(source, device)]
 

@@ -106,7 +106,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_budget(a: argparse.Namespace) -> int:
-    from .budget import render_budget, weight_budget
+    from .budget import render_budget
     from .fmt import table
 
     if a.devices or not a.model:
@@ -114,15 +114,11 @@ def cmd_budget(a: argparse.Namespace) -> int:
                 for name, d in a.settings.devices.items()]  # fmt: skip
         print(table(["device", "memory", "GPU share"], rows))
         return 0
-    from .plan import limits
-    from .profile import analyze
+    from .fit import fitted_budget
     from .source import open_source
 
-    source = open_source(a.model, a.settings)
-    ask = {"context": a.context, "parallel": a.parallel, "device": a.device}
-    weight_budget(source, **ask)  # bad input is refused before any analysis
-    min_safe = limits(analyze(source, progress=not a.quiet), a.settings)["min_safe"]
-    b = weight_budget(source, **ask, min_safe=min_safe)
+    b = fitted_budget(open_source(a.model, a.settings), context=a.context, parallel=a.parallel,
+                      device=a.device, progress=not a.quiet)  # fmt: skip
     _emit(b.to_json(), a.json, render_budget)
     return 0
 
@@ -152,8 +148,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     fitted = fit(open_source(a.model, a.settings), a.budget, context=a.context, parallel=a.parallel,
                  progress=not a.quiet)  # fmt: skip
     print(render_fit(fitted), flush=True)
-    args = {"context": fitted.budget.context, "parallel": fitted.budget.parallel}
-    registry = VariantRegistry(fitted, a.settings, args, any_budget=a.any_budget)
+    registry = VariantRegistry(fitted, a.settings, fitted.engine_args(), any_budget=a.any_budget)
     serve(registry, cfg, host=a.host, port=a.port, api_key=api_key(a), allow_origin=a.allow_origin)
     return 0
 

@@ -173,12 +173,17 @@ class Engine:
         queue_size: int | None = None,
         prompt_cache_entries: int | None = None,
         prompt_cache_bytes: int | None = None,
+        prefill_chunk: int | None = None,
+        prefill_batch: int | None = None,
     ) -> None:
-        """Load ``folder`` and start its worker; each count not given is ``[server]``'s in configs."""
+        """Load ``folder`` and start its worker; each count not given is ``[server]``'s (the prefill
+        step ``[budget]``'s) in configs: the fit (ramserve/shape.py) may give smaller ones."""
         from mlx_lm.models.cache import LRUPromptCache
 
         server = settings.server
-        self.prefill = settings.budget  # the prefill shape the budget's scratch line pays for
+        # the prefill step the budget's scratch line pays for
+        self.prefill_chunk = prefill_chunk or settings.budget.prefill_chunk
+        self.prefill_batch = prefill_batch or settings.budget.prefill_batch
         self.folder = Path(folder)
         self.model, self.tokenizer = load_model(self.folder, server)
         self.grammars = Grammars(self.tokenizer, vocab_size(self.model), settings.tool_formats)
@@ -285,8 +290,8 @@ class Engine:
             stream=self._stream,
             stop_tokens=[[t] for t in self.tokenizer.eos_token_ids],
             completion_batch_size=self.parallel,
-            prefill_batch_size=min(self.parallel, self.prefill.prefill_batch),
-            prefill_step_size=self.prefill.prefill_chunk,
+            prefill_batch_size=min(self.parallel, self.prefill_batch),
+            prefill_step_size=self.prefill_chunk,
         )
 
     def _run(self) -> None:

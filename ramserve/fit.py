@@ -9,18 +9,20 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import cache
-from .budget import Budget, machine_budget, require_fit, weight_budget
+from .budget import Budget, activation_dtype, machine_budget, require_fit, weight_budget
 from .cache import model_dir
 from .device import FLOAT_BYTES, runtime_dtype
 from .errors import BudgetError
 from .fmt import human_bytes, table
-from .plan import histogram, is_size_spec, limits, make_plan
+from .plan import histogram, is_size_spec, make_plan, min_safe_memory
 from .profile import analyze, candidates_for, quantized_bytes
 from .quantize import is_complete, quantize
 from .records import Plan, Profile
 from .settings import Settings
+from .shape import fit_shape, fit_source_shape
 from .source import Source
 
 
@@ -32,6 +34,12 @@ class Fit:
     plan: Plan
     folder: Path
     stages: list[tuple[str, float, bool]] = field(default_factory=list)  # name, seconds, cached
+
+    def engine_args(self) -> dict[str, Any]:
+        """The runtime shape the fit chose, as the engine takes it."""
+        s = self.budget.shape
+        return {"context": s.context, "parallel": s.parallel, "prefill_chunk": s.prefill_chunk,
+                "prefill_batch": s.prefill_batch}  # fmt: skip
 
 
 def absolute_minimum(source: Source) -> int:
@@ -54,7 +62,7 @@ def hub_precheck(spec: str, settings: Settings, context: int | None, parallel: i
     the KV cache cannot fit this machine, from config.json and the safetensors index alone."""
     import json
 
-    from .budget import activation_shape_of, budget_for, kv_shape_of_config
+    from .budget import activation_shape_of, kv_shape_of_config
     from .source import REPO_ID, hub_snapshot
 
     if Path(spec).expanduser().exists() or not (match := REPO_ID.match(spec)):
@@ -71,24 +79,25 @@ def hub_precheck(spec: str, settings: Settings, context: int | None, parallel: i
     floor_bpw = min(analysis.bits) + 32 / max(analysis.group_sizes)
     floor = int(stored / 2 * floor_bpw / 8)  # every bf16 parameter at the fewest bits
     kv = kv_shape_of_config(config, FLOAT_BYTES[runtime_dtype()])
-    budget = budget_for(
-        kv, activation_shape_of(config), settings, context=context, parallel=parallel
-    )
+    budget = fit_shape(kv, activation_shape_of(config), settings, floor, context=context,
+                       parallel=parallel)  # fmt: skip
     if budget.weights < floor:
         raise BudgetError(
             f"{spec} cannot fit this machine: even at {floor_bpw:.2f} bits per weight its "
             f"{human_bytes(stored)} of bf16 weights need {human_bytes(floor)}, and only "
-            f"{human_bytes(max(budget.weights, 0))} is left beside a {budget.context:,}-token KV cache "
-            f"for {budget.parallel} sequences ({human_bytes(budget.kv)}) and the runtime; "
+            f"{human_bytes(max(budget.weights, 0))} is left even at the smallest runtime shape "
+            f"({budget.shape.describe()}: {human_bytes(budget.kv)} of KV cache and "
+            f"{human_bytes(budget.runtime)} of runtime); "
             "nothing but metadata was downloaded"
         )
 
 
 def precheck(source: Source, spec: str, budget: Budget) -> None:
-    """Refuse before any analysis when no plan can fit (needs only shapes and the machine)."""
-    floor = absolute_minimum(source)
+    """Refuse before any analysis when no plan can fit at any runtime shape (needs only shapes and
+    the machine): ``budget`` is fitted for the smallest possible plan (``absolute_minimum``)."""
+    floor = budget.needed or 0
     if budget.weights < floor:
-        require_fit(budget, floor)
+        require_fit(budget, floor, "the smallest possible plan (every module at its fewest bits)")
     if is_size_spec(spec, source.settings):
         from .budget import parse_budget
 
@@ -111,10 +120,13 @@ def fit(
     parallel: int | None = None,
     progress: bool = True,
 ) -> Fit:
-    """Measure, analyse, plan and quantize: everything ``ramserve run`` needs before serving."""
+    """Measure, analyse, plan and quantize: everything ``ramserve run`` needs before serving.
+
+    The runtime shape (context, parallel sequences, prefill step) is fitted with the weights
+    (ramserve/shape.py): what the user fixed stays, the rest shrinks until the plan fits."""
     stages: list[tuple[str, float, bool]] = []
     t = time.perf_counter()
-    budget = weight_budget(source, context=context, parallel=parallel)
+    budget = fit_source_shape(source, absolute_minimum(source), context=context, parallel=parallel)
     precheck(source, spec, budget)
     stages.append(("budget", time.perf_counter() - t, False))
 
@@ -123,13 +135,14 @@ def fit(
     stages.append(("profile", time.perf_counter() - t, profile.cache_hit))
 
     t = time.perf_counter()
-    min_safe = limits(profile, source.settings)["min_safe"]
-    budget = weight_budget(
-        source, context=budget.context, parallel=budget.parallel, min_safe=min_safe
-    )
+    settings = source.settings
+    min_safe = min_safe_memory(profile, settings, FLOAT_BYTES[activation_dtype(source)])
+    sized = make_plan(profile, spec, settings, machine=machine_budget(source)) if is_size_spec(
+        spec, settings) else None  # fmt: skip
+    needed = max(min_safe, sized.memory_bytes if sized else 0)
+    budget = fit_source_shape(source, needed, context=context, parallel=parallel)
     require_fit(budget, min_safe)
-    machine = machine_budget(source, budget.context, budget.parallel)
-    plan = make_plan(profile, spec, source.settings, machine=machine)
+    plan = sized or make_plan(profile, spec, settings, machine=machine_budget(source, budget.shape))
     require_plan_fits(plan, budget, f"budget {spec}")
     stages.append(("plan", time.perf_counter() - t, False))
 
@@ -138,6 +151,23 @@ def fit(
     folder, cached = quantize(source, plan, progress=progress)
     stages.append(("quantize", time.perf_counter() - t, cached))
     return Fit(source, profile, budget, plan, folder, stages)
+
+
+def fitted_budget(
+    source: Source,
+    *,
+    context: int | None = None,
+    parallel: int | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> Budget:
+    """``ramserve budget``: the runtime shape and weight budget ``run`` would choose for the smallest
+    safe plan, on this machine or a named device (bad input is refused before any analysis)."""
+    weight_budget(source, context=context, parallel=parallel, device=device)
+    profile = analyze(source, progress=progress)
+    float_bytes = FLOAT_BYTES[activation_dtype(source, device)]
+    min_safe = min_safe_memory(profile, source.settings, float_bytes)
+    return fit_source_shape(source, min_safe, context=context, parallel=parallel, device=device)
 
 
 def plan_for(source: Source, spec: str, quiet: bool, allow_unsafe: bool = False) -> Plan:

@@ -31,6 +31,12 @@ def limits(profile: Profile, settings: Settings) -> dict[str, int]:
             "max": safe.bytes_of(safe.best_choice())}  # fmt: skip
 
 
+def min_safe_memory(profile: Profile, settings: Settings, float_bytes: int) -> int:
+    """The smallest safe plan's weights as loaded by a runtime with ``float_bytes``-byte floats: what
+    the runtime shape must leave room for."""
+    return memory_bytes(profile, _problem(profile, settings, False).min_choice(), float_bytes)
+
+
 MachineBudget = Callable[[str | None], tuple[int, int]]
 """The machine's weight budget for a named device, or for this machine when given None: the bytes
 the weights may take in memory, and the bytes per float (scales, 16-bit tensors) the runtime uses."""

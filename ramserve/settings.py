@@ -70,6 +70,8 @@ class BudgetSettings(BaseModel):
     runtime_fixed_mb: float = Field(ge=0)
     prefill_chunk: int = Field(gt=0)
     prefill_batch: int = Field(gt=0)
+    min_prefill_chunk: int = Field(gt=0)
+    min_context: int = Field(gt=0)
     scratch_fixed_mb: float = Field(ge=0)
     attention_factor: float = Field(ge=0)
     width_factor: float = Field(ge=0)

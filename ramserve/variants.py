@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import asdict
 from typing import Any
 
 from . import cache
@@ -44,7 +45,7 @@ class VariantRegistry(Registry):
         self._plans: dict[str, Plan] = {"": fitted.plan}
         self._swap = asyncio.Lock()
         self._waiting = 0
-        self._machine = machine_budget(fitted.source, fitted.budget.context, fitted.budget.parallel)
+        self._machine = machine_budget(fitted.source, fitted.budget.shape)
 
     # -- plans --------------------------------------------------------------------------------
 
@@ -110,6 +111,7 @@ class VariantRegistry(Registry):
             status = variant_status(self.fitted.source, plan)
         return {"id": model_id, "created": self.created, "status": status,
                 "context_length": self.fitted.budget.context, **plan.summary(),
+                "runtime_shape": asdict(self.fitted.budget.shape),
                 "memory_bytes": plan.memory_bytes}  # fmt: skip
 
     # -- swapping -----------------------------------------------------------------------------

@@ -179,15 +179,14 @@ def test_plan_cli_writes_json_and_plot(tiny_moe_dir: Path, tmp_path: Path, capsy
 
 
 def test_max_is_the_best_plan_the_machine_holds(tiny_dir: Path) -> None:
-    from ramserve.budget import machine_budget
+    from ramserve.budget import machine_budget, weight_budget
     from ramserve.source import open_source
 
-    profile = analyze(open_source(str(tiny_dir), load_settings()), progress=False)
+    source = open_source(str(tiny_dir), load_settings())
+    profile = analyze(source, progress=False)
+    shape = weight_budget(source, context=256, parallel=1).shape
     roomy = make_plan(
-        profile,
-        "max",
-        machine=machine_budget(open_source(str(tiny_dir), load_settings()), 256, 1),
-        settings=load_settings(),
+        profile, "max", machine=machine_budget(source, shape), settings=load_settings()
     )
     assert all(c.bits == 16 for c in roomy.choices.values())  # this machine holds it all
     tight = roomy.memory_bytes // 2

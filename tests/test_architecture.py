@@ -15,7 +15,7 @@ ORDER = [
     "errors", "fmt", "settings", "atomic", "records", "process", "device", "seams",
     "cache", "affine", "source",
     "sensitivity", "fisher", "profile",
-    "allocate", "budget", "plan", "describe",
+    "allocate", "budget", "shape", "plan", "describe",
     "quantize",
     "cpu", "constrain", "output", "engine",
     "fit", "evaluate",

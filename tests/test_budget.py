@@ -12,6 +12,7 @@ import pytest
 from bench.measure import fill_context
 from ramserve.budget import (
     activation_shape,
+    default_shape,
     kv_shape,
     machine_budget,
     require_fit,
@@ -43,7 +44,7 @@ def test_kv_formula_matches_mlx_lm_cache_and_memory_stays_in_budget(
     plan = make_plan(
         profile_cache(model),
         "auto",
-        machine=machine_budget(source, context, parallel),
+        machine=machine_budget(source, budget.shape),
         settings=load_settings(),
     )
     folder, _ = quantize(source, plan, tmp_path / "model", progress=False)
@@ -109,7 +110,11 @@ def test_tight_memory_names_the_tradeoffs_and_refuses(profile_cache, ramserve_ho
     min_safe = limits(profile_cache(DENSE), load_settings())["min_safe"]
     kv, shape = kv_shape(source, "x"), activation_shape(source)
     needed = (
-        runtime_bytes(kv, 4096, 2, shape, load_settings().budget) + kv.bytes(4096, 2) + min_safe
+        runtime_bytes(
+            kv, default_shape(kv, load_settings(), 4096, 2), shape, load_settings().budget
+        )
+        + kv.bytes(4096, 2)
+        + min_safe
     )
     ramserve_home.mkdir(parents=True, exist_ok=True)
     (ramserve_home / "config.toml").write_text(
@@ -125,7 +130,10 @@ def test_tight_memory_names_the_tradeoffs_and_refuses(profile_cache, ramserve_ho
         require_fit(budget, min_safe)
     shown = run_cli("budget", str(shared_model(DENSE)), "--device", "tight", "--context", "4096",
                     "--parallel", "2", "-q")  # fmt: skip
-    assert "does NOT fit" in shown.stdout and "longest context at min-safe" in shown.stdout
+    # The fit keeps the context and parallelism the user gave and takes a smaller prefill step.
+    assert "runtime shape: 4,096 tokens x 2 sequences, prefill" in shown.stdout
+    assert "tried first" in shown.stdout and "prefill 2048 tokens x 2" in shown.stdout
+    assert "(fits)" in shown.stdout and "longest context at min-safe" in shown.stdout
 
 
 @pytest.mark.parametrize(

@@ -75,6 +75,10 @@ def test_run_serves_swaps_variants_and_restarts_from_cache(ramserve_home: Path) 
         cards = {m.id: m.model_dump() for m in client.models.list().data}
         assert cards["code-qwen3-30m@min-safe"]["status"] == "loaded"
         assert cards["code-qwen3-30m"]["status"] == "cached"
+        shape = cards["code-qwen3-30m"]["runtime_shape"]
+        assert shape["context"] == cards["code-qwen3-30m"]["context_length"]
+        assert shape["prefill_chunk"] <= shape["context"] and shape["parallel"] >= 1
+        assert any(ln.startswith("runtime shape: ") for ln in lines)
         assert (
             cards["code-qwen3-30m@min-safe"]["weight_bytes"]
             < cards["code-qwen3-30m"]["weight_bytes"]

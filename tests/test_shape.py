@@ -1,0 +1,107 @@
+"""The runtime shape the fit chooses: prefill first, then parallelism, then context; never what the user
+fixed; never a refusal where a smaller shape fits; `run` and `budget` agree."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from ramserve.budget import (
+    ActivationShape,
+    KVLayer,
+    KVShape,
+    budget_for,
+    default_shape,
+    require_fit,
+)
+from ramserve.cli import main
+from ramserve.errors import BudgetError
+from ramserve.settings import Device, Settings, load_settings
+from ramserve.shape import fit_shape
+
+# A Qwen3-30B-A3B-like geometry: 48 layers of 4 KV heads x 128, 32 query heads, float32 on a CPU.
+KV = KVShape(tuple(KVLayer(2 * 4 * 128) for _ in range(48)), 4, 40960)
+ACT = ActivationShape(heads=32, width=6144)
+GB = 2**30
+
+
+def on_device(memory_gb: float) -> Settings:
+    s = load_settings()
+    devices = {"box": Device(memory_gb=memory_gb)}
+    budget = s.budget.model_copy(update={"os_reserve_min_gb": 0, "os_reserve_share": 0})
+    return s.model_copy(update={"devices": devices, "budget": budget})
+
+
+def weights_at(settings: Settings, **shape: int) -> int:
+    first = default_shape(KV, settings, shape.pop("context", None), shape.pop("parallel", None))
+    return budget_for(KV, ACT, settings, replace(first, **shape), device="box").weights
+
+
+def test_the_default_shape_is_kept_when_it_fits() -> None:
+    settings = on_device(64)
+    b = fit_shape(KV, ACT, settings, 4 * GB, device="box")
+    assert b.shape == default_shape(KV, settings) and not b.rejected and b.weights >= 4 * GB
+
+
+def test_the_prefill_chunk_shrinks_first_then_the_batch_then_parallelism() -> None:
+    settings = on_device(24)
+    first = default_shape(KV, settings)
+    assert first.prefill_chunk == 2048 and first.parallel == 4 and first.prefill_batch == 4
+    # Needs more than a 1024-token chunk leaves, less than a 512-token chunk leaves.
+    needed = (
+        weights_at(settings, prefill_chunk=1024) + weights_at(settings, prefill_chunk=512)
+    ) // 2
+    b = fit_shape(KV, ACT, settings, needed, device="box")
+    assert b.shape.prefill_chunk == 512 and b.shape.parallel == 4 and b.shape.context == 8192
+    assert [r.shape.prefill_chunk for r in b.rejected] == [2048, 1024]
+    assert b.weights >= needed and all(r.weights < needed for r in b.rejected)
+    # More than any prefill step frees: parallelism goes next, never below what fits.
+    needed = weights_at(settings, prefill_chunk=256, prefill_batch=1, parallel=2) - 1
+    b = fit_shape(KV, ACT, settings, needed, device="box")
+    assert (b.shape.prefill_chunk, b.shape.prefill_batch, b.shape.parallel) == (256, 1, 2)
+    assert b.shape.context == 8192
+
+
+def test_what_the_user_fixed_is_never_changed() -> None:
+    settings = on_device(24)
+    needed = weights_at(settings, prefill_chunk=256, prefill_batch=1, parallel=1) - 1
+    kept = fit_shape(KV, ACT, settings, needed, parallel=4, device="box")
+    assert kept.shape.parallel == 4  # the context gives way instead
+    assert kept.shape.context < 8192 and kept.weights >= needed
+    assert kept.shape.context % KV.step == 0
+    both = fit_shape(KV, ACT, settings, needed, parallel=4, context=8192, device="box")
+    assert (both.shape.parallel, both.shape.context) == (4, 8192) and both.weights < needed
+    with pytest.raises(BudgetError, match="longest context that fits"):
+        require_fit(both, needed)
+
+
+def test_the_context_shrinks_last_and_not_below_the_floor() -> None:
+    settings = on_device(24)
+    needed = weights_at(settings, prefill_chunk=256, prefill_batch=1, parallel=1) + GB
+    b = fit_shape(KV, ACT, settings, needed, device="box")
+    assert b.shape.parallel == 1 and 512 <= b.shape.context < 8192 and b.weights >= needed
+    longer = weights_at(settings, prefill_chunk=256, prefill_batch=1, parallel=1,
+                        context=b.shape.context + KV.step)  # fmt: skip
+    assert longer < needed  # the longest that fits, to the KV cache's step
+    hopeless = fit_shape(KV, ACT, settings, 40 * GB, device="box")
+    assert hopeless.weights < 40 * GB and hopeless.shape.context == 8192  # nothing fits: no change
+
+
+def test_budget_and_run_report_one_min_safe_and_one_shape(
+    tiny_dir: Path, ramserve_home: Path, capsys
+) -> None:
+    from ramserve.fit import fit, fitted_budget
+    from ramserve.source import open_source
+
+    source = open_source(str(tiny_dir), load_settings())
+    shown = fitted_budget(source, context=256, parallel=2, progress=False)
+    fitted = fit(source, "auto", context=256, parallel=2, progress=False)
+    assert shown.needed == fitted.budget.needed
+    assert shown.tradeoffs["min_safe_bytes"] == fitted.budget.tradeoffs["min_safe_bytes"]
+    assert shown.shape == fitted.budget.shape
+    assert fitted.engine_args()["prefill_chunk"] == shown.shape.prefill_chunk
+    assert main(["budget", str(tiny_dir), "--context", "256", "--parallel", "2", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "runtime shape: 256 tokens x 2 sequences, prefill 256 tokens x 2" in out
