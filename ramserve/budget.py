@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .device import FLOAT_BYTES, Machine, runtime_dtype, this_machine
@@ -26,6 +26,7 @@ from .settings import BudgetSettings, Device, Settings
 if TYPE_CHECKING:
     from .source import Source
 
+KV_GROUP_SIZE = 64  # elements per scale and bias in a quantized KV cache
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
 SIZE = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>[kmgt]i?b|b)\s*$", re.IGNORECASE)
@@ -72,22 +73,34 @@ class KVShape:
     dtype_bytes: int
     max_context: int | None
     step: int = 256  # mlx-lm's KVCache grows in steps of this many tokens
+    bits: int = 16  # 8 or 4: stored as MLX affine codes (ramserve/kvcache.py), windows stay 16-bit
+    head_dim: int = 0  # the attention heads' width (0: unknown)
+
+    @property
+    def quantizable(self) -> bool:
+        """Whether the cache can be stored in 8 or 4 bits (in groups of KV_GROUP_SIZE per head)."""
+        return self.head_dim > 0 and self.head_dim % KV_GROUP_SIZE == 0
+
+    def element_bytes(self, windowed: bool = False) -> float:
+        """Bytes per stored element: the float, or the code plus its group's scale and bias."""
+        if self.bits >= 16 or windowed:
+            return self.dtype_bytes
+        return self.bits / 8 + 2 * self.dtype_bytes / KV_GROUP_SIZE
 
     def bytes(self, context: int, parallel: int = 1) -> int:
         """Bytes mlx-lm's caches allocate for ``context`` tokens in each of ``parallel`` sequences."""
-        total = 0
+        total = 0.0
         for layer in self.layers:
             allocated = math.ceil(context / self.step) * self.step
             if layer.window is not None:
                 allocated = min(allocated, layer.window)
-            total += allocated * layer.per_token
-        return total * self.dtype_bytes * parallel
+            total += allocated * layer.per_token * self.element_bytes(layer.window is not None)
+        return round(total * parallel)
 
     def per_token(self) -> int:
         """Bytes per token of context for one sequence, unwindowed layers only (the slope)."""
-        return (
-            sum(layer.per_token for layer in self.layers if layer.window is None) * self.dtype_bytes
-        )
+        elements = sum(layer.per_token for layer in self.layers if layer.window is None)
+        return round(elements * self.element_bytes())
 
 
 def kv_shape_of_config(config: dict[str, Any], dtype_bytes: int) -> KVShape:
@@ -103,7 +116,7 @@ def kv_shape_of_config(config: dict[str, Any], dtype_bytes: int) -> KVShape:
     return KVShape(tuple(KVLayer(per_token) for _ in range(layers)), dtype_bytes, max_context)
 
 
-def kv_shape(source: Source, device: str | None = None) -> KVShape:
+def kv_shape(source: Source, device: str | None = None, kv_bits: int | None = None) -> KVShape:
     """The KV geometry: each layer's k/v projection widths and its cache type in mlx-lm.
 
     The cache types come from the model's own ``make_cache`` (sliding-window layers get a
@@ -133,7 +146,14 @@ def kv_shape(source: Source, device: str | None = None) -> KVShape:
         window = cache.max_size if isinstance(cache, RotatingKVCache) else None
         layers.append(KVLayer(per_token, window))
     max_context = source.config.get("max_position_embeddings")
-    return KVShape(tuple(layers), FLOAT_BYTES[activation_dtype(source, device)], max_context)
+    dtype_bytes = FLOAT_BYTES[activation_dtype(source, device)]
+    return KVShape(tuple(layers), dtype_bytes, max_context, bits=kv_bits or 16,
+                   head_dim=head_dim_of(source.config))  # fmt: skip
+
+
+def head_dim_of(config: dict[str, Any]) -> int:
+    heads = int(config.get("num_attention_heads") or 1)
+    return int(config.get("head_dim") or int(config.get("hidden_size", 0)) // heads)
 
 
 def activation_dtype(source: Source, device: str | None = None) -> str:
@@ -179,14 +199,20 @@ class RuntimeShape:
     parallel: int
     prefill_chunk: int
     prefill_batch: int
+    kv_bits: int = 16  # the KV cache's precision: 16, or 8 / 4 (MLX affine, ramserve/kvcache.py)
 
     def describe(self) -> str:
-        return (f"{self.context:,} tokens x {self.parallel} sequences, prefill "
+        kv = f", {self.kv_bits}-bit KV" if self.kv_bits < 16 else ""
+        return (f"{self.context:,} tokens x {self.parallel} sequences{kv}, prefill "
                 f"{self.prefill_chunk} tokens x {self.prefill_batch}")  # fmt: skip
 
 
 def default_shape(
-    kv: KVShape, settings: Settings, context: int | None = None, parallel: int | None = None
+    kv: KVShape,
+    settings: Settings,
+    context: int | None = None,
+    parallel: int | None = None,
+    kv_bits: int = 16,
 ) -> RuntimeShape:
     """The shape asked for: the user's context and parallelism, else the defaults in configs/."""
     cfg = settings.budget
@@ -195,7 +221,7 @@ def default_shape(
     parallel = settings.server.parallel if parallel is None else parallel
     check_request(kv, context, parallel)
     return RuntimeShape(context, parallel, min(cfg.prefill_chunk, context),
-                        min(parallel, cfg.prefill_batch))  # fmt: skip
+                        min(parallel, cfg.prefill_batch), kv_bits)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -295,11 +321,12 @@ def weight_budget(
     device: str | None = None,
     min_safe: int | None = None,
     shape: RuntimeShape | None = None,
+    kv_bits: int = 16,
 ) -> Budget:
     """The weight budget for this machine (or a named device) at ``context`` x ``parallel`` (the
     defaults' prefill), or at the runtime ``shape`` given."""
     kv = kv_shape(source, device)
-    shape = shape or default_shape(kv, source.settings, context, parallel)
+    shape = shape or default_shape(kv, source.settings, context, parallel, kv_bits)
     return budget_for(kv, activation_shape(source), source.settings, shape, device=device,
                       min_safe=min_safe)  # fmt: skip
 
@@ -317,6 +344,7 @@ def budget_for(
     cfg = settings.budget
     context, parallel = runtime_shape.context, runtime_shape.parallel
     check_request(kv, context, parallel)
+    kv = replace(kv, bits=runtime_shape.kv_bits)
     machine = device_machine(device, settings.devices) if device else this_machine()
 
     reserve = reserve_bytes(machine, cfg)
@@ -355,7 +383,7 @@ def budget_for(
             "KV cache",
             kv_bytes,
             f"{context:,} tokens x {parallel} sequences x "
-            f"{len(kv.layers)} layers, {kv.dtype_bytes}-byte {human_bytes(kv.per_token())}/token",
+            f"{len(kv.layers)} layers, {_precision(kv)} {human_bytes(kv.per_token())}/token",
         ),  # fmt: skip
         Line("weights", weights, "usable - runtime - KV cache"),
     ]
@@ -363,6 +391,10 @@ def budget_for(
     if min_safe is not None:
         budget.tradeoffs = tradeoffs(budget, kv, min_safe)
     return budget
+
+
+def _precision(kv: KVShape) -> str:
+    return f"{kv.dtype_bytes}-byte" if kv.bits >= 16 else f"{kv.bits}-bit"
 
 
 def tradeoffs(budget: Budget, kv: KVShape, min_safe: int) -> dict[str, Any]:
@@ -456,7 +488,8 @@ def machine_budget(
             b = weight_budget(source, shape=shape)
         else:
             context, parallel = (shape.context, shape.parallel) if shape else (None, None)
-            b = weight_budget(source, context=context, parallel=parallel, device=device)
+            b = weight_budget(source, context=context, parallel=parallel, device=device,
+                              kv_bits=shape.kv_bits if shape else 16)  # fmt: skip
         weights = b.weights if device else stable_budget(b.weights)
         return weights, FLOAT_BYTES[activation_dtype(source, device)]
 

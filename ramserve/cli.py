@@ -118,7 +118,7 @@ def cmd_budget(a: argparse.Namespace) -> int:
     from .source import open_source
 
     b = fitted_budget(open_source(a.model, a.settings), context=a.context, parallel=a.parallel,
-                      device=a.device, progress=not a.quiet)  # fmt: skip
+                      device=a.device, kv_bits=a.kv_bits, progress=not a.quiet)  # fmt: skip
     _emit(b.to_json(), a.json, render_budget)
     return 0
 
@@ -131,7 +131,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     source = open_source(a.model, a.settings)
     registry = Registry(source.path, a.name or served_name(source), a.settings,
-                        {"context": a.context, "parallel": a.parallel})  # fmt: skip
+                        {"context": a.context, "parallel": a.parallel,
+                         "kv_bits": a.kv_bits or 16})  # fmt: skip
     serve(registry, a.settings.server, host=a.host, port=a.port, api_key=api_key(a),
           allow_origin=a.allow_origin)  # fmt: skip
     return 0
@@ -144,9 +145,9 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .variants import VariantRegistry
 
     cfg = a.settings.server
-    hub_precheck(a.model, a.settings, a.context, a.parallel)
+    hub_precheck(a.model, a.settings, a.context, a.parallel, a.kv_bits)
     fitted = fit(open_source(a.model, a.settings), a.budget, context=a.context, parallel=a.parallel,
-                 progress=not a.quiet)  # fmt: skip
+                 kv_bits=a.kv_bits, progress=not a.quiet)  # fmt: skip
     print(render_fit(fitted), flush=True)
     registry = VariantRegistry(fitted, a.settings, fitted.engine_args(), any_budget=a.any_budget)
     serve(registry, cfg, host=a.host, port=a.port, api_key=api_key(a), allow_origin=a.allow_origin)
@@ -168,6 +169,22 @@ def add_server_options(s: argparse.ArgumentParser, cfg: ServerSettings) -> None:
     )
     s.add_argument("--context", type=int, help="tokens per sequence (default: the model's maximum)")
     s.add_argument("--parallel", type=int, help="sequences decoding at once")
+    add_kv_bits(s)
+
+
+def kv_bits(value: str) -> int | None:
+    """``--kv-bits``: 16, 8 or 4, or auto (None: the fit decides)."""
+    if value == "auto":
+        return None
+    if value not in ("16", "8", "4"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not auto, 16, 8 or 4")
+    return int(value)
+
+
+def add_kv_bits(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--kv-bits", type=kv_bits, default=None, metavar="auto|16|8|4",
+                   help="the KV cache's precision (default auto: 16-bit unless fewer bits are "
+                   "needed to fit; `serve` takes auto as 16)")  # fmt: skip
 
 
 def cmd_ls(a: argparse.Namespace) -> int:
@@ -222,9 +239,9 @@ def cmd_service(a: argparse.Namespace) -> int:
 
     if a.action == "install":
         options = []
-        for flag in ("budget", "context", "parallel", "host", "port"):
+        for flag in ("budget", "context", "parallel", "kv_bits", "host", "port"):
             if (value := getattr(a, flag)) is not None:
-                options += [f"--{flag}", str(value)]
+                options += [f"--{flag.replace('_', '-')}", str(value)]
         done = service.install(a.model, options, dry_run=a.dry_run)
         if a.dry_run:
             print(done["plist"])
@@ -309,6 +326,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     s.add_argument("--context", type=int, help="tokens per sequence (default from configs/)")
     s.add_argument("--parallel", type=int, help="concurrent sequences (default from configs/)")
     s.add_argument("--device", help="a named device instead of this machine")
+    add_kv_bits(s)
     s.add_argument("--devices", action="store_true", help="list the named devices")
     s.add_argument("--json", action="store_true")
     s.add_argument("-q", "--quiet", action="store_true")
@@ -361,6 +379,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     i.add_argument("--budget")
     i.add_argument("--context", type=int)
     i.add_argument("--parallel", type=int)
+    add_kv_bits(i)
     i.add_argument("--host")
     i.add_argument("--port", type=int)
     i.add_argument("--dry-run", action="store_true", help="print the plist and commands only")

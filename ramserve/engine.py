@@ -28,9 +28,11 @@ from typing import Any
 
 import mlx.core as mx
 
+from .budget import RuntimeShape
 from .constrain import Grammars
 from .device import runtime_dtype
 from .errors import RamserveError
+from .kvcache import sequence_caches, supports
 from .output import Done, Event, Output, Usage, make_output
 from .settings import ServerSettings, Settings
 
@@ -175,9 +177,11 @@ class Engine:
         prompt_cache_bytes: int | None = None,
         prefill_chunk: int | None = None,
         prefill_batch: int | None = None,
+        kv_bits: int | None = None,
     ) -> None:
         """Load ``folder`` and start its worker; each count not given is ``[server]``'s (the prefill
-        step ``[budget]``'s) in configs: the fit (ramserve/shape.py) may give smaller ones."""
+        step ``[budget]``'s) in configs: the fit (ramserve/shape.py) may give smaller ones. With
+        ``kv_bits`` (8 or 4) the KV cache is stored quantized (ramserve/kvcache.py)."""
         from mlx_lm.models.cache import LRUPromptCache
 
         server = settings.server
@@ -189,6 +193,9 @@ class Engine:
         self.grammars = Grammars(self.tokenizer, vocab_size(self.model), settings.tool_formats)
         limit = max_positions(self.model)
         self.context = min(context or limit, limit)
+        self.kv_bits = None if kv_bits in (None, 16) else kv_bits
+        if self.kv_bits is not None:
+            require_kv_bits(self.model, self.kv_bits)
         self.parallel = server.parallel if parallel is None else parallel
         self.queue_size = server.queue_size if queue_size is None else queue_size
         entries = (
@@ -258,6 +265,11 @@ class Engine:
         for _ in prompts:
             done.acquire()
         return events
+
+    def runtime_shape(self) -> RuntimeShape:
+        """What this engine is sized for (the budget's record of it)."""
+        return RuntimeShape(self.context, self.parallel, self.prefill_chunk, self.prefill_batch,
+                            self.kv_bits or 16)  # fmt: skip
 
     def weight_bytes(self) -> int:
         """The loaded model's bytes (parameters as this runtime holds them)."""
@@ -351,6 +363,8 @@ class Engine:
         if cache is not None and not rest:  # an exact hit: recompute the last token for its logits
             trim_prompt_cache(cache, 1)
             rest = prompt[-1:]
+        if cache is None:
+            cache = sequence_caches(self.model, self.kv_bits)
         r.cached_tokens = len(prompt) - len(rest)
         (r.uid,) = self._generator.insert(
             [rest],
@@ -420,6 +434,17 @@ class Engine:
             self._count_finish("error")
             r.done = True
             r.output.fail(message)
+
+
+def require_kv_bits(model: Any, bits: int) -> None:
+    """Refuse a KV precision the model's attention heads cannot be stored in."""
+    args = model.args
+    head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+    if bits not in (4, 8) or not supports(int(head_dim), bits):
+        raise RamserveError(
+            f"cannot store this model's KV cache in {bits} bits (head dimension {head_dim}); "
+            "use --kv-bits 16, 8 or 4 with a head dimension divisible by 64"
+        )
 
 
 def vocab_size(model: Any) -> int:

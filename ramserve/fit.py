@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ class Fit:
         """The runtime shape the fit chose, as the engine takes it."""
         s = self.budget.shape
         return {"context": s.context, "parallel": s.parallel, "prefill_chunk": s.prefill_chunk,
-                "prefill_batch": s.prefill_batch}  # fmt: skip
+                "prefill_batch": s.prefill_batch, "kv_bits": s.kv_bits}  # fmt: skip
 
 
 def absolute_minimum(source: Source) -> int:
@@ -57,7 +58,8 @@ def absolute_minimum(source: Source) -> int:
     return total
 
 
-def hub_precheck(spec: str, settings: Settings, context: int | None, parallel: int | None) -> None:
+def hub_precheck(spec: str, settings: Settings, context: int | None, parallel: int | None,
+                 kv_bits: int | None = None) -> None:  # fmt: skip
     """For a hub repo, before downloading weights: refuse when even the smallest possible plan plus
     the KV cache cannot fit this machine, from config.json and the safetensors index alone."""
     import json
@@ -80,7 +82,7 @@ def hub_precheck(spec: str, settings: Settings, context: int | None, parallel: i
     floor = int(stored / 2 * floor_bpw / 8)  # every bf16 parameter at the fewest bits
     kv = kv_shape_of_config(config, FLOAT_BYTES[runtime_dtype()])
     budget = fit_shape(kv, activation_shape_of(config), settings, floor, context=context,
-                       parallel=parallel)  # fmt: skip
+                       parallel=parallel, kv_bits=kv_bits)  # fmt: skip
     if budget.weights < floor:
         raise BudgetError(
             f"{spec} cannot fit this machine: even at {floor_bpw:.2f} bits per weight its "
@@ -118,15 +120,18 @@ def fit(
     *,
     context: int | None = None,
     parallel: int | None = None,
+    kv_bits: int | None = None,
     progress: bool = True,
 ) -> Fit:
     """Measure, analyse, plan and quantize: everything ``ramserve run`` needs before serving.
 
     The runtime shape (context, parallel sequences, prefill step) is fitted with the weights
-    (ramserve/shape.py): what the user fixed stays, the rest shrinks until the plan fits."""
+    (ramserve/shape.py): what the user fixed stays, the rest shrinks until the plan fits;
+    ``kv_bits`` None is ``--kv-bits auto``."""
     stages: list[tuple[str, float, bool]] = []
     t = time.perf_counter()
-    budget = fit_source_shape(source, absolute_minimum(source), context=context, parallel=parallel)
+    shaped = partial(fit_source_shape, source, context=context, parallel=parallel, kv_bits=kv_bits)
+    budget = shaped(absolute_minimum(source))
     precheck(source, spec, budget)
     stages.append(("budget", time.perf_counter() - t, False))
 
@@ -140,7 +145,7 @@ def fit(
     sized = make_plan(profile, spec, settings, machine=machine_budget(source)) if is_size_spec(
         spec, settings) else None  # fmt: skip
     needed = max(min_safe, sized.memory_bytes if sized else 0)
-    budget = fit_source_shape(source, needed, context=context, parallel=parallel)
+    budget = shaped(needed)
     require_fit(budget, min_safe)
     plan = sized or make_plan(profile, spec, settings, machine=machine_budget(source, budget.shape))
     require_plan_fits(plan, budget, f"budget {spec}")
@@ -159,6 +164,7 @@ def fitted_budget(
     context: int | None = None,
     parallel: int | None = None,
     device: str | None = None,
+    kv_bits: int | None = None,
     progress: bool = True,
 ) -> Budget:
     """``ramserve budget``: the runtime shape and weight budget ``run`` would choose for the smallest
@@ -167,7 +173,8 @@ def fitted_budget(
     profile = analyze(source, progress=progress)
     float_bytes = FLOAT_BYTES[activation_dtype(source, device)]
     min_safe = min_safe_memory(profile, source.settings, float_bytes)
-    return fit_source_shape(source, min_safe, context=context, parallel=parallel, device=device)
+    return fit_source_shape(source, min_safe, context=context, parallel=parallel, device=device,
+                            kv_bits=kv_bits)  # fmt: skip
 
 
 def plan_for(source: Source, spec: str, quiet: bool, allow_unsafe: bool = False) -> Plan:

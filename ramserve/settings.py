@@ -72,6 +72,7 @@ class BudgetSettings(BaseModel):
     prefill_batch: int = Field(gt=0)
     min_prefill_chunk: int = Field(gt=0)
     min_context: int = Field(gt=0)
+    shrink_order: list[Literal["prefill_chunk", "prefill_batch", "kv_bits", "parallel", "context"]]
     scratch_fixed_mb: float = Field(ge=0)
     attention_factor: float = Field(ge=0)
     width_factor: float = Field(ge=0)

@@ -1,16 +1,17 @@
-"""Choosing the runtime shape the weights are fitted beside: context, parallel sequences, prefill step.
+"""Choosing the runtime shape the weights are fitted beside: context, parallel sequences, prefill step
+and KV precision.
 
-The user's ``--context`` and ``--parallel`` are kept as given; the defaults in configs/ are targets.
-When the weights a model needs do not fit beside the shape asked for, the fit gives up, in this order,
-what costs least, and stops at the first shape that fits:
+What the user gave (``--context``, ``--parallel``, ``--kv-bits`` 16/8/4) is kept as given; the defaults
+in configs/ are targets. When the weights a model needs do not fit beside the shape asked for, the fit
+gives up, in the order of ``[budget] shrink_order``, what costs least, and stops at the first shape
+that fits:
 
-1. the prefill chunk, halved down to ``[budget] min_prefill_chunk``: a long prompt prefills in more
-   steps (the scratch of one step shrinks with it);
-2. the prefill batch, halved down to 1: prompts that arrive together prefill one after another;
-3. the parallel sequences, halved down to 1, unless the user gave ``--parallel``: fewer requests
-   decode at once and the rest wait in the queue;
-4. the context, unless the user gave ``--context``: the longest that fits, in the KV cache's steps,
-   down to ``[budget] min_context``.
+- ``prefill_chunk``: halved down to ``[budget] min_prefill_chunk``; a long prompt prefills in more
+  steps (the scratch of one step shrinks with it);
+- ``prefill_batch``: halved down to 1; prompts that arrive together prefill one after another;
+- ``kv_bits``: with ``--kv-bits auto``, 16 then 8 then 4 bits (ramserve/kvcache.py);
+- ``parallel``: halved down to 1; fewer requests decode at once and the rest wait in the queue;
+- ``context``: the longest that fits, in the KV cache's steps, down to ``[budget] min_context``.
 
 Every shape tried and not taken is kept in the budget (``Budget.rejected``) with the weight bytes it
 would have left, so that ``ramserve budget`` and ``ramserve run`` show why the shape is what it is.
@@ -39,21 +40,50 @@ if TYPE_CHECKING:
     from .source import Source
 
 
-def smaller_shapes(first: RuntimeShape, settings: Settings, *, keep_parallel: bool,
-                   ) -> Iterator[RuntimeShape]:  # fmt: skip
-    """Steps 1-3 of the order above, each shape one step smaller than the last."""
+Step = Callable[[RuntimeShape, Settings], RuntimeShape | None]
+
+
+def _halve_chunk(s: RuntimeShape, settings: Settings) -> RuntimeShape | None:
+    floor = settings.budget.min_prefill_chunk
+    return (
+        replace(s, prefill_chunk=max(floor, s.prefill_chunk // 2))
+        if s.prefill_chunk > floor
+        else None
+    )
+
+
+def _halve_batch(s: RuntimeShape, settings: Settings) -> RuntimeShape | None:
+    return replace(s, prefill_batch=s.prefill_batch // 2) if s.prefill_batch > 1 else None
+
+
+def _fewer_kv_bits(s: RuntimeShape, settings: Settings) -> RuntimeShape | None:
+    return replace(s, kv_bits=KV_STEPS[s.kv_bits]) if s.kv_bits in KV_STEPS else None
+
+
+def _halve_parallel(s: RuntimeShape, settings: Settings) -> RuntimeShape | None:
+    if s.parallel <= 1:
+        return None
+    parallel = s.parallel // 2
+    return replace(s, parallel=parallel, prefill_batch=min(s.prefill_batch, parallel))
+
+
+KV_STEPS = {16: 8, 8: 4}
+STEPS: dict[str, Step] = {"prefill_chunk": _halve_chunk, "prefill_batch": _halve_batch,
+                          "kv_bits": _fewer_kv_bits, "parallel": _halve_parallel}  # fmt: skip
+
+
+def smaller_shapes(
+    first: RuntimeShape, settings: Settings, fixed: set[str]
+) -> Iterator[RuntimeShape]:
+    """The order of ``[budget] shrink_order`` up to the context (``fit_shape``'s last resort), each
+    shape one step smaller than the last; what is in ``fixed`` is left as it is."""
     shape = first
-    while shape.prefill_chunk > settings.budget.min_prefill_chunk:
-        shape = replace(shape, prefill_chunk=max(settings.budget.min_prefill_chunk,
-                                                 shape.prefill_chunk // 2))  # fmt: skip
-        yield shape
-    while shape.prefill_batch > 1:
-        shape = replace(shape, prefill_batch=shape.prefill_batch // 2)
-        yield shape
-    while not keep_parallel and shape.parallel > 1:
-        parallel = shape.parallel // 2
-        shape = replace(shape, parallel=parallel, prefill_batch=min(shape.prefill_batch, parallel))
-        yield shape
+    for name in settings.budget.shrink_order:
+        if name in fixed or name not in STEPS:
+            continue
+        while (smaller := STEPS[name](shape, settings)) is not None:
+            shape = smaller
+            yield shape
 
 
 def fit_shape(
@@ -65,16 +95,21 @@ def fit_shape(
     context: int | None = None,
     parallel: int | None = None,
     device: str | None = None,
+    kv_bits: int | None = 16,
 ) -> Budget:
     """The budget at the first shape, in the order above, that leaves ``needed`` bytes for the
-    weights; when none does, the budget at the smallest shape (its ``weights`` fall short)."""
+    weights; when none does, the budget at the smallest shape (its ``weights`` fall short).
+    ``kv_bits`` None is ``auto``: 16-bit first, fewer bits when the shrink order comes to them."""
 
     def at(shape: RuntimeShape) -> Budget:
         return budget_for(kv, act, settings, shape, device=device, min_safe=needed)
 
-    budget = at(default_shape(kv, settings, context, parallel))
+    budget = at(default_shape(kv, settings, context, parallel, kv_bits or 16))
     rejected: list[Rejected] = []
-    for shape in smaller_shapes(budget.shape, settings, keep_parallel=parallel is not None):
+    fixed = {name for name, given in (("parallel", parallel), ("kv_bits", kv_bits)) if given}
+    if not kv.quantizable:
+        fixed.add("kv_bits")
+    for shape in smaller_shapes(budget.shape, settings, fixed):
         if budget.weights >= needed:
             break
         rejected.append(Rejected(budget.shape, budget.weights))
@@ -115,7 +150,8 @@ def fit_source_shape(
     context: int | None = None,
     parallel: int | None = None,
     device: str | None = None,
+    kv_bits: int | None = 16,
 ) -> Budget:
     """fit_shape for a model: its KV and activation shapes, on this machine or a named device."""
     return fit_shape(kv_shape(source, device), activation_shape(source), source.settings, needed,
-                     context=context, parallel=parallel, device=device)  # fmt: skip
+                     context=context, parallel=parallel, device=device, kv_bits=kv_bits)  # fmt: skip

@@ -17,7 +17,7 @@ ORDER = [
     "sensitivity", "fisher", "profile",
     "allocate", "budget", "shape", "plan", "describe",
     "quantize",
-    "cpu", "constrain", "output", "engine",
+    "cpu", "constrain", "output", "kvcache", "engine",
     "fit", "evaluate",
     "server.errors", "server.limits", "server.metrics", "server.schemas", "server.registry",
     "server.app", "server",

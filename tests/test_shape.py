@@ -22,7 +22,7 @@ from ramserve.settings import Device, Settings, load_settings
 from ramserve.shape import fit_shape
 
 # A Qwen3-30B-A3B-like geometry: 48 layers of 4 KV heads x 128, 32 query heads, float32 on a CPU.
-KV = KVShape(tuple(KVLayer(2 * 4 * 128) for _ in range(48)), 4, 40960)
+KV = KVShape(tuple(KVLayer(2 * 4 * 128) for _ in range(48)), 4, 40960, head_dim=128)
 ACT = ActivationShape(heads=32, width=6144)
 GB = 2**30
 
@@ -87,6 +87,34 @@ def test_the_context_shrinks_last_and_not_below_the_floor() -> None:
     assert longer < needed  # the longest that fits, to the KV cache's step
     hopeless = fit_shape(KV, ACT, settings, 40 * GB, device="box")
     assert hopeless.weights < 40 * GB and hopeless.shape.context == 8192  # nothing fits: no change
+
+
+def test_auto_kv_precision_is_given_up_after_the_prefill_step_before_parallelism() -> None:
+    settings = on_device(24)
+    prefill_only = weights_at(settings, prefill_chunk=256, prefill_batch=1)
+    needed = prefill_only + GB  # more than the smallest prefill step frees
+    auto = fit_shape(KV, ACT, settings, needed, device="box", kv_bits=None)
+    assert auto.shape.kv_bits == 8 and auto.shape.parallel == 4 and auto.shape.context == 8192
+    assert auto.weights >= needed and auto.rejected[-1].shape.kv_bits == 16
+    assert auto.kv < auto.rejected[-1].weights  # (the 8-bit cache is well under the 16-bit one)
+    fixed = fit_shape(KV, ACT, settings, needed, device="box", kv_bits=16)
+    assert fixed.shape.kv_bits == 16 and fixed.shape.parallel < 4  # the user's 16 bits stay
+    roomy = fit_shape(KV, ACT, settings, 2 * GB, device="box", kv_bits=None)
+    assert roomy.shape.kv_bits == 16 and not roomy.rejected  # no need: full precision
+    narrow = replace(KV, head_dim=80)  # 80 is not a multiple of the 64-element groups
+    assert fit_shape(narrow, ACT, settings, needed, device="box", kv_bits=None).shape.kv_bits == 16
+
+
+def test_the_kv_line_follows_the_precision() -> None:
+    settings = on_device(64)
+    shape = default_shape(KV, settings)
+    lines = {b: budget_for(KV, ACT, settings, replace(shape, kv_bits=b), device="box").kv
+             for b in (16, 8, 4)}  # fmt: skip
+    assert lines[16] == KV.bytes(8192, 4)
+    # float32 on this CPU: 8 bits + a float32 scale and bias per 64 elements = 9 bits; 4 -> 5
+    assert lines[8] == pytest.approx(lines[16] * 9 / 32) and lines[4] == pytest.approx(
+        lines[16] * 5 / 32
+    )
 
 
 def test_budget_and_run_report_one_min_safe_and_one_shape(

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,7 @@ class Registry:
         return {"id": self.name, "created": self.created,
                 "status": "loaded" if self.ready else "loading",
                 "context_length": self.engine.context if self.engine else None,
+                "runtime_shape": asdict(self.engine.runtime_shape()) if self.engine else None,
                 **(plan.summary() if plan else {})}  # fmt: skip
 
     # -- requests -----------------------------------------------------------------------------
