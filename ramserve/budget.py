@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from .device import FLOAT_BYTES, Machine, runtime_dtype, this_machine
+from .device import FLOAT_BYTES, KV_GROUP_SIZE, Machine, runtime_dtype, this_machine
 from .errors import BudgetError
 from .fmt import human_bytes
 from .settings import BudgetSettings, Device, Settings
@@ -26,7 +26,6 @@ from .settings import BudgetSettings, Device, Settings
 if TYPE_CHECKING:
     from .source import Source
 
-KV_GROUP_SIZE = 64  # elements per scale and bias in a quantized KV cache
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
 SIZE = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>[kmgt]i?b|b)\s*$", re.IGNORECASE)
@@ -124,6 +123,8 @@ def kv_shape(source: Source, device: str | None = None, kv_bits: int | None = No
     """
     from mlx_lm.models.cache import KVCache, RotatingKVCache
 
+    from .source import head_dim_of
+
     model = source.model
     caches = (
         model.make_cache() if hasattr(model, "make_cache") else [KVCache() for _ in model.layers]
@@ -151,9 +152,6 @@ def kv_shape(source: Source, device: str | None = None, kv_bits: int | None = No
                    head_dim=head_dim_of(source.config))  # fmt: skip
 
 
-def head_dim_of(config: dict[str, Any]) -> int:
-    heads = int(config.get("num_attention_heads") or 1)
-    return int(config.get("head_dim") or int(config.get("hidden_size", 0)) // heads)
 
 
 def activation_dtype(source: Source, device: str | None = None) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 import mlx.core as mx
 
 FLOAT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+KV_GROUP_SIZE = 64  # elements per scale and bias of a quantized KV cache (ramserve/kvcache.py)
 
 
 def runtime_dtype(stored: str = "bfloat16") -> str:

@@ -35,7 +35,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import BadModel
-from .seams import DecoderStack
+from .seams import DecoderStack, with_cache
 from .settings import FisherSettings
 
 # The architectures the seams (this layer streaming, cpu.adapt_to_cpu) are tested on, for the message.
@@ -415,20 +415,22 @@ def next_tokens(
 
 def streamed_fisher(
     source: Any, cfg: FisherSettings, dtype: mx.Dtype, progress: bool
-) -> dict[str, FisherStat]:
-    """Per quantizable module, the diagonal of the Fisher of its weight per token (``FisherStat``)."""
+) -> SelfFisher:
+    """Per quantizable module, the diagonal of the Fisher of its weight per token (``FisherStat``);
+    and, on the same sequences, the KL the quantized KV cache costs (``kv_damage``)."""
     from tqdm import tqdm
 
     run = StreamedModel(source, dtype)
     n, layers = cfg.sequences, len(run.layers)
     # every layer of the sweeps, of the labelling pass and of the backward pass
-    bar = tqdm(total=(cfg.sweeps + 2) * layers, desc="self-Fisher", unit="layer", file=sys.stderr,
+    bar = tqdm(total=(cfg.sweeps + 3) * layers, desc="self-Fisher", unit="layer", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)  # fmt: skip
     run.layer_done = lambda: bar.update(1)
     vocab = int(source.config["vocab_size"])
     x, labels, (seen, last, args, kwargs) = jacobi_inputs(
         run, n, cfg.tokens, cfg.sweeps, cfg.seed, start_token(source.config, vocab), vocab
     )
+    kv = kv_damage(run, x, (seen, last, args, kwargs), KV_BITS)
     sums = Marginals({m.path: m.shape for m in source.modules})
     grads, head_rows = _head(run, x, labels, last, sums)
     for i in reversed(range(layers)):
@@ -436,7 +438,43 @@ def streamed_fisher(
         bar.update(1)
     _embedding(run, x, grads, head_rows, sums)
     bar.close()
-    return sums.stats(n * cfg.tokens)
+    return SelfFisher(sums.stats(n * cfg.tokens), kv)
+
+
+KV_BITS = (8, 4)
+
+
+def kv_damage(run: StreamedModel, x: mx.array, hidden: Hidden, bits: tuple[int, ...]
+              ) -> dict[str, float]:  # fmt: skip
+    """The KL per token from the next-token distributions of the sampled sequences ``x`` with a
+    16-bit KV cache (``hidden``: that pass) to those with every layer's keys and values stored in
+    each of ``bits`` (MLX affine, 64-element groups, as ramserve/kvcache.py stores them)."""
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    from .device import KV_GROUP_SIZE
+    from .source import head_dim_of
+
+    seen, last, args, kwargs = hidden
+    if head_dim_of(run.source.config) % KV_GROUP_SIZE:
+        return {}  # such a cache stays 16-bit (kvcache): nothing to measure
+    h = {b: seen[0] for b in bits}
+    for i, layer in enumerate(run.layers):
+        layer.update(run.layer_params(i))
+        for b in bits:
+            a, k = with_cache(args, kwargs, QuantizedKVCache(group_size=KV_GROUP_SIZE, bits=b))
+            h[b] = layer(h[b], *a, **k)
+            mx.eval(h[b])
+        run.release_layer(i)
+        run.layer_done()
+    total = dict.fromkeys(bits, 0.0)
+    with run.outer(head=True):
+        for s in range(x.shape[0]):
+            ref = nn.log_softmax(run.logits(x[s : s + 1], last[s : s + 1]), axis=-1)
+            for b in bits:
+                quantized = nn.log_softmax(run.logits(x[s : s + 1], h[b][s : s + 1]), axis=-1)
+                kl = (mx.exp(ref) * (ref - quantized)).sum()
+                total[b] += float(kl.item())
+    return {str(b): total[b] / x.size for b in bits}
 
 
 def _head(
@@ -655,9 +693,16 @@ def peak_bytes(source: Any, cfg: FisherSettings, dtype: mx.Dtype) -> int:
     )
 
 
-def self_fisher(source: Any, cfg: FisherSettings, progress: bool) -> dict[str, FisherStat] | None:
-    """The Fisher statistics of every quantizable module, or None when even the streamed pass would
-    not fit in the configured share of free memory (the profile then uses the energy flow)."""
+@dataclass
+class SelfFisher:
+    stats: dict[str, FisherStat]  # per quantizable module
+    kv_damage: dict[str, float]  # per KV precision ("8", "4"): KL per token against 16-bit KV
+
+
+def self_fisher(source: Any, cfg: FisherSettings, progress: bool) -> SelfFisher | None:
+    """The Fisher statistics of every quantizable module and the KV precisions' damage, or None when
+    even the streamed pass would not fit in the configured share of free memory (the profile then
+    uses the energy flow)."""
     import psutil
 
     from .device import runtime_dtype
@@ -665,6 +710,6 @@ def self_fisher(source: Any, cfg: FisherSettings, progress: bool) -> dict[str, F
     dtype = getattr(mx, runtime_dtype(source.float_dtype))
     if peak_bytes(source, cfg, dtype) > cfg.memory_share * psutil.virtual_memory().available:
         return None
-    stats = streamed_fisher(source, cfg, dtype, progress)
+    result = streamed_fisher(source, cfg, dtype, progress)
     mx.clear_cache()
-    return stats
+    return result

@@ -22,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache, dynamic_roll
 
-from .budget import KV_GROUP_SIZE as GROUP_SIZE
+from .device import KV_GROUP_SIZE as GROUP_SIZE
 
 Parts = tuple[mx.array, mx.array, mx.array]  # packed codes, scales, biases
 

@@ -345,8 +345,10 @@ def analyze(source: Source, *, force: bool = False, progress: bool = True) -> Pr
                 # not checkpointed: on a resumed run the seeded pass gives the same statistics again
                 fisher = self_fisher(source, settings.sensitivity.fisher, progress)
                 fisher_s = time.perf_counter() - start if fisher else None
-                records = _run_analysis(source, settings, done, fisher, partial, key, progress)
+                stats = fisher.stats if fisher else None
+                records = _run_analysis(source, settings, done, stats, partial, key, progress)
             profile = _assemble(source, settings, records, fisher_s, key)
+            profile.kv_damage = fisher.kv_damage if fisher else {}
             profile.write(final)
         partial.unlink(missing_ok=True)
     return profile

@@ -19,7 +19,7 @@ from pydantic import TypeAdapter, ValidationError
 from . import atomic
 from .errors import RamserveError
 
-PROFILE_FORMAT = "ramserve-profile/5"
+PROFILE_FORMAT = "ramserve-profile/6"  # /6: kv_damage
 PLAN_FORMAT = "ramserve-plan/1"
 
 
@@ -109,6 +109,9 @@ class Profile:
     fisher_seconds: float | None
     layers: list[dict[str, Any]]  # the per-layer residual account (sensitivity.importances)
     modules: list[ModuleRecord]
+    # KL per token that storing the KV cache in "8" or "4" bits costs (fisher.kv_damage); empty when
+    # not measured (no self-Fisher, or a head width the quantized cache cannot take)
+    kv_damage: dict[str, float] = field(default_factory=dict)
     cache_hit: bool = field(default=False, compare=False)  # how this run got it; not stored
 
     def to_json(self) -> dict[str, Any]:

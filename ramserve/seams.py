@@ -6,6 +6,9 @@
   at a time is loaded. Contract: ``model.layers`` lists the decoder layers in order, and each is an
   entry of one list attribute of one module (``model.model.layers`` for every mlx-lm LLM ramserve is
   tested on; ``model.layers`` may be a copy of a slice of it).
+- **A layer's cache argument** (used by fisher's KV measurement): ``with_cache(args, kwargs, cache)``
+  gives a decoder layer's call, as the model's loop made it, another cache. Contract: mlx-lm's decoder
+  layers are called ``layer(x, mask, cache)``, the cache positional or as ``cache=``.
 - **Layer classes** (used by cpu): ``swap_classes(model, conversions)`` gives every module of exactly
   a listed class its replacement class in place. Contract: the replacement subclasses the original and
   keeps its parameters, so the tree, the weights and every reader of the model see no difference.
@@ -43,6 +46,15 @@ class DecoderStack:
                                                zip(slots[-len(layers):], layers, strict=True)):  # fmt: skip
             raise ValueError(f"the decoder layers are not one list attribute ({paths[0]})")
         return cls(layers, paths, slots)
+
+
+def with_cache(
+    args: tuple[Any, ...], kwargs: dict[str, Any], cache: Any
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A decoder layer's extra call arguments (after ``x``) with ``cache`` as its cache."""
+    if "cache" in kwargs or len(args) < 2:
+        return args, {**kwargs, "cache": cache}
+    return (args[0], cache, *args[2:]), kwargs
 
 
 def swap_classes(model: nn.Module, conversions: dict[type, type]) -> list[Any]:

@@ -181,6 +181,12 @@ def _module_order(m: ModuleInfo) -> tuple[int, str]:
     return (m.layer if m.layer is not None else 1 << 30, m.path)
 
 
+def head_dim_of(config: dict[str, Any]) -> int:
+    """The attention heads' width."""
+    heads = int(config.get("num_attention_heads") or 1)
+    return int(config.get("head_dim") or int(config.get("hidden_size", 0)) // heads)
+
+
 def layer_index(path: str) -> int | None:
     for part in path.split("."):
         if part.isdigit():

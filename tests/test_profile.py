@@ -160,7 +160,7 @@ def _streamed(folder: Path, sequences: int = 3, tokens: int = 16, sweeps: int = 
                          row_smoothing=0)  # fmt: skip
     return streamed_fisher(
         open_source(str(folder), load_settings()), cfg, mx.float32, progress=False
-    )
+    ).stats
 
 
 def _inputs(folder: Path, sequences: int = 3, tokens: int = 16, sweeps: int = 2):
@@ -387,3 +387,20 @@ def test_an_architecture_the_seams_do_not_fit_is_named_before_any_work(
     err = capsys.readouterr().err
     assert "cannot analyse tiny-gpt2" in err and "gpt2" in err and "Qwen3-MoE" in err
     assert "Traceback" not in err and not (ramserve_home / "profiles").exists()
+
+
+@pytest.mark.parametrize(
+    ("arch", "tied"), [("llama", False), ("qwen3", True), ("qwen3_moe", False)]
+)
+def test_the_profile_measures_what_a_quantized_kv_cache_costs(
+    tmp_path: Path, arch: str, tied: bool
+) -> None:
+    """On the sequences the model samples itself, 4-bit keys and values lose more than 8-bit ones
+    (the seam that hands each layer a quantized cache works on every architecture)."""
+    src = make_model(tmp_path / arch, arch, layers=2, hidden=256, tied=tied)
+    p = prof.analyze(open_source(str(src), load_settings()), progress=False)
+    assert set(p.kv_damage) == {"8", "4"}
+    assert 0 < p.kv_damage["8"] < p.kv_damage["4"]
+    narrow = prof.analyze(open_source(str(make_model(tmp_path / "n", arch)), load_settings()),
+                          progress=False)  # fmt: skip
+    assert narrow.kv_damage == {}  # a 16-wide head keeps a 16-bit cache: nothing to measure
