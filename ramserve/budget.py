@@ -152,8 +152,6 @@ def kv_shape(source: Source, device: str | None = None, kv_bits: int | None = No
                    head_dim=head_dim_of(source.config))  # fmt: skip
 
 
-
-
 def activation_dtype(source: Source, device: str | None = None) -> str:
     """The dtype activations, the KV cache, scales and 16-bit weights take when running.
 
