@@ -1,4 +1,4 @@
-"""The two places ramserve reaches into mlx-lm's models, each behind one small contract.
+"""The three places ramserve reaches into mlx-lm's models, each behind one small contract.
 
 - **The decoder stack** (used by fisher's layer streaming): ``DecoderStack.of(model)`` finds the
   decoder layers (``model.layers``), their module paths, and the list the model's own forward loop
@@ -13,7 +13,7 @@
   a listed class its replacement class in place. Contract: the replacement subclasses the original and
   keeps its parameters, so the tree, the weights and every reader of the model see no difference.
 
-Both are tested on each architecture ramserve supports (Llama, Qwen3 tied and untied, Qwen3-MoE).
+All are tested on each architecture ramserve supports (Llama, Qwen3 tied and untied, Qwen3-MoE).
 """
 
 from __future__ import annotations
