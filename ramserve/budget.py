@@ -228,6 +228,22 @@ class Rejected:
     weights: int
 
 
+@dataclass(frozen=True)
+class KVOption:
+    """One KV precision ``--kv-bits auto`` weighed: the predicted damage of the weights at the budget
+    its shape leaves (None: nothing fits), the KV cache's own (measured, fisher.kv_damage), and
+    whether its shape keeps the context and parallelism asked for."""
+
+    bits: int
+    weights_damage: float | None
+    kv_damage: float
+    keeps_shape: bool
+
+    @property
+    def total(self) -> float:
+        return (self.weights_damage or 0.0) + self.kv_damage
+
+
 @dataclass
 class Budget:
     """The weight budget with every line of its breakdown."""
@@ -242,6 +258,7 @@ class Budget:
     tradeoffs: dict[str, Any] = field(default_factory=dict)
     rejected: list[Rejected] = field(default_factory=list)  # shapes the fit tried first
     needed: int | None = None  # the weight bytes the fit had to find room for
+    kv_options: list[KVOption] = field(default_factory=list)  # what --kv-bits auto weighed
 
     @property
     def context(self) -> int:
@@ -447,6 +464,18 @@ def render_budget(b: dict[str, Any]) -> str:
         out.append(f"tried first (weights need {need}; shrunk in the order of ramserve/shape.py):")
         out += [f"  {RuntimeShape(**r['shape']).describe()}: {human_bytes(r['weights'])} for "
                 "the weights" for r in b["rejected"]]  # fmt: skip
+    if b.get("kv_options"):
+        out.append(
+            "KV precision weighed (--kv-bits auto; predicted KL per token, weights + KV cache):"
+        )
+        for o in b["kv_options"]:
+            mark = "  <- chosen" if o["bits"] == s.kv_bits else ""
+            if o["weights_damage"] is None:
+                out.append(f"  {o['bits']:>2}-bit KV: the smallest safe plan does not fit{mark}")
+                continue
+            kept = "" if o["keeps_shape"] else " (at a smaller context or parallelism)"
+            out.append(f"  {o['bits']:>2}-bit KV: {o['weights_damage']:.4g} + {o['kv_damage']:.4g} = "
+                       f"{o['weights_damage'] + o['kv_damage']:.4g}{kept}{mark}")  # fmt: skip
     t = b.get("tradeoffs") or {}
     if t:
         out.append("")

@@ -100,7 +100,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         )
     scores = evaluate(a.model, Path(a.text), a.settings, reference=a.reference, quantization=quantization,
                       quantizer=quantizer, label=label, seq_len=a.seq_len, samples=a.samples,
-                      batch_size=a.batch_size, progress=not a.quiet)  # fmt: skip
+                      batch_size=a.batch_size, kv_bits=a.kv_bits, progress=not a.quiet)  # fmt: skip
     _emit(scores.to_json() if a.json else scores, a.json, render_scores)
     return 0
 
@@ -315,6 +315,8 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
     s.add_argument("--samples", type=int, default=48, help="sequences, spread over the text")
     s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--kv-bits", type=kv_bits, default=None, metavar="16|8|4",
+                   help="score with the KV cache stored in this many bits")  # fmt: skip
     s.add_argument("--json", action="store_true")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=cmd_eval)

@@ -25,8 +25,9 @@ import numpy as np
 
 from . import affine
 from .device import FLOAT_BYTES, runtime_dtype
-from .engine import max_positions
+from .engine import max_positions, require_kv_bits
 from .errors import RamserveError
+from .kvcache import sequence_caches
 from .settings import Settings
 from .source import Source, open_source
 
@@ -44,6 +45,7 @@ class Evaluated:
     label: str
     bits_per_weight: float
     stored_bytes: int
+    kv_bits: int | None = None  # keys and values stored in these bits while scoring (kvcache)
 
 
 @dataclass
@@ -243,8 +245,11 @@ def check_reference(e: Evaluated, ref: Evaluated, sample_text: str) -> None:
         )
 
 
-def log_probs(model: nn.Module, batch: mx.array) -> mx.array:
-    logits: mx.array = model(batch).astype(mx.float32)
+def log_probs(model: nn.Module, batch: mx.array, kv_bits: int | None = None) -> mx.array:
+    """Next-token log-probabilities; with ``kv_bits`` every layer's keys and values are stored in
+    that many bits before attention reads them, as the serving engine stores them."""
+    cache = sequence_caches(model, kv_bits)
+    logits: mx.array = model(batch, cache=cache).astype(mx.float32)
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
@@ -285,7 +290,7 @@ def score(
     bar = tqdm(total=len(windows), desc=f"scoring {e.label}", file=sys.stderr,
                disable=not progress, unit="seq")  # fmt: skip
     for i, b in enumerate(todo):
-        lp = log_probs(e.model, b)[:, :-1]
+        lp = log_probs(e.model, b, e.kv_bits)[:, :-1]
         targets = b[:, 1:]
         nll = -mx.take_along_axis(lp, targets[..., None], axis=-1)[..., 0].sum(-1)
         parts = [nll]
@@ -337,15 +342,20 @@ def evaluate(
     seq_len: int = 512,
     samples: int | None = 48,
     batch_size: int = 4,
+    kv_bits: int | None = None,
     progress: bool = True,
 ) -> Scores:
-    """``ramserve eval``: score one model (simulating ``quantization`` if given) on a text."""
+    """``ramserve eval``: score one model (simulating ``quantization`` if given, with its KV cache
+    in ``kv_bits``) on a text."""
     if seq_len < 2:
         raise EvalError(f"--seq-len must be at least 2, not {seq_len}")
     if samples is not None and samples < 1:
         raise EvalError(f"--samples must be at least 1, not {samples}")
     content = read_text(text)
     e = load_for_eval(model, settings, quantization, label, quantizer)
+    if kv_bits is not None and kv_bits < 16:
+        require_kv_bits(e.model, kv_bits)
+        e.kv_bits, e.label = kv_bits, f"{e.label}, {kv_bits}-bit KV"
     check_model(e, seq_len)
     windows = token_windows(encode(e.tokenizer, content), seq_len, samples)
     ref = None

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from . import cache
-from .budget import Budget, activation_dtype, machine_budget, require_fit, weight_budget
+from .budget import (
+    Budget,
+    activation_dtype,
+    default_shape,
+    kv_shape,
+    machine_budget,
+    require_fit,
+    weight_budget,
+)
 from .cache import model_dir
 from .device import FLOAT_BYTES, runtime_dtype
 from .errors import BudgetError
@@ -23,7 +31,7 @@ from .profile import analyze, candidates_for, quantized_bytes
 from .quantize import is_complete, quantize
 from .records import Plan, Profile
 from .settings import Settings
-from .shape import fit_shape, fit_source_shape
+from .shape import choose_kv, fit_shape, fit_source_shape
 from .source import Source
 
 
@@ -140,15 +148,8 @@ def fit(
     stages.append(("profile", time.perf_counter() - t, profile.cache_hit))
 
     t = time.perf_counter()
-    settings = source.settings
-    min_safe = min_safe_memory(profile, settings, FLOAT_BYTES[activation_dtype(source)])
-    sized = make_plan(profile, spec, settings, machine=machine_budget(source)) if is_size_spec(
-        spec, settings) else None  # fmt: skip
-    needed = max(min_safe, sized.memory_bytes if sized else 0)
-    budget = shaped(needed)
-    require_fit(budget, min_safe)
-    plan = sized or make_plan(profile, spec, settings, machine=machine_budget(source, budget.shape))
-    require_plan_fits(plan, budget, f"budget {spec}")
+    budget, plan = fit_runtime(source, profile, spec, context=context, parallel=parallel,
+                               kv_bits=kv_bits)  # fmt: skip
     stages.append(("plan", time.perf_counter() - t, False))
 
     t = time.perf_counter()
@@ -156,6 +157,56 @@ def fit(
     folder, cached = quantize(source, plan, progress=progress)
     stages.append(("quantize", time.perf_counter() - t, cached))
     return Fit(source, profile, budget, plan, folder, stages)
+
+
+def fit_runtime(
+    source: Source,
+    profile: Profile,
+    spec: str,
+    *,
+    context: int | None = None,
+    parallel: int | None = None,
+    kv_bits: int | None = None,
+    device: str | None = None,
+) -> tuple[Budget, Plan]:
+    """The runtime shape and the plan for ``spec`` chosen together; refuses, with the numbers, when
+    nothing fits. With ``--kv-bits auto`` (None) and a measured KV damage, each KV precision is
+    weighed (``shape.choose_kv``); without one, the shrink order decides (ramserve/shape.py)."""
+    settings = source.settings
+    min_safe = min_safe_memory(profile, settings, FLOAT_BYTES[activation_dtype(source, device)])
+    sized = make_plan(profile, spec, settings, machine=machine_budget(source)) if is_size_spec(
+        spec, settings) else None  # fmt: skip
+    needed = max(min_safe, sized.memory_bytes if sized else 0)
+    shaped = partial(fit_source_shape, source, needed, context=context, parallel=parallel,
+                     device=device)  # fmt: skip
+
+    def plan_at(b: Budget) -> Plan:
+        if sized is not None:
+            return sized
+        machine = machine_budget(source, b.shape) if device is None else (
+            lambda _: (b.weights, FLOAT_BYTES[activation_dtype(source, device)]))  # fmt: skip
+        return make_plan(profile, spec, settings, machine=machine)
+
+    def damage_at(b: Budget) -> tuple[float, Plan] | None:
+        try:
+            plan = plan_at(b)
+        except BudgetError:
+            return None
+        return (plan.predicted_damage, plan) if plan.memory_bytes <= b.weights else None
+
+    quantizable = profile.kv_damage and kv_shape(source, device).quantizable
+    if kv_bits is None and quantizable:
+        asked = default_shape(kv_shape(source, device), settings, context, parallel)
+        chosen = choose_kv(profile.kv_damage, (asked.context, asked.parallel),
+                           lambda bits: shaped(kv_bits=bits),
+                           damage_at)  # fmt: skip
+        if chosen is not None:
+            return chosen
+    budget = shaped(kv_bits=kv_bits)
+    require_fit(budget, min_safe)
+    plan = plan_at(budget)
+    require_plan_fits(plan, budget, f"budget {spec}")
+    return budget, plan
 
 
 def fitted_budget(
@@ -167,14 +218,13 @@ def fitted_budget(
     kv_bits: int | None = None,
     progress: bool = True,
 ) -> Budget:
-    """``ramserve budget``: the runtime shape and weight budget ``run`` would choose for the smallest
-    safe plan, on this machine or a named device (bad input is refused before any analysis)."""
+    """``ramserve budget``: the runtime shape and weight budget ``run --budget auto`` would choose,
+    on this machine or a named device (bad input is refused before any analysis)."""
     weight_budget(source, context=context, parallel=parallel, device=device)
     profile = analyze(source, progress=progress)
-    float_bytes = FLOAT_BYTES[activation_dtype(source, device)]
-    min_safe = min_safe_memory(profile, source.settings, float_bytes)
-    return fit_source_shape(source, min_safe, context=context, parallel=parallel, device=device,
-                            kv_bits=kv_bits)  # fmt: skip
+    budget, _ = fit_runtime(source, profile, "auto", context=context, parallel=parallel,
+                            kv_bits=kv_bits, device=device)  # fmt: skip
+    return budget
 
 
 def plan_for(source: Source, spec: str, quiet: bool, allow_unsafe: bool = False) -> Plan:

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from .budget import (
     ActivationShape,
     Budget,
+    KVOption,
     KVShape,
     Rejected,
     RuntimeShape,
@@ -155,3 +156,36 @@ def fit_source_shape(
     """fit_shape for a model: its KV and activation shapes, on this machine or a named device."""
     return fit_shape(kv_shape(source, device), activation_shape(source), source.settings, needed,
                      context=context, parallel=parallel, device=device, kv_bits=kv_bits)  # fmt: skip
+
+
+T = TypeVar("T")
+
+
+def choose_kv(
+    kv_damage: dict[str, float],
+    asked: tuple[int, int],
+    shaped: Callable[[int], Budget],
+    plan_at: Callable[[Budget], tuple[float, T] | None],
+) -> tuple[Budget, T] | None:
+    """``--kv-bits auto`` with a measured KV damage: of 16 bits and each measured precision, the one
+    whose fitted shape (``shaped(bits)``) keeps the context and parallelism ``asked`` when any does,
+    then the least predicted damage of the weights (``plan_at``: the plan's damage, and the plan) plus
+    the KV cache's. The budget returned lists every option weighed (``Budget.kv_options``); None when
+    no precision fits."""
+    weighed: list[tuple[KVOption, Budget, T]] = []
+    options: list[KVOption] = []
+    for bits in (16, *sorted((int(b) for b in kv_damage), reverse=True)):
+        budget = shaped(bits)
+        keeps = (budget.shape.context, budget.shape.parallel) == asked
+        planned = plan_at(budget) if budget.weights >= (budget.needed or 0) else None
+        option = KVOption(
+            bits, planned[0] if planned else None, kv_damage.get(str(bits), 0.0), keeps
+        )
+        options.append(option)
+        if planned is not None:
+            weighed.append((option, budget, planned[1]))
+    if not weighed:
+        return None
+    _, budget, plan = min(weighed, key=lambda w: (not w[0].keeps_shape, w[0].total))
+    budget.kv_options = options
+    return budget, plan

@@ -136,3 +136,16 @@ def test_kv_bits_on_the_command_line(engine8: Engine, capsys) -> None:
     with pytest.raises(SystemExit):  # argparse's usage error
         main(["budget", str(DENSE), "--kv-bits", "5", "-q"])
     assert "'5' is not auto, 16, 8 or 4" in capsys.readouterr().err
+
+
+def test_eval_scores_a_quantized_kv_cache() -> None:
+    from ramserve.evaluate import evaluate
+
+    from .conftest import EVAL_TEXT
+
+    kw = {"reference": str(DENSE), "seq_len": 256, "samples": 4, "progress": False}
+    full = evaluate(str(DENSE), EVAL_TEXT, load_settings(), **kw)
+    eight = evaluate(str(DENSE), EVAL_TEXT, load_settings(), kv_bits=8, **kw)
+    four = evaluate(str(DENSE), EVAL_TEXT, load_settings(), kv_bits=4, **kw)
+    assert full.kl_mean == pytest.approx(0, abs=1e-6)
+    assert 0 < eight.kl_mean < four.kl_mean and "8-bit KV" in eight.label

@@ -133,3 +133,35 @@ def test_budget_and_run_report_one_min_safe_and_one_shape(
     assert main(["budget", str(tiny_dir), "--context", "256", "--parallel", "2", "-q"]) == 0
     out = capsys.readouterr().out
     assert "runtime shape: 256 tokens x 2 sequences, prefill 256 tokens x 2" in out
+
+
+def test_auto_quantizes_the_kv_cache_where_it_is_a_large_share_of_memory(profile_cache) -> None:
+    """With the KV damage the profile measured, `auto` weighs each precision: where the cache is
+    large, 8 bits free enough memory for the weights to lose far less than the cache does; where it
+    is small, 16 bits."""
+    from ramserve.budget import activation_shape, kv_shape
+    from ramserve.fit import fit_runtime
+    from ramserve.plan import min_safe_memory
+    from ramserve.source import open_source
+
+    from .conftest import DENSE
+
+    profile = profile_cache(DENSE)
+    assert set(profile.kv_damage) == {"8", "4"}
+    probe = open_source(str(DENSE), on_device(64))
+    kv, act = kv_shape(probe, "box"), activation_shape(probe)
+    min_safe = min_safe_memory(profile, probe.settings, 2)  # bf16 on a device
+    big = default_shape(kv, probe.settings, 4096, 64)
+    rest = budget_for(kv, act, probe.settings, big, device="box")
+    # a box where the 16-bit cache leaves the weights twice min-safe
+    memory = (rest.usable - rest.weights + 2 * min_safe) / GB
+    source = open_source(str(DENSE), on_device(memory))
+    large, plan = fit_runtime(source, profile, "auto", context=4096, parallel=64, device="box")
+    assert large.shape.kv_bits == 8 and (large.shape.context, large.shape.parallel) == (4096, 64)
+    options = {o.bits: o for o in large.kv_options}
+    assert options[8].total < options[16].total and options[16].weights_damage > 0
+    small, _ = fit_runtime(source, profile, "auto", context=512, parallel=1, device="box")
+    assert small.shape.kv_bits == 16
+    fixed, _ = fit_runtime(source, profile, "auto", context=4096, parallel=64, kv_bits=16,
+                           device="box")  # fmt: skip
+    assert fixed.shape.kv_bits == 16 and not fixed.kv_options
