@@ -3,7 +3,8 @@ second for one stream, and total tokens per second at 1, 4 and 8 concurrent stre
 `mlx_lm.generate` on the same model in the same run. Targets (issue 8): one stream >= 0.9 x
 mlx_lm.generate; 8 streams >= 2 x the total of one stream. Then chat requests free, under a JSON
 schema and under a required tool call, at 1 and 8 streams, each constrained row beside the free
-one of the same run (target, issue 19: constrained <= 15% slower at one stream).
+one of the same run (target, issue 19: constrained <= 15% slower at one stream). Last, the same text
+streams with the KV cache in 16 and in 8 bits (issue 24): tokens per second and KV bytes per sequence.
 Usage: python bench/serve.py
 """
 
@@ -24,8 +25,9 @@ os.environ.setdefault("RAMSERVE_HOME", tempfile.mkdtemp(prefix="ramserve-bench-"
 
 import openai  # noqa: E402
 
+from ramserve.budget import kv_shape  # noqa: E402
 from ramserve.engine import load_model  # noqa: E402
-from ramserve.fmt import table  # noqa: E402
+from ramserve.fmt import human_bytes, table  # noqa: E402
 from ramserve.plan import make_plan  # noqa: E402
 from ramserve.profile import analyze  # noqa: E402
 from ramserve.quantize import quantize  # noqa: E402
@@ -143,9 +145,33 @@ def main() -> None:
         min(r["per_stream_tok_s"] for r in chat if r["streams"] == 1) / free[1]["per_stream_tok_s"]
     )
     print(f"constrained / free at one stream: {slowest:.2f} at worst (target >= 0.85)")
+    kv = kv_rows(src, folder)
+    print(table(["KV cache", "streams", "TTFT ms", "tok/s per stream", "tok/s total",
+                 "KV per sequence", "x 16-bit"],
+                [(f"{r['kv_bits']}-bit", r["streams"], f"{1000 * r['ttft_s']:.0f}",
+                  f"{r['per_stream_tok_s']:.1f}", f"{r['total_tok_s']:.1f}",
+                  human_bytes(r["kv_bytes_per_sequence"]),
+                  f"{r['total_tok_s'] / next(q['total_tok_s'] for q in kv if q['kv_bits'] == 16 and q['streams'] == r['streams']):.2f}")
+                 for r in kv]))  # fmt: skip
     print(json.dumps({"bench": "serve", "mlx_lm_generate_tok_s": ref,
                       "mlx_lm_generate_stock_layers_tok_s": stock, "results": results,
-                      "chat": chat}))  # fmt: skip
+                      "chat": chat, "kv": kv}))  # fmt: skip
+
+
+def kv_rows(src: Any, folder: Path) -> list[dict[str, Any]]:
+    """Text streams at 1 and 8 with the KV cache in 16 and 8 bits, and its bytes per sequence at
+    the served context."""
+    out = []
+    for bits in (16, 8):
+        registry = Registry(folder, "bench", load_settings(), {"parallel": 8, "kv_bits": bits})
+        with live_server(create_app(registry, load_settings().server)) as base:
+            asyncio.run(streams(base, 1))  # warm up
+            context = registry.engine.context if registry.engine else 0
+            per_sequence = kv_shape(src, kv_bits=bits).bytes(context)
+            for n in (1, 8):
+                r = asyncio.run(streams(base, n))
+                out.append({**r, "kv_bits": bits, "kv_bytes_per_sequence": per_sequence})
+    return out
 
 
 if __name__ == "__main__":

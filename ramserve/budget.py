@@ -18,7 +18,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from .device import FLOAT_BYTES, KV_GROUP_SIZE, Machine, runtime_dtype, this_machine
+from .device import (
+    FLOAT_BYTES,
+    KV_GROUP_SIZE,
+    Machine,
+    attention_materialises_scores,
+    runs_on_metal,
+    runtime_dtype,
+    this_machine,
+)
 from .errors import BudgetError
 from .fmt import human_bytes
 from .settings import BudgetSettings, Device, Settings
@@ -280,18 +288,23 @@ def reserve_bytes(machine: Machine, cfg: BudgetSettings) -> int:
 
 
 def runtime_bytes(
-    kv: KVShape, runtime: RuntimeShape, shape: ActivationShape, cfg: BudgetSettings
+    kv: KVShape,
+    runtime: RuntimeShape,
+    shape: ActivationShape,
+    cfg: BudgetSettings,
+    scores: bool = True,
 ) -> int:
     """The runtime's own memory: the process (Python, MLX, tokenizer, server) and prefill scratch.
 
     The engine prefills ``prefill_chunk`` tokens of up to ``prefill_batch`` sequences at once; its
     scratch is the attention scores (heads x chunk x context) and the widest activation (chunk x
-    width). The factors were measured with bench/budget.py (MLX's peak minus weights minus KV cache, see configs/).
+    width). The factors were measured with bench/budget.py (MLX's peak minus weights minus KV cache,
+    see configs/). Where attention runs fused (``scores`` false: Metal, 16-bit KV, see
+    device.attention_materialises_scores) the score matrices are not charged.
     """
     chunk = min(runtime.prefill_chunk, runtime.context)
-    per_sequence = chunk * (
-        cfg.attention_factor * shape.heads * runtime.context + cfg.width_factor * shape.width
-    )
+    attention = cfg.attention_factor * shape.heads * runtime.context if scores else 0.0
+    per_sequence = chunk * (attention + cfg.width_factor * shape.width)
     batch = min(runtime.parallel, runtime.prefill_batch)
     scratch = cfg.scratch_fixed_mb * 2**20 + batch * per_sequence * kv.dtype_bytes
     return int(cfg.runtime_fixed_mb * 2**20 + scratch)
@@ -368,7 +381,9 @@ def budget_for(
         candidates["MLX working-set limit"] = machine.working_set_limit
     bound = min(candidates, key=lambda k: candidates[k])
     usable = candidates[bound]
-    runtime = runtime_bytes(kv, runtime_shape, shape, cfg)
+    metal = device is not None or runs_on_metal()  # named devices are Apple Silicon
+    scores = attention_materialises_scores(metal, runtime_shape.kv_bits)
+    runtime = runtime_bytes(kv, runtime_shape, shape, cfg, scores)
     kv_bytes = kv.bytes(context, parallel)
     weights = usable - runtime - kv_bytes
 
@@ -390,7 +405,8 @@ def budget_for(
             runtime,
             f"process {cfg.runtime_fixed_mb} MiB + prefill scratch "
             f"({runtime_shape.prefill_chunk} tokens x "
-            f"{min(parallel, runtime_shape.prefill_batch)} sequences)",
+            f"{min(parallel, runtime_shape.prefill_batch)} sequences"
+            + (")" if scores else "; fused attention: no score matrices)"),
         ),  # fmt: skip
         Line(
             "KV cache",

@@ -17,6 +17,19 @@ def runtime_dtype(stored: str = "bfloat16") -> str:
     return "float32" if mx.default_device() == mx.cpu else stored
 
 
+def runs_on_metal() -> bool:
+    return bool(mx.metal.is_available()) and mx.default_device() == mx.gpu
+
+
+def attention_materialises_scores(metal: bool, kv_bits: int) -> bool:
+    """Whether prefill attention holds its whole score matrix (heads x chunk x context), read from
+    MLX's sources: ``mx.fast.scaled_dot_product_attention`` falls back to matmul + softmax on the
+    CPU always and on CUDA for prefill (its fused kernel, ``sdpa_vector``, takes one query token);
+    on Metal, prefill runs fused (``steel_attention``). mlx-lm's attention over a quantized KV cache
+    is matmul + softmax on every back end."""
+    return not metal or kv_bits < 16
+
+
 @dataclass(frozen=True)
 class Machine:
     name: str

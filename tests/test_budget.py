@@ -110,8 +110,8 @@ def test_tight_memory_names_the_tradeoffs_and_refuses(profile_cache, ramserve_ho
     min_safe = limits(profile_cache(DENSE), load_settings())["min_safe"]
     kv, shape = kv_shape(source, "x"), activation_shape(source)
     needed = (
-        runtime_bytes(
-            kv, default_shape(kv, load_settings(), 4096, 2), shape, load_settings().budget
+        runtime_bytes(  # a named device is Apple Silicon: fused attention, no score matrices
+            kv, default_shape(kv, load_settings(), 4096, 2), shape, load_settings().budget, False
         )
         + kv.bytes(4096, 2)
         + min_safe
@@ -129,7 +129,7 @@ def test_tight_memory_names_the_tradeoffs_and_refuses(profile_cache, ramserve_ho
     with pytest.raises(BudgetError, match="longest context that fits is"):
         require_fit(budget, min_safe)
     shown = run_cli("budget", str(shared_model(DENSE)), "--device", "tight", "--context", "4096",
-                    "--parallel", "2", "-q")  # fmt: skip
+                    "--parallel", "2", "--kv-bits", "16", "-q")  # fmt: skip
     # The fit keeps the context and parallelism the user gave and takes a smaller prefill step.
     assert "runtime shape: 4,096 tokens x 2 sequences, prefill" in shown.stdout
     assert "tried first" in shown.stdout and "prefill 2048 tokens x 2" in shown.stdout

@@ -181,3 +181,34 @@ def test_a_failed_swap_leaves_the_previous_model_serving(tmp_path: Path, tiny_di
         assert httpx.get(f"{base}/health").json()["status"] == "ok"
         cards = {m["id"]: m["status"] for m in httpx.get(f"{base}/v1/models").json()["data"]}
         assert cards["tiny-coder"] == "loaded" and cards["tiny-coder@min-safe"] == "available"
+
+
+def test_run_fits_a_runtime_shape_instead_of_refusing(tmp_path: Path, ramserve_home: Path) -> None:
+    """A stand-in for a large model's shape (many heads, a long context): at the default prefill its
+    scratch alone is beyond the memory left, so the fit takes a smaller prefill step and serves,
+    keeping the --parallel and --context it was given."""
+    import psutil
+
+    from .factory import make_model
+
+    model = make_model(tmp_path / "wide", "qwen3", hidden=512, layers=2, vocab=2048,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=16,
+                       max_position_embeddings=8192)  # fmt: skip
+    total_gb = psutil.virtual_memory().total / 2**30
+    ramserve_home.mkdir(parents=True, exist_ok=True)
+    (ramserve_home / "config.toml").write_text(  # leave 10 GiB usable on any machine
+        f"[budget]\nos_reserve_min_gb = {max(total_gb - 10, 0):.3f}\nos_reserve_share = 0\n"
+    )
+    env = run_env(ramserve_home)
+    with ramserve_run(str(model), "--parallel", "8", "--context", "8192", "--kv-bits", "16",
+                      env=env) as (base, lines):  # fmt: skip
+        shape = next(ln for ln in lines if ln.startswith("runtime shape: "))
+        assert shape.startswith("runtime shape: 8,192 tokens x 8 sequences, prefill ")
+        chunk = int(shape.split("prefill ")[1].split()[0])
+        assert chunk < 2048 and any("prefill 2048 tokens x 8" in ln for ln in lines)
+        card = httpx.get(f"{base}/v1/models").json()["data"][0]
+        assert card["runtime_shape"]["prefill_chunk"] == chunk
+        assert card["runtime_shape"]["parallel"] == 8
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        done = client.completions.create(model=card["id"], prompt="def", max_tokens=4)
+        assert done.usage.completion_tokens >= 1

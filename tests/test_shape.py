@@ -165,3 +165,15 @@ def test_auto_quantizes_the_kv_cache_where_it_is_a_large_share_of_memory(profile
     fixed, _ = fit_runtime(source, profile, "auto", context=4096, parallel=64, kv_bits=16,
                            device="box")  # fmt: skip
     assert fixed.shape.kv_bits == 16 and not fixed.kv_options
+
+
+def test_score_matrices_are_charged_only_where_attention_materialises_them() -> None:
+    """MLX's CPU (and CUDA) prefill attention is matmul + softmax; Metal's is fused, except over a
+    quantized cache, which mlx-lm attends to with matmul + softmax everywhere."""
+    settings = on_device(64)
+    shape = default_shape(KV, settings)
+    mac_16 = budget_for(KV, ACT, settings, shape, device="box").runtime
+    mac_8 = budget_for(KV, ACT, settings, replace(shape, kv_bits=8), device="box").runtime
+    here = budget_for(KV, ACT, settings, shape).runtime  # this machine: MLX's CPU back end
+    scores = 1.7 * ACT.heads * 2048 * 8192 * 4 * 4  # factor x heads x chunk x context x 4 B x 4 seq
+    assert mac_8 == here and here - mac_16 == pytest.approx(scores, rel=0.01)
