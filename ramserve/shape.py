@@ -13,6 +13,11 @@ that fits:
 - ``parallel``: halved down to 1; fewer requests decode at once and the rest wait in the queue;
 - ``context``: the longest that fits, in the KV cache's steps, down to ``[budget] min_context``.
 
+With a KV damage the profile measured, ``--kv-bits auto`` is not a step of that order but a choice
+(``choose_kv``): the shape and the plan are found for 16 bits and each measured precision, and the one
+that keeps the asked context and parallelism with the least predicted damage, weights plus KV cache,
+wins.
+
 Every shape tried and not taken is kept in the budget (``Budget.rejected``) with the weight bytes it
 would have left, so that ``ramserve budget`` and ``ramserve run`` show why the shape is what it is.
 """
