@@ -229,6 +229,17 @@ def default_shape(
 
 
 @dataclass(frozen=True)
+class Ask:
+    """What the user fixed of the runtime (``--context``, ``--parallel``, ``--kv-bits``, ``--device``);
+    None leaves it to the fit (``kv_bits`` None is ``--kv-bits auto``)."""
+
+    context: int | None = None
+    parallel: int | None = None
+    kv_bits: int | None = None
+    device: str | None = None  # a named device instead of this machine
+
+
+@dataclass(frozen=True)
 class Rejected:
     """A runtime shape the fit tried and did not take, and the weight bytes it would have left."""
 

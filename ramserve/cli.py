@@ -6,10 +6,13 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import RamserveError
 from .settings import ServerSettings, Settings, load_settings
+
+if TYPE_CHECKING:
+    from .budget import Ask
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -117,8 +120,7 @@ def cmd_budget(a: argparse.Namespace) -> int:
     from .fit import fitted_budget
     from .source import open_source
 
-    b = fitted_budget(open_source(a.model, a.settings), context=a.context, parallel=a.parallel,
-                      device=a.device, kv_bits=a.kv_bits, progress=not a.quiet)  # fmt: skip
+    b = fitted_budget(open_source(a.model, a.settings), ask_of(a), progress=not a.quiet)
     _emit(b.to_json(), a.json, render_budget)
     return 0
 
@@ -145,13 +147,19 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .variants import VariantRegistry
 
     cfg = a.settings.server
-    hub_precheck(a.model, a.settings, a.context, a.parallel, a.kv_bits)
-    fitted = fit(open_source(a.model, a.settings), a.budget, context=a.context, parallel=a.parallel,
-                 kv_bits=a.kv_bits, progress=not a.quiet)  # fmt: skip
+    hub_precheck(a.model, a.settings, ask_of(a))
+    fitted = fit(open_source(a.model, a.settings), a.budget, ask_of(a), progress=not a.quiet)
     print(render_fit(fitted), flush=True)
     registry = VariantRegistry(fitted, a.settings, fitted.engine_args(), any_budget=a.any_budget)
     serve(registry, cfg, host=a.host, port=a.port, api_key=api_key(a), allow_origin=a.allow_origin)
     return 0
+
+
+def ask_of(a: argparse.Namespace) -> Ask:
+    """What the command line fixed of the runtime."""
+    from .budget import Ask
+
+    return Ask(a.context, a.parallel, a.kv_bits, getattr(a, "device", None))
 
 
 def api_key(a: argparse.Namespace) -> str | None:

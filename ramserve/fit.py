@@ -7,13 +7,13 @@ Every stage reports how long it took and whether it was a cache hit.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from . import cache
 from .budget import (
+    Ask,
     Budget,
     activation_dtype,
     default_shape,
@@ -33,6 +33,8 @@ from .records import Plan, Profile
 from .settings import Settings
 from .shape import choose_kv, fit_shape, fit_source_shape
 from .source import Source
+
+ASKED_NOTHING = Ask()
 
 
 @dataclass
@@ -66,8 +68,7 @@ def absolute_minimum(source: Source) -> int:
     return total
 
 
-def hub_precheck(spec: str, settings: Settings, context: int | None, parallel: int | None,
-                 kv_bits: int | None = None) -> None:  # fmt: skip
+def hub_precheck(spec: str, settings: Settings, ask: Ask) -> None:
     """For a hub repo, before downloading weights: refuse when even the smallest possible plan plus
     the KV cache cannot fit this machine, from config.json and the safetensors index alone."""
     import json
@@ -89,8 +90,7 @@ def hub_precheck(spec: str, settings: Settings, context: int | None, parallel: i
     floor_bpw = min(analysis.bits) + 32 / max(analysis.group_sizes)
     floor = int(stored / 2 * floor_bpw / 8)  # every bf16 parameter at the fewest bits
     kv = kv_shape_of_config(config, FLOAT_BYTES[runtime_dtype()])
-    budget = fit_shape(kv, activation_shape_of(config), settings, floor, context=context,
-                       parallel=parallel, kv_bits=kv_bits)  # fmt: skip
+    budget = fit_shape(kv, activation_shape_of(config), settings, floor, ask)
     if budget.weights < floor:
         raise BudgetError(
             f"{spec} cannot fit this machine: even at {floor_bpw:.2f} bits per weight its "
@@ -125,21 +125,17 @@ def precheck(source: Source, spec: str, budget: Budget) -> None:
 def fit(
     source: Source,
     spec: str = "auto",
+    ask: Ask = ASKED_NOTHING,
     *,
-    context: int | None = None,
-    parallel: int | None = None,
-    kv_bits: int | None = None,
     progress: bool = True,
 ) -> Fit:
     """Measure, analyse, plan and quantize: everything ``ramserve run`` needs before serving.
 
     The runtime shape (context, parallel sequences, prefill step) is fitted with the weights
-    (ramserve/shape.py): what the user fixed stays, the rest shrinks until the plan fits;
-    ``kv_bits`` None is ``--kv-bits auto``."""
+    (ramserve/shape.py): what the user fixed (``ask``) stays, the rest shrinks until the plan fits."""
     stages: list[tuple[str, float, bool]] = []
     t = time.perf_counter()
-    shaped = partial(fit_source_shape, source, context=context, parallel=parallel, kv_bits=kv_bits)
-    budget = shaped(absolute_minimum(source))
+    budget = fit_source_shape(source, absolute_minimum(source), ask)
     precheck(source, spec, budget)
     stages.append(("budget", time.perf_counter() - t, False))
 
@@ -148,8 +144,7 @@ def fit(
     stages.append(("profile", time.perf_counter() - t, profile.cache_hit))
 
     t = time.perf_counter()
-    budget, plan = fit_runtime(source, profile, spec, context=context, parallel=parallel,
-                               kv_bits=kv_bits)  # fmt: skip
+    budget, plan = fit_runtime(source, profile, spec, ask)
     stages.append(("plan", time.perf_counter() - t, False))
 
     t = time.perf_counter()
@@ -159,26 +154,18 @@ def fit(
     return Fit(source, profile, budget, plan, folder, stages)
 
 
-def fit_runtime(
-    source: Source,
-    profile: Profile,
-    spec: str,
-    *,
-    context: int | None = None,
-    parallel: int | None = None,
-    kv_bits: int | None = None,
-    device: str | None = None,
-) -> tuple[Budget, Plan]:
+def fit_runtime(source: Source, profile: Profile, spec: str, ask: Ask) -> tuple[Budget, Plan]:
     """The runtime shape and the plan for ``spec`` chosen together; refuses, with the numbers, when
     nothing fits. With ``--kv-bits auto`` (None) and a measured KV damage, each KV precision is
     weighed (``shape.choose_kv``); without one, the shrink order decides (ramserve/shape.py)."""
-    settings = source.settings
+    settings, device = source.settings, ask.device
     min_safe = min_safe_memory(profile, settings, FLOAT_BYTES[activation_dtype(source, device)])
     sized = make_plan(profile, spec, settings, machine=machine_budget(source)) if is_size_spec(
         spec, settings) else None  # fmt: skip
     needed = max(min_safe, sized.memory_bytes if sized else 0)
-    shaped = partial(fit_source_shape, source, needed, context=context, parallel=parallel,
-                     device=device)  # fmt: skip
+
+    def shaped(kv_bits: int | None) -> Budget:
+        return fit_source_shape(source, needed, replace(ask, kv_bits=kv_bits))
 
     def plan_at(b: Budget) -> Plan:
         if sized is not None:
@@ -195,35 +182,26 @@ def fit_runtime(
         return (plan.predicted_damage, plan) if plan.memory_bytes <= b.weights else None
 
     quantizable = profile.kv_damage and kv_shape(source, device).quantizable
-    if kv_bits is None and quantizable:
-        asked = default_shape(kv_shape(source, device), settings, context, parallel)
+    if ask.kv_bits is None and quantizable:
+        asked = default_shape(kv_shape(source, device), settings, ask.context, ask.parallel)
         chosen = choose_kv(profile.kv_damage, (asked.context, asked.parallel),
-                           lambda bits: shaped(kv_bits=bits),
+                           shaped,
                            damage_at)  # fmt: skip
         if chosen is not None:
             return chosen
-    budget = shaped(kv_bits=kv_bits)
+    budget = shaped(ask.kv_bits)
     require_fit(budget, min_safe)
     plan = plan_at(budget)
     require_plan_fits(plan, budget, f"budget {spec}")
     return budget, plan
 
 
-def fitted_budget(
-    source: Source,
-    *,
-    context: int | None = None,
-    parallel: int | None = None,
-    device: str | None = None,
-    kv_bits: int | None = None,
-    progress: bool = True,
-) -> Budget:
+def fitted_budget(source: Source, ask: Ask, *, progress: bool = True) -> Budget:
     """``ramserve budget``: the runtime shape and weight budget ``run --budget auto`` would choose,
     on this machine or a named device (bad input is refused before any analysis)."""
-    weight_budget(source, context=context, parallel=parallel, device=device)
+    weight_budget(source, context=ask.context, parallel=ask.parallel, device=ask.device)
     profile = analyze(source, progress=progress)
-    budget, _ = fit_runtime(source, profile, "auto", context=context, parallel=parallel,
-                            kv_bits=kv_bits, device=device)  # fmt: skip
+    budget, _ = fit_runtime(source, profile, "auto", ask)
     return budget
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from .budget import (
     ActivationShape,
+    Ask,
     Budget,
     KVOption,
     KVShape,
@@ -97,22 +98,18 @@ def fit_shape(
     act: ActivationShape,
     settings: Settings,
     needed: int,
-    *,
-    context: int | None = None,
-    parallel: int | None = None,
-    device: str | None = None,
-    kv_bits: int | None = 16,
+    ask: Ask,
 ) -> Budget:
     """The budget at the first shape, in the order above, that leaves ``needed`` bytes for the
-    weights; when none does, the budget at the smallest shape (its ``weights`` fall short).
-    ``kv_bits`` None is ``auto``: 16-bit first, fewer bits when the shrink order comes to them."""
+    weights; when none does, the budget at the smallest shape (its ``weights`` fall short). Under
+    ``--kv-bits auto`` (``ask.kv_bits`` None) 16 bits come first, fewer when the order comes to them."""
 
     def at(shape: RuntimeShape) -> Budget:
-        return budget_for(kv, act, settings, shape, device=device, min_safe=needed)
+        return budget_for(kv, act, settings, shape, device=ask.device, min_safe=needed)
 
-    budget = at(default_shape(kv, settings, context, parallel, kv_bits or 16))
+    budget = at(default_shape(kv, settings, ask.context, ask.parallel, ask.kv_bits or 16))
     rejected: list[Rejected] = []
-    fixed = {name for name, given in (("parallel", parallel), ("kv_bits", kv_bits)) if given}
+    fixed = {name for name in ("parallel", "kv_bits") if getattr(ask, name) is not None}
     if not kv.quantizable:
         fixed.add("kv_bits")
     for shape in smaller_shapes(budget.shape, settings, fixed):
@@ -120,7 +117,7 @@ def fit_shape(
             break
         rejected.append(Rejected(budget.shape, budget.weights))
         budget = at(shape)
-    if budget.weights < needed and context is None:
+    if budget.weights < needed and ask.context is None:
         shorter = _longest_context(budget.shape, at, needed, kv.step, settings.budget.min_context)
         if shorter is not None:
             rejected.append(Rejected(budget.shape, budget.weights))
@@ -149,18 +146,10 @@ def _longest_context(shape: RuntimeShape, at: Callable[[RuntimeShape], Budget], 
     return best
 
 
-def fit_source_shape(
-    source: Source,
-    needed: int,
-    *,
-    context: int | None = None,
-    parallel: int | None = None,
-    device: str | None = None,
-    kv_bits: int | None = 16,
-) -> Budget:
+def fit_source_shape(source: Source, needed: int, ask: Ask) -> Budget:
     """fit_shape for a model: its KV and activation shapes, on this machine or a named device."""
-    return fit_shape(kv_shape(source, device), activation_shape(source), source.settings, needed,
-                     context=context, parallel=parallel, device=device, kv_bits=kv_bits)  # fmt: skip
+    kv = kv_shape(source, ask.device)
+    return fit_shape(kv, activation_shape(source), source.settings, needed, ask)
 
 
 T = TypeVar("T")

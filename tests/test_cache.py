@@ -279,14 +279,13 @@ def test_ps_reads_what_a_server_holds(tiny_dir: Path, ramserve_home: Path) -> No
 
 
 def test_unlisted_budgets_are_quantized_only_when_allowed(tiny_dir: Path) -> None:
+    from ramserve.budget import Ask
     from ramserve.fit import fit
     from ramserve.server.app import create_app
     from ramserve.settings import load_settings
     from ramserve.variants import VariantRegistry
 
-    fitted = fit(
-        open_source(str(tiny_dir), load_settings()), "50%", context=256, parallel=2, progress=False
-    )
+    fitted = fit(open_source(str(tiny_dir), load_settings()), "50%", Ask(256, 2), progress=False)
     variant(tiny_dir, "65%")  # cached beforehand: offered though not listed
     server = load_settings().server.model_copy(update={"variants": ["min-safe"]})
 
@@ -325,6 +324,7 @@ def test_one_quantization_at_a_time_and_its_waiters_are_bounded() -> None:
     next is answered 503 with Retry-After at once, and the waiter is served after the swap."""
     import threading
 
+    from ramserve.budget import Ask
     from ramserve.fit import fit
     from ramserve.server.app import create_app
     from ramserve.settings import load_settings
@@ -332,9 +332,7 @@ def test_one_quantization_at_a_time_and_its_waiters_are_bounded() -> None:
 
     from .conftest import DENSE
 
-    fitted = fit(
-        open_source(str(DENSE), load_settings()), "30%", context=256, parallel=2, progress=False
-    )
+    fitted = fit(open_source(str(DENSE), load_settings()), "30%", Ask(256, 2), progress=False)
     server = load_settings().server.model_copy(
         update={"variants": ["min-safe", "25%", "35%"], "swap_waiting": 1}
     )

@@ -150,6 +150,7 @@ def test_a_hub_repo_too_big_for_the_machine_is_refused_from_metadata(
 def test_a_failed_swap_leaves_the_previous_model_serving(tmp_path: Path, tiny_dir: Path) -> None:
     import shutil
 
+    from ramserve.budget import Ask
     from ramserve.fit import fit
     from ramserve.server.app import create_app
     from ramserve.settings import load_settings
@@ -160,9 +161,7 @@ def test_a_failed_swap_leaves_the_previous_model_serving(tmp_path: Path, tiny_di
 
     model = tmp_path / "tiny-coder"
     shutil.copytree(tiny_dir, model)
-    fitted = fit(
-        open_source(str(model), load_settings()), "50%", context=256, parallel=2, progress=False
-    )
+    fitted = fit(open_source(str(model), load_settings()), "50%", Ask(256, 2), progress=False)
     server = load_settings().server.model_copy(update={"variants": ["min-safe"]})
     registry = VariantRegistry(
         fitted,

@@ -10,6 +10,7 @@ import pytest
 
 from ramserve.budget import (
     ActivationShape,
+    Ask,
     KVLayer,
     KVShape,
     budget_for,
@@ -41,7 +42,7 @@ def weights_at(settings: Settings, **shape: int) -> int:
 
 def test_the_default_shape_is_kept_when_it_fits() -> None:
     settings = on_device(64)
-    b = fit_shape(KV, ACT, settings, 4 * GB, device="box")
+    b = fit_shape(KV, ACT, settings, 4 * GB, Ask(kv_bits=16, device="box"))
     assert b.shape == default_shape(KV, settings) and not b.rejected and b.weights >= 4 * GB
 
 
@@ -53,13 +54,13 @@ def test_the_prefill_chunk_shrinks_first_then_the_batch_then_parallelism() -> No
     needed = (
         weights_at(settings, prefill_chunk=1024) + weights_at(settings, prefill_chunk=512)
     ) // 2
-    b = fit_shape(KV, ACT, settings, needed, device="box")
+    b = fit_shape(KV, ACT, settings, needed, Ask(kv_bits=16, device="box"))
     assert b.shape.prefill_chunk == 512 and b.shape.parallel == 4 and b.shape.context == 8192
     assert [r.shape.prefill_chunk for r in b.rejected] == [2048, 1024]
     assert b.weights >= needed and all(r.weights < needed for r in b.rejected)
     # More than any prefill step frees: parallelism goes next, never below what fits.
     needed = weights_at(settings, prefill_chunk=256, prefill_batch=1, parallel=2) - 1
-    b = fit_shape(KV, ACT, settings, needed, device="box")
+    b = fit_shape(KV, ACT, settings, needed, Ask(kv_bits=16, device="box"))
     assert (b.shape.prefill_chunk, b.shape.prefill_batch, b.shape.parallel) == (256, 1, 2)
     assert b.shape.context == 8192
 
@@ -67,11 +68,13 @@ def test_the_prefill_chunk_shrinks_first_then_the_batch_then_parallelism() -> No
 def test_what_the_user_fixed_is_never_changed() -> None:
     settings = on_device(24)
     needed = weights_at(settings, prefill_chunk=256, prefill_batch=1, parallel=1) - 1
-    kept = fit_shape(KV, ACT, settings, needed, parallel=4, device="box")
+    kept = fit_shape(KV, ACT, settings, needed, Ask(parallel=4, kv_bits=16, device="box"))
     assert kept.shape.parallel == 4  # the context gives way instead
     assert kept.shape.context < 8192 and kept.weights >= needed
     assert kept.shape.context % KV.step == 0
-    both = fit_shape(KV, ACT, settings, needed, parallel=4, context=8192, device="box")
+    both = fit_shape(
+        KV, ACT, settings, needed, Ask(context=8192, parallel=4, kv_bits=16, device="box")
+    )
     assert (both.shape.parallel, both.shape.context) == (4, 8192) and both.weights < needed
     with pytest.raises(BudgetError, match="longest context that fits"):
         require_fit(both, needed)
@@ -80,12 +83,12 @@ def test_what_the_user_fixed_is_never_changed() -> None:
 def test_the_context_shrinks_last_and_not_below_the_floor() -> None:
     settings = on_device(24)
     needed = weights_at(settings, prefill_chunk=256, prefill_batch=1, parallel=1) + GB
-    b = fit_shape(KV, ACT, settings, needed, device="box")
+    b = fit_shape(KV, ACT, settings, needed, Ask(kv_bits=16, device="box"))
     assert b.shape.parallel == 1 and 512 <= b.shape.context < 8192 and b.weights >= needed
     longer = weights_at(settings, prefill_chunk=256, prefill_batch=1, parallel=1,
                         context=b.shape.context + KV.step)  # fmt: skip
     assert longer < needed  # the longest that fits, to the KV cache's step
-    hopeless = fit_shape(KV, ACT, settings, 40 * GB, device="box")
+    hopeless = fit_shape(KV, ACT, settings, 40 * GB, Ask(kv_bits=16, device="box"))
     assert hopeless.weights < 40 * GB and hopeless.shape.context == 8192  # nothing fits: no change
 
 
@@ -93,16 +96,16 @@ def test_auto_kv_precision_is_given_up_after_the_prefill_step_before_parallelism
     settings = on_device(24)
     prefill_only = weights_at(settings, prefill_chunk=256, prefill_batch=1)
     needed = prefill_only + GB  # more than the smallest prefill step frees
-    auto = fit_shape(KV, ACT, settings, needed, device="box", kv_bits=None)
+    auto = fit_shape(KV, ACT, settings, needed, Ask(device="box"))
     assert auto.shape.kv_bits == 8 and auto.shape.parallel == 4 and auto.shape.context == 8192
     assert auto.weights >= needed and auto.rejected[-1].shape.kv_bits == 16
     assert auto.kv < auto.rejected[-1].weights  # (the 8-bit cache is well under the 16-bit one)
-    fixed = fit_shape(KV, ACT, settings, needed, device="box", kv_bits=16)
+    fixed = fit_shape(KV, ACT, settings, needed, Ask(kv_bits=16, device="box"))
     assert fixed.shape.kv_bits == 16 and fixed.shape.parallel < 4  # the user's 16 bits stay
-    roomy = fit_shape(KV, ACT, settings, 2 * GB, device="box", kv_bits=None)
+    roomy = fit_shape(KV, ACT, settings, 2 * GB, Ask(device="box"))
     assert roomy.shape.kv_bits == 16 and not roomy.rejected  # no need: full precision
     narrow = replace(KV, head_dim=80)  # 80 is not a multiple of the 64-element groups
-    assert fit_shape(narrow, ACT, settings, needed, device="box", kv_bits=None).shape.kv_bits == 16
+    assert fit_shape(narrow, ACT, settings, needed, Ask(device="box")).shape.kv_bits == 16
 
 
 def test_the_kv_line_follows_the_precision() -> None:
@@ -124,8 +127,8 @@ def test_budget_and_run_report_one_min_safe_and_one_shape(
     from ramserve.source import open_source
 
     source = open_source(str(tiny_dir), load_settings())
-    shown = fitted_budget(source, context=256, parallel=2, progress=False)
-    fitted = fit(source, "auto", context=256, parallel=2, progress=False)
+    shown = fitted_budget(source, Ask(256, 2), progress=False)
+    fitted = fit(source, "auto", Ask(256, 2), progress=False)
     assert shown.needed == fitted.budget.needed
     assert shown.tradeoffs["min_safe_bytes"] == fitted.budget.tradeoffs["min_safe_bytes"]
     assert shown.shape == fitted.budget.shape
@@ -156,14 +159,13 @@ def test_auto_quantizes_the_kv_cache_where_it_is_a_large_share_of_memory(profile
     # a box where the 16-bit cache leaves the weights twice min-safe
     memory = (rest.usable - rest.weights + 2 * min_safe) / GB
     source = open_source(str(DENSE), on_device(memory))
-    large, plan = fit_runtime(source, profile, "auto", context=4096, parallel=64, device="box")
+    large, plan = fit_runtime(source, profile, "auto", Ask(context=4096, parallel=64, device="box"))
     assert large.shape.kv_bits == 8 and (large.shape.context, large.shape.parallel) == (4096, 64)
     options = {o.bits: o for o in large.kv_options}
     assert options[8].total < options[16].total and options[16].weights_damage > 0
-    small, _ = fit_runtime(source, profile, "auto", context=512, parallel=1, device="box")
+    small, _ = fit_runtime(source, profile, "auto", Ask(context=512, parallel=1, device="box"))
     assert small.shape.kv_bits == 16
-    fixed, _ = fit_runtime(source, profile, "auto", context=4096, parallel=64, kv_bits=16,
-                           device="box")  # fmt: skip
+    fixed, _ = fit_runtime(source, profile, "auto", Ask(context=4096, parallel=64, kv_bits=16, device="box"))  # fmt: skip
     assert fixed.shape.kv_bits == 16 and not fixed.kv_options
 
 
