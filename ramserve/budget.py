@@ -23,6 +23,7 @@ from .device import (
     KV_GROUP_SIZE,
     Machine,
     attention_materialises_scores,
+    kv_quantizable,
     runs_on_metal,
     runtime_dtype,
     this_machine,
@@ -86,7 +87,7 @@ class KVShape:
     @property
     def quantizable(self) -> bool:
         """Whether the cache can be stored in 8 or 4 bits (in groups of KV_GROUP_SIZE per head)."""
-        return self.head_dim > 0 and self.head_dim % KV_GROUP_SIZE == 0
+        return kv_quantizable(self.head_dim)
 
     def element_bytes(self, windowed: bool = False) -> float:
         """Bytes per stored element: the float, or the code plus its group's scale and bias."""

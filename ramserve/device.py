@@ -12,6 +12,12 @@ FLOAT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 KV_GROUP_SIZE = 64  # elements per scale and bias of a quantized KV cache (ramserve/kvcache.py)
 
 
+def kv_quantizable(head_dim: int) -> bool:
+    """Whether attention heads of ``head_dim`` elements can be stored in 8 or 4 bits: whole groups of
+    KV_GROUP_SIZE (which also fill whole 32-bit words at either width)."""
+    return head_dim > 0 and head_dim % KV_GROUP_SIZE == 0
+
+
 def runtime_dtype(stored: str = "bfloat16") -> str:
     """The dtype activations, scales and 16-bit weights take in memory on this device."""
     return "float32" if mx.default_device() == mx.cpu else stored

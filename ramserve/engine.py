@@ -30,11 +30,12 @@ import mlx.core as mx
 
 from .budget import RuntimeShape
 from .constrain import Grammars
-from .device import runtime_dtype
+from .device import kv_quantizable, runtime_dtype
 from .errors import RamserveError
-from .kvcache import sequence_caches, supports
+from .kvcache import sequence_caches
 from .output import Done, Event, Output, Usage, make_output
 from .settings import ServerSettings, Settings
+from .source import head_dim_of
 
 log = logging.getLogger("ramserve.engine")
 
@@ -193,9 +194,7 @@ class Engine:
         self.grammars = Grammars(self.tokenizer, vocab_size(self.model), settings.tool_formats)
         limit = max_positions(self.model)
         self.context = min(context or limit, limit)
-        self.kv_bits = None if kv_bits in (None, 16) else kv_bits
-        if self.kv_bits is not None:
-            require_kv_bits(self.model, self.kv_bits)
+        self.kv_bits = require_kv_bits(self.model, kv_bits)
         self.parallel = server.parallel if parallel is None else parallel
         self.queue_size = server.queue_size if queue_size is None else queue_size
         entries = (
@@ -436,15 +435,18 @@ class Engine:
             r.output.fail(message)
 
 
-def require_kv_bits(model: Any, bits: int) -> None:
-    """Refuse a KV precision the model's attention heads cannot be stored in."""
-    args = model.args
-    head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
-    if bits not in (4, 8) or not supports(int(head_dim), bits):
+def require_kv_bits(model: Any, bits: int | None) -> int | None:
+    """The quantized KV precision to run ``model`` with (None: 16 bits), refusing one its attention
+    heads cannot be stored in."""
+    if bits is None or bits >= 16:
+        return None
+    head_dim = head_dim_of(vars(model.args))
+    if bits not in (4, 8) or not kv_quantizable(head_dim):
         raise RamserveError(
             f"cannot store this model's KV cache in {bits} bits (head dimension {head_dim}); "
             "use --kv-bits 16, 8 or 4 with a head dimension divisible by 64"
         )
+    return bits
 
 
 def vocab_size(model: Any) -> int:

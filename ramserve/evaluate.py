@@ -353,9 +353,9 @@ def evaluate(
         raise EvalError(f"--samples must be at least 1, not {samples}")
     content = read_text(text)
     e = load_for_eval(model, settings, quantization, label, quantizer)
-    if kv_bits is not None and kv_bits < 16:
-        require_kv_bits(e.model, kv_bits)
-        e.kv_bits, e.label = kv_bits, f"{e.label}, {kv_bits}-bit KV"
+    e.kv_bits = require_kv_bits(e.model, kv_bits)
+    if e.kv_bits is not None:
+        e.label = f"{e.label}, {e.kv_bits}-bit KV"
     check_model(e, seq_len)
     windows = token_windows(encode(e.tokenizer, content), seq_len, samples)
     ref = None

@@ -451,11 +451,11 @@ def kv_damage(run: StreamedModel, x: mx.array, hidden: Hidden, bits: tuple[int, 
     each of ``bits`` (MLX affine, 64-element groups, as ramserve/kvcache.py stores them)."""
     from mlx_lm.models.cache import QuantizedKVCache
 
-    from .device import KV_GROUP_SIZE
+    from .device import KV_GROUP_SIZE, kv_quantizable
     from .source import head_dim_of
 
     seen, last, args, kwargs = hidden
-    if head_dim_of(run.source.config) % KV_GROUP_SIZE:
+    if not kv_quantizable(head_dim_of(run.source.config)):
         return {}  # such a cache stays 16-bit (kvcache): nothing to measure
     h = {b: seen[0] for b in bits}
     for i, layer in enumerate(run.layers):

@@ -39,11 +39,6 @@ def _empty(shape: tuple[int, int, int], dim: int, bits: int, dtype: mx.Dtype) ->
             mx.zeros((*shape, dim // GROUP_SIZE), dtype=dtype))  # fmt: skip
 
 
-def supports(head_dim: int, bits: int) -> bool:
-    """Whether vectors of ``head_dim`` elements quantize to ``bits`` in groups of GROUP_SIZE."""
-    return head_dim % GROUP_SIZE == 0 and (head_dim * bits) % 32 == 0
-
-
 class SequenceKVCache(QuantizedKVCache):
     """One sequence's quantized cache, as the prompt cache keeps it: mlx-lm's ``QuantizedKVCache``
     that knows its length and joins a batch."""

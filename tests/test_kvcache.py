@@ -149,3 +149,14 @@ def test_eval_scores_a_quantized_kv_cache() -> None:
     four = evaluate(str(DENSE), EVAL_TEXT, load_settings(), kv_bits=4, **kw)
     assert full.kl_mean == pytest.approx(0, abs=1e-6)
     assert 0 < eight.kl_mean < four.kl_mean and "8-bit KV" in eight.label
+
+
+def test_a_head_too_narrow_for_quantized_kv_is_refused_by_name(tiny_dir: Path) -> None:
+    from ramserve.errors import RamserveError
+    from ramserve.evaluate import evaluate
+
+    from .conftest import EVAL_TEXT
+
+    with pytest.raises(RamserveError, match="head dimension 16"):
+        evaluate(str(tiny_dir), EVAL_TEXT, load_settings(), kv_bits=8, seq_len=16, samples=1,
+                 progress=False)  # fmt: skip
