@@ -34,7 +34,7 @@ from typing import Any, Literal
 from .atomic import read_json
 from .errors import RamserveError
 from .fmt import human_bytes
-from .records import Plan, RecordError
+from .records import Plan
 from .settings import CacheSettings, ramserve_home
 
 log = logging.getLogger("ramserve.cache")
@@ -245,18 +245,11 @@ def _profile_entry(path: Path, names: dict[str, str]) -> Entry:
 
 def _model_entry(path: Path) -> Entry:
     partial = path.name.startswith(".")
-    plan = None if partial else _plan_in(path)
+    plan = None if partial else Plan.in_folder(path)  # a damaged one: listed by its folder
     busy = in_use(path) or being_written(path)
     return Entry("model", path, _size(path), path.parent.name, plan.name if plan else "?",
                  path.stat().st_mtime, busy, partial, plan.hash if plan else entry_key(path)[-16:],
                  plan.summary() if plan else {})  # fmt: skip
-
-
-def _plan_in(folder: Path) -> Plan | None:
-    try:
-        return Plan.read(folder / "plan.json")
-    except RecordError:  # a damaged entry is listed, by its folder, so that it can be removed
-        return None
 
 
 def entries() -> list[Entry]:

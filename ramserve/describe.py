@@ -7,7 +7,8 @@ from dataclasses import asdict
 from typing import Any
 
 from .fmt import human_bytes, human_count, table
-from .plan import folder_plan, histogram
+from .plan import histogram
+from .records import Plan
 from .source import Source
 
 
@@ -55,7 +56,7 @@ def describe(source: Source) -> dict[str, Any]:
 
 def _folder_plan(source: Source) -> dict[str, Any] | None:
     """The plan of a folder ramserve quantized (its plan.json), summarised."""
-    plan = folder_plan(source.path) if source.quantization is not None else None
+    plan = Plan.in_folder(source.path) if source.quantization is not None else None
     if plan is None:
         return None
     return {"budget": asdict(plan.budget), "total_bytes": plan.total_bytes, "hash": plan.hash,

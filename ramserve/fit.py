@@ -16,6 +16,7 @@ from .budget import (
     Ask,
     Budget,
     activation_dtype,
+    activation_shape,
     default_shape,
     kv_shape,
     machine_budget,
@@ -164,8 +165,13 @@ def fit_runtime(source: Source, profile: Profile, spec: str, ask: Ask) -> tuple[
         spec, settings) else None  # fmt: skip
     needed = max(min_safe, sized.memory_bytes if sized else 0)
 
+    kv, act = (
+        kv_shape(source, device),
+        activation_shape(source),
+    )  # once: every shape tried reads them
+
     def shaped(kv_bits: int | None) -> Budget:
-        return fit_source_shape(source, needed, replace(ask, kv_bits=kv_bits))
+        return fit_shape(kv, act, settings, needed, replace(ask, kv_bits=kv_bits))
 
     def plan_at(b: Budget) -> Plan:
         if sized is not None:
@@ -181,9 +187,8 @@ def fit_runtime(source: Source, profile: Profile, spec: str, ask: Ask) -> tuple[
             return None
         return (plan.predicted_damage, plan) if plan.memory_bytes <= b.weights else None
 
-    quantizable = profile.kv_damage and kv_shape(source, device).quantizable
-    if ask.kv_bits is None and quantizable:
-        asked = default_shape(kv_shape(source, device), settings, ask.context, ask.parallel)
+    if ask.kv_bits is None and profile.kv_damage and kv.quantizable:
+        asked = default_shape(kv, settings, ask.context, ask.parallel)
         chosen = choose_kv(profile.kv_damage, (asked.context, asked.parallel),
                            shaped,
                            damage_at)  # fmt: skip

@@ -277,15 +277,7 @@ def plot_plan(plan: Plan, path: Path) -> None:
     plt.close(fig)
 
 
-def folder_plan(folder: Path) -> Plan | None:
-    """The plan.json of a folder ramserve quantized, or None (none there, or not usable)."""
-    try:
-        return Plan.read(folder / "plan.json") if (folder / "plan.json").is_file() else None
-    except RecordError:
-        return None
-
-
 def served_name(source: Source) -> str:
     """The id a server offers a model under: the source model's name for a folder ramserve wrote."""
-    plan = folder_plan(source.path)
+    plan = Plan.in_folder(source.path)
     return plan.name if plan else source.name

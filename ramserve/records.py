@@ -246,5 +246,13 @@ class Plan:
     def read(cls, path: Path) -> Plan:
         return cls.from_json(_read(path), str(path))
 
+    @classmethod
+    def in_folder(cls, folder: Path) -> Plan | None:
+        """The plan.json of a folder ramserve quantized, or None (none there, or not usable)."""
+        try:
+            return cls.read(folder / "plan.json") if (folder / "plan.json").is_file() else None
+        except RecordError:
+            return None
+
     def write(self, path: Path) -> None:
         atomic.write_json(path, self.to_json())

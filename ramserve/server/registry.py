@@ -20,7 +20,7 @@ from typing import Any
 from .. import cache
 from ..engine import Engine
 from ..errors import RamserveError
-from ..plan import folder_plan
+from ..records import Plan
 from ..settings import Settings
 
 log = logging.getLogger("ramserve.server")
@@ -91,7 +91,7 @@ class Registry:
     def card_for(self, model_id: str) -> dict[str, Any]:
         if model_id != self.name:
             raise UnknownModel(f"model {model_id!r} does not exist; this server has {self.name!r}")
-        plan = folder_plan(self.folder)
+        plan = Plan.in_folder(self.folder)
         return {"id": self.name, "created": self.created,
                 "status": "loaded" if self.ready else "loading",
                 "context_length": self.engine.context if self.engine else None,
