@@ -66,17 +66,18 @@ def cores() -> int:
 
 @functools.cache
 def blas_gflops() -> float:
-    """The float32 matmul rate of the BLAS MLX calls here, best of three (about 3 GFLOP/s with the
+    """The float32 matmul rate of the BLAS MLX calls here, best of five (about 3 GFLOP/s with the
     reference BLAS of MLX's Linux wheel, 50-150 with OpenBLAS on 2 cores). Measured once a process:
-    the BLAS does not change, and every model (re)load asks."""
-    a = mx.random.normal((256, 256), key=mx.random.key(0))
+    the BLAS does not change, and every model (re)load asks. Best of five, because other processes
+    busy on the same cores (an analysis beside a server) divide any one reading."""
+    a = mx.random.normal((384, 384), key=mx.random.key(0))
     mx.eval(a @ a)
     best = math.inf
-    for _ in range(3):
+    for _ in range(5):
         start = time.perf_counter()
         mx.eval(a @ a)
         best = min(best, time.perf_counter() - start)
-    return 2 * 256**3 / best / 1e9
+    return 2 * 384**3 / best / 1e9
 
 
 _threads = threading.local()
