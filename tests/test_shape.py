@@ -178,7 +178,6 @@ def test_score_matrices_are_charged_only_where_attention_materialises_them() -> 
     mac_8 = budget_for(KV, ACT, settings, replace(shape, kv_bits=8), device="box").runtime
     here = budget_for(KV, ACT, settings, shape).runtime  # this machine: MLX's CPU back end
     factor = settings.budget.attention_factor
-    scores = (
-        factor * ACT.heads * 2048 * 8192 * 4 * 4
-    )  # factor x heads x chunk x context x 4 B x 4 seq
+    # factor x heads x chunk x context x 4 bytes x 4 sequences
+    scores = factor * ACT.heads * 2048 * 8192 * 4 * 4
     assert mac_8 == here and here - mac_16 == pytest.approx(scores, rel=0.01)
