@@ -53,16 +53,17 @@ from ramserve.settings import BudgetSettings, Settings, load_settings  # noqa: E
 from ramserve.source import open_source  # noqa: E402
 
 SHARED = ROOT.parent.parent / "shared" / "models"
-SHARED_CASES = [(512, 1), (512, 4), (2048, 1), (2048, 4), (4096, 2)]
-LARGE_CASES = [(2048, 1), (2048, 4), (4096, 2), (8192, 1), (8192, 4)]
+# context, parallel sequences, KV bits
+SHARED_CASES = [(512, 1, 16), (512, 4, 16), (2048, 1, 16), (2048, 4, 16), (4096, 2, 16)]
+LARGE_CASES = [(2048, 1, 16), (2048, 4, 16), (4096, 2, 16), (8192, 1, 16), (8192, 4, 16)]
 # name, config, layers, cases
 LARGE = [
-    ("llama3-8b-shaped-2l", LLAMA3_8B, 2, LARGE_CASES),
+    ("llama3-8b-shaped-2l", LLAMA3_8B, 2, [*LARGE_CASES, (4096, 2, 8)]),
     ("qwen3-30b-a3b-shaped-2l", QWEN3_30B_A3B, 2, LARGE_CASES),
 ]
 
 
-def shared_models(settings: Settings) -> list[tuple[str, Path, list[tuple[int, int]]]]:
+def shared_models(settings: Settings) -> list[tuple[str, Path, list[tuple[int, int, int]]]]:
     out = []
     for name in ("code-qwen3-30m", "code-qwen3moe-27m"):
         source = open_source(str(SHARED / name), settings)
@@ -71,24 +72,25 @@ def shared_models(settings: Settings) -> list[tuple[str, Path, list[tuple[int, i
     return out
 
 
-def large_models(names: list[str]) -> list[tuple[str, Path, list[tuple[int, int]]]]:
+def large_models(names: list[str]) -> list[tuple[str, Path, list[tuple[int, int, int]]]]:
     return [(name, quantized_synthetic(cfg, layers, f"{name}-q4"), cases)
             for name, cfg, layers, cases in LARGE if name in names]  # fmt: skip
 
 
 def measure(
-    name: str, folder: Path, context: int, parallel: int, settings: Settings
+    name: str, folder: Path, context: int, parallel: int, kv_bits: int, settings: Settings
 ) -> dict[str, Any]:
     source = open_source(str(folder), settings)
-    kv, act = kv_shape(source), activation_shape(source)
-    runtime = default_shape(kv, settings, context, parallel)
+    kv, act = kv_shape(source, kv_bits=kv_bits), activation_shape(source)
+    runtime = default_shape(kv, settings, context, parallel, kv_bits)
     engine = Engine(folder, settings, parallel=parallel, prompt_cache_entries=0,
-                    prefill_chunk=runtime.prefill_chunk, prefill_batch=runtime.prefill_batch)  # fmt: skip
+                    prefill_chunk=runtime.prefill_chunk, prefill_batch=runtime.prefill_batch,
+                    kv_bits=kv_bits if kv_bits < 16 else None)  # fmt: skip
     m = fill_context(engine, context, parallel)
     engine.close()
     del engine
     mx.clear_cache()
-    r = {"model": name, "context": context, "parallel": parallel, **m,
+    r = {"model": name, "context": context, "parallel": parallel, "kv_bits": kv_bits, **m,
          "kv_predicted": kv.bytes(context, parallel), "scratch": m["peak"] - m["weights"] - m["kv"],
          "heads": act.heads, "width": act.width, "prefill_chunk": runtime.prefill_chunk,
          "prefill_batch": runtime.prefill_batch, "dtype_bytes": kv.dtype_bytes}  # fmt: skip
@@ -100,7 +102,8 @@ def scratch_line(r: dict[str, Any], cfg: BudgetSettings) -> int:
     """budget.runtime_bytes for a measured case under ``cfg``, less the process overhead (outside
     MLX's allocator, so not in its peak)."""
     kv = KVShape((), r.get("dtype_bytes", 4), None)  # the scratch reads only the float width
-    runtime = RuntimeShape(r["context"], r["parallel"], r["prefill_chunk"], r["prefill_batch"])
+    runtime = RuntimeShape(r["context"], r["parallel"], r["prefill_chunk"], r["prefill_batch"],
+                           r.get("kv_bits", 16))  # fmt: skip
     act = ActivationShape(r["heads"], r["width"])
     return runtime_bytes(kv, runtime, act, cfg) - int(cfg.runtime_fixed_mb * 2**20)
 
@@ -119,11 +122,11 @@ def best_factors(results: list[dict[str, Any]], cfg: BudgetSettings) -> tuple[fl
 
 
 def report(results: list[dict[str, Any]], cfg: BudgetSettings) -> None:
-    rows = [(r["model"], r["context"], r["parallel"], human_bytes(r["weights"]),
+    rows = [(r["model"], r["context"], r["parallel"], r.get("kv_bits", 16), human_bytes(r["weights"]),
              human_bytes(r["kv"]), human_bytes(r["kv_predicted"]), human_bytes(r["peak"]),
              human_bytes(r["scratch"]), human_bytes(scratch_line(r, cfg)),
              f"{scratch_line(r, cfg) / r['scratch']:.2f}") for r in results]  # fmt: skip
-    print(table(["model", "context", "P", "weights", "KV real", "KV formula", "MLX peak",
+    print(table(["model", "context", "P", "KV bits", "weights", "KV real", "KV formula", "MLX peak",
                  "scratch", "scratch line", "line / scratch"], rows))  # fmt: skip
     worst = max(scratch_line(r, cfg) / r["scratch"] for r in results)
     least = min(scratch_line(r, cfg) / r["scratch"] for r in results)
@@ -149,8 +152,8 @@ def main() -> None:
     models = (shared_models(settings) if "shared" in which else []) + large_models(large)
     results = []
     for name, folder, cases in models:
-        for context, parallel in cases:
-            results.append(measure(name, folder, context, parallel, settings))
+        for context, parallel, kv_bits in cases:
+            results.append(measure(name, folder, context, parallel, kv_bits, settings))
             r = results[-1]
             print(name, context, parallel, human_bytes(r["scratch"]), file=sys.stderr, flush=True)
     report(results, settings.budget)
