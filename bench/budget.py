@@ -90,12 +90,10 @@ def measure(
     engine.close()
     del engine
     mx.clear_cache()
-    r = {"model": name, "context": context, "parallel": parallel, "kv_bits": kv_bits, **m,
-         "kv_predicted": kv.bytes(context, parallel), "scratch": m["peak"] - m["weights"] - m["kv"],
-         "heads": act.heads, "width": act.width, "prefill_chunk": runtime.prefill_chunk,
-         "prefill_batch": runtime.prefill_batch, "dtype_bytes": kv.dtype_bytes}  # fmt: skip
-    r["scratch_formula"] = scratch_line(r, settings.budget)
-    return r
+    return {"model": name, "context": context, "parallel": parallel, "kv_bits": kv_bits, **m,
+            "kv_predicted": kv.bytes(context, parallel), "scratch": m["peak"] - m["weights"] - m["kv"],
+            "heads": act.heads, "width": act.width, "prefill_chunk": runtime.prefill_chunk,
+            "prefill_batch": runtime.prefill_batch, "dtype_bytes": kv.dtype_bytes}  # fmt: skip
 
 
 def scratch_line(r: dict[str, Any], cfg: BudgetSettings) -> int:
@@ -122,17 +120,17 @@ def best_factors(results: list[dict[str, Any]], cfg: BudgetSettings) -> tuple[fl
 
 
 def report(results: list[dict[str, Any]], cfg: BudgetSettings) -> None:
+    lines = [scratch_line(r, cfg) for r in results]
+    ratios = [line / r["scratch"] for line, r in zip(lines, results, strict=True)]
     rows = [(r["model"], r["context"], r["parallel"], r.get("kv_bits", 16), human_bytes(r["weights"]),
              human_bytes(r["kv"]), human_bytes(r["kv_predicted"]), human_bytes(r["peak"]),
-             human_bytes(r["scratch"]), human_bytes(scratch_line(r, cfg)),
-             f"{scratch_line(r, cfg) / r['scratch']:.2f}") for r in results]  # fmt: skip
+             human_bytes(r["scratch"]), human_bytes(line), f"{ratio:.2f}")
+            for r, line, ratio in zip(results, lines, ratios, strict=True)]  # fmt: skip
     print(table(["model", "context", "P", "KV bits", "weights", "KV real", "KV formula", "MLX peak",
                  "scratch", "scratch line", "line / scratch"], rows))  # fmt: skip
-    worst = max(scratch_line(r, cfg) / r["scratch"] for r in results)
-    least = min(scratch_line(r, cfg) / r["scratch"] for r in results)
     a, w, best = best_factors(results, cfg)
     print(f"\nconfigured: attention_factor {cfg.attention_factor}, width_factor {cfg.width_factor}: "
-          f"line / scratch {least:.2f}-{worst:.2f}")  # fmt: skip
+          f"line / scratch {min(ratios):.2f}-{max(ratios):.2f}")  # fmt: skip
     print(f"least factors covering every case: attention_factor {a}, width_factor {w}: "
           f"worst line / scratch {best:.2f}")  # fmt: skip
     print(json.dumps({"bench": "budget", "results": results,

@@ -87,13 +87,12 @@ def synthetic_model(
     config: dict[str, Any] = CONFIG,
     *,
     layers: int | None = None,
-    folder: Path | None = None,
     shard_bytes: int = 500_000_000,
     name: str = "synthetic-2gb",
 ) -> Path:
     """Write (once) the model ``config`` describes, at ``layers`` layers, and return its folder."""
     cfg = config | ({"num_hidden_layers": layers} if layers else {})
-    folder = folder or ROOT / ".cache" / name
+    folder = ROOT / ".cache" / name
     if (folder / "config.json").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
