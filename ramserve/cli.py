@@ -64,7 +64,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
     from .fit import plan_for
     from .plan import load_plan
-    from .quantize import quantize
+    from .quantize import quantize, rounding_line
     from .source import open_source
 
     source = open_source(a.model, a.settings)
@@ -76,6 +76,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         f"{folder}  ({'cached' if cached else 'written'}; {plan.bits_per_weight:.3f} bits per "
         f"weight, {plan.total_bytes:,} bytes)"
     )
+    if line := rounding_line(folder):
+        print(line)
     return 0
 
 
@@ -87,14 +89,14 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .plan import load_plan
     from .source import open_source
 
-    quantization, quantizer, label = None, None, None
+    quantization, quantizer, label, rounding = None, None, None, None
     if a.plan or a.budget:
         plan = (
             load_plan(Path(a.plan))
             if a.plan
             else plan_for(open_source(a.model, a.settings), a.budget, a.quiet)
         )
-        quantization, quantizer = plan.quantization, plan.quantizer
+        quantization, quantizer, rounding = plan.quantization, plan.quantizer, plan.rounding
         label = f"ramserve@{plan.budget.spec}"
     elif a.recipe:
         quantization, label = (
@@ -102,7 +104,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
             a.recipe,
         )
     scores = evaluate(a.model, Path(a.text), a.settings, reference=a.reference, quantization=quantization,
-                      quantizer=quantizer, label=label, seq_len=a.seq_len, samples=a.samples,
+                      quantizer=quantizer, rounding=rounding, label=label, seq_len=a.seq_len, samples=a.samples,
                       batch_size=a.batch_size, kv_bits=a.kv_bits, progress=not a.quiet)  # fmt: skip
     _emit(scores.to_json() if a.json else scores, a.json, render_scores)
     return 0
@@ -193,6 +195,13 @@ def add_kv_bits(s: argparse.ArgumentParser) -> None:
     s.add_argument("--kv-bits", type=kv_bits, default=None, metavar="auto|16|8|4",
                    help="the KV cache's precision (default auto: 16-bit unless fewer bits are "
                    "needed to fit; `serve` takes auto as 16)")  # fmt: skip
+
+
+def add_rounding(s: argparse.ArgumentParser, settings: Settings) -> None:
+    s.add_argument("--rounding", choices=["nearest", "compensated"], default=None,
+                   help="how codes are rounded: compensated (each column's error corrected in the "
+                   "columns after it, from inputs the model samples itself) or to nearest (default "
+                   f"{settings.rounding.method})")  # fmt: skip
 
 
 def cmd_ls(a: argparse.Namespace) -> int:
@@ -299,6 +308,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     s.add_argument("--allow-unsafe", action="store_true", help="lift the safety floor")
     s.add_argument("-o", "--output", help="write plan.json here")
     s.add_argument("--plot", help="draw the per-layer bit map into this PNG")
+    add_rounding(s, settings)
     s.add_argument("--json", action="store_true")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=cmd_plan)
@@ -309,6 +319,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     how.add_argument("--plan", help="a plan.json from `ramserve plan -o`")
     how.add_argument("--budget", help="plan for this budget first")
     s.add_argument("-o", "--output", help="output folder (default: the cache)")
+    add_rounding(s, settings)
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=cmd_quantize)
 
@@ -320,6 +331,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     how.add_argument("--plan", help="simulate this plan.json's quantization on the float model")
     how.add_argument("--budget", help="plan for this budget, then simulate it")
     how.add_argument("--recipe", help="simulate a fixed recipe: uniform-4g64, mixed_3_6, ...")
+    add_rounding(s, settings)
     s.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
     s.add_argument("--samples", type=int, default=48, help="sequences, spread over the text")
     s.add_argument("--batch-size", type=int, default=4)
@@ -356,6 +368,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     s.add_argument("--any-budget", action="store_true",
                    help="let clients ask for any name@budget (each new one is quantized and cached)")  # fmt: skip
+    add_rounding(s, settings)
     add_server_options(s, settings.server)
     s.set_defaults(func=cmd_run)
 
@@ -413,6 +426,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()  # the one read: every stage is given it (docs/architecture.md)
         args = build_parser(settings).parse_args(argv)
+        if getattr(args, "rounding", None):
+            rounding = settings.rounding.model_copy(update={"method": args.rounding})
+            settings = settings.model_copy(update={"rounding": rounding})
         args.settings = settings
         func: Handler = args.func
         return func(args)

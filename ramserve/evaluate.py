@@ -28,6 +28,7 @@ from .device import FLOAT_BYTES, runtime_dtype
 from .engine import max_positions, require_kv_bits
 from .errors import RamserveError
 from .kvcache import sequence_caches
+from .rounding import Gain, compensated_layers, is_compensated, unpacked
 from .settings import Settings
 from .source import Source, open_source
 
@@ -129,16 +130,30 @@ def simulate(
     quantization: dict[str, Any],
     dtype: mx.Dtype,
     quantizer: dict[str, Any] | None = None,
+    rounding: dict[str, Any] | None = None,
+    source: Source | None = None,
 ) -> None:
     """Replace each quantized module's weight by dequantize(quantize(W)), as the kernels compute it:
     quantized from the stored float weight by ``quantizer`` (a plan's; default mx.quantize, as
-    mlx-lm does), scales and biases stored in it and used in ``dtype``."""
+    mlx-lm does) and ``rounding`` (a plan's: compensated rounding runs on ``source``, as
+    ``quantize`` runs it), scales and biases stored in it and used in ``dtype``."""
     modules = quantizable_paths(model)
-    for path, q in quantization.items():
-        if not isinstance(q, dict):
-            continue
-        if path not in modules:
+    for path in quantization:
+        if isinstance(quantization[path], dict) and path not in modules:
             raise EvalError(f"the quantization map names {path!r}, which this model does not have")
+    done = set()
+    if rounding and is_compensated(rounding):
+        assert source is not None, "compensated rounding runs on the source"
+        layers = compensated_layers(source, quantization, quantizer or {}, rounding, Gain())
+        for _, results in layers:
+            for path, packed in results.items():
+                m = modules[path]
+                m.weight = unpacked(packed, m.weight.shape, quantization[path], dtype)
+                mx.eval(m.weight)
+                done.add(path)
+    for path, q in quantization.items():
+        if not isinstance(q, dict) or path in done:
+            continue
         m = modules[path]
         g, bits = q["group_size"], q["bits"]
         m.weight = affine.dequantize(m.weight, g, bits, **(quantizer or {}), dtype=dtype)
@@ -158,6 +173,7 @@ def load_for_eval(
     quantization: dict[str, Any] | None = None,
     label: str | None = None,
     quantizer: dict[str, Any] | None = None,
+    rounding: dict[str, Any] | None = None,
 ) -> Evaluated:
     """A model to evaluate: a folder as it is stored (quantized or not), or a float source with a
     quantization map simulated on it (by ``quantizer``, see ``simulate``)."""
@@ -167,7 +183,7 @@ def load_for_eval(
         raise EvalError(f"{source.path} is already quantized; a plan applies to a float source")
     model, tokenizer = load_source_model(source)
     if quantization:
-        simulate(model, quantization, dtype, quantizer)
+        simulate(model, quantization, dtype, quantizer, rounding, source)
         size = stored_bytes(source, quantization)
     else:
         size = sum(
@@ -338,6 +354,7 @@ def evaluate(
     reference: str | None = None,
     quantization: dict[str, Any] | None = None,
     quantizer: dict[str, Any] | None = None,
+    rounding: dict[str, Any] | None = None,
     label: str | None = None,
     seq_len: int = 512,
     samples: int | None = 48,
@@ -352,7 +369,7 @@ def evaluate(
     if samples is not None and samples < 1:
         raise EvalError(f"--samples must be at least 1, not {samples}")
     content = read_text(text)
-    e = load_for_eval(model, settings, quantization, label, quantizer)
+    e = load_for_eval(model, settings, quantization, label, quantizer, rounding)
     e.kv_bits = require_kv_bits(e.model, kv_bits)
     if e.kv_bits is not None:
         e.label = f"{e.label}, {e.kv_bits}-bit KV"

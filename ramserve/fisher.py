@@ -93,10 +93,12 @@ class FisherStat:
 
 
 class _Stop(Exception):
-    """Ends a model call early, carrying the hidden state where it stopped."""
+    """Ends a model call early, carrying the hidden state where it stopped (and the layer call's
+    other arguments)."""
 
-    def __init__(self, h: mx.array) -> None:
-        self.h = h
+    def __init__(self, h: mx.array, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+                 ) -> None:  # fmt: skip
+        self.h, self.args, self.kwargs = h, args, kwargs or {}
 
 
 class _Slot:
@@ -341,6 +343,27 @@ class StreamedModel:
             self.slots[:] = self.layers
         return seen, last, extra["args"], extra["kwargs"]
 
+    def first_layer_call(
+        self, inputs: mx.array
+    ) -> tuple[mx.array, tuple[Any, ...], dict[str, Any]]:
+        """The first layer's input for ``inputs`` and the extra arguments the model's loop passes
+        every layer (mask, cache), from a call that stops there; only the embedding rows are read."""
+
+        def stop_at_first(h: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+            raise _Stop(h, args, kwargs)
+
+        self.slots[:] = [_Slot(layer, stop_at_first) for layer in self.layers]
+        try:
+            with self.outer(head=False) as (_, given):
+                assert given is not None
+                given._value = self.lookups(inputs)
+                self.model(inputs)
+            raise RuntimeError("the model's loop did not reach its first layer")
+        except _Stop as stop:
+            return stop.h, stop.args, stop.kwargs
+        finally:
+            self.slots[:] = self.layers
+
     def _head_only(self, h: mx.array) -> None:
         """Layers become pass-throughs except the last, which returns ``h``: the model's call then
         computes just the final norm and the head on ``h`` (and whatever the model does there)."""
@@ -370,15 +393,14 @@ def require_streamable(source: Any) -> None:
         ) from e
 
 
-def jacobi_inputs(
+def sampled_sequences(
     run: StreamedModel, count: int, length: int, sweeps: int, seed: int, start: int, vocab: int
-) -> tuple[mx.array, mx.array, Hidden]:
-    """Inputs from ``sweeps`` parallel sampling sweeps, labels sampled given them, and the hidden
-    states of the inputs (the pass that gave the labels; the backward pass needs them too). A
-    position's Gumbel noise is drawn from its own key, so every sweep sees the same noise without
-    keeping it."""
-    k_init, k_noise, k_labels = mx.random.split(mx.random.key(seed), 3)
-    noise_keys, label_keys = mx.random.split(k_noise, count), mx.random.split(k_labels, count)
+) -> mx.array:
+    """``count`` sequences of ``length`` tokens from ``sweeps`` parallel sampling sweeps, starting
+    from random tokens after ``start``. A position's Gumbel noise is drawn from its own key, so every
+    sweep sees the same noise without keeping it."""
+    k_init, k_noise, _ = mx.random.split(mx.random.key(seed), 3)
+    noise_keys = mx.random.split(k_noise, count)
     x = mx.random.randint(0, vocab, (count, length), key=k_init).astype(mx.int32)
     x[:, 0] = start
 
@@ -389,6 +411,17 @@ def jacobi_inputs(
     for _ in range(sweeps):
         tokens, _ = next_tokens(run, x, sweep)
         x = mx.concatenate([x[:, :1], tokens], axis=1)
+    return x
+
+
+def jacobi_inputs(
+    run: StreamedModel, count: int, length: int, sweeps: int, seed: int, start: int, vocab: int
+) -> tuple[mx.array, mx.array, Hidden]:
+    """Inputs from ``sweeps`` parallel sampling sweeps (``sampled_sequences``), labels sampled given
+    them, and the hidden states of the inputs (the pass that gave the labels; the backward pass needs
+    them too)."""
+    x = sampled_sequences(run, count, length, sweeps, seed, start, vocab)
+    label_keys = mx.random.split(mx.random.split(mx.random.key(seed), 3)[2], count)
 
     def label(i: int, logits: mx.array) -> mx.array:
         return mx.random.categorical(logits, key=label_keys[i]).astype(mx.int32)
@@ -509,7 +542,7 @@ def _head(
     return mx.concatenate(out), own_rows
 
 
-class _Probe:
+class Probe:
     """Stands in for a linear module of a layer (``nn.Linear``, or mlx-lm's stacked experts, called
     with the expert of each row): keeps its input and adds ``z`` to its output, so the gradient with
     respect to ``z`` is the gradient at the module's output. With the input, that is all the weight's
@@ -529,6 +562,17 @@ class _Probe:
         out: mx.array = y if self.z is None else y + self.z
         return out
 
+    def rows(self) -> tuple[mx.array, mx.array | None]:
+        """The inputs the module saw as rows (pairs, in) and, for stacked experts, the expert each
+        row went to (pairs,): every output row of stacked experts is one (token, expert) pair."""
+        assert self.x is not None
+        if self.experts is None:
+            return self.x.reshape(-1, self.x.shape[-1]), None
+        pairs = self.shape[:-1]
+        inputs = mx.broadcast_to(self.x, (*pairs, self.x.shape[-1]))
+        experts = mx.broadcast_to(mx.expand_dims(self.experts, -1), pairs)
+        return inputs.reshape(-1, inputs.shape[-1]), experts.reshape(-1)
+
     def add_to(self, sums: Marginals, path: str, delta: mx.array, sequences: int) -> None:
         """The marginals of each sequence's weight gradient (a batch of ``sequences`` of them)."""
         assert self.x is not None
@@ -536,12 +580,8 @@ class _Probe:
             for s in range(sequences):
                 sums.add_product(path, delta[s], self.x[s])
             return
-        # stacked experts, one sequence: every output row is one (token, expert) pair
-        pairs = delta.shape[:-1]
-        inputs = mx.broadcast_to(self.x, (*pairs, self.x.shape[-1]))
-        experts = mx.broadcast_to(mx.expand_dims(self.experts, -1), pairs)
-        sums.add_product(path, delta.reshape(-1, delta.shape[-1]),
-                         inputs.reshape(-1, inputs.shape[-1]), experts.reshape(-1))  # fmt: skip
+        inputs, experts = self.rows()  # stacked experts: one sequence
+        sums.add_product(path, delta.reshape(-1, delta.shape[-1]), inputs, experts)
 
 
 def probed_types() -> tuple[type, ...]:
@@ -551,7 +591,7 @@ def probed_types() -> tuple[type, ...]:
     return (nn.Linear, SwitchLinear)
 
 
-def _probe_modules(run: StreamedModel, i: int) -> tuple[dict[str, _Probe], dict[str, Any]]:
+def probe_modules(run: StreamedModel, i: int) -> tuple[dict[str, Probe], dict[str, Any]]:
     """The layer's quantizable modules: linear ones wrapped in probes (keyed by module path), the
     rest by path under the layer (their weight gradients are taken as they are)."""
     prefix = run.prefixes[i]
@@ -562,7 +602,7 @@ def _probe_modules(run: StreamedModel, i: int) -> tuple[dict[str, _Probe], dict[
             continue
         module = modules[path[len(prefix) :]]
         if isinstance(module, probed_types()):
-            probes[path] = _Probe(module)
+            probes[path] = Probe(module)
         else:
             others[path] = module
     return probes, others
@@ -582,7 +622,7 @@ def _layer(
     per sequence or routes rows to experts), and the gradient with respect to its input."""
     layer, prefix = run.layers[i], run.prefixes[i]
     layer.update(run.layer_params(i))
-    probes, others = _probe_modules(run, i)
+    probes, others = probe_modules(run, i)
     weights = {p[len(prefix) :] + ".weight": m.weight for p, m in others.items()}
     swapped = [(p, run.swap(p, probe)) for p, probe in probes.items()]
 

@@ -29,7 +29,7 @@ from .errors import BudgetError
 from .fmt import human_bytes, table
 from .plan import histogram, is_size_spec, make_plan, min_safe_memory
 from .profile import analyze, candidates_for, quantized_bytes
-from .quantize import is_complete, quantize
+from .quantize import is_complete, quantize, rounding_line
 from .records import Plan, Profile
 from .settings import Settings
 from .shape import choose_kv, fit_shape, fit_source_shape
@@ -245,6 +245,7 @@ def render_fit(f: Fit) -> str:
         f"predicted damage {p.predicted_damage:.4g}",
         f"bits/group by weight: {hist}",
         f"model folder: {f.folder}",
+        *([line] if (line := rounding_line(f.folder)) else []),
         "",
         table(
             ["stage", "seconds", "cache"],

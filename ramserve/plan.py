@@ -110,7 +110,8 @@ def make_plan(
     # A size spec bounds the stored bytes; what they take in memory depends on the runtime.
     runtime_float = machine(None)[1] if machine is not None else float_bytes
     loaded = memory_bytes(profile, sol.choice, runtime_float)
-    return _plan(profile, BudgetAsk(spec, budget), sol, floor, note, (runtime_float, loaded))
+    return _plan(profile, BudgetAsk(spec, budget), sol, floor, note, (runtime_float, loaded),
+                 settings.rounding.record())  # fmt: skip
 
 
 def _fit_loaded(
@@ -160,6 +161,7 @@ def _plan(
     floor: SafetyFloor,
     note: str | None,
     loaded: tuple[int, int],
+    rounding: dict[str, Any],
 ) -> Plan:
     choices = {}
     for m, j in zip(profile.modules, sol.choice, strict=True):
@@ -192,6 +194,7 @@ def _plan(
         choices=choices,
         runtime_float_bytes=loaded[0],
         memory_bytes=loaded[1],
+        rounding=rounding,
     )
 
 

@@ -3,7 +3,8 @@
 Each owns its file format: its version string, how it is read (checked, with the reason a file cannot
 be used) and written (atomically), and its digest. A profile is stored with a checksum of its body, so
 an edited or damaged file is analysed again; a plan is identified by the hash of what it produces (the
-source's fingerprint, mlx-lm's quantization object and the quantizer), which names its model folder.
+source's fingerprint, mlx-lm's quantization object, the quantizer and the rounding), which names its
+model folder.
 """
 
 from __future__ import annotations
@@ -189,6 +190,9 @@ class Manifest:
     stored_bytes: int
     files: dict[str, int]  # every file's size
     sha256: dict[str, str]  # the small files' digests
+    # compensated rounding: its seconds, and the output error under H it kept, as a share of nearest's
+    rounding_seconds: float | None = None
+    rounding_error_ratio: float | None = None
 
 
 @dataclass
@@ -217,12 +221,16 @@ class Plan:
     choices: dict[str, Choice]
     runtime_float_bytes: int  # the bytes per float of the runtime memory_bytes is for
     memory_bytes: int  # the weights' size once loaded by that runtime
+    # how codes are rounded (ramserve/rounding.py): {"method": "nearest"}, or compensated with its settings
+    rounding: dict[str, Any] = field(default_factory=lambda: {"method": "nearest"})
     written: Manifest | None = None  # set in the copy inside a written model folder
 
     @property
     def hash(self) -> str:
         """Identifies the weights the plan produces, and names their folder."""
-        key = json.dumps([self.fingerprint, self.quantization, self.quantizer], sort_keys=True)
+        key = json.dumps(
+            [self.fingerprint, self.quantization, self.quantizer, self.rounding], sort_keys=True
+        )
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:
@@ -240,7 +248,9 @@ class Plan:
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str = "the plan") -> Plan:
         data = {k: v for k, v in data.items() if k != "hash"}
-        return _parse(cls, {"quantizer": {}, **data}, PLAN_FORMAT, where)
+        return _parse(
+            cls, {"quantizer": {}, "rounding": {"method": "nearest"}, **data}, PLAN_FORMAT, where
+        )
 
     @classmethod
     def read(cls, path: Path) -> Plan:

@@ -42,6 +42,23 @@ class QuantizerSettings(BaseModel):
     refits: int = Field(default=0, ge=0)
 
 
+class RoundingSettings(BaseModel):
+    method: Literal["nearest", "compensated"] = "compensated"
+    damp: float = Field(default=0.01, gt=0)
+    block: int = Field(default=128, gt=0)
+    sequences: int = Field(default=16, gt=0)
+    tokens: int = Field(default=128, gt=1)
+    sweeps: int = Field(default=1, ge=0)
+    seed: int = 0
+    sequential: bool = True
+    min_expert_tokens: int = Field(default=64, ge=1)
+
+    def record(self) -> dict[str, Any]:
+        """What a plan records of its rounding (its hash covers it): the method, and for compensated
+        rounding every setting that changes the weights."""
+        return {"method": "nearest"} if self.method == "nearest" else self.model_dump()
+
+
 class AllocateSettings(BaseModel):
     min_sqnr_db: float
 
@@ -120,6 +137,7 @@ class ToolFormat(BaseModel):
 class Settings(BaseModel):
     analysis: AnalysisSettings
     quantizer: QuantizerSettings
+    rounding: RoundingSettings = RoundingSettings()
     sensitivity: SensitivitySettings
     kinds: list[KindRule]
     restrict: dict[str, Restriction] = {}

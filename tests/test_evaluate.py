@@ -52,7 +52,7 @@ def test_simulated_quantization_scores_as_the_quantized_model(
     kw = {"reference": str(src), "seq_len": 64, "samples": 12, "progress": False}
     real = evaluate(str(folder), text, load_settings(), **kw)
     sim = evaluate(str(src), text, load_settings(), quantization=plan.quantization, quantizer=plan.quantizer,
-                   **kw)  # fmt: skip
+                   rounding=plan.rounding, **kw)  # fmt: skip
     # the same plan quantized by mx.quantize, as mlx-lm would: ramserve's quantizer does better
     plain = evaluate(str(src), text, load_settings(), quantization=plan.quantization, **kw)
     assert real.kl_mean is not None and sim.kl_mean is not None and plain.kl_mean is not None

@@ -27,7 +27,8 @@ PROMPT = mx.array([[1, 5, 9, 42, 7, 100, 3, 64, 12, 8]])
 def simulated_logits(source_dir: Path, plan: dict) -> mx.array:
     """The source in float32 with the plan's quantization applied as dequantize(quantize(W))."""
     model, _ = load_model(source_dir)
-    simulate(model, plan.quantization, mx.float32, plan.quantizer)
+    source = open_source(str(source_dir), load_settings())
+    simulate(model, plan.quantization, mx.float32, plan.quantizer, plan.rounding, source)
     model.set_dtype(mx.float32)
     return model(PROMPT)
 

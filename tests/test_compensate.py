@@ -1,0 +1,164 @@
+"""Compensated rounding (ramserve/compensate.py, ramserve/rounding.py): never worse than rounding to
+nearest under the same H, per-expert H for stacked experts, plans that record it, and the stored model
+equal to its simulation."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm import load
+
+from ramserve import affine
+from ramserve import quantize as qz
+from ramserve.compensate import compensated, dequantized, row_errors
+from ramserve.evaluate import simulate
+from ramserve.fisher import Probe, StreamedModel, probe_modules
+from ramserve.plan import make_plan
+from ramserve.profile import analyze
+from ramserve.rounding import Gain, SharedInputs, round_module
+from ramserve.settings import RoundingSettings, load_settings
+from ramserve.source import open_source
+
+from .factory import make_model
+
+PROMPT = mx.array([[1, 5, 9, 42, 7, 100, 3, 64, 12, 8]])
+
+
+def layer_probes(model_dir: Path, layer: int = 1) -> dict[str, Probe]:
+    """A layer's linear modules after a call on a few token sequences: each probe holds the real
+    inputs it saw (and for stacked experts the expert of each row)."""
+    source = open_source(str(model_dir), load_settings())
+    run = StreamedModel(source, mx.float32)
+    x = mx.array(np.random.default_rng(0).integers(1, 200, (2, 48)), dtype=mx.int32)
+    h, args, kwargs = run.first_layer_call(x)
+    for i in range(layer):
+        run.layers[i].update(run.layer_params(i))
+        h = run.layers[i](h, *args, **kwargs)
+    run.layers[layer].update(run.layer_params(layer))
+    probes, _ = probe_modules(run, layer)
+    for path, probe in probes.items():
+        run.swap(path, probe)
+    run.layers[layer](h, *args, **kwargs)
+    return probes
+
+
+def weight(model_dir: Path, path: str) -> mx.array:
+    return open_source(str(model_dir), load_settings()).weights()[f"{path}.weight"]
+
+
+@pytest.mark.parametrize(("bits", "group"), [(2, 32), (3, 64), (4, 128), (6, 64), (8, 32)])
+def test_never_worse_than_nearest_under_the_same_h(dense: Path, bits: int, group: int) -> None:
+    """Every module of a real layer, under the H of its real inputs: the compensated error is at
+    most rounding to nearest's (same search quantizer), row by row, and clearly less in total."""
+    q = load_settings().quantizer
+    ratios = []
+    for path, probe in layer_probes(dense).items():
+        inputs, _ = probe.rows()
+        w = weight(dense, path)
+        x = np.asarray(inputs.astype(mx.float32))
+        h = x.T @ x
+        got = compensated(w, h, group, bits, q.ranges, q.refits)
+        codes, s, b = affine._fit(w, group, bits, q.ranges, q.refits)
+        rows = w.shape[0]
+        near = dequantized(np.asarray(codes).reshape(rows, -1), np.asarray(s).reshape(rows, -1),
+                           np.asarray(b).reshape(rows, -1), group)  # fmt: skip
+        ref = np.asarray(w.astype(mx.float32))
+        mine = dequantized(got.codes, got.scales, got.biases, group)
+        err_near, err_mine = row_errors(ref - near, h), row_errors(ref - mine, h)
+        assert (err_mine <= err_near * (1 + 1e-5) + 1e-12).all(), path
+        assert got.error == pytest.approx(err_mine.sum(), rel=1e-4)
+        assert got.nearest_error == pytest.approx(err_near.sum(), rel=1e-4)
+        # the codes are valid and the stored form holds them
+        assert got.codes.min() >= 0 and got.codes.max() <= (1 << bits) - 1
+        packed = got.packed(w.dtype)
+        back = affine.unpack_affine(packed[0], packed[1].astype(mx.float32),
+                                    packed[2].astype(mx.float32), group, bits)  # fmt: skip
+        assert np.allclose(np.asarray(back), mine, rtol=1e-2, atol=1e-3)
+        ratios.append(err_mine.sum() / err_near.sum())
+    assert np.median(ratios) < 0.9, ratios  # correlated inputs: compensation pays
+
+
+def test_experts_are_rounded_under_their_own_h(tiny_moe_dir: Path) -> None:
+    """Stacked experts: each expert's weight is rounded under the H of the rows routed to it (equal
+    to compensating that expert alone), and one that saw too few rows is rounded to nearest."""
+    probes = layer_probes(tiny_moe_dir)
+    path = next(p for p in probes if p.endswith("switch_mlp.down_proj"))
+    rows, experts = probes[path].rows()
+    assert experts is not None
+    w = weight(tiny_moe_dir, path).astype(mx.bfloat16)
+    routed = np.asarray(experts)
+    counts = np.bincount(routed, minlength=w.shape[0])
+    assert (counts > 0).sum() >= 2
+    # the expert with the fewest (but some) rows falls back; the others compensate
+    sparse = int(np.argmin(np.where(counts > 0, counts, counts.max() + 1)))
+    r = RoundingSettings(min_expert_tokens=int(counts[sparse]) + 1)
+    if (counts >= r.min_expert_tokens).sum() == 0:
+        pytest.fail(f"every expert is below the threshold: {counts}")
+    q = {"bits": 4, "group_size": 32}
+    quantizer = load_settings().quantizer.model_dump()
+    gain = Gain()
+    shared = SharedInputs(r.damp)
+    packed = round_module(w, shared, shared.add(probes[path]), q, quantizer, r, gain, path)
+    x = np.asarray(rows.astype(mx.float32))
+    for e in range(w.shape[0]):
+        xe = x[routed == e]
+        if counts[e] >= r.min_expert_tokens:
+            want = compensated(w[e], xe.T @ xe, 32, 4, quantizer["ranges"], quantizer["refits"],
+                               r.damp, r.block, x=xe).packed(w.dtype)  # fmt: skip
+        else:
+            want = affine.quantize(w[e], 32, 4, **quantizer)
+        for k in range(3):
+            assert mx.array_equal(packed[k][e], want[k]), (e, k)
+    assert gain.experts_nearest == int((counts < r.min_expert_tokens).sum()) >= 1
+    assert gain.error <= gain.nearest_error
+
+
+def test_plans_that_differ_only_in_rounding_hash_differently(tiny_dir: Path) -> None:
+    settings = load_settings()
+    profile = analyze(open_source(str(tiny_dir), settings), progress=False)
+    plan = make_plan(profile, "40%", settings=settings)
+    assert plan.rounding["method"] == "compensated"  # the default
+    nearest = settings.model_copy(
+        update={"rounding": settings.rounding.model_copy(update={"method": "nearest"})}
+    )
+    other = make_plan(profile, "40%", settings=nearest)
+    assert other.quantization == plan.quantization and other.rounding == {"method": "nearest"}
+    assert other.hash != plan.hash
+    more = replace(plan, rounding={**plan.rounding, "sequences": plan.rounding["sequences"] + 1})
+    assert len({plan.hash, other.hash, more.hash}) == 3
+    assert type(plan).from_json(plan.to_json()).hash == plan.hash
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe", "llama"])
+def test_stock_mlx_lm_loads_it_with_the_simulated_logits(tmp_path: Path, arch: str) -> None:
+    """The compensated model folder loads with stock mlx_lm.load; its logits are the simulation's,
+    and differ from the same plan rounded to nearest."""
+    src = make_model(tmp_path / arch, arch, layers=2)
+    settings = load_settings()
+    source = open_source(str(src), settings)
+    plan = make_plan(analyze(source, progress=False), "40%", settings=settings)
+    folder, _ = qz.quantize(source, plan, progress=False)
+    written = type(plan).read(folder / "plan.json").written
+    assert written is not None and written.rounding_error_ratio is not None
+    assert 0 < written.rounding_error_ratio <= 1
+
+    model, _ = load(str(folder))
+    model.set_dtype(mx.float32)
+    got = model(PROMPT)
+
+    def simulated(rounding: dict) -> mx.array:
+        from mlx_lm.utils import load_model
+
+        m, _ = load_model(src)
+        simulate(m, plan.quantization, mx.float32, plan.quantizer, rounding, source)
+        m.set_dtype(mx.float32)
+        return m(PROMPT)
+
+    want, near = simulated(plan.rounding), simulated({"method": "nearest"})
+    scale = mx.abs(want).max().item()
+    assert mx.abs(got - want).max().item() < 1e-3 * scale
+    assert mx.abs(near - want).max().item() > 1e-3 * scale
