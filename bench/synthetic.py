@@ -3,6 +3,8 @@ hub checkpoint, written once into bench/.cache and reused.
 
 - ``synthetic_model()``: a Llama of about 2 GB, heavy enough that throughput and peak memory reflect
   streaming, not start-up.
+- ``synthetic_moe()``: an MoE of 2.6 GB with Qwen3-30B-A3B's widths, experts stacked as mlx-lm stacks
+  them, for the MoE paths' throughput.
 - ``synthetic_model(QWEN3_30B_A3B, layers=24)``: Qwen3-30B-A3B's shapes (128 experts of which 8 are
   active, 32 query heads, vocab 151,936) at fewer layers; 24 layers are 15.6 B parameters, 31 GB, more
   than this machine's memory. Experts are stored one tensor each, as the hub checkpoint stores them.
@@ -51,6 +53,12 @@ LLAMA3_8B = {
 }  # fmt: skip
 
 
+# An MoE of a few GB with Qwen3-30B-A3B's widths (128 experts of which 8 are active, 32 query heads)
+# and a 32,000-token vocabulary, its experts stacked as mlx-lm stacks them (one (experts, out, in)
+# tensor per projection): at 2 layers, 1.3 B parameters, 2.6 GB.
+MOE_CONFIG = QWEN3_30B_A3B | {"vocab_size": 32000, "num_hidden_layers": 2, "stacked_experts": True}
+
+
 def tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     h, v = cfg["hidden_size"], cfg["vocab_size"]
     hd, nq, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -66,7 +74,10 @@ def tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
             shapes[f"{p}.self_attn.k_norm.weight"] = (hd,)
             mi = cfg["moe_intermediate_size"]
             shapes[f"{p}.mlp.gate.weight"] = (cfg["num_experts"], h)
-            for e in range(cfg["num_experts"]):
+            if cfg.get("stacked_experts"):
+                for proj, shape in (("gate", (mi, h)), ("up", (mi, h)), ("down", (h, mi))):
+                    shapes[f"{p}.mlp.switch_mlp.{proj}_proj.weight"] = (cfg["num_experts"], *shape)
+            for e in range(0 if cfg.get("stacked_experts") else cfg["num_experts"]):
                 shapes[f"{p}.mlp.experts.{e}.gate_proj.weight"] = (mi, h)
                 shapes[f"{p}.mlp.experts.{e}.up_proj.weight"] = (mi, h)
                 shapes[f"{p}.mlp.experts.{e}.down_proj.weight"] = (h, mi)
@@ -128,8 +139,14 @@ def synthetic_model(
         print(f"  {folder.name}: shard {idx + 1}/{len(shards)} written", file=sys.stderr)
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     write_tokenizer(folder, 512)
-    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    config_json = {k: v for k, v in cfg.items() if k != "stacked_experts"}
+    (folder / "config.json").write_text(json.dumps(config_json, indent=1))
     return folder
+
+
+def synthetic_moe() -> Path:
+    """``MOE_CONFIG``'s model (2.6 GB, experts stacked)."""
+    return synthetic_model(MOE_CONFIG, name="synthetic-moe-2l")
 
 
 def qwen3_30b_shaped(layers: int) -> Path:

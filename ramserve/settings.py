@@ -44,13 +44,13 @@ class QuantizerSettings(BaseModel):
 
 class RoundingSettings(BaseModel):
     method: Literal["nearest", "compensated"] = "compensated"
-    damp: float = Field(default=0.01, gt=0)
+    damp: float = Field(default=0.1, gt=0)
     block: int = Field(default=128, gt=0)
-    sequences: int = Field(default=16, gt=0)
-    tokens: int = Field(default=128, gt=1)
+    sequences: int = Field(default=32, gt=0)
+    tokens: int = Field(default=256, gt=1)
     sweeps: int = Field(default=1, ge=0)
     seed: int = 0
-    sequential: bool = True
+    sequential: bool = False
     min_expert_tokens: int = Field(default=64, ge=1)
 
     def record(self) -> dict[str, Any]:

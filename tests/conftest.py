@@ -26,9 +26,23 @@ def shared_model(path: Path) -> Path:
     return path
 
 
+# Compensated rounding samples its own inputs with forward passes over 32 x 256 tokens by default,
+# about 20 s per quantization of a shared model on this CPU; tests check what it does, not how well
+# (bench/quality.py does), so their RAMSERVE_HOME samples 4 x 64 tokens. A test that writes its own
+# config.toml adds to this one (``user_config``).
+TEST_CONFIG = "[rounding]\nsequences = 4\ntokens = 64\n"
+
+
+def user_config(home: Path, text: str) -> None:
+    """Write ``home``'s config.toml: the tests' own settings, then ``text``."""
+    (home / "config.toml").write_text(TEST_CONFIG + text)
+
+
 @pytest.fixture(autouse=True)
 def ramserve_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(TEST_CONFIG)
     monkeypatch.setenv("RAMSERVE_HOME", str(home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))

@@ -13,8 +13,8 @@ PACKAGE = REPO / "ramserve"
 # included). Foundations first, the command last.
 ORDER = [
     "errors", "fmt", "settings", "atomic", "records", "process", "device", "seams",
-    "cache", "affine", "source",
-    "sensitivity", "fisher", "profile",
+    "cache", "affine", "compensate", "source",
+    "sensitivity", "fisher", "rounding", "profile",
     "allocate", "budget", "shape", "plan", "describe",
     "quantize",
     "cpu", "constrain", "output", "kvcache", "engine",

@@ -26,7 +26,7 @@ from ramserve.quantize import quantize
 from ramserve.settings import load_settings
 from ramserve.source import open_source
 
-from .conftest import DENSE, MOE, shared_model
+from .conftest import DENSE, MOE, shared_model, user_config
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -117,9 +117,10 @@ def test_tight_memory_names_the_tradeoffs_and_refuses(profile_cache, ramserve_ho
         + min_safe
     )
     ramserve_home.mkdir(parents=True, exist_ok=True)
-    (ramserve_home / "config.toml").write_text(
+    user_config(
+        ramserve_home,
         "[budget]\nos_reserve_min_gb = 0\nos_reserve_share = 0\n"
-        f"[devices.tight]\nmemory_gb = {(needed - min_safe // 2) / 2**30}\n"
+        f"[devices.tight]\nmemory_gb = {(needed - min_safe // 2) / 2**30}\n",
     )
     source = open_source(str(shared_model(DENSE)), load_settings())  # settings are read at open
     budget = weight_budget(source, context=4096, parallel=2, device="tight", min_safe=min_safe)

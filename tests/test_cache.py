@@ -27,12 +27,13 @@ from ramserve.records import Profile
 from ramserve.settings import load_settings
 from ramserve.source import open_source
 
+from .conftest import user_config
 from .serving import free_port, live_server, wait_for, wait_healthy
 
 
 def configure(home: Path, text: str) -> None:
     home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(text)
+    user_config(home, text)
 
 
 def cli(*args: str, home: Path, check: bool = True, **kw) -> subprocess.CompletedProcess[str]:
@@ -175,7 +176,7 @@ def test_a_full_disk_is_refused_before_anything_is_written(tmp_path: Path, tiny_
     # The profile (reserving 333 KB, writing 52 KB) fits on this 352 KB disk; the model (317 KB)
     # does not fit beside it.
     mount = (f"mount -t tmpfs -o size=352k tmpfs {home} && "
-             f"printf '[cache]\\nmin_free_gb = 0\\n' > {home}/config.toml")  # fmt: skip
+             f"printf '[cache]\\nmin_free_gb = 0\\n' >> {home}/config.toml")  # fmt: skip
     done = in_namespace(mount, home, "quantize", str(tiny_dir), "--budget", "16bpw", "-q",
                         after=f"ls -aR {home}")  # fmt: skip
     assert done.returncode == 2, done.stderr

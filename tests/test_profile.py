@@ -12,6 +12,7 @@ from ramserve.cli import main
 from ramserve.settings import load_settings
 from ramserve.source import open_source
 
+from .conftest import user_config
 from .factory import make_model
 
 
@@ -302,7 +303,7 @@ def test_energy_flow_when_the_model_does_not_fit_for_the_fisher(
     import numpy as np
 
     ramserve_home.mkdir(parents=True, exist_ok=True)
-    (ramserve_home / "config.toml").write_text("[sensitivity.fisher]\nmemory_share = 1e-12\n")
+    user_config(ramserve_home, "[sensitivity.fisher]\nmemory_share = 1e-12\n")
     base = make_model(tmp_path / "a", "llama", layers=3)
     p_base = prof.analyze(open_source(str(base), load_settings()), progress=False)
     assert p_base.estimator == "energy-flow/1"

@@ -14,6 +14,8 @@ from ramserve.records import PLAN_FORMAT, PROFILE_FORMAT, Plan, Profile, RecordE
 from ramserve.settings import load_settings
 from ramserve.source import open_source
 
+from .conftest import user_config
+
 
 @pytest.fixture
 def profile_and_plan(tiny_dir: Path) -> tuple[Profile, Plan]:
@@ -78,6 +80,6 @@ def test_a_cached_profile_is_used_by_the_settings_it_was_made_with(
     analyze(source, progress=False)
     assert load_profile(source) is not None
     ramserve_home.mkdir(parents=True, exist_ok=True)
-    (ramserve_home / "config.toml").write_text("[analysis]\nbits = [4, 8]\n")
+    user_config(ramserve_home, "[analysis]\nbits = [4, 8]\n")
     assert load_profile(open_source(str(tiny_dir), load_settings())) is None
     assert load_profile(source) is not None  # the source keeps the settings it was opened with

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import openai
 
-from .conftest import DENSE, shared_model
+from .conftest import DENSE, shared_model, user_config
 from .factory import make_hf_cache
 from .serving import free_port, wait_healthy
 
@@ -195,8 +195,9 @@ def test_run_fits_a_runtime_shape_instead_of_refusing(tmp_path: Path, ramserve_h
                        max_position_embeddings=8192)  # fmt: skip
     total_gb = psutil.virtual_memory().total / 2**30
     ramserve_home.mkdir(parents=True, exist_ok=True)
-    (ramserve_home / "config.toml").write_text(  # leave 10 GiB usable on any machine
-        f"[budget]\nos_reserve_min_gb = {max(total_gb - 10, 0):.3f}\nos_reserve_share = 0\n"
+    user_config(
+        ramserve_home,  # leave 10 GiB usable on any machine
+        f"[budget]\nos_reserve_min_gb = {max(total_gb - 10, 0):.3f}\nos_reserve_share = 0\n",
     )
     env = run_env(ramserve_home)
     with ramserve_run(str(model), "--parallel", "8", "--context", "8192", "--kv-bits", "16",
