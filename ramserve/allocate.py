@@ -38,7 +38,9 @@ class Problem:
     fixed_bytes: int
 
     @classmethod
-    def from_profile(cls, profile: Profile, min_sqnr_db: float | None) -> Problem:
+    def from_profile(
+        cls, profile: Profile, min_sqnr_db: float | None, compensated: bool = False
+    ) -> Problem:
         modules = profile.modules
         k = max(len(m.options) for m in modules)
         b = np.full((len(modules), k), INF)
@@ -51,7 +53,7 @@ class Problem:
                     or (o.sqnr_db is not None and o.sqnr_db >= min_sqnr_db)
                 )
                 if safe:
-                    b[i, j], d[i, j] = o.bytes, o.damage
+                    b[i, j], d[i, j] = o.bytes, o.damage_with(compensated)
         return cls(b, d, profile.fixed_bytes)
 
     def min_bytes(self) -> int:

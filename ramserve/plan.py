@@ -14,13 +14,14 @@ from .budget import parse_budget
 from .errors import BudgetError
 from .fmt import human_bytes, table
 from .records import BudgetAsk, Choice, Plan, Profile, RecordError, SafetyFloor, SolverStats
+from .rounding import is_compensated
 from .settings import Settings
 from .source import Source
 
 
 def _problem(profile: Profile, settings: Settings, allow_unsafe: bool) -> Problem:
     floor = None if allow_unsafe else settings.allocate.min_sqnr_db
-    return Problem.from_profile(profile, floor)
+    return Problem.from_profile(profile, floor, settings.rounding.method == "compensated")
 
 
 def limits(profile: Profile, settings: Settings) -> dict[str, int]:
@@ -166,7 +167,8 @@ def _plan(
     choices = {}
     for m, j in zip(profile.modules, sol.choice, strict=True):
         o = m.options[int(j)]
-        choices[m.path] = Choice(m.kind, m.layer, o.bits, o.group_size, o.bytes, o.damage, m.numel)
+        damage = o.damage_with(is_compensated(rounding))
+        choices[m.path] = Choice(m.kind, m.layer, o.bits, o.group_size, o.bytes, damage, m.numel)
     quantized = {p: c for p, c in choices.items() if c.bits < 16}
     common = Counter((c.bits, c.group_size) for c in quantized.values()).most_common(1)
     bits, group = common[0][0] if common else (4, 64)

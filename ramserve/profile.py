@@ -35,6 +35,7 @@ from .device import FLOAT_BYTES
 from .fisher import FisherStat, require_streamable, self_fisher
 from .process import freed_memory_returned
 from .records import PROFILE_FORMAT, ModuleRecord, Option, Profile, RecordError, module_records
+from .rounding import compensation_ratios
 from .sensitivity import EnergyFlow, flow_order, importances
 from .settings import Settings
 from .source import ModuleInfo, Source, require_full_precision
@@ -248,7 +249,10 @@ def settings_key(settings: Settings) -> str:
                 "quantizer": settings.quantizer.model_dump(),
                 "kinds": [k.model_dump() for k in settings.kinds],
                 "restrict": {k: v.model_dump() for k, v in settings.restrict.items()},
-                "sensitivity": settings.sensitivity.model_dump()}  # fmt: skip
+                "sensitivity": settings.sensitivity.model_dump(),
+                # what the compensation ratios are measured with (not which rounding a plan gets)
+                "rounding": {k: v for k, v in settings.rounding.model_dump().items()
+                             if k != "method"}}  # fmt: skip
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -346,9 +350,19 @@ def analyze(source: Source, *, force: bool = False, progress: bool = True) -> Pr
                 fisher = self_fisher(source, settings.sensitivity.fisher, progress)
                 fisher_s = time.perf_counter() - start if fisher else None
                 stats = fisher.stats if fisher else None
+                # where the Fisher's streamed pass fits, so does this one (one layer, its inputs)
+                ratios_start = time.perf_counter()
+                ratios = compensation_ratios(
+                    source, settings.rounding.model_dump(),
+                    {m.path: candidates_for(m, settings) for m in source.modules},
+                    settings.quantizer.model_dump(), progress,
+                ) if fisher else {}  # fmt: skip
+                rounding_s = time.perf_counter() - ratios_start if ratios else None
                 records = _run_analysis(source, settings, done, stats, partial, key, progress)
-            profile = _assemble(source, settings, records, fisher_s, key)
+            profile = _assemble(source, settings, records, fisher_s, key, ratios)
             profile.kv_damage = fisher.kv_damage if fisher else {}
+            profile.rounding_seconds = rounding_s
+            profile.analysis_seconds += rounding_s or 0.0
             profile.write(final)
         partial.unlink(missing_ok=True)
     return profile
@@ -389,6 +403,7 @@ def _assemble(
     records: list[ModuleRecord],
     fisher_seconds: float | None,
     key: str,
+    ratios: dict[str, dict[int, float]],
 ) -> Profile:
     infos = {m.path: m for m in source.modules}
     ordered = [infos[r.path] for r in records]
@@ -399,8 +414,13 @@ def _assemble(
     for r in records:
         # self-Fisher: damage = ½ Σ F̂ δW² = the predicted KL per token (fisher.py)
         importance = (r.fisher_energy or 0.0) if fisher else weight[r.path]
+        measured = ratios.get(r.path, {})
         options = [
-            replace(o, damage=importance * ((o.rel_fisher or 0.0) if fisher else o.rel_mse))
+            replace(
+                o,
+                damage=importance * ((o.rel_fisher or 0.0) if fisher else o.rel_mse),
+                rounding_ratio=measured.get(o.bits),
+            )  # fmt: skip
             for o in r.options
         ]
         modules.append(replace(r, importance=importance, options=options))

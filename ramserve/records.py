@@ -20,7 +20,7 @@ from pydantic import TypeAdapter, ValidationError
 from . import atomic
 from .errors import RamserveError
 
-PROFILE_FORMAT = "ramserve-profile/6"  # /6: kv_damage
+PROFILE_FORMAT = "ramserve-profile/7"  # /6: kv_damage; /7: rounding_ratio
 PLAN_FORMAT = "ramserve-plan/1"
 
 
@@ -64,6 +64,15 @@ class Option:
     sqnr_db: float | None
     rel_fisher: float | None = None  # the relative error weighted by the Fisher (fisher.py)
     damage: float = 0.0  # importance x relative error: set when the profile is assembled
+    # compensated rounding's output error under the sampled inputs as a share of nearest's
+    # (rounding.compensation_ratios); None where not measured
+    rounding_ratio: float | None = None
+
+    def damage_with(self, compensated: bool) -> float:
+        """The predicted damage under the rounding a plan gets."""
+        if compensated and self.rounding_ratio is not None:
+            return self.damage * self.rounding_ratio
+        return self.damage
 
 
 @dataclass
@@ -113,6 +122,8 @@ class Profile:
     # KL per token that storing the KV cache in "8" or "4" bits costs (fisher.kv_damage); empty when
     # not measured (no self-Fisher, or a head width the quantized cache cannot take)
     kv_damage: dict[str, float] = field(default_factory=dict)
+    # the pass measuring compensated rounding's share of the error (rounding.compensation_ratios)
+    rounding_seconds: float | None = None
     cache_hit: bool = field(default=False, compare=False)  # how this run got it; not stored
 
     def to_json(self) -> dict[str, Any]:

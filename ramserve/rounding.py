@@ -4,10 +4,12 @@ Compensated rounding (ramserve/compensate.py) needs each module's input second m
 no data, so the inputs come from the model itself: ``sequences`` sequences of ``tokens`` tokens from its
 own parallel sampling sweeps (fisher.sampled_sequences, seeded, so the same plan always gets the same
 weights). One streamed pass then runs the layers in order with one layer's weights resident: each
-layer's linear modules record their inputs (fisher.Probe), each planned module is rounded under its own
-H (stacked experts: each expert under the H of the tokens routed to it, or to nearest when fewer than
-``min_expert_tokens`` reached it), and with ``sequential`` the next layer's input is computed with
-this layer's rounded weights, so later layers compensate what earlier ones got wrong, as GPTQ does.
+layer's linear modules record their inputs (fisher.Probe), and each planned module is rounded under its
+own H (stacked experts: each expert under the H of the tokens routed to it, or to nearest when fewer
+than ``min_expert_tokens`` reached it).
+
+The same pass, at analysis, measures on a row sample how much of each candidate's error compensation
+removes (``compensation_ratios``), so that the profile predicts the damage of the rounding a plan gets.
 
 Modules outside the decoder layers (embedding, head) and any module no probe covers are rounded to
 nearest by the caller. ``quantize`` writes what this yields; ``evaluate`` simulates it, so the
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +135,52 @@ def unpacked(
     return out.reshape(shape)
 
 
+def layer_inputs(
+    source: Any, r: RoundingSettings, wanted: Callable[[str], bool], desc: str, progress: bool
+) -> Iterator[tuple[int, dict[str, int], SharedInputs]]:
+    """The streamed pass: per decoder layer in order, the wanted linear modules' inputs on the
+    self-sampled sequences (``SharedInputs``, keyed per module). The layers' inputs come from the
+    float model: rounding them in order (later layers seeing the rounded earlier ones, as GPTQ does)
+    scored no better (configs/defaults.toml [rounding]) and costs a second pass per layer."""
+    from tqdm import tqdm
+
+    dtype = getattr(mx, runtime_dtype(source.float_dtype))
+    run = StreamedModel(source, dtype)
+    vocab = int(source.config["vocab_size"])
+    bar = tqdm(total=r.sweeps + 1, desc=f"{desc}: sampling", unit="pass", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)  # fmt: skip
+    run.layer_done = lambda: bar.update(1 / len(run.layers))
+    x = sampled_sequences(run, r.sequences, r.tokens, r.sweeps, r.seed,
+                          start_token(source.config, vocab), vocab)  # fmt: skip
+    h, args, kwargs = run.first_layer_call(x)
+    bar.close()
+    bar = tqdm(total=len(run.layers), desc=desc, unit="layer", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)  # fmt: skip
+    for i, layer in enumerate(run.layers):
+        layer.update(run.layer_params(i))
+        probes, _ = probe_modules(run, i)
+        chosen = {p: probe for p, probe in probes.items() if wanted(p)}
+        swapped = [(p, run.swap(p, probe)) for p, probe in chosen.items()]
+        try:
+            out = layer(h, *args, **kwargs)  # the probes record their inputs
+            mx.eval(out, [probe.x for probe in chosen.values()])
+        finally:
+            for path, module in reversed(swapped):
+                run.swap(path, module)
+        shared = SharedInputs(r.damp)
+        keys = {path: shared.add(probe) for path, probe in chosen.items()}
+        del chosen, probes
+        h = out
+        run.release_layer(i)
+        yield i, keys, shared
+        bar.update(1)
+    bar.close()
+
+
+def settings_of(rounding: dict[str, Any]) -> RoundingSettings:
+    return RoundingSettings(**rounding)
+
+
 def compensated_layers(
     source: Any,
     quantization: dict[str, Any],
@@ -143,56 +191,83 @@ def compensated_layers(
 ) -> Iterator[tuple[int, dict[str, Packed]]]:
     """Per decoder layer in order, its planned modules' packed weights, compensated (``gain``
     collects how much error that removed)."""
-    from tqdm import tqdm
-
     start = time.perf_counter()
-    r = RoundingSettings(**{k: v for k, v in rounding.items() if k != "method"})
-    dtype = getattr(mx, runtime_dtype(source.float_dtype))
+    r = settings_of(rounding)
     stored = getattr(mx, source.float_dtype)
-    run = StreamedModel(source, dtype)
-    vocab = int(source.config["vocab_size"])
-    bar = tqdm(total=r.sweeps + 1, desc="sampling", unit="pass", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)  # fmt: skip
-    run.layer_done = lambda: bar.update(1 / len(run.layers))
-    x = sampled_sequences(run, r.sequences, r.tokens, r.sweeps, r.seed,
-                          start_token(source.config, vocab), vocab)  # fmt: skip
-    h, args, kwargs = run.first_layer_call(x)
-    bar.close()
     weights = source.weights()
-    bar = tqdm(total=len(run.layers), desc="compensating", unit="layer", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)  # fmt: skip
-    for i, layer in enumerate(run.layers):
-        layer.update(run.layer_params(i))
-        probes, _ = probe_modules(run, i)
-        planned: dict[str, Probe] = {
-            p: probe for p, probe in probes.items() if isinstance(quantization.get(p), dict)
-        }
-        swapped = [(p, run.swap(p, probe)) for p, probe in planned.items()]
-        try:
-            out = layer(h, *args, **kwargs)  # the probes record their inputs
-            mx.eval(out, [probe.x for probe in planned.values()])
-            results: dict[str, Packed] = {}
-            shared = SharedInputs(r.damp)
-            for path, probe in planned.items():
-                w = weights.pop(f"{path}.weight").astype(stored)
-                results[path] = round_module(
-                    w, shared, shared.add(probe), quantization[path], quantizer, r, gain, path
-                )
-                mx.eval(results[path])
-            del shared
-        finally:
-            for path, module in reversed(swapped):
-                run.swap(path, module)
-        if r.sequential and results:  # the next layer sees this one as it will be stored
-            modules = dict(run.model.named_modules())
-            for path, packed in results.items():
-                m = modules[path]
-                m.weight = unpacked(packed, m.weight.shape, quantization[path], dtype)
-            out = layer(h, *args, **kwargs)
-        mx.eval(out)
-        h = out
-        run.release_layer(i)
-        bar.update(1)
+
+    def planned(path: str) -> bool:
+        return isinstance(quantization.get(path), dict)
+
+    for i, keys, shared in layer_inputs(source, r, planned, "compensating", progress):
+        results: dict[str, Packed] = {}
+        for path, key in keys.items():
+            w = weights.pop(f"{path}.weight").astype(stored)
+            results[path] = round_module(
+                w, shared, key, quantization[path], quantizer, r, gain, path
+            )
+            mx.eval(results[path])
         yield i, results
-    bar.close()
     gain.seconds = time.perf_counter() - start
+
+
+def _sample(w: mx.array, shared: SharedInputs, key: int, r: RoundingSettings
+            ) -> list[tuple[mx.array, int]]:  # fmt: skip
+    """Rows to measure a module's compensation on, with the expert whose H they take (-1: none):
+    ``RATIO_ROWS`` spread over the rows; for stacked experts, spread over the ``RATIO_EXPERTS``
+    experts that saw the most tokens (of those with enough)."""
+    routed = shared.experts(key)
+    if routed is None:
+        idx = np.unique(np.linspace(0, w.shape[0] - 1, min(RATIO_ROWS, w.shape[0])).astype(int))
+        return [(w[mx.array(idx)], -1)]
+    counts = np.bincount(routed, minlength=w.shape[0])
+    busiest = [
+        int(e) for e in np.argsort(-counts)[:RATIO_EXPERTS] if counts[e] >= r.min_expert_tokens
+    ]
+    per = max(1, RATIO_ROWS // max(1, len(busiest)))
+    out = []
+    for e in busiest:
+        idx = np.unique(np.linspace(0, w.shape[1] - 1, min(per, w.shape[1])).astype(int))
+        out.append((w[e][mx.array(idx)], e))
+    return out
+
+
+RATIO_ROWS = 64
+RATIO_EXPERTS = 4
+
+
+def compensation_ratios(
+    source: Any,
+    rounding: dict[str, Any],
+    candidates: dict[str, list[tuple[int, int]]],
+    quantizer: dict[str, Any],
+    progress: bool = False,
+) -> dict[str, dict[int, float]]:
+    """Per module, per bits: the output error under the sampled inputs' H of compensated rounding,
+    as a share of rounding to nearest's, measured on a row sample at one group size (the one nearest
+    64 among the module's candidates; the share varies with the bits far more than with the group).
+    The profile scales each candidate's predicted damage by it (``Option.rounding_ratio``)."""
+    r = settings_of(rounding)
+    stored = getattr(mx, source.float_dtype)
+    weights = source.weights()
+    out: dict[str, dict[int, float]] = {}
+    opts = {"ranges": quantizer.get("ranges", ()), "refits": quantizer.get("refits", 0),
+            "damp": r.damp, "block": r.block}  # fmt: skip
+    for _, keys, shared in layer_inputs(source, r, lambda p: bool(candidates.get(p)),
+                                        "compensation", progress):  # fmt: skip
+        for path, key in keys.items():
+            w = weights.pop(f"{path}.weight").astype(stored)
+            sample = _sample(w, shared, key, r)
+            by_bits: dict[int, list[int]] = {}
+            for bits, g in candidates[path]:
+                by_bits.setdefault(bits, []).append(g)
+            out[path] = {}
+            for bits, groups in by_bits.items():
+                g = min(groups, key=lambda size: abs(size - 64))
+                error = nearest = 0.0
+                for rows, e in sample:
+                    x, h, u = shared.of(key, e)
+                    done = compensated(rows, h, g, bits, x=x, u=u, **opts)
+                    error, nearest = error + done.error, nearest + done.nearest_error
+                out[path][bits] = error / nearest if nearest > 0 else 1.0
+    return out

@@ -50,7 +50,6 @@ class RoundingSettings(BaseModel):
     tokens: int = Field(default=256, gt=1)
     sweeps: int = Field(default=1, ge=0)
     seed: int = 0
-    sequential: bool = False
     min_expert_tokens: int = Field(default=64, ge=1)
 
     def record(self) -> dict[str, Any]:
