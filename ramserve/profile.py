@@ -403,7 +403,7 @@ def _assemble(
     records: list[ModuleRecord],
     fisher_seconds: float | None,
     key: str,
-    ratios: dict[str, dict[int, float]],
+    ratios: dict[str, float],
 ) -> Profile:
     infos = {m.path: m for m in source.modules}
     ordered = [infos[r.path] for r in records]
@@ -414,12 +414,12 @@ def _assemble(
     for r in records:
         # self-Fisher: damage = ½ Σ F̂ δW² = the predicted KL per token (fisher.py)
         importance = (r.fisher_energy or 0.0) if fisher else weight[r.path]
-        measured = ratios.get(r.path, {})
+        ratio = ratios.get(r.path)
         options = [
             replace(
                 o,
                 damage=importance * ((o.rel_fisher or 0.0) if fisher else o.rel_mse),
-                rounding_ratio=measured.get(o.bits),
+                rounding_ratio=ratio if o.bits < 16 else None,
             )  # fmt: skip
             for o in r.options
         ]
