@@ -22,6 +22,7 @@ them go), so the peak is about one layer, its gradients and the activations, how
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Callable, Iterator
@@ -35,7 +36,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import BadModel
-from .seams import DecoderStack, with_cache
+from .seams import DecoderStack, swap_classes, with_cache
 from .settings import FisherSettings
 
 # The architectures the seams (this layer streaming, cpu.adapt_to_cpu) are tested on, for the message.
@@ -218,6 +219,10 @@ class StreamedModel:
         self.source, self.dtype = source, dtype
         model_class, args_class = model_classes(source.config)
         self.model = model_class(args_class.from_dict(source.config))
+        if mx.default_device() == mx.cpu:  # on Metal, gather_mm is fast
+            from mlx_lm.models.switch_layers import SwitchLinear
+
+            swap_classes(self.model, {SwitchLinear: _blas_switch_class()})
         stack = DecoderStack.of(self.model)  # seams: the list the model's loop reads
         self.layers = stack.layers
         self.prefixes = [p + "." for p in stack.paths]
@@ -582,6 +587,43 @@ class Probe:
             return
         inputs, experts = self.rows()  # stacked experts: one sequence
         sums.add_product(path, delta.reshape(-1, delta.shape[-1]), inputs, experts)
+
+
+def expert_matmul(x: mx.array, weight: mx.array, indices: mx.array) -> mx.array:
+    """``mx.gather_mm(x, weightᵀ, rhs_indices=indices)`` (mlx-lm's stacked experts), computed as one
+    BLAS product per expert over the rows routed to it: MLX's CPU ``gather_mm`` runs about one row at
+    a time on one thread (about 2 GFLOP/s), which made an MoE layer's streamed pass cost ~10x a dense
+    layer's per byte. Differentiable (gathers, slices and products); the routing is read on the host."""
+    lead, (m, k) = indices.shape, x.shape[-2:]
+    rows = mx.broadcast_to(x, (*lead, m, k)).reshape(-1, k)
+    experts = np.repeat(np.asarray(indices).reshape(-1), m)
+    order = np.argsort(experts, kind="stable")
+    counts = np.bincount(experts, minlength=weight.shape[0])
+    picked = rows[mx.array(order)]
+    parts, start = [], 0
+    for e in np.nonzero(counts)[0]:
+        end = start + int(counts[e])
+        parts.append(picked[start:end] @ weight[int(e)].T)
+        start = end
+    out = mx.concatenate(parts)[mx.array(np.argsort(order))]
+    return out.reshape(*lead, m, weight.shape[1])
+
+
+@functools.cache
+def _blas_switch_class() -> type:
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    class BlasSwitchLinear(SwitchLinear):
+        """mlx-lm's stacked experts, multiplied per expert by BLAS (``expert_matmul``)."""
+
+        def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False
+                     ) -> mx.array:  # fmt: skip
+            out = expert_matmul(x, self["weight"], indices)
+            if "bias" in self:
+                out = out + mx.expand_dims(self["bias"][indices], -2)
+            return out
+
+    return BlasSwitchLinear
 
 
 def probed_types() -> tuple[type, ...]:

@@ -192,3 +192,30 @@ def test_the_profile_predicts_the_damage_of_compensated_rounding(tiny_dir: Path)
         want = sum(o.damage_with(compensated) for o in chosen)
         assert p.predicted_damage == pytest.approx(want, rel=1e-9)
     assert plan.predicted_damage < other.predicted_damage
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 1, 1, 16), (14, 1, 16)])
+def test_expert_matmul_is_gather_mm_with_its_gradients(shape: tuple[int, ...]) -> None:
+    """The streamed passes' per-expert BLAS product equals MLX's gather_mm, values and gradients
+    (the layouts mlx-lm's SwitchGLU calls with: broadcast tokens, and rows sorted by expert)."""
+    from ramserve.fisher import expert_matmul
+
+    k = mx.random.key(3)
+    x = mx.random.normal(shape, key=k)
+    w = mx.random.normal((5, 6, 16), key=mx.random.split(k)[0])
+    lead = (2, 7, 3) if len(shape) == 5 else (14,)
+    idx = mx.random.randint(0, 4, lead, key=mx.random.split(k)[1]).astype(
+        mx.uint32
+    )  # expert 4 unused
+
+    def ref(x: mx.array, w: mx.array) -> mx.array:
+        return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=idx)
+
+    def mine(x: mx.array, w: mx.array) -> mx.array:
+        return expert_matmul(x, w, idx)
+
+    assert mx.allclose(mine(x, w), ref(x, w), atol=1e-4).item()
+    g_ref = mx.grad(lambda a, b: (ref(a, b) ** 2).sum(), argnums=(0, 1))(x, w)
+    g_mine = mx.grad(lambda a, b: (mine(a, b) ** 2).sum(), argnums=(0, 1))(x, w)
+    for a, b in zip(g_mine, g_ref, strict=True):
+        assert mx.allclose(a, b, atol=1e-3).item()
