@@ -1,7 +1,7 @@
 """Analysis throughput (MB of bf16 weights per second), peak memory, and sampled-vs-full accuracy.
 
-Targets (issues 3, 21): >= 50 MB/s on the synthetic 2 GB dense model and on the 2.6 GB MoE (128
-experts, stacked as mlx-lm stacks them), peak RSS < 1 GB over the interpreter's baseline; the sampled
+Targets (issues 3, 21): >= 50 MB/s on the synthetic 2 GB dense model and on the 3.0 GB MoE (32
+experts a layer, stacked as mlx-lm stacks them), peak RSS < 1 GB over the interpreter's baseline; the sampled
 reconstruction error within 2% of the full computation. Both models are analysed
 with the streamed self-Fisher pass (ramserve/fisher.py; its seconds shown apart), the path every
 model takes, however large.

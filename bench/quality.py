@@ -73,14 +73,20 @@ def gptq_model(source: Source, samples: int = 64, seq_len: int = 512) -> tuple[E
     start = time.perf_counter()
     mx.random.seed(123)
     model, tokenizer = load(str(source.path), lazy=True)
+    # in float32: MLX's CPU runs bfloat16 matmuls without BLAS (the Hessians alone took 20 minutes);
+    # the scales and biases are then stored in the model's bfloat16, as mlx-lm would save them
+    model.set_dtype(mx.float32)
     tokens = mx.array(encode(tokenizer, CALIBRATION.read_text()))
     tokens = tokens[: tokens.size // seq_len * seq_len].reshape(-1, seq_len)
     data = tokens[mx.random.permutation(tokens.shape[0])[:samples]]
     model, _ = gptq_quantize(model, data, 4, 64, 6, 64)
-    quant = {p: {"bits": m.bits, "group_size": m.group_size, "mode": "affine"}
-             for p, m in model.named_modules() if getattr(m, "bits", None)}  # fmt: skip
+    quant = {}
+    for path, m in model.named_modules():
+        if getattr(m, "bits", None):
+            quant[path] = {"bits": m.bits, "group_size": m.group_size, "mode": "affine"}
+            stored = getattr(mx, source.float_dtype)
+            m.scales, m.biases = (a.astype(stored).astype(mx.float32) for a in (m.scales, m.biases))
     size = stored_bytes(source, quant)
-    model.set_dtype(mx.float32)  # the runtime dtype on the CPU, as load_for_eval sets it
     mx.eval(model.parameters())
     return Evaluated(model, tokenizer, GPTQ, 8 * size / source.parameter_count, size), (
         time.perf_counter() - start

@@ -1,5 +1,5 @@
 """Quantize throughput (MB of bf16 source per second) and peak memory over baseline, on the synthetic
-2 GB dense model and the 2.6 GB MoE (experts stacked as mlx-lm stacks them), rounded to nearest and
+2 GB dense model and the 3.0 GB MoE (32 experts a layer, stacked as mlx-lm stacks them), rounded to nearest and
 with compensated rounding (ramserve/rounding.py: its sampling and streamed pass included). Targets
 (issues 5, 21): nearest >= 50 MB/s, compensated >= 25 MB/s, peak < 1 GB over baseline.
 Usage: python bench/quantize.py [dense|moe ...]

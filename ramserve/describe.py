@@ -7,7 +7,7 @@ from dataclasses import asdict
 from typing import Any
 
 from .fmt import human_bytes, human_count, table
-from .plan import histogram
+from .plan import histogram, rounding_label
 from .records import Plan
 from .source import Source
 
@@ -62,7 +62,7 @@ def _folder_plan(source: Source) -> dict[str, Any] | None:
     return {"budget": asdict(plan.budget), "total_bytes": plan.total_bytes, "hash": plan.hash,
             "parameters": plan.parameters,
             "bits_per_weight": plan.bits_per_weight, "source_fingerprint": plan.fingerprint,
-            "predicted_damage": plan.predicted_damage,
+            "predicted_damage": plan.predicted_damage, "rounding": plan.rounding,
             "histogram": [{"choice": c, "modules": a, "bytes": b} for c, a, b in histogram(plan)]}  # fmt: skip
 
 
@@ -83,6 +83,7 @@ def render_description(d: dict[str, Any]) -> str:
             f"  quantized     by ramserve, plan {plan['hash']} for budget {plan['budget']['spec']}"
             f" ({plan['bits_per_weight']:.3f} bits per weight, {plan['total_bytes']:,} bytes)",
             f"  bit mix       {mix} (share of weights)",
+            f"  rounding      {rounding_label(plan['rounding'])}",
         ]
     elif d["quantized"]:
         lines.append("  quantized     yes (not by ramserve)")

@@ -231,6 +231,13 @@ def layer_map(plan: Plan) -> tuple[list[str], list[list[object]]]:
     return kinds, [[layer, *(cells.get((layer, k), "-") for k in kinds)] for layer in layers]
 
 
+def rounding_label(rounding: dict[str, Any]) -> str:
+    if not is_compensated(rounding):
+        return "to nearest"
+    return (f"compensated (H from {rounding['sequences']} x {rounding['tokens']} self-sampled "
+            f"tokens, damp {rounding['damp']})")  # fmt: skip
+
+
 def render_plan(plan: Plan) -> str:
     s = plan.solver
     lines = [
@@ -239,6 +246,7 @@ def render_plan(plan: Plan) -> str:
         f"{plan.bits_per_weight:.3f} bits per weight",
         f"  predicted damage {plan.predicted_damage:.5g}; lower bound {s.lower_bound:.5g} "
         f"(gap {100 * s.gap_relative:.3f}%), solved in {1000 * s.seconds:.1f} ms",
+        f"  rounding: {rounding_label(plan.rounding)}",
     ]
     if plan.note:
         lines.append(f"  note: {plan.note}")

@@ -57,15 +57,26 @@ class Gain:
         return self.error / self.nearest_error if self.nearest_error > 0 else 1.0
 
 
+@dataclass
+class InputStats:
+    """One input's statistics (for one expert, or all rows): how many rows, H = XᵀX, H's inverse
+    Cholesky factor, and the rows themselves where they are fewer than the columns (errors are then
+    cheaper from them than from H; ``compensate.row_errors``)."""
+
+    count: int
+    h: np.ndarray
+    u: np.ndarray
+    x: np.ndarray | None
+
+
 class SharedInputs:
-    """Each distinct input of a layer's planned modules as float32 rows, and per expert its rows, H
-    and H's inverse Cholesky factor, computed once for every module that reads it (q, k and v read
-    one input; gate and up another)."""
+    """Each distinct input of a layer's planned modules, and per expert its ``InputStats``, computed
+    once for every module that reads it (q, k and v read one input; gate and up another)."""
 
     def __init__(self, damp: float) -> None:
         self.damp = damp
         self.rows: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
-        self.factors: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.stats: dict[tuple[int, int], InputStats] = {}
 
     def add(self, probe: Probe) -> int:
         key = id(probe.x)
@@ -78,15 +89,18 @@ class SharedInputs:
     def experts(self, key: int) -> np.ndarray | None:
         return self.rows[key][1]
 
-    def of(self, key: int, expert: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The rows of input ``key`` (those routed to ``expert``, unless -1), their H and its factor."""
-        if (key, expert) not in self.factors:
+    def of(self, key: int, expert: int = -1) -> InputStats:
+        """The statistics of input ``key``'s rows (those routed to ``expert``, unless -1)."""
+        if (key, expert) not in self.stats:
             x, routed = self.rows[key]
             if expert >= 0 and routed is not None:
                 x = x[routed == expert]
             h = x.T @ x
-            self.factors[key, expert] = (x, h, inverse_cholesky(h, self.damp) if len(x) else h)
-        return self.factors[key, expert]
+            u = inverse_cholesky(h, self.damp) if len(x) else h
+            self.stats[key, expert] = InputStats(len(x), h, u, x if len(x) < x.shape[1] else None)
+            if routed is None:  # every module of this input has what it needs
+                self.rows[key] = (x[:0], None)
+        return self.stats[key, expert]
 
 
 def round_module(
@@ -109,12 +123,12 @@ def round_module(
     out = []
     for e in range(w.shape[0]) if routed is not None else [-1]:
         weight = w if e < 0 else w[e]
-        x, h, u = inputs.of(key, e)
-        if len(x) < (r.min_expert_tokens if e >= 0 else 1):
+        stats = inputs.of(key, e)
+        if stats.count < (r.min_expert_tokens if e >= 0 else 1):
             gain.experts_nearest += 1
             out.append(affine.quantize(weight, g, bits, **quantizer))
             continue
-        rounded = compensated(weight, h, g, bits, x=x, u=u, **opts)
+        rounded = compensated(weight, stats.h, g, bits, x=stats.x, u=stats.u, **opts)
         error, nearest = error + rounded.error, nearest + rounded.nearest_error
         out.append(rounded.packed(w.dtype))
     gain.error, gain.nearest_error = gain.error + error, gain.nearest_error + nearest
@@ -261,8 +275,8 @@ def compensation_ratios(
             bits, g = min(candidates[path], key=lambda c: (abs(c[0] - 4), abs(c[1] - 64)))
             error = nearest = 0.0
             for rows, e in _sample(w, shared, key, r):
-                x, h, u = shared.of(key, e)
-                done = compensated(rows, h, g, bits, x=x, u=u, **opts)
+                stats = shared.of(key, e)
+                done = compensated(rows, stats.h, g, bits, x=stats.x, u=stats.u, **opts)
                 error, nearest = error + done.error, nearest + done.nearest_error
             out[path] = error / nearest if nearest > 0 else 1.0
     return out
