@@ -335,18 +335,23 @@ class StreamedModel:
 
             return _Slot(self.layers[i], run)
 
-        self.slots[:] = [slot(i) for i in range(len(self.layers))]
+        last = self._until_stopped(inputs, [slot(i) for i in range(len(self.layers))], "last").h
+        return seen, last, extra["args"], extra["kwargs"]
+
+    def _until_stopped(self, inputs: mx.array, slots: list[_Slot], which: str) -> _Stop:
+        """The model's call on ``inputs`` (embedding rows read, nothing else outside the layers
+        beyond the norms) with ``slots`` in the layers' places, one of which stops it."""
+        self.slots[:] = slots
         try:
             with self.outer(head=False) as (_, given):
                 assert given is not None
                 given._value = self.lookups(inputs)
                 self.model(inputs)
-            raise RuntimeError("the model's loop did not reach its last layer")
+            raise RuntimeError(f"the model's loop did not reach its {which} layer")
         except _Stop as stop:
-            last = stop.h
+            return stop
         finally:
             self.slots[:] = self.layers
-        return seen, last, extra["args"], extra["kwargs"]
 
     def first_layer_call(
         self, inputs: mx.array
@@ -357,17 +362,9 @@ class StreamedModel:
         def stop_at_first(h: mx.array, *args: Any, **kwargs: Any) -> mx.array:
             raise _Stop(h, args, kwargs)
 
-        self.slots[:] = [_Slot(layer, stop_at_first) for layer in self.layers]
-        try:
-            with self.outer(head=False) as (_, given):
-                assert given is not None
-                given._value = self.lookups(inputs)
-                self.model(inputs)
-            raise RuntimeError("the model's loop did not reach its first layer")
-        except _Stop as stop:
-            return stop.h, stop.args, stop.kwargs
-        finally:
-            self.slots[:] = self.layers
+        slots = [_Slot(layer, stop_at_first) for layer in self.layers]
+        stop = self._until_stopped(inputs, slots, "first")
+        return stop.h, stop.args, stop.kwargs
 
     def _head_only(self, h: mx.array) -> None:
         """Layers become pass-throughs except the last, which returns ``h``: the model's call then
