@@ -62,7 +62,7 @@ def staging(models: Path) -> list[Path]:
 def profile_body(path: Path) -> dict:
     """A profile without what differs between runs (timings and the digest over them)."""
     data = json.loads(path.read_text())
-    for key in ("created", "analysis_seconds", "fisher_seconds", "checksum"):
+    for key in ("created", "analysis_seconds", "fisher_seconds", "rounding_seconds", "checksum"):
         data.pop(key)
     for m in data["modules"]:
         m.pop("seconds")
