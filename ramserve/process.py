@@ -92,3 +92,21 @@ def blas_threads(count: int) -> None:
     """Caps OpenBLAS's threads where it is loaded (the Makefile preloads it on Linux)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).openblas_set_num_threads(count)
+
+
+@contextlib.contextmanager
+def blas_threads_as_at_start() -> Iterator[None]:
+    """OpenBLAS at one thread per core for the duration, then as it was. A product's rounding
+    depends on how many threads split it; compensated rounding turns such differences into other
+    codes, and a server (which caps the threads, ``cpu.adapt_to_cpu``) must write the same bytes for
+    a plan as the command line does."""
+    try:
+        before = int(ctypes.CDLL(None).openblas_get_num_threads())
+    except (OSError, AttributeError):
+        yield
+        return
+    blas_threads(os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        blas_threads(before)

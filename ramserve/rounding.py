@@ -31,6 +31,7 @@ from . import affine
 from .compensate import compensated, inverse_cholesky
 from .device import runtime_dtype
 from .fisher import Probe, StreamedModel, probe_modules, sampled_sequences, start_token
+from .process import blas_threads_as_at_start
 from .settings import RoundingSettings
 
 Packed = tuple[mx.array, mx.array, mx.array]  # MLX's packed weight, scales, biases
@@ -156,6 +157,13 @@ def layer_inputs(
     self-sampled sequences (``SharedInputs``, keyed per module). The layers' inputs come from the
     float model: rounding them in order (later layers seeing the rounded earlier ones, as GPTQ does)
     scored no better (configs/defaults.toml [rounding]) and costs a second pass per layer."""
+    with blas_threads_as_at_start():  # the same bytes for a plan in any process
+        yield from _layer_inputs(source, r, wanted, desc, progress)
+
+
+def _layer_inputs(
+    source: Any, r: RoundingSettings, wanted: Callable[[str], bool], desc: str, progress: bool
+) -> Iterator[tuple[int, dict[str, int], SharedInputs]]:
     from tqdm import tqdm
 
     dtype = getattr(mx, runtime_dtype(source.float_dtype))
