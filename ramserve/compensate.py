@@ -69,14 +69,6 @@ def inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
     return np.ascontiguousarray(u)
 
 
-def _fit_group(x: np.ndarray, dtype: mx.Dtype, bits: int, ranges: Sequence[float],
-               refits: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """One group per row of ``x`` (rows, g): its scale and bias by the search quantizer, judged as
-    stored in ``dtype``."""
-    _, s, b = affine._fit(mx.array(x).astype(dtype), x.shape[1], bits, ranges, refits)
-    return np.asarray(s, dtype=np.float32).reshape(-1), np.asarray(b, dtype=np.float32).reshape(-1)
-
-
 def row_errors(delta: np.ndarray, h: np.ndarray, x: np.ndarray | None = None) -> np.ndarray:
     """δw H δwᵀ per row, in float64 sums; from the inputs ``x`` (H = xᵀx) when they are fewer rows
     than columns, which costs less."""
@@ -147,7 +139,9 @@ def compensated(
         for j1 in range(i1, i2, inner):
             j2 = j1 + inner
             if j1 % group_size == 0:
-                s, b = _fit_group(work[j1 : j1 + group_size].T, w.dtype, bits, ranges, refits)
+                slab = mx.array(work[j1 : j1 + group_size].T).astype(w.dtype)
+                _, fit_s, fit_b = nearest(slab, group_size, bits, ranges, refits)
+                s, b = fit_s[:, 0], fit_b[:, 0]
                 scales[j1 // group_size], biases[j1 // group_size] = s, b
             for col in range(j1, j2):
                 # the code nearest the updated weight, and its error over H⁻¹'s pivot

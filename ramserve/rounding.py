@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -51,7 +51,6 @@ class Gain:
     modules: int = 0
     experts_nearest: int = 0
     seconds: float = 0.0
-    per_module: dict[str, float] = field(default_factory=dict)  # error / nearest error
 
     @property
     def ratio(self) -> float:
@@ -104,6 +103,12 @@ class SharedInputs:
         return self.stats[key, expert]
 
 
+def _options(quantizer: dict[str, Any], r: RoundingSettings) -> dict[str, Any]:
+    """``compensate.compensated``'s options from a plan's quantizer and rounding."""
+    return {"ranges": quantizer.get("ranges", ()), "refits": quantizer.get("refits", 0),
+            "damp": r.damp, "block": r.block}  # fmt: skip
+
+
 def round_module(
     w: mx.array,
     inputs: SharedInputs,
@@ -117,8 +122,7 @@ def round_module(
     """One planned module (2-D, or stacked experts (experts, out, in)) rounded under the H of its
     input ``key`` (for stacked experts, each expert under the H of the rows routed to it)."""
     bits, g = q["bits"], q["group_size"]
-    opts = {"ranges": quantizer.get("ranges", ()), "refits": quantizer.get("refits", 0),
-            "damp": r.damp, "block": r.block}  # fmt: skip
+    opts = _options(quantizer, r)
     routed = inputs.experts(key)
     error = nearest = 0.0
     out = []
@@ -134,7 +138,6 @@ def round_module(
         out.append(rounded.packed(w.dtype))
     gain.error, gain.nearest_error = gain.error + error, gain.nearest_error + nearest
     gain.modules += 1
-    gain.per_module[path] = error / nearest if nearest > 0 else 1.0
     if routed is None:
         return out[0]
     stacked = tuple(mx.stack([o[k] for o in out]) for k in range(3))
@@ -199,10 +202,6 @@ def _layer_inputs(
     bar.close()
 
 
-def settings_of(rounding: dict[str, Any]) -> RoundingSettings:
-    return RoundingSettings(**rounding)
-
-
 def compensated_layers(
     source: Any,
     quantization: dict[str, Any],
@@ -214,7 +213,7 @@ def compensated_layers(
     """Per decoder layer in order, its planned modules' packed weights, compensated (``gain``
     collects how much error that removed)."""
     start = time.perf_counter()
-    r = settings_of(rounding)
+    r = RoundingSettings(**rounding)
     stored = getattr(mx, source.float_dtype)
     weights = source.weights()
 
@@ -270,12 +269,11 @@ def compensation_ratios(
     is a property of the module's inputs far more than of the candidate (code-qwen3-30m: 0.23-0.66
     across modules, within ±6% across 2-8 bits in each), so the profile scales every candidate's
     predicted damage by it (``Option.rounding_ratio``)."""
-    r = settings_of(rounding)
+    r = RoundingSettings(**rounding)
     stored = getattr(mx, source.float_dtype)
     weights = source.weights()
     out: dict[str, float] = {}
-    opts = {"ranges": quantizer.get("ranges", ()), "refits": quantizer.get("refits", 0),
-            "damp": r.damp, "block": r.block}  # fmt: skip
+    opts = _options(quantizer, r)
     for _, keys, shared in layer_inputs(source, r, lambda p: bool(candidates.get(p)),
                                         "compensation", progress):  # fmt: skip
         for path, key in keys.items():
