@@ -373,6 +373,27 @@ class StreamedModel:
         self.slots[:] = [_Slot(layer, lambda x, *a, _i=i, **k: h if _i == last else x)
                          for i, layer in enumerate(self.layers)]  # fmt: skip
 
+    def head_inputs(self, inputs: mx.array, h: mx.array) -> mx.array:
+        """The head's input for ``inputs`` whose last layer output ``h`` (the final norm of ``h``,
+        or whatever the model does there), without the head's weight or its logits."""
+
+        def stop(x: mx.array) -> mx.array:
+            raise _Stop(x)
+
+        self._head_only(h)
+        try:
+            with self.outer(head=False):  # the embedding gives zeros, which the layers pass by
+                head = self.swap(self.head_path, stop)
+                try:
+                    self.model(inputs)
+                finally:
+                    self.swap(self.head_path, head)
+            raise RuntimeError("the model's call did not reach its head")
+        except _Stop as stopped:
+            return stopped.h
+        finally:
+            self.slots[:] = self.layers
+
     def logits(self, inputs: mx.array, h: mx.array) -> mx.array:
         self._head_only(h)
         try:

@@ -27,8 +27,8 @@ from . import affine, atomic, cache
 from .cache import model_dir
 from .errors import BadModel
 from .records import Manifest, Plan, RecordError
-from .rounding import Gain, Packed, compensated_layers, is_compensated
-from .source import Source, layer_index, require_full_precision
+from .rounding import Gain, Packed, compensated_layers, is_compensated, pass_position, untied_head
+from .source import Source, require_full_precision
 
 log = logging.getLogger("ramserve.quantize")
 
@@ -56,19 +56,20 @@ class OutTensor:
         return int(dtype.size) * int(np.prod(self.shape, dtype=np.int64))
 
 
-def _layer_order(name: str) -> tuple[int, str]:
-    """Tensors outside the decoder layers first, then layer by layer: compensated rounding produces
-    a layer's weights at once, in layer order."""
-    layer = layer_index(name)
-    return (-1 if layer is None else layer, name)
+def _pass_order(name: str, head: str | None) -> tuple[int, str]:
+    """Tensors the rounding pass does not produce first, then in the pass's order (layer by layer,
+    the head last): compensated rounding produces a layer's weights at once."""
+    position = pass_position(name.removesuffix(".weight"), head)
+    return (-1 if position is None else position, name)
 
 
 def output_tensors(source: Source, plan: Plan) -> list[OutTensor]:
     """Every tensor the quantized model stores, in a stable order."""
     quant = {k: v for k, v in plan.quantization.items() if isinstance(v, dict)}
     fdt = source.float_dtype
+    head = untied_head(source)
     out = []
-    for name, shape in sorted(source.tensor_shapes.items(), key=lambda item: _layer_order(item[0])):
+    for name, shape in sorted(source.tensor_shapes.items(), key=lambda item: _pass_order(item[0], head)):
         module = name.removesuffix(".weight")
         q = quant.get(module) if name.endswith(".weight") else None
         if q:
@@ -123,6 +124,7 @@ class _Producer:
     compensated rounding, a layer's planned weights come at once from ``rounding``'s pass."""
 
     def __init__(self, source: Source, plan: Plan, progress: bool) -> None:
+        self.head = untied_head(source)
         self.weights = source.weights()
         self.quantizer = plan.quantizer
         self.float_dtype = getattr(mx, source.float_dtype)
@@ -140,10 +142,10 @@ class _Producer:
         self.rounded: dict[str, Packed] = {}
 
     def _compensated(self, name: str) -> Packed | None:
-        layer = layer_index(name)
-        if self.layers is None or layer is None:
+        position = pass_position(name.removesuffix(".weight"), self.head)
+        if self.layers is None or position is None:
             return None
-        while self.layer < layer:
+        while self.layer < position:
             self.layer, self.rounded = next(self.layers)
         return self.rounded.pop(name.removesuffix(".weight"), None)
 

@@ -20,7 +20,7 @@ from pydantic import TypeAdapter, ValidationError
 from . import atomic
 from .errors import RamserveError
 
-PROFILE_FORMAT = "ramserve-profile/7"  # /6: kv_damage; /7: rounding_ratio
+PROFILE_FORMAT = "ramserve-profile/8"  # /6: kv_damage; /7: rounding_ratio; /8: the head's too
 PLAN_FORMAT = "ramserve-plan/1"
 
 

@@ -11,8 +11,9 @@ than ``min_expert_tokens`` reached it).
 The same pass, at analysis, measures on a row sample how much of each candidate's error compensation
 removes (``compensation_ratios``), so that the profile predicts the damage of the rounding a plan gets.
 
-Modules outside the decoder layers (embedding, head) and any module no probe covers are rounded to
-nearest by the caller. ``quantize`` writes what this yields; ``evaluate`` simulates it, so the
+An untied head is rounded last, under the H of its inputs (the final norm of the last layer's
+output). The embedding, a tied head and any module no probe covers are rounded to nearest by the
+caller. ``quantize`` writes what this yields; ``evaluate`` simulates it, so the
 simulated and the stored model are the same weights.
 """
 
@@ -33,6 +34,7 @@ from .device import runtime_dtype
 from .fisher import Probe, StreamedModel, probe_modules, sampled_sequences, start_token
 from .process import blas_threads_as_at_start
 from .settings import RoundingSettings
+from .source import layer_index
 
 Packed = tuple[mx.array, mx.array, mx.array]  # MLX's packed weight, scales, biases
 
@@ -81,9 +83,12 @@ class SharedInputs:
     def add(self, probe: Probe) -> int:
         key = id(probe.x)
         if key not in self.rows:
-            inputs, experts = probe.rows()
-            self.rows[key] = (np.asarray(inputs.astype(mx.float32)),
-                              None if experts is None else np.asarray(experts))  # fmt: skip
+            self.add_rows(key, *probe.rows())
+        return key
+
+    def add_rows(self, key: int, inputs: mx.array, experts: mx.array | None = None) -> int:
+        self.rows[key] = (np.asarray(inputs.reshape(-1, inputs.shape[-1]).astype(mx.float32)),
+                          None if experts is None else np.asarray(experts))  # fmt: skip
         return key
 
     def experts(self, key: int) -> np.ndarray | None:
@@ -200,6 +205,23 @@ def _layer_inputs(
         yield i, keys, shared
         bar.update(1)
     bar.close()
+    if not run.tied and wanted(run.head_path):  # a tied head is the embedding's lookup table too
+        shared = SharedInputs(r.damp)
+        key = shared.add_rows(0, run.head_inputs(x, h))
+        yield AFTER_LAYERS, {run.head_path: key}, shared
+
+
+AFTER_LAYERS = 1 << 30  # the untied head's place in the pass: after every layer
+
+
+def untied_head(source: Any) -> str | None:
+    return next((m.path for m in source.modules if m.kind == "lm_head"), None)
+
+
+def pass_position(path: str, head: str | None) -> int | None:
+    """Where in the pass a module is rounded: its decoder layer's index, AFTER_LAYERS for the
+    untied ``head``; None for a module the pass does not round (the embedding, a tied head)."""
+    return AFTER_LAYERS if path == head else layer_index(path)
 
 
 def compensated_layers(

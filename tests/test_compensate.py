@@ -19,7 +19,14 @@ from ramserve.evaluate import simulate
 from ramserve.fisher import Probe, StreamedModel, probe_modules
 from ramserve.plan import make_plan
 from ramserve.profile import analyze
-from ramserve.rounding import Gain, SharedInputs, round_module
+from ramserve.rounding import (
+    AFTER_LAYERS,
+    Gain,
+    SharedInputs,
+    pass_position,
+    round_module,
+    untied_head,
+)
 from ramserve.settings import RoundingSettings, load_settings
 from ramserve.source import open_source
 
@@ -117,6 +124,27 @@ def test_experts_are_rounded_under_their_own_h(tiny_moe_dir: Path) -> None:
     assert gain.error <= gain.nearest_error
 
 
+def test_the_head_is_rounded_under_the_final_norms_output(tmp_path: Path) -> None:
+    """An untied head's inputs are the model's final hidden states (the norm of the last layer's
+    output), as the full model computes them; a tied head is not rounded by the pass."""
+    from mlx_lm.utils import load_model
+
+    src = make_model(tmp_path / "qwen3", "qwen3", layers=2)
+    source = open_source(str(src), load_settings())
+    run = StreamedModel(source, mx.float32)
+    _, last, _, _ = run.hidden_states(PROMPT)
+    got = run.head_inputs(PROMPT, last)
+    model, _ = load_model(src)
+    model.set_dtype(mx.float32)
+    want = model.model(PROMPT)  # mlx-lm's decoder returns the final norm's output
+    assert got.shape == want.shape
+    assert mx.allclose(got, want, rtol=1e-4, atol=1e-4).item()
+    assert untied_head(source) == "lm_head" and pass_position("lm_head", "lm_head") == AFTER_LAYERS
+    tied = open_source(str(make_model(tmp_path / "tied", "qwen3", layers=2, tied=True)),
+                       load_settings())  # fmt: skip
+    assert untied_head(tied) is None
+
+
 def test_plans_that_differ_only_in_rounding_hash_differently(tiny_dir: Path) -> None:
     settings = load_settings()
     profile = analyze(open_source(str(tiny_dir), settings), progress=False)
@@ -171,8 +199,14 @@ def test_the_profile_predicts_the_damage_of_compensated_rounding(tiny_dir: Path)
     profile = analyze(open_source(str(tiny_dir), settings), progress=False)
     ratios = {m.path: {o.rounding_ratio for o in m.options if o.bits < 16} for m in profile.modules}
     measured = {p: r.pop() for p, r in ratios.items() if r and None not in r and len(r) == 1}
-    # every linear module of the layers is measured (embedding and head round to nearest)
-    assert {m.path for m in profile.modules if m.layer is not None} <= set(measured)
+    # every linear module of the layers and the untied head is measured (the embedding rounds
+    # to nearest)
+    kinds = {m.path: m.kind for m in profile.modules}
+    assert "lm_head" in kinds.values()
+    assert {m.path for m in profile.modules if m.layer is not None or m.kind == "lm_head"} <= set(
+        measured
+    )
+    assert not any(kinds[p] == "embedding" for p in measured)
     assert all(0 < r <= 1 for r in measured.values()), measured
     assert min(measured.values()) < 0.95  # compensation removes error somewhere
     nearest = settings.model_copy(
