@@ -69,7 +69,7 @@ def output_tensors(source: Source, plan: Plan) -> list[OutTensor]:
     fdt = source.float_dtype
     head = untied_head(source)
     out = []
-    for name, shape in sorted(source.tensor_shapes.items(), key=lambda item: _pass_order(item[0], head)):
+    for name, shape in sorted(source.tensor_shapes.items(), key=lambda t: _pass_order(t[0], head)):
         module = name.removesuffix(".weight")
         q = quant.get(module) if name.endswith(".weight") else None
         if q:
