@@ -111,7 +111,7 @@ class SharedInputs:
 def _options(quantizer: dict[str, Any], r: RoundingSettings) -> dict[str, Any]:
     """``compensate.compensated``'s options from a plan's quantizer and rounding."""
     return {"ranges": quantizer.get("ranges", ()), "refits": quantizer.get("refits", 0),
-            "damp": r.damp, "block": r.block}  # fmt: skip
+            "damp": r.damp, "block": r.block, "descent": r.descent_sweeps}  # fmt: skip
 
 
 def round_module(

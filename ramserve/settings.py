@@ -51,6 +51,8 @@ class RoundingSettings(BaseModel):
     sweeps: int = Field(default=1, ge=0)
     seed: int = 0
     min_expert_tokens: int = Field(default=64, ge=1)
+    # 0 where a plan recorded before the descent existed: it gets the weights it got then
+    descent_sweeps: int = Field(default=0, ge=0)
 
     def record(self) -> dict[str, Any]:
         """What a plan records of its rounding (its hash covers it): the method, and for compensated
