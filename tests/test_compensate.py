@@ -107,7 +107,7 @@ def test_descent_never_raises_the_error(dense: Path) -> None:
         codes = descended(ref, codes, start.scales, start.biases, 64, 3, h, 1, 128)
         assert codes.min() >= 0 and codes.max() <= 7
         errors.append(row_errors(ref - dequantized(codes, start.scales, start.biases, 64), h))
-    for before, after in zip(errors, errors[1:]):
+    for before, after in zip(errors[:-1], errors[1:], strict=True):
         assert (after <= before * (1 + 1e-4) + 1e-9).all()
     assert errors[-1].sum() < 0.99 * errors[0].sum()
 
