@@ -93,7 +93,9 @@ def gptq_model(source: Source, samples: int = 64, seq_len: int = 512) -> tuple[E
     )
 
 
-def bench_model(folder: Path, samples: int, seq_len: int) -> list[dict]:
+def bench_model(
+    folder: Path, samples: int, seq_len: int, only: set[str] | None = None
+) -> list[dict]:
     settings = load_settings()
     source = open_source(str(folder), settings)
     start = time.perf_counter()
@@ -105,9 +107,11 @@ def bench_model(folder: Path, samples: int, seq_len: int) -> list[dict]:
     base = score(ref, windows, ref_lp)
     anchors: list[tuple[str, Evaluated, float | None]] = []
     for recipe in UNIFORM + MIXED:
-        quant = recipe_quantization(source, recipe)
-        anchors.append((recipe, load_for_eval(str(folder), settings, quant, recipe), None))
-    anchors.append((GPTQ, *gptq_model(source)))
+        if only is None or recipe in only:
+            quant = recipe_quantization(source, recipe)
+            anchors.append((recipe, load_for_eval(str(folder), settings, quant, recipe), None))
+    if only is None or GPTQ in only:
+        anchors.append((GPTQ, *gptq_model(source)))
     nearest_rounding = {"method": "nearest"}
     rows = []
     for name, model, seconds in anchors:
@@ -162,10 +166,13 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=48)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--models", default="dense,moe")
+    p.add_argument("--anchors", help=f"comma-separated, of {', '.join(UNIFORM + MIXED + [GPTQ])}"
+                   " (default: all)")  # fmt: skip
     a = p.parse_args()
+    only = set(a.anchors.split(",")) if a.anchors else None
     rows = []
     for key in a.models.split(","):
-        rows += bench_model(MODELS[key], a.samples, a.seq_len)
+        rows += bench_model(MODELS[key], a.samples, a.seq_len, only)
     print(f"{a.samples} sequences x {a.seq_len} tokens of {TEXT.name}; KL per token from bf16;"
           " ramserve's plan at each anchor's size, rounded to nearest and compensated")  # fmt: skip
     print(render(rows))
