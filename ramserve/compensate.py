@@ -118,7 +118,7 @@ def descended(weights: np.ndarray, codes: np.ndarray, scales: np.ndarray, biases
     its best value with every other column fixed, so the error under ``h`` never rises. GPTQ's pass
     only looks forward; the sweeps let a column answer the columns after it. Columns in blocks: the
     in-block changes reach a column by one product, the whole block's reach the rest in one."""
-    n, rows = codes.shape[1], codes.shape[0]
+    rows, n = codes.shape
     top = float((1 << bits) - 1)
     q = np.ascontiguousarray(codes.T)
     st, bt = np.ascontiguousarray(scales.T), np.ascontiguousarray(biases.T)

@@ -236,7 +236,7 @@ class StreamedModel:
         if embed is None:
             raise ValueError("no embedding module found (configs: [[kinds]] embedding)")
         self.embed_path: str = embed
-        self.head_path: str = next((p for p, k in kinds.items() if k == "lm_head"), embed)
+        self.head_path: str = source.untied_head or embed
         self.tied = self.head_path == self.embed_path
         self.width = int(source.tensor_shapes[f"{embed}.weight"][-1])
         self.vocab_out = int(source.tensor_shapes[f"{self.head_path}.weight"][0])

@@ -27,7 +27,7 @@ from . import affine, atomic, cache
 from .cache import model_dir
 from .errors import BadModel
 from .records import Manifest, Plan, RecordError
-from .rounding import Gain, Packed, compensated_layers, is_compensated, pass_position, untied_head
+from .rounding import Gain, Packed, compensated_layers, is_compensated, pass_position
 from .source import Source, require_full_precision
 
 log = logging.getLogger("ramserve.quantize")
@@ -67,7 +67,7 @@ def output_tensors(source: Source, plan: Plan) -> list[OutTensor]:
     """Every tensor the quantized model stores, in a stable order."""
     quant = {k: v for k, v in plan.quantization.items() if isinstance(v, dict)}
     fdt = source.float_dtype
-    head = untied_head(source)
+    head = source.untied_head
     out = []
     for name, shape in sorted(source.tensor_shapes.items(), key=lambda t: _pass_order(t[0], head)):
         module = name.removesuffix(".weight")
@@ -124,7 +124,7 @@ class _Producer:
     compensated rounding, a layer's planned weights come at once from ``rounding``'s pass."""
 
     def __init__(self, source: Source, plan: Plan, progress: bool) -> None:
-        self.head = untied_head(source)
+        self.head = source.untied_head
         self.weights = source.weights()
         self.quantizer = plan.quantizer
         self.float_dtype = getattr(mx, source.float_dtype)
@@ -142,12 +142,13 @@ class _Producer:
         self.rounded: dict[str, Packed] = {}
 
     def _compensated(self, name: str) -> Packed | None:
-        position = pass_position(name.removesuffix(".weight"), self.head)
+        module = name.removesuffix(".weight")
+        position = pass_position(module, self.head)
         if self.layers is None or position is None:
             return None
         while self.layer < position:
             self.layer, self.rounded = next(self.layers)
-        return self.rounded.pop(name.removesuffix(".weight"), None)
+        return self.rounded.pop(module, None)
 
     def get(self, t: OutTensor) -> mx.array:
         if t.source != self.name:

@@ -214,10 +214,6 @@ def _layer_inputs(
 AFTER_LAYERS = 1 << 30  # the untied head's place in the pass: after every layer
 
 
-def untied_head(source: Any) -> str | None:
-    return next((m.path for m in source.modules if m.kind == "lm_head"), None)
-
-
 def pass_position(path: str, head: str | None) -> int | None:
     """Where in the pass a module is rounded: its decoder layer's index, AFTER_LAYERS for the
     untied ``head``; None for a module the pass does not round (the embedding, a tied head)."""

@@ -165,6 +165,11 @@ class Source:
             found.append(ModuleInfo(path, rule.name, rule.block, layer_index(path), shape, groups))
         return sorted(found, key=_module_order)
 
+    @cached_property
+    def untied_head(self) -> str | None:
+        """The head's module path where it has a weight of its own (a tied head is the embedding)."""
+        return next((m.path for m in self.modules if m.kind == "lm_head"), None)
+
     @property
     def parameter_count(self) -> int:
         return sum(math.prod(s) for s in self.tensor_shapes.values())

@@ -25,7 +25,6 @@ from ramserve.rounding import (
     SharedInputs,
     pass_position,
     round_module,
-    untied_head,
 )
 from ramserve.settings import RoundingSettings, load_settings
 from ramserve.source import open_source
@@ -162,10 +161,10 @@ def test_the_head_is_rounded_under_the_final_norms_output(tmp_path: Path) -> Non
     want = model.model(PROMPT)  # mlx-lm's decoder returns the final norm's output
     assert got.shape == want.shape
     assert mx.allclose(got, want, rtol=1e-4, atol=1e-4).item()
-    assert untied_head(source) == "lm_head" and pass_position("lm_head", "lm_head") == AFTER_LAYERS
+    assert source.untied_head == "lm_head" and pass_position("lm_head", "lm_head") == AFTER_LAYERS
     tied = open_source(str(make_model(tmp_path / "tied", "qwen3", layers=2, tied=True)),
                        load_settings())  # fmt: skip
-    assert untied_head(tied) is None
+    assert tied.untied_head is None
 
 
 def test_plans_that_differ_only_in_rounding_hash_differently(tiny_dir: Path) -> None:
