@@ -54,6 +54,7 @@ class Tool:
     name: str
     parameters: dict[str, Any]
     description: str | None = None
+    where: str = ""  # where the request gave its schema, for errors (each API names it its way)
 
     def openai(self) -> dict[str, Any]:
         """The tool as the chat template and mlx-lm's parsers take it."""
@@ -147,7 +148,7 @@ class Grammars:
             )
         if self.tool_format is not None:
             for i, tool in enumerate(use.tools):
-                self.check_schema(tool.parameters, f"tools[{i}].function.parameters")
+                self.check_schema(tool.parameters, tool.where or f"tools[{i}].function.parameters")
 
     def check_schema(self, schema: dict[str, Any], param: str) -> None:
         from llguidance import LLMatcher

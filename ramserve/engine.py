@@ -82,6 +82,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float | None = None
+    repetition_context: int = 20  # the last tokens the repetition penalty looks at
     logit_bias: dict[int, float] | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: bool = False
@@ -125,6 +126,7 @@ def make_processors(p: SamplingParams) -> list[Any]:
     processors: list[Any] = make_logits_processors(
         logit_bias=p.logit_bias,
         repetition_penalty=p.repetition_penalty,
+        repetition_context_size=p.repetition_context,
         presence_penalty=p.presence_penalty or None,
         frequency_penalty=p.frequency_penalty or None,
     )
@@ -418,7 +420,9 @@ class Engine:
         if finish is not None:
             r.done = True
             self._count_finish(finish)
-            r.output.finish(finish, Usage(len(r.prompt), r.generated, r.cached_tokens))
+            usage = Usage(len(r.prompt), r.generated, r.cached_tokens,
+                          r.first_token_at - r.submitted, now - r.submitted)  # fmt: skip
+            r.output.finish(finish, usage)
 
     def _count_finish(self, reason: str) -> None:
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1

@@ -68,6 +68,9 @@ class Done:
     completion_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
+    stop_sequence: str | None = None  # the stop string that ended the text, if one did
+    first_token_s: float = 0.0  # from submission to the first token (queue and prefill)
+    total_s: float = 0.0  # from submission to the end
 
 
 @dataclass
@@ -87,6 +90,8 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    first_token_s: float = 0.0
+    total_s: float = 0.0
 
 
 # -- stages ------------------------------------------------------------------------------------
@@ -108,6 +113,7 @@ class StopStrings:
         self.stops = list(stops)
         self.pending = ""
         self.stopped = False
+        self.matched: str | None = None
 
     def push(self, events: list[Any]) -> list[Any]:
         out: list[Any] = []
@@ -118,9 +124,10 @@ class StopStrings:
                 out.append(e)
                 continue
             text = self.pending + e.text
-            hits = [text.find(s) for s in self.stops if s in text]
+            hits = [(text.find(s), s) for s in self.stops if s in text]
             if hits:
-                text, self.pending, self.stopped = text[: min(hits)], "", True
+                at, self.matched = min(hits)
+                text, self.pending, self.stopped = text[:at], "", True
             else:
                 hold = stop_holdback(text, self.stops)
                 text, self.pending = text[: len(text) - hold], text[len(text) - hold :]
@@ -303,7 +310,10 @@ class Output:
         self._emit(events)
         if reason == "stop" and self.called_tools:
             reason = "tool_calls"
-        self.sink(Done(reason, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens))
+        matched = [s.matched for s in self.stages if isinstance(s, StopStrings) and s.matched]
+        self.sink(Done(reason, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
+                       stop_sequence=matched[0] if matched else None,
+                       first_token_s=usage.first_token_s, total_s=usage.total_s))  # fmt: skip
 
     def fail(self, message: str) -> None:
         self.sink(Done("error", error=message))

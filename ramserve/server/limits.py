@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import APIError
+from .errors import APIError, dialect_of
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -49,13 +49,13 @@ class BodyLimits:
         if over:
             too_large = APIError(413, f"the request body is over the server's limit of "
                                       f"{self.max_body:,} bytes", code="body_too_large")  # fmt: skip
-            await too_large.response()(scope, receive, send)
+            await too_large.response(dialect_of(scope["path"]))(scope, receive, send)
             return
         if self.in_flight.bytes + len(body) > self.max_pending:
             busy = APIError(503, f"the server holds {self.in_flight.bytes:,} bytes of requests in flight, "
                                  "its limit; try again shortly", "server_error",
                             code="server_busy", headers={"Retry-After": "1"})  # fmt: skip
-            await busy.response()(scope, receive, send)
+            await busy.response(dialect_of(scope["path"]))(scope, receive, send)
             return
         self.in_flight.bytes += len(body)
         try:

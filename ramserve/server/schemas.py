@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, 
 
 from ..constrain import ConstraintError, Tool, ToolUse
 from ..engine import SamplingParams
+from .core import Generation, check_json_schema, tool_use
 
 
 class Strict(BaseModel):
@@ -98,6 +99,12 @@ class ToolDef(Strict):
     function: FunctionDef
 
 
+def tools_of(defs: list[ToolDef] | None) -> list[Tool]:
+    """OpenAI's function tools (Ollama's too), each with where its schema is in the request."""
+    return [Tool(t.function.name, t.function.parameters, t.function.description,
+                 f"tools[{i}].function.parameters") for i, t in enumerate(defs or [])]  # fmt: skip
+
+
 class NamedFunction(Strict):
     name: str
 
@@ -131,16 +138,6 @@ class ResponseFormat(Strict):
         if self.json_schema is not None:
             return self.json_schema.schema_
         return None
-
-
-def check_json_schema(schema: dict[str, Any], param: str) -> None:
-    """Refuse a schema that is not valid JSON Schema, naming where it is."""
-    import jsonschema
-
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as e:
-        raise ConstraintError(f"{param}: not a valid JSON schema: {e.message}", param) from e
 
 
 class Sampling(Strict):
@@ -236,26 +233,9 @@ class ChatRequest(Sampling):
         """The request's tools and how they may be used; None when it has none."""
         choice = self.tool_choice
         named = choice.function.name if isinstance(choice, NamedToolChoice) else None
-        if not self.tools:
-            if choice not in (None, "none", "auto"):
-                raise ConstraintError("tool_choice requires tools", "tool_choice")
-            return None
-        tools: list[Tool] = []
-        for i, t in enumerate(self.tools):
-            param = f"tools[{i}].function.parameters"
-            if t.function.parameters.get("type", "object") != "object":
-                raise ConstraintError(f"{param}: a function's parameters must be an object schema",
-                                      param)  # fmt: skip
-            check_json_schema(t.function.parameters, param)
-            if any(t.function.name == u.name for u in tools):
-                raise ConstraintError(f"tools[{i}]: a second function named {t.function.name!r}",
-                                      f"tools[{i}].function.name")  # fmt: skip
-            tools.append(Tool(t.function.name, t.function.parameters, t.function.description))
-        if named is not None and named not in {t.name for t in tools}:
-            raise ConstraintError(f"tool_choice names {named!r}, which is not in tools",
-                                  "tool_choice")  # fmt: skip
-        mode = "required" if named or choice == "required" else choice or "auto"
-        return ToolUse(tools, mode, named, self.parallel_tool_calls)  # type: ignore[arg-type]
+        tools = tools_of(self.tools)
+        mode = None if isinstance(choice, NamedToolChoice) else choice
+        return tool_use(tools, mode, named, self.parallel_tool_calls)
 
     def answer_schema(self) -> dict[str, Any] | None:
         """The JSON schema the answer must follow (``response_format``); None for free text."""
@@ -263,6 +243,11 @@ class ChatRequest(Sampling):
         if schema is not None:
             check_json_schema(schema, "response_format.json_schema.schema")
         return schema
+
+    def generation(self) -> Generation:
+        return Generation(self.model, self.sampling(), messages=self.template_messages(),
+                          tools=self.tool_use(), schema=self.answer_schema(),
+                          top_logprobs=self.top_logprobs if self.logprobs else -1)  # fmt: skip
 
 
 class CompletionRequest(Sampling):
@@ -306,6 +291,11 @@ class CompletionRequest(Sampling):
     def sampling(self) -> SamplingParams:
         n = self.logprobs or 0
         return self.params(self.max_tokens, self.logprobs is not None, n)
+
+    def generation(self) -> Generation:
+        params = self.sampling()
+        top = params.top_logprobs if params.logprobs else -1
+        return Generation(self.model, params, text=self.text(), top_logprobs=top)
 
 
 # ---- responses --------------------------------------------------------------------------------
