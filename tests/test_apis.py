@@ -255,6 +255,7 @@ def test_ollama_tags_show_ps_version(olla: ollama.Client, base: str) -> None:
     assert running.model == f"{NAME}:latest" and running.size > 1_000_000
     assert running.context_length and running.context_length > 256
     assert httpx.get(f"{base}/api/version").json()["version"]
+    assert httpx.head(f"{base}/").status_code == 200  # the Ollama CLI's heartbeat
 
 
 def test_ollama_format_schema_and_json(olla: ollama.Client) -> None:

@@ -9,7 +9,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import anthropic
 import httpx
+import ollama
 import openai
 
 from .conftest import DENSE, shared_model, user_config
@@ -75,6 +77,22 @@ def test_run_serves_swaps_variants_and_restarts_from_cache(ramserve_home: Path) 
         cards = {m.id: m.model_dump() for m in client.models.list().data}
         assert cards["code-qwen3-30m@min-safe"]["status"] == "loaded"
         assert cards["code-qwen3-30m"]["status"] == "cached"
+        # The same variant by Ollama's name (the tag is the budget) and through Anthropic's API.
+        sort = [{"role": "user", "content": "Sort a list."}]
+        with ollama.Client(host=base) as olla:
+            assert {"code-qwen3-30m:latest", "code-qwen3-30m:min-safe"} <= {
+                m.model for m in olla.list().models
+            }
+            assert [m.model for m in olla.ps().models] == ["code-qwen3-30m:min-safe"]
+            by_tag = olla.chat(model="code-qwen3-30m:min-safe", messages=sort,
+                               options={"temperature": 0, "num_predict": 8})  # fmt: skip
+        assert by_tag.model == "code-qwen3-30m:min-safe" and by_tag.eval_count == 8
+        with anthropic.Anthropic(base_url=base, api_key="unused", max_retries=0) as claude:
+            msg = claude.messages.create(model="code-qwen3-30m@min-safe", max_tokens=8,
+                                         messages=sort, extra_body={"temperature": 0})  # fmt: skip
+        assert msg.model == "code-qwen3-30m@min-safe" and msg.usage.output_tokens == 8
+        # Neither swapped models: the variant asked for was the one loaded.
+        assert client.models.retrieve("code-qwen3-30m@min-safe").model_dump()["status"] == "loaded"
         shape = cards["code-qwen3-30m"]["runtime_shape"]
         assert shape["context"] == cards["code-qwen3-30m"]["context_length"]
         assert shape["prefill_chunk"] <= shape["context"] and shape["parallel"] >= 1

@@ -67,6 +67,7 @@ class API:
 
     def routes(self) -> list[tuple[str, str, Handler, bool]]:
         own = [
+            ("/", "GET", self.root, False),  # HEAD too (Starlette adds it to GET routes)
             ("/v1/models", "GET", self.list_models, True),
             ("/status", "GET", self.status, True),
             ("/health", "GET", self.health, False),
@@ -74,6 +75,11 @@ class API:
         ]
         apis = [*self.openai.routes(), *self.anthropic.routes(), *self.ollama.routes()]
         return own + [(path, method, handler, True) for path, method, handler in apis]
+
+    async def root(self, request: Request) -> Response:
+        # Ollama's clients check that a server is up with HEAD / before anything else.
+        return PlainTextResponse("ramserve is running: OpenAI /v1, Anthropic /v1/messages, "
+                                 "Ollama /api\n")  # fmt: skip
 
     async def list_models(self, request: Request) -> Response:
         # One path, two APIs: Anthropic's clients say which they speak in a header.
