@@ -44,6 +44,20 @@ def live_server(app: Any, ready_timeout: float = 120.0) -> Iterator[str]:
         thread.join(timeout=30)
 
 
+@contextmanager
+def serve_folder(folder: Any, name: str, *, api_key: str | None = None, server: Any = None,
+                 **engine_args: Any) -> Iterator[str]:  # fmt: skip
+    """A real server of one quantized folder under ``name``; yields its base URL."""
+    from ramserve.server.app import create_app
+    from ramserve.server.registry import Registry
+    from ramserve.settings import load_settings
+
+    registry = Registry(folder, name, load_settings(), engine_args)
+    app = create_app(registry, server or load_settings().server, api_key=api_key)
+    with live_server(app) as url:
+        yield url
+
+
 def wait_for(predicate: Any, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

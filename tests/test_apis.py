@@ -17,11 +17,9 @@ import ollama
 import openai
 import pytest
 
-from ramserve.server.app import create_app
-from ramserve.server.registry import Registry
 from ramserve.settings import load_settings
 
-from .serving import live_server, metric
+from .serving import metric, serve_folder
 
 NAME = "code-qwen3-30m"
 HELLO = [{"role": "user", "content": "Write a function that adds two numbers."}]
@@ -50,17 +48,16 @@ FUNCTIONS = [
 
 @pytest.fixture(scope="module")
 def base(served_dense: Path) -> Iterator[str]:
-    registry = Registry(served_dense, NAME, load_settings(), {"parallel": 8, "queue_size": 16})
-    with live_server(create_app(registry, load_settings().server)) as url:
+    with serve_folder(served_dense, NAME, parallel=8, queue_size=16) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def strict(served_dense: Path) -> Iterator[str]:
     """One slot, no queue, an API key and a 20 KB body limit."""
-    registry = Registry(served_dense, NAME, load_settings(), {"parallel": 1, "queue_size": 0})
     server = load_settings().server.model_copy(update={"max_body_bytes": 20_000})
-    with live_server(create_app(registry, server, api_key="sekret")) as url:
+    with serve_folder(served_dense, NAME, api_key="sekret", server=server, parallel=1,
+                      queue_size=0) as url:  # fmt: skip
         yield url
 
 
@@ -314,9 +311,8 @@ def test_ollama_num_ctx_bounds_the_request(olla: ollama.Client) -> None:
 def uncached(served_dense: Path) -> Iterator[str]:
     """No prompt cache: every request is prefilled alike. (A prompt prefilled from a cached prefix
     rounds differently, which can flip a near-tie in greedy decoding, whatever the API.)"""
-    args = {"parallel": 8, "queue_size": 16, "prompt_cache_entries": 0}
-    registry = Registry(served_dense, NAME, load_settings(), args)
-    with live_server(create_app(registry, load_settings().server)) as url:
+    with serve_folder(served_dense, NAME, parallel=8, queue_size=16,
+                      prompt_cache_entries=0) as url:  # fmt: skip
         yield url
 
 

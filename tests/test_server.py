@@ -15,7 +15,7 @@ from ramserve.server.app import create_app
 from ramserve.server.registry import Registry
 from ramserve.settings import load_settings
 
-from .serving import live_server, metric, wait_for
+from .serving import live_server, metric, serve_folder, wait_for
 
 NAME = "code-qwen3-30m"
 HELLO = [{"role": "user", "content": "Write a function that adds two numbers."}]
@@ -28,8 +28,7 @@ def folder(served_dense: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def base(folder: Path) -> Iterator[str]:
-    registry = Registry(folder, NAME, load_settings(), {"parallel": 8, "queue_size": 16})
-    with live_server(create_app(registry, load_settings().server)) as url:
+    with serve_folder(folder, NAME, parallel=8, queue_size=16) as url:
         yield url
 
 

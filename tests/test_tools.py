@@ -22,7 +22,7 @@ from ramserve.server.registry import Registry
 from ramserve.settings import load_settings
 
 from .factory import TOOLS_TEMPLATE, make_model
-from .serving import live_server, metric
+from .serving import live_server, metric, serve_folder
 
 NAME = "code-qwen3-30m"
 ASK = [{"role": "user", "content": "What is the weather in Paris, and what time is it in Tokyo?"}]
@@ -57,8 +57,7 @@ TOOLS = [WEATHER, CLOCK]
 
 @pytest.fixture(scope="module")
 def base(served_dense: Path) -> Iterator[str]:
-    registry = Registry(served_dense, NAME, load_settings(), {"parallel": 8, "queue_size": 16})
-    with live_server(create_app(registry, load_settings().server)) as url:
+    with serve_folder(served_dense, NAME, parallel=8, queue_size=16) as url:
         yield url
 
 

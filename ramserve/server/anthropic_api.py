@@ -26,22 +26,17 @@ from ..constrain import ConstraintError, Tool, ToolUse
 from ..engine import SamplingParams
 from ..output import Done, Event, Reasoning, Text, ToolCall
 from .core import (
-    Core,
+    Adapter,
     Generation,
     Running,
+    Strict,
     check_json_schema,
+    check_stops,
     final,
     generation_error,
     new_id,
     tool_use,
 )
-
-# Stop sequences a request may send: each is matched against the text at every token.
-MAX_STOPS = 16
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class Block(Strict):
@@ -201,9 +196,7 @@ class MessagesRequest(CountRequest):
     @field_validator("stop_sequences")
     @classmethod
     def _stops(cls, v: list[str] | None) -> list[str] | None:
-        if v and (len(v) > MAX_STOPS or not all(v)):
-            raise ValueError(f"takes up to {MAX_STOPS} non-empty strings")
-        return v
+        return check_stops(v)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens or 1, temperature=self.temperature,
@@ -379,12 +372,7 @@ def _ping() -> ServerSentEvent:
     return ServerSentEvent(event="ping", data=json.dumps({"type": "ping"}))
 
 
-class Anthropic:
-    """The routes, bound to the server's core."""
-
-    def __init__(self, core: Core) -> None:
-        self.core = core
-
+class Anthropic(Adapter):
     def routes(self) -> list[tuple[str, str, Any]]:
         return [
             ("/v1/messages", "POST", self.messages),

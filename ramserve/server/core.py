@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.requests import Request
 
 from ..constrain import ConstraintError, Tool, ToolUse
@@ -31,6 +31,25 @@ from .metrics import Metrics
 from .registry import NotOffered, NotReady, Registry, UnknownModel
 
 T = TypeVar("T")
+
+# Stop sequences a request may send (where its API sets no lower limit): each is matched against
+# the text at every token.
+MAX_STOPS = 16
+
+
+class Strict(BaseModel):
+    """A request part: unknown fields are refused, and a boolean must be JSON true or false (a lax
+    "yes" or 1 would turn streaming on by accident)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def check_stops(stops: list[str] | None, limit: int = MAX_STOPS) -> list[str] | None:
+    """A pydantic validator's check of a request's stop strings."""
+    if stops and (len(stops) > limit or not all(stops)):
+        raise ValueError(f"takes up to {limit} non-empty strings")
+    return stops
+
 
 # The status, type, param and code each engine or registry refusal maps to.
 REFUSALS: dict[type[Exception], tuple[int, str, str | None, str]] = {
@@ -313,3 +332,13 @@ class Core:
             await lease.aclose()
             raise
         return Running(request, queue, lease, len(job.prompt), self.metrics)
+
+
+class Adapter:
+    """An API: its routes (path, method, handler), bound to the server's core."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    def routes(self) -> list[tuple[str, str, Any]]:
+        raise NotImplementedError

@@ -18,23 +18,25 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import Field, StrictBool, field_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine import Engine, SamplingParams
 from ..output import Done, Event, Reasoning, Text, TokenLogprob, ToolCall
-from .core import Core, Generation, Running, final, generation_error, tool_use
+from .core import (
+    Adapter,
+    Generation,
+    Running,
+    Strict,
+    check_stops,
+    final,
+    generation_error,
+    tool_use,
+)
 from .errors import APIError
 from .registry import UnknownModel
 from .schemas import ToolDef, tools_of
-
-# Stop sequences a request may send: each is matched against the text at every token.
-MAX_STOPS = 16
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class Options(Strict):
@@ -83,9 +85,7 @@ class Options(Strict):
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: list[str] | None) -> list[str] | None:
-        if v and (len(v) > MAX_STOPS or not all(v)):
-            raise ValueError(f"takes up to {MAX_STOPS} non-empty strings")
-        return v
+        return check_stops(v)
 
     def sampling(self, logprobs: bool, top_logprobs: int) -> SamplingParams:
         last = self.repeat_last_n
@@ -294,12 +294,7 @@ def details(engine: Engine | None, card: dict[str, Any]) -> dict[str, Any]:
             "parameter_size": "", "quantization_level": f"{bpw:.2f} bpw" if bpw else ""}  # fmt: skip
 
 
-class Ollama:
-    """The routes, bound to the server's core."""
-
-    def __init__(self, core: Core) -> None:
-        self.core = core
-
+class Ollama(Adapter):
     def routes(self) -> list[tuple[str, str, Any]]:
         return [
             ("/api/chat", "POST", self.chat),

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..engine import SamplingParams
 from ..output import Done, Event, Reasoning, Text, TokenLogprob, ToolCall
-from .core import Core, Running, final, generation_error, new_id
+from .core import Adapter, Running, final, generation_error, new_id
 from .schemas import (
     AssistantMessage,
     ChatChoice,
@@ -165,12 +165,7 @@ async def stream_text(head: Envelope, body: CompletionRequest, events: AsyncIter
     yield {"data": "[DONE]"}
 
 
-class OpenAI:
-    """The routes, bound to the server's core."""
-
-    def __init__(self, core: Core) -> None:
-        self.core = core
-
+class OpenAI(Adapter):
     def routes(self) -> list[tuple[str, str, Any]]:
         return [
             ("/v1/chat/completions", "POST", self.chat),

@@ -14,14 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, 
 
 from ..constrain import ConstraintError, Tool, ToolUse
 from ..engine import SamplingParams
-from .core import Generation, check_json_schema, tool_use
-
-
-class Strict(BaseModel):
-    """A request part: unknown fields are refused, and a boolean must be JSON true or false (a lax
-    "yes" or 1 would turn streaming on by accident)."""
-
-    model_config = ConfigDict(extra="forbid")
+from .core import Generation, Strict, check_json_schema, check_stops, tool_use
 
 
 class StreamOptions(Strict):
@@ -170,9 +163,7 @@ class Sampling(Strict):
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
+        check_stops([v] if isinstance(v, str) else v, limit=4)  # OpenAI's limit
         return v
 
     @field_validator("logit_bias")
