@@ -19,6 +19,7 @@ import pytest
 
 from ramserve.settings import load_settings
 
+from .factory import TOOLS_TEMPLATE, make_model
 from .serving import metric, serve_folder
 
 NAME = "code-qwen3-30m"
@@ -302,6 +303,27 @@ def test_ollama_num_ctx_bounds_the_request(olla: ollama.Client) -> None:
     with pytest.raises(ollama.ResponseError) as e:
         olla.chat(model=NAME, messages=HELLO, options={"num_ctx": prompt - 1})
     assert e.value.status_code == 400 and "context" in e.value.error
+
+
+def test_thinking_comes_back_as_thinking(tmp_path: Path) -> None:
+    """A last assistant turn is continued (Anthropic and Ollama); one that opens <think> makes the
+    answer reasoning, which each API returns its way."""
+    folder = make_model(tmp_path / "thinker", chat_template=TOOLS_TEMPLATE,
+                        extra_special=("<think>", "</think>"))  # fmt: skip
+    begun = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>"}]
+    with (
+        serve_folder(folder, "tiny", parallel=2, queue_size=2, prompt_cache_entries=0) as url,
+        clients(url) as (_, claude, olla),
+    ):
+        r = claude.messages.create(**GREEDY, model="tiny", max_tokens=8, messages=begun)
+        with claude.messages.stream(**GREEDY, model="tiny", max_tokens=8, messages=begun) as s:
+            deltas = [e.delta.type for e in s if e.type == "content_block_delta"]
+            streamed = s.get_final_message()
+        o = olla.chat(model="tiny", messages=begun, options=greedy(8))
+    thinking = r.content[0]
+    assert thinking.type == "thinking" and thinking.thinking
+    assert "thinking_delta" in deltas and streamed.content[0].thinking == thinking.thinking
+    assert o.message.thinking == thinking.thinking
 
 
 # -- one engine, three APIs ------------------------------------------------------------------------

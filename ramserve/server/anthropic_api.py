@@ -32,6 +32,7 @@ from .core import (
     Strict,
     check_json_schema,
     check_stops,
+    continued,
     final,
     generation_error,
     new_id,
@@ -251,13 +252,11 @@ def template_messages(system: str | list[TextBlock] | None, messages: list[Messa
                         **({"tool_calls": calls} if calls else {})})  # fmt: skip
         elif texts:
             out.append({"role": "user", "content": "".join(texts)})
-    last = out[-1] if out else None
-    if last is None or last["role"] != "assistant" or "tool_calls" in last:
-        return out, ""
-    if last["content"] != last["content"].rstrip():
+    out, prefill = continued(out)
+    if prefill != prefill.rstrip():
         where = f"messages[{len(messages) - 1}].content"
         raise ConstraintError(f"{where}: a final assistant turn cannot end with whitespace", where)
-    return out[:-1], last["content"]
+    return out, prefill
 
 
 # -- responses ---------------------------------------------------------------------------------

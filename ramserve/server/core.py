@@ -148,6 +148,15 @@ def tool_use(tools: list[Tool], choice: Literal["none", "auto", "required"] | No
     return ToolUse(tools, mode, named, parallel)
 
 
+def continued(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """A chat whose last turn is the assistant's (text, no calls) is continued, as Anthropic's and
+    Ollama's APIs do: the turns before it, and its text, which the answer goes on from."""
+    last = messages[-1] if messages else None
+    if last is None or last["role"] != "assistant" or last.get("tool_calls"):
+        return messages, ""
+    return messages[:-1], str(last.get("content") or "")
+
+
 # -- the internal request -----------------------------------------------------------------------
 
 

@@ -30,6 +30,7 @@ from .core import (
     Running,
     Strict,
     check_stops,
+    continued,
     final,
     generation_error,
     tool_use,
@@ -174,10 +175,9 @@ class ChatIn(Common):
     tools: list[ToolDef] | None = None
 
     def chat(self, model_id: str) -> Generation:
-        messages = [m.template(i) for i, m in enumerate(self.messages)]
-        return self.generation(
-            model_id, messages=messages, tools=tool_use(tools_of(self.tools), None)
-        )
+        messages, prefill = continued([m.template(i) for i, m in enumerate(self.messages)])
+        return self.generation(model_id, messages=messages, prefill=prefill,
+                               tools=tool_use(tools_of(self.tools), None))  # fmt: skip
 
 
 class GenerateIn(Common):
