@@ -326,6 +326,27 @@ def test_thinking_comes_back_as_thinking(tmp_path: Path) -> None:
     assert o.message.thinking == thinking.thinking
 
 
+def test_max_tokens_is_a_ceiling_within_the_context(served_dense: Path) -> None:
+    """Anthropic's max_tokens (required, and large from coding agents) and Ollama's num_predict
+    stop at the context's end instead of refusing; a prompt past the context is still refused."""
+    with (
+        serve_folder(served_dense, NAME, parallel=1, queue_size=1, context=64) as url,
+        clients(url) as (_, claude, olla),
+    ):
+        r = claude.messages.create(**GREEDY, model=NAME, max_tokens=16000, messages=HELLO)
+        assert r.stop_reason == "model_context_window_exceeded"
+        assert (
+            r.usage.input_tokens + (r.usage.cache_read_input_tokens or 0) + r.usage.output_tokens
+            == 64
+        )
+        o = olla.chat(model=NAME, messages=HELLO, options=greedy(5000))
+        assert o.done_reason == "length" and o.prompt_eval_count + o.eval_count == 64
+        with pytest.raises(anthropic.BadRequestError) as e:
+            claude.messages.create(model=NAME, max_tokens=8, messages=[{"role": "user",
+                                                                        "content": "word " * 80}])  # fmt: skip
+        assert "context of 64 tokens" in e.value.body["error"]["message"]
+
+
 # -- one engine, three APIs ------------------------------------------------------------------------
 
 

@@ -174,7 +174,7 @@ class CountRequest(Strict):
             check_json_schema(schema, "output_config.format.schema")
         return Generation(self.model, params, messages=messages, tools=self.tool_use(),
                           schema=schema, schema_param="output_config.format.schema",
-                          prefill=prefill, template_args=args)  # fmt: skip
+                          prefill=prefill, template_args=args, clamp=True)  # fmt: skip
 
 
 class MessagesRequest(CountRequest):
@@ -262,9 +262,10 @@ def template_messages(system: str | list[TextBlock] | None, messages: list[Messa
 # -- responses ---------------------------------------------------------------------------------
 
 
-def stop_reason(done: Done) -> str:
+def stop_reason(done: Done, clamped: bool) -> str:
     if done.finish_reason == "length":
-        return "max_tokens"
+        # max_tokens is a ceiling: a request that asked past the context stops at its end
+        return "model_context_window_exceeded" if clamped else "max_tokens"
     if done.finish_reason == "tool_calls":
         return "tool_use"
     return "stop_sequence" if done.stop_sequence else "end_turn"
@@ -307,9 +308,9 @@ def start_block(e: Event) -> dict[str, Any]:
     return {"type": "text", "text": ""}
 
 
-def message(head: dict[str, Any], events: list[Event]) -> dict[str, Any]:
+def message(head: dict[str, Any], events: list[Event], clamped: bool) -> dict[str, Any]:
     done = final(events)
-    return {**head, "content": content_blocks(events), "stop_reason": stop_reason(done),
+    return {**head, "content": content_blocks(events), "stop_reason": stop_reason(done, clamped),
             "stop_sequence": done.stop_sequence, "usage": usage(done)}  # fmt: skip
 
 
@@ -332,7 +333,7 @@ async def stream_message(head: dict[str, Any], running: Running, events: AsyncIt
                 return
             if open_kind is not None:
                 yield sse("content_block_stop", {"index": index})
-            yield sse("message_delta", {"delta": {"stop_reason": stop_reason(e),
+            yield sse("message_delta", {"delta": {"stop_reason": stop_reason(e, running.clamped),
                                                   "stop_sequence": e.stop_sequence},
                                         "usage": usage(e)})  # fmt: skip
             yield sse("message_stop", {})
@@ -386,7 +387,7 @@ class Anthropic(Adapter):
         if body.stream:
             chunks = stream_message(head, running, events)
             return EventSourceResponse(running.stream(chunks), ping=10, ping_message_factory=_ping)
-        return JSONResponse(message(head, await running.collect(events)))
+        return JSONResponse(message(head, await running.collect(events), running.clamped))
 
     async def count_tokens(self, request: Request) -> Response:
         body: CountRequest = await self.core.parse(request, CountRequest)

@@ -174,6 +174,7 @@ class Generation:
     prefill: str = ""  # the assistant's turn as the client began it: the answer continues it
     top_logprobs: int = -1  # -1: none; 0: the sampled token's only
     context: int | None = None  # a smaller context than the model's, asked by the request
+    clamp: bool = False  # max_tokens is a ceiling: cut to the room the context leaves
     template_args: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -190,6 +191,7 @@ class Job:
     params: SamplingParams
     output: Output
     processors: list[Any] = field(default_factory=list)
+    clamped: bool = False  # max_tokens was cut to the context's room
 
 
 def prompt_of(engine: Engine, gen: Generation) -> list[int]:
@@ -204,17 +206,24 @@ def prompt_of(engine: Engine, gen: Generation) -> list[int]:
     return prompt
 
 
-def within_context(gen: Generation, prompt: list[int], engine: Engine) -> SamplingParams:
-    """The sampling limits under a context the request asked for (never over the model's)."""
-    if gen.context is None or gen.context >= engine.context:
-        return gen.params
-    room = gen.context - len(prompt)
+def within_context(
+    gen: Generation, prompt: list[int], engine: Engine
+) -> tuple[SamplingParams, bool]:
+    """The sampling limits within the context (the request's, never over the model's), and whether
+    max_tokens was cut to the room left (``clamp``: APIs whose max_tokens is a ceiling)."""
+    limit = min(gen.context or engine.context, engine.context)
+    if limit == engine.context and not gen.clamp:
+        return gen.params, False  # the engine refuses what does not fit
+    room = limit - len(prompt)
     asked = gen.params.max_tokens
-    if room <= 0 or (asked is not None and asked > room):
+    if room <= 0 or (asked is not None and asked > room and not gen.clamp):
         more = f" + {asked} tokens to generate" if asked is not None else ""
+        whose = "the request asked for" if limit < engine.context else "of this model"
         raise ContextExceeded(f"the prompt ({len(prompt)} tokens){more} exceeds the context "
-                              f"of {gen.context} tokens the request asked for")  # fmt: skip
-    return dataclasses.replace(gen.params, max_tokens=asked or room)
+                              f"of {limit} tokens {whose}")  # fmt: skip
+    if asked is not None and asked <= room:
+        return gen.params, False
+    return dataclasses.replace(gen.params, max_tokens=room), asked is not None
 
 
 def prepare(engine: Engine, gen: Generation, sink: Any) -> Job:
@@ -225,7 +234,7 @@ def prepare(engine: Engine, gen: Generation, sink: Any) -> Job:
     if gen.schema is not None:
         grammars.check_schema(gen.schema, gen.schema_param)
     prompt = prompt_of(engine, gen)
-    params = within_context(gen, prompt, engine)
+    params, clamped = within_context(gen, prompt, engine)
     grammar = grammars.grammar(gen.tools, gen.schema, prompt)
     processors = [grammars.processor(*grammar)] if grammar else []
     # A constrained answer is cut by nothing but its grammar and max_tokens.
@@ -235,7 +244,7 @@ def prepare(engine: Engine, gen: Generation, sink: Any) -> Job:
                          chat=gen.messages is not None,
                          tools=offered.tools if offered else None,
                          top_logprobs=gen.top_logprobs)  # fmt: skip
-    return Job(prompt, params, output, processors)
+    return Job(prompt, params, output, processors, clamped)
 
 
 # -- the one generation path ----------------------------------------------------------------------
@@ -245,11 +254,12 @@ class Running:
     """A submitted request: its events as they come, and its lease on the model until it ends."""
 
     def __init__(self, request: Any, queue: asyncio.Queue[Event], lease: contextlib.AsyncExitStack,
-                 prompt_tokens: int, metrics: Metrics) -> None:  # fmt: skip
+                 job: Job, metrics: Metrics) -> None:  # fmt: skip
         self.request = request
+        self.prompt_tokens = len(job.prompt)
+        self.clamped = job.clamped
         self.queue = queue
         self.lease = lease
-        self.prompt_tokens = prompt_tokens
         self.metrics = metrics
 
     async def events(self) -> AsyncIterator[Event]:
@@ -340,7 +350,7 @@ class Core:
         except BaseException:
             await lease.aclose()
             raise
-        return Running(request, queue, lease, len(job.prompt), self.metrics)
+        return Running(request, queue, lease, job, self.metrics)
 
 
 class Adapter:

@@ -167,7 +167,8 @@ class Common(Strict):
         top = self.top_logprobs if self.logprobs else -1
         return Generation(model_id, self.options.sampling(self.logprobs, self.top_logprobs),
                           schema=schema, schema_param="format", top_logprobs=top,
-                          context=self.options.num_ctx, template_args=args, **kw)  # fmt: skip
+                          context=self.options.num_ctx, template_args=args, clamp=True,
+                          **kw)  # fmt: skip
 
 
 class ChatIn(Common):
