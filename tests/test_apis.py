@@ -20,7 +20,7 @@ import pytest
 from ramserve.settings import load_settings
 
 from .factory import TOOLS_TEMPLATE, make_model
-from .serving import metric, serve_folder
+from .serving import metric, serve_folder, wait_for
 
 NAME = "code-qwen3-30m"
 HELLO = [{"role": "user", "content": "Write a function that adds two numbers."}]
@@ -345,6 +345,22 @@ def test_max_tokens_is_a_ceiling_within_the_context(served_dense: Path) -> None:
             claude.messages.create(model=NAME, max_tokens=8, messages=[{"role": "user",
                                                                         "content": "word " * 80}])  # fmt: skip
         assert "context of 64 tokens" in e.value.body["error"]["message"]
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/messages", {"model": NAME, "max_tokens": 3000, "messages": HELLO, "stream": True}),
+    ("/api/chat", {"model": NAME, "messages": HELLO, "options": {"num_predict": 3000}}),
+])  # fmt: skip
+def test_a_client_that_leaves_frees_its_slot(base: str, path: str, body: dict[str, Any]) -> None:
+    before = metric(base, "generations_finished_total", '{reason="cancelled"}')
+    with httpx.stream("POST", f"{base}{path}", json=body, timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 6:
+                break
+    assert wait_for(
+        lambda: metric(base, "generations_finished_total", '{reason="cancelled"}') > before
+    )
+    assert wait_for(lambda: metric(base, "active_sequences") == 0)
 
 
 # -- one engine, three APIs ------------------------------------------------------------------------
