@@ -237,8 +237,8 @@ def template_messages(system: str | list[TextBlock] | None, messages: list[Messa
             elif isinstance(b, ThinkingBlock):
                 continue
             elif (m.role == "user") != isinstance(b, ToolResultBlock):
-                raise ConstraintError(f"{where}: a {b.type} block belongs in an "
-                                      f"{'assistant' if m.role == 'user' else 'user'} message",
+                owner = "an assistant" if m.role == "user" else "a user"
+                raise ConstraintError(f"{where}: a {b.type} block belongs in {owner} message",
                                       where)  # fmt: skip
             elif isinstance(b, ToolUseBlock):
                 calls.append({"id": b.id, "type": "function",

@@ -29,6 +29,7 @@ from .core import (
     Generation,
     Running,
     Strict,
+    check_json_schema,
     check_stops,
     continued,
     final,
@@ -163,6 +164,8 @@ class Common(Strict):
 
     def generation(self, model_id: str, **kw: Any) -> Generation:
         schema = {"type": "object"} if self.format == "json" else self.format or None
+        if isinstance(self.format, dict):
+            check_json_schema(self.format, "format")
         args = {} if self.think is None else {"enable_thinking": self.think is not False}
         top = self.top_logprobs if self.logprobs else -1
         return Generation(model_id, self.options.sampling(self.logprobs, self.top_logprobs),
