@@ -107,6 +107,15 @@ def served_dense(profile_cache, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return out
 
 
+@pytest.fixture(scope="module")
+def base(served_dense: Path) -> Any:
+    """A real server of the shared dense model (8 slots, 16 waiting), per test module."""
+    from .serving import serve_folder
+
+    with serve_folder(served_dense, "code-qwen3-30m", parallel=8, queue_size=16) as url:
+        yield url
+
+
 @pytest.fixture(scope="session")
 def thinker(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A tiny model's tokenizer with <think> markers and the Hermes tool format."""

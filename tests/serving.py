@@ -76,6 +76,20 @@ def metric(base: str, name: str, labels: str = "") -> float:
     return 0.0
 
 
+def leave_a_stream(base: str, path: str, body: dict[str, Any]) -> bool:
+    """Read a few lines of a streamed answer, then go away; whether the server then cancelled the
+    request and freed its slot."""
+    before = metric(base, "generations_finished_total", '{reason="cancelled"}')
+    with httpx.stream("POST", f"{base}{path}", json=body, timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 6:
+                break
+    cancelled = wait_for(
+        lambda: metric(base, "generations_finished_total", '{reason="cancelled"}') > before
+    )
+    return cancelled and wait_for(lambda: metric(base, "active_sequences") == 0)
+
+
 def wait_healthy(base: str, proc: Any = None, timeout: float = 180.0) -> None:
     """Wait for a server (optionally a subprocess that must stay alive) to answer /health with 200."""
     deadline = time.monotonic() + timeout

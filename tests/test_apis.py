@@ -20,7 +20,7 @@ import pytest
 from ramserve.settings import load_settings
 
 from .factory import TOOLS_TEMPLATE, make_model
-from .serving import metric, serve_folder, wait_for
+from .serving import leave_a_stream, metric, serve_folder
 
 NAME = "code-qwen3-30m"
 HELLO = [{"role": "user", "content": "Write a function that adds two numbers."}]
@@ -45,12 +45,6 @@ FUNCTIONS = [
     {"type": "function", "function": {"name": t["name"], "parameters": t["input_schema"]}}
     for t in TOOLS
 ]
-
-
-@pytest.fixture(scope="module")
-def base(served_dense: Path) -> Iterator[str]:
-    with serve_folder(served_dense, NAME, parallel=8, queue_size=16) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
@@ -352,15 +346,7 @@ def test_max_tokens_is_a_ceiling_within_the_context(served_dense: Path) -> None:
     ("/api/chat", {"model": NAME, "messages": HELLO, "options": {"num_predict": 3000}}),
 ])  # fmt: skip
 def test_a_client_that_leaves_frees_its_slot(base: str, path: str, body: dict[str, Any]) -> None:
-    before = metric(base, "generations_finished_total", '{reason="cancelled"}')
-    with httpx.stream("POST", f"{base}{path}", json=body, timeout=60) as r:
-        for i, _ in enumerate(r.iter_lines()):
-            if i > 6:
-                break
-    assert wait_for(
-        lambda: metric(base, "generations_finished_total", '{reason="cancelled"}') > before
-    )
-    assert wait_for(lambda: metric(base, "active_sequences") == 0)
+    assert leave_a_stream(base, path, body)
 
 
 # -- one engine, three APIs ------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from ramserve.server.app import create_app
 from ramserve.server.registry import Registry
 from ramserve.settings import load_settings
 
-from .serving import live_server, metric, serve_folder, wait_for
+from .serving import leave_a_stream, live_server, metric, wait_for
 
 NAME = "code-qwen3-30m"
 HELLO = [{"role": "user", "content": "Write a function that adds two numbers."}]
@@ -24,12 +24,6 @@ HELLO = [{"role": "user", "content": "Write a function that adds two numbers."}]
 @pytest.fixture(scope="module")
 def folder(served_dense: Path) -> Path:
     return served_dense
-
-
-@pytest.fixture(scope="module")
-def base(folder: Path) -> Iterator[str]:
-    with serve_folder(folder, NAME, parallel=8, queue_size=16) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
@@ -170,17 +164,9 @@ def test_async_client_text_completion(base: str) -> None:
 
 
 def test_disconnected_stream_stops_generating(base: str) -> None:
-    before = metric(base, "generations_finished_total", '{reason="cancelled"}')
     body = {"model": NAME, "messages": HELLO, "max_tokens": 3000, "stream": True,
             "logit_bias": {"0": -100}}  # fmt: skip
-    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
-        for i, _ in enumerate(r.iter_lines()):
-            if i > 6:
-                break
-    assert wait_for(
-        lambda: metric(base, "generations_finished_total", '{reason="cancelled"}') > before
-    )
-    assert wait_for(lambda: metric(base, "active_sequences") == 0)
+    assert leave_a_stream(base, "/v1/chat/completions", body)
     generated = metric(base, "generated_tokens_total")
     assert wait_for(lambda: metric(base, "generated_tokens_total") == generated, timeout=2)
     assert metric(base, "client_disconnects_total") >= 1

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from ramserve.server.registry import Registry
 from ramserve.settings import load_settings
 
 from .factory import TOOLS_TEMPLATE, make_model
-from .serving import live_server, metric, serve_folder
+from .serving import live_server, metric
 
 NAME = "code-qwen3-30m"
 ASK = [{"role": "user", "content": "What is the weather in Paris, and what time is it in Tokyo?"}]
@@ -53,12 +52,6 @@ CLOCK = {
     },
 }
 TOOLS = [WEATHER, CLOCK]
-
-
-@pytest.fixture(scope="module")
-def base(served_dense: Path) -> Iterator[str]:
-    with serve_folder(served_dense, NAME, parallel=8, queue_size=16) as url:
-        yield url
 
 
 @pytest.fixture
