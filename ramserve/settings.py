@@ -117,7 +117,7 @@ class ServerSettings(BaseModel):
     cpu_dense_rows: int = Field(ge=1)
     cpu_workers: int = Field(ge=0)
     cpu_dense_min_gflops: float = Field(ge=0)
-    ollama_version: str = "0.12.0"
+    ollama_version: str = Field(min_length=1)
 
 
 class CacheSettings(BaseModel):

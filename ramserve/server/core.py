@@ -226,13 +226,18 @@ def within_context(
     return dataclasses.replace(gen.params, max_tokens=room), asked is not None
 
 
+def check(engine: Engine, gen: Generation) -> None:
+    """Refuse tools and schemas the loaded model cannot be given or held to."""
+    if gen.tools is not None:
+        engine.grammars.check_tools(gen.tools)
+    if gen.schema is not None:
+        engine.grammars.check_schema(gen.schema, gen.schema_param)
+
+
 def prepare(engine: Engine, gen: Generation, sink: Any) -> Job:
     """Check the request against the loaded model and build its prompt, grammar and output."""
     grammars = engine.grammars
-    if gen.tools is not None:
-        grammars.check_tools(gen.tools)
-    if gen.schema is not None:
-        grammars.check_schema(gen.schema, gen.schema_param)
+    check(engine, gen)
     prompt = prompt_of(engine, gen)
     params, clamped = within_context(gen, prompt, engine)
     grammar = grammars.grammar(gen.tools, gen.schema, prompt)
@@ -328,8 +333,7 @@ class Core:
     async def count(self, gen: Generation) -> int:
         """The prompt's tokens, without generating (checked as a generation would be)."""
         async with self.registry.lease(gen.model) as engine:
-            if gen.tools is not None:
-                engine.grammars.check_tools(gen.tools)
+            await asyncio.to_thread(check, engine, gen)
             return len(await asyncio.to_thread(prompt_of, engine, gen))
 
     async def start(self, gen: Generation) -> Running:

@@ -290,6 +290,10 @@ async def stream(head: dict[str, Any], events: AsyncIterator[Event], chat: bool
         yield json.dumps({**wrap(head, part(e, chat), chat), "done": False}) + "\n"
 
 
+def modified_at(card: dict[str, Any]) -> str:
+    return datetime.fromtimestamp(card["created"], UTC).isoformat()
+
+
 def details(engine: Engine | None, card: dict[str, Any]) -> dict[str, Any]:
     family = getattr(getattr(engine, "model", None), "model_type", None) or ""
     bpw = card.get("bits_per_weight")
@@ -330,8 +334,7 @@ class Ollama(Adapter):
     def entry(self, card: dict[str, Any]) -> dict[str, Any]:
         name = self.name_of(card["id"])
         digest = hashlib.sha256(json.dumps(card, sort_keys=True, default=str).encode()).hexdigest()
-        return {"name": name, "model": name,
-                "modified_at": datetime.fromtimestamp(card["created"], UTC).isoformat(),
+        return {"name": name, "model": name, "modified_at": modified_at(card),
                 "size": card.get("weight_bytes") or 0, "digest": digest,
                 "details": details(self.core.registry.engine, card)}  # fmt: skip
 
@@ -391,7 +394,7 @@ class Ollama(Adapter):
                              "template": getattr(tok, "chat_template", None) or "",
                              "details": details(engine, card), "model_info": info,
                              "capabilities": capabilities,
-                             "modified_at": self.entry(card)["modified_at"]})  # fmt: skip
+                             "modified_at": modified_at(card)})  # fmt: skip
 
     async def ps(self, request: Request) -> Response:
         registry = self.core.registry
