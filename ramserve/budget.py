@@ -383,7 +383,7 @@ def budget_for(
     context, parallel = runtime_shape.context, runtime_shape.parallel
     check_request(kv, context, parallel)
     kv = replace(kv, bits=runtime_shape.kv_bits)
-    machine = device_machine(device, settings.devices) if device else this_machine()
+    machine = device_machine(device, settings.devices) if device else this_machine(cfg.memory_gb)
 
     reserve = reserve_bytes(machine, cfg)
     candidates = {"total - OS reserve": machine.total - reserve}

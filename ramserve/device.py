@@ -45,8 +45,14 @@ class Machine:
     live: bool  # this machine (available memory is real) or a named device (a fresh boot)
 
 
-def this_machine() -> Machine:
+def this_machine(stated_gb: float = 0) -> Machine:
+    """This machine's memory, measured; or ``stated_gb`` GiB, installed and free (``[budget]
+    memory_gb``)."""
     import psutil
+
+    if stated_gb:
+        total = int(stated_gb * 2**30)
+        return Machine(f"this machine (stated: {stated_gb:g} GiB)", total, total, None, False)
 
     vm = psutil.virtual_memory()
     info: dict[str, Any] = {}

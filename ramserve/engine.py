@@ -164,6 +164,11 @@ class Stats:
     decode_tokens: int = 0
     decode_seconds: float = 0.0
 
+    @property
+    def decode_rate(self) -> float:
+        """Tokens per second while decoding, all streams together."""
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
 
 class Engine:
     """A loaded model and the thread that generates with it."""

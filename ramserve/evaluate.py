@@ -13,7 +13,6 @@ evenly across it: the same arguments give the same sequences.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from .device import FLOAT_BYTES, runtime_dtype
 from .engine import max_positions, require_kv_bits
 from .errors import RamserveError
 from .kvcache import sequence_caches
+from .progress import Bar
 from .rounding import Gain, compensated_layers, is_compensated, unpacked
 from .settings import Settings
 from .source import Source, open_source
@@ -278,14 +278,15 @@ def reference_log_probs(
     ref: Evaluated, windows: np.ndarray, batch_size: int = 4, progress: bool = True
 ) -> list[mx.array]:
     """The reference's next-token log-probabilities per batch, kept to score several models against."""
-    from tqdm import tqdm
-
     out = []
-    for b in tqdm(list(batches(windows, batch_size)), desc=f"reference {ref.label}",
-                  file=sys.stderr, disable=not progress, unit="batch"):  # fmt: skip
+    todo = list(batches(windows, batch_size))
+    bar = Bar(len(todo), f"reference {ref.label}", unit="batch", show=progress)
+    for b in todo:
         lp = log_probs(ref.model, b)
         mx.eval(lp)
         out.append(lp)
+        bar.update(1)
+    bar.close()
     return out
 
 
@@ -298,13 +299,10 @@ def score(
 ) -> Scores:
     """Perplexity (mean over tokens, median over sequences) and, given a reference, the mean KL
     divergence per token KL(reference ‖ model) and how often both rank the same token first."""
-    from tqdm import tqdm
-
     nll_per_seq: list[np.ndarray] = []
     kl_sum, agree, counted = 0.0, 0, 0
     todo = list(batches(windows, batch_size))
-    bar = tqdm(total=len(windows), desc=f"scoring {e.label}", file=sys.stderr,
-               disable=not progress, unit="seq")  # fmt: skip
+    bar = Bar(len(windows), f"scoring {e.label}", unit="seq", show=progress)
     for i, b in enumerate(todo):
         lp = log_probs(e.model, b, e.kv_bits)[:, :-1]
         targets = b[:, 1:]

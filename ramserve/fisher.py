@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import BadModel
+from .progress import Bar
 from .seams import DecoderStack, swap_classes, with_cache
 from .settings import FisherSettings
 
@@ -474,13 +474,10 @@ def streamed_fisher(
 ) -> SelfFisher:
     """Per quantizable module, the diagonal of the Fisher of its weight per token (``FisherStat``);
     and, on the same sequences, the KL the quantized KV cache costs (``kv_damage``)."""
-    from tqdm import tqdm
-
     run = StreamedModel(source, dtype)
     n, layers = cfg.sequences, len(run.layers)
     # every layer of the sweeps, of the labelling pass and of the backward pass
-    bar = tqdm(total=(cfg.sweeps + 3) * layers, desc="self-Fisher", unit="layer", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)  # fmt: skip
+    bar = Bar((cfg.sweeps + 3) * layers, "self-Fisher", unit="layer", show=progress)
     run.layer_done = lambda: bar.update(1)
     vocab = int(source.config["vocab_size"])
     x, labels, (seen, last, args, kwargs) = jacobi_inputs(

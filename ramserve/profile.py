@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import math
-import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from .cache import profile_path
 from .device import FLOAT_BYTES
 from .fisher import FisherStat, require_streamable, self_fisher
 from .process import freed_memory_returned
+from .progress import Bar
 from .records import PROFILE_FORMAT, ModuleRecord, Option, Profile, RecordError, module_records
 from .rounding import compensation_ratios
 from .sensitivity import EnergyFlow, flow_order, importances
@@ -377,11 +377,8 @@ def _run_analysis(
     key: str,
     progress: bool,
 ) -> list[ModuleRecord]:
-    from tqdm import tqdm
-
     total = sum(m.numel * 2 for m in source.modules)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="analysing", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)  # fmt: skip
+    bar = Bar(total, "analysing", unit="B", unit_scale=True, show=progress)
     records: list[ModuleRecord] = []
     layer = None
     for rec in analyse_iter(source, settings, done, fisher):
@@ -392,7 +389,7 @@ def _run_analysis(
         layer = rec.layer
         records.append(rec)
         bar.update(rec.numel * 2)
-        bar.set_postfix_str(f"{len(records)}/{len(source.modules)} modules", refresh=False)
+        bar.note(f"{len(records)}/{len(source.modules)} modules")
     bar.close()
     return records
 

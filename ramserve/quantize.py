@@ -14,7 +14,6 @@ import json
 import logging
 import shutil
 import struct
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 from . import affine, atomic, cache
 from .cache import model_dir
 from .errors import BadModel
+from .progress import Bar
 from .records import Manifest, Plan, RecordError
 from .rounding import Gain, Packed, compensated_layers, is_compensated, pass_position
 from .source import Source, require_full_precision
@@ -176,13 +176,10 @@ class _Producer:
 def write_shards(
     source: Source, plan: Plan, folder: Path, progress: bool
 ) -> tuple[dict[str, Any], Gain]:
-    from tqdm import tqdm
-
     tensors = output_tensors(source, plan)
     shards = shard_layout(tensors, SHARD_BYTES)
     total = sum(t.nbytes for t in tensors)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)  # fmt: skip
+    bar = Bar(total, "writing", unit="B", unit_scale=True, show=progress)
     producer = _Producer(source, plan, progress)
     weight_map = {}
     for i, shard in enumerate(shards):

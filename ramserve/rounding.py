@@ -19,7 +19,6 @@ simulated and the stored model are the same weights.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from .compensate import compensated, inverse_cholesky
 from .device import runtime_dtype
 from .fisher import Probe, StreamedModel, probe_modules, sampled_sequences, start_token
 from .process import blas_threads_as_at_start
+from .progress import Bar
 from .settings import RoundingSettings
 from .source import layer_index
 
@@ -172,20 +172,16 @@ def layer_inputs(
 def _layer_inputs(
     source: Any, r: RoundingSettings, wanted: Callable[[str], bool], desc: str, progress: bool
 ) -> Iterator[tuple[int, dict[str, int], SharedInputs]]:
-    from tqdm import tqdm
-
     dtype = getattr(mx, runtime_dtype(source.float_dtype))
     run = StreamedModel(source, dtype)
     vocab = int(source.config["vocab_size"])
-    bar = tqdm(total=r.sweeps + 1, desc=f"{desc}: sampling", unit="pass", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)  # fmt: skip
+    bar = Bar(r.sweeps + 1, f"{desc}: sampling", unit="pass", show=progress)
     run.layer_done = lambda: bar.update(1 / len(run.layers))
     x = sampled_sequences(run, r.sequences, r.tokens, r.sweeps, r.seed,
                           start_token(source.config, vocab), vocab)  # fmt: skip
     h, args, kwargs = run.first_layer_call(x)
     bar.close()
-    bar = tqdm(total=len(run.layers), desc=desc, unit="layer", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)  # fmt: skip
+    bar = Bar(len(run.layers), desc, unit="layer", show=progress)
     for i, layer in enumerate(run.layers):
         layer.update(run.layer_params(i))
         probes, _ = probe_modules(run, i)

@@ -94,6 +94,7 @@ class BudgetSettings(BaseModel):
     scratch_fixed_mb: float = Field(ge=0)
     attention_factor: float = Field(ge=0)
     width_factor: float = Field(ge=0)
+    memory_gb: float = Field(default=0, ge=0)
 
 
 class Device(BaseModel):

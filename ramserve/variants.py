@@ -23,6 +23,7 @@ from .engine import Engine
 from .errors import BudgetError
 from .fit import Fit, require_plan_fits, variant_status
 from .plan import make_plan
+from .progress import Step, watching
 from .quantize import quantize
 from .records import Plan
 from .server.registry import NotOffered, NotReady, Registry, UnknownModel
@@ -151,13 +152,16 @@ class VariantRegistry(Registry):
         cache.hold(model_dir(source.fingerprint, plan.hash))  # to be loaded: never evicted
         try:
             self.stage = f"quantizing {model_id}"
-            folder, _ = await asyncio.to_thread(quantize, source, plan, progress=False)
+            with watching(self._report):  # the worker thread inherits the watcher
+                folder, _ = await asyncio.to_thread(quantize, source, plan, progress=False)
+            self.progress = None
             self.stage = f"loading {model_id}"
             await asyncio.to_thread(self._replace, folder)
             if folder != previous[0]:
                 cache.release(previous[0])  # the old variant may be evicted from now on
             self.folder, self.loaded_hash, self.loaded_id = folder, plan.hash, model_id
         except Exception as e:
+            self.progress = None
             log.exception("swap to %s failed; restoring %s", model_id, previous[2])
             cache.release(model_dir(source.fingerprint, plan.hash))
             self.stage = f"restoring {previous[2]}"
@@ -165,6 +169,12 @@ class VariantRegistry(Registry):
             self.stage = "ready"
             raise BudgetError(f"could not switch to {model_id}: {e}") from e
         self.stage = "ready"
+
+    def how_fitted(self) -> Fit:
+        return self.fitted
+
+    def _report(self, step: Step) -> None:
+        self.progress = step
 
     def _replace(self, folder: Any) -> None:
         """Free the old engine before loading the new: two models are never held at once."""

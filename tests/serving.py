@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -102,3 +106,28 @@ def wait_healthy(base: str, proc: Any = None, timeout: float = 180.0) -> None:
             pass
         time.sleep(0.2)
     raise AssertionError(f"the server on {base} never became healthy")
+
+
+@contextmanager
+def ramserve_run(*args: str, env: dict[str, str]) -> Iterator[tuple[str, list[str]]]:
+    """Start `ramserve run` and yield its base URL and what it printed until it was healthy."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "ramserve.cli", "run", *args, "--port", str(port), "-q"]
+    log = Path(env["RAMSERVE_HOME"]).parent / f"run-{port}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    base = f"http://127.0.0.1:{port}"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        try:
+            wait_healthy(base, proc)
+        except AssertionError as e:
+            raise AssertionError(f"{e}:\n{log.read_text()}") from e
+        yield base, log.read_text().splitlines()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def run_env(home: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "RAMSERVE_HOME": str(home), **extra}

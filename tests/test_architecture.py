@@ -12,7 +12,7 @@ PACKAGE = REPO / "ramserve"
 # The pipeline's order: a module may import only the modules before it (imports inside functions
 # included). Foundations first, the command last.
 ORDER = [
-    "errors", "fmt", "settings", "atomic", "records", "process", "device", "seams",
+    "errors", "fmt", "progress", "settings", "atomic", "records", "process", "device", "seams",
     "cache", "affine", "compensate", "source",
     "sensitivity", "fisher", "rounding", "profile",
     "allocate", "budget", "shape", "plan", "describe",
@@ -21,7 +21,7 @@ ORDER = [
     "fit", "evaluate",
     "server.errors", "server.limits", "server.metrics", "server.registry", "server.core",
     "server.schemas", "server.openai_api", "server.anthropic_api", "server.ollama_api",
-    "server.app", "server",
+    "server.web", "server.app", "server",
     "variants", "service", "status",
     "cli",
 ]  # fmt: skip

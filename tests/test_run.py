@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import anthropic
@@ -16,28 +13,7 @@ import openai
 
 from .conftest import DENSE, shared_model, user_config
 from .factory import make_hf_cache
-from .serving import free_port, wait_healthy
-
-
-@contextmanager
-def ramserve_run(*args: str, env: dict[str, str]) -> Iterator[tuple[str, list[str]]]:
-    """Start `ramserve run` and yield its base URL and what it printed until it was healthy."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "ramserve.cli", "run", *args, "--port", str(port), "-q"]
-    log = Path(env["RAMSERVE_HOME"]).parent / f"run-{port}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    base = f"http://127.0.0.1:{port}"
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-    try:
-        try:
-            wait_healthy(base, proc)
-        except AssertionError as e:
-            raise AssertionError(f"{e}:\n{log.read_text()}") from e
-        yield base, log.read_text().splitlines()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+from .serving import ramserve_run, run_env
 
 
 def stage_cache(lines: list[str]) -> dict[str, str]:
@@ -48,10 +24,6 @@ def stage_cache(lines: list[str]) -> dict[str, str]:
         if len(parts) == 3 and parts[0] in {"budget", "profile", "plan", "quantize"}:
             out[parts[0]] = parts[2]
     return out
-
-
-def run_env(home: Path, **extra: str) -> dict[str, str]:
-    return {**os.environ, "RAMSERVE_HOME": str(home), **extra}
 
 
 def test_run_serves_swaps_variants_and_restarts_from_cache(ramserve_home: Path) -> None:

@@ -1,4 +1,5 @@
-"""The HTTP app: three APIs over one engine, and the server's own routes (status, health, metrics).
+"""The HTTP app: three APIs over one engine, and the server's own routes (the web page, status,
+health, metrics).
 
 The OpenAI (``/v1/chat/completions``...), Anthropic (``/v1/messages``) and Ollama (``/api/...``)
 adapters each bring their routes; every route shares the core's API key, body limits, queue,
@@ -13,13 +14,15 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from ..errors import RamserveError
 from ..settings import ServerSettings
@@ -30,7 +33,8 @@ from .limits import BodyLimits
 from .ollama_api import Ollama
 from .openai_api import OpenAI
 from .registry import Registry
-from .schemas import ServerStatus
+from .schemas import ServerStatus, StepOut
+from .web import PAGE, Page
 
 log = logging.getLogger("ramserve.server")
 
@@ -45,6 +49,7 @@ class API:
         self.openai = OpenAI(self.core)
         self.anthropic = Anthropic(self.core)
         self.ollama = Ollama(self.core)
+        self.page = Page(registry)
 
     def route(self, path: str, handler: Handler, *, auth: bool = True) -> Handler:
         dialect: Dialect = dialect_of(path)
@@ -67,7 +72,8 @@ class API:
 
     def routes(self) -> list[tuple[str, str, Handler, bool]]:
         own = [
-            ("/", "GET", self.root, False),  # HEAD too (Starlette adds it to GET routes)
+            ("/", "GET", self.page.index, False),  # HEAD too (Starlette adds it to GET routes)
+            ("/fit", "GET", self.page.fit, True),
             ("/v1/models", "GET", self.list_models, True),
             ("/status", "GET", self.status, True),
             ("/health", "GET", self.health, False),
@@ -75,11 +81,6 @@ class API:
         ]
         apis = [*self.openai.routes(), *self.anthropic.routes(), *self.ollama.routes()]
         return own + [(path, method, handler, True) for path, method, handler in apis]
-
-    async def root(self, request: Request) -> Response:
-        # Ollama's clients check that a server is up with HEAD / before anything else.
-        return PlainTextResponse("ramserve is running: OpenAI /v1, Anthropic /v1/messages, "
-                                 "Ollama /api\n")  # fmt: skip
 
     async def list_models(self, request: Request) -> Response:
         # One path, two APIs: Anthropic's clients say which they speak in a header.
@@ -112,6 +113,10 @@ class API:
             active=engine.active if engine else 0, queued=engine.queue_depth if engine else 0,
             queue_size=engine.queue_size if engine else None,
             pending_body_bytes=self.core.in_flight.bytes,
+            generated_tokens=engine.stats.generated_tokens if engine else 0,
+            tokens_per_second=engine.stats.decode_rate if engine else 0.0,
+            progress=StepOut(**asdict(r.progress), fraction=r.progress.fraction)
+            if r.progress else None,
         )  # fmt: skip
         return JSONResponse(st.model_dump())
 
@@ -123,8 +128,9 @@ class API:
 def create_app(registry: Registry, server: ServerSettings, *, api_key: str | None = None,
                allow_origin: list[str] | None = None) -> Starlette:  # fmt: skip
     api = API(registry, api_key=api_key, server=server)
-    routes = [Route(path, api.route(path, handler, auth=auth), methods=[method])
-              for path, method, handler, auth in api.routes()]  # fmt: skip
+    routes: list[BaseRoute] = [Route(path, api.route(path, handler, auth=auth), methods=[method])
+                               for path, method, handler, auth in api.routes()]  # fmt: skip
+    routes.append(Mount("/ui", StaticFiles(directory=PAGE), name="ui"))  # the page's files
     middleware = [Middleware(BodyLimits, max_body_bytes=server.max_body_bytes,
                              max_pending_bytes=server.max_pending_body_mb << 20,
                              in_flight=api.core.in_flight)]  # fmt: skip

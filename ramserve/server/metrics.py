@@ -40,9 +40,8 @@ class Metrics:
                    [(f'{{reason="{r}"}}', n) for r, n in sorted(st.finished.items())])  # fmt: skip
             metric("time_to_first_token_seconds", "summary", "From submission to the first token.",
                    [("_sum", st.ttft_sum), ("_count", st.ttft_count)])  # fmt: skip
-            rate = st.decode_tokens / st.decode_seconds if st.decode_seconds else 0.0
             metric("tokens_per_second", "gauge", "Decode throughput, all streams together.",
-                   [("", rate)])  # fmt: skip
+                   [("", st.decode_rate)])  # fmt: skip
             metric("queue_depth", "gauge", "Requests waiting for a decoding slot.",
                    [("", engine.queue_depth)])  # fmt: skip
             metric("active_sequences", "gauge", "Sequences decoding now.", [("", engine.active)])

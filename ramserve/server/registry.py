@@ -20,6 +20,8 @@ from typing import Any
 from .. import cache
 from ..engine import Engine
 from ..errors import RamserveError
+from ..fit import Fit
+from ..progress import Step
 from ..records import Plan
 from ..settings import Settings
 
@@ -54,6 +56,7 @@ class Registry:
         self.error: str | None = None
         self.created = int(time.time())
         self.loaded_id = name  # the id of the model loaded now
+        self.progress: Step | None = None  # the long work under way (a swap's quantization)
         self._leases: dict[int, int] = {}
         self._idle = asyncio.Condition()  # binds to the server's loop on first use
 
@@ -87,6 +90,14 @@ class Registry:
 
     def cards(self) -> list[dict[str, Any]]:
         return [self.card_for(self.name)]
+
+    def how_fitted(self) -> Fit | None:
+        """How ``ramserve run`` fitted the model to this machine (None: ``ramserve serve``)."""
+        return None
+
+    def loaded_plan(self) -> Plan | None:
+        """The plan of the model loaded now (None: a folder ramserve did not quantize)."""
+        return Plan.in_folder(self.folder)
 
     def card_for(self, model_id: str) -> dict[str, Any]:
         if model_id != self.name:

@@ -425,6 +425,17 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class StepOut(BaseModel):
+    """A progress bar's state (ramserve/progress.py): ``done`` of ``total`` ``unit``."""
+
+    desc: str
+    done: float
+    total: float
+    unit: str
+    elapsed_s: float
+    fraction: float
+
+
 class ServerStatus(BaseModel):
     """What ``GET /status`` (and ``ramserve ps``) reports: the model held and the work in flight."""
 
@@ -443,3 +454,6 @@ class ServerStatus(BaseModel):
     queued: int
     queue_size: int | None
     pending_body_bytes: int
+    generated_tokens: int = 0
+    tokens_per_second: float = 0.0  # decode throughput, all streams together (as /metrics)
+    progress: StepOut | None = None  # the long work in progress (a variant swap's quantization)
