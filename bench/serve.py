@@ -5,7 +5,10 @@ mlx_lm.generate; 8 streams >= 2 x the total of one stream. Then chat requests fr
 schema and under a required tool call, at 1 and 8 streams, each constrained row beside the free
 one of the same run (target, issue 19: constrained <= 15% slower at one stream). Last, the same text
 streams with the KV cache in 16 and in 8 bits (issue 24): tokens per second and KV bytes per sequence.
-Usage: python bench/serve.py
+And the web page's cost (issue 26): text streams at 1 and 4 under `ramserve run`'s registry, with
+and without a page polling the server six times harder than the real one does, alternated
+(target: no measurable cost, >= 0.97 of the rate without).
+Usage: python bench/serve.py [page]   (page: only the web page's rows)
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 os.environ.setdefault("RAMSERVE_HOME", tempfile.mkdtemp(prefix="ramserve-bench-"))
 
+import httpx  # noqa: E402
 import openai  # noqa: E402
 
 from ramserve.budget import kv_shape  # noqa: E402
 from ramserve.engine import load_model  # noqa: E402
+from ramserve.fit import fit  # noqa: E402
 from ramserve.fmt import human_bytes, table  # noqa: E402
 from ramserve.plan import make_plan  # noqa: E402
 from ramserve.profile import analyze  # noqa: E402
@@ -35,6 +40,7 @@ from ramserve.server.app import create_app  # noqa: E402
 from ramserve.server.registry import Registry  # noqa: E402
 from ramserve.settings import load_settings  # noqa: E402
 from ramserve.source import open_source  # noqa: E402
+from ramserve.variants import VariantRegistry  # noqa: E402
 from tests.serving import live_server  # noqa: E402
 
 MODEL = ROOT.parent / "models" / "code-qwen3-30m"
@@ -72,14 +78,16 @@ CHAT_MODES: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-async def streams(base: str, n: int, mode: str | None = None) -> dict[str, Any]:
+async def streams(
+    base: str, n: int, mode: str | None = None, model: str = "bench"
+) -> dict[str, Any]:
     """n concurrent streams: text completions, or chat in one of CHAT_MODES."""
     async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0) as client:
 
         async def one(i: int) -> tuple[float, float, int]:
             start = time.perf_counter()
             first, count = 0.0, 0
-            common = {"model": "bench", "max_tokens": TOKENS, "temperature": 0, "stream": True,
+            common = {"model": model, "max_tokens": TOKENS, "temperature": 0, "stream": True,
                       "stream_options": {"include_usage": True}, "logit_bias": BAN_EOS}  # fmt: skip
             if mode is None:
                 stream: Any = await client.completions.create(prompt=f"def task_{i}():", **common)
@@ -104,8 +112,73 @@ async def streams(base: str, n: int, mode: str | None = None) -> dict[str, Any]:
             "tokens": tokens / n}  # fmt: skip
 
 
+async def watched(base: str, n: int, model: str) -> dict[str, Any]:
+    """n text streams while a web page watches the server: the page, then /status every 0.5 s and
+    /fit and /v1/models every 3 s (the real page polls /status every 3 s)."""
+    done = asyncio.Event()
+    polls = 0
+
+    async def page() -> None:
+        nonlocal polls
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            (await client.get("/")).raise_for_status()
+            while not done.is_set():
+                paths = ["/status", "/fit", "/v1/models"] if polls % 6 == 0 else ["/status"]
+                for path in paths:
+                    (await client.get(path)).raise_for_status()
+                polls += 1
+                await asyncio.sleep(0.5)
+
+    watcher = asyncio.create_task(page())
+    result = await streams(base, n, model=model)
+    done.set()
+    await watcher
+    return {**result, "page_polls": polls}
+
+
+def page_rows(src: Any) -> list[dict[str, Any]]:
+    """Decode rates with and without a watching page, alternated twice, under `ramserve run`'s
+    registry (the fit, variants and X-ray /fit serves)."""
+    fitted = fit(src, "4.5bpw", progress=False)
+    registry = VariantRegistry(fitted, load_settings(), {**fitted.engine_args(), "parallel": 8})
+    out = []
+    with live_server(create_app(registry, load_settings().server)) as base:
+        httpx.get(f"{base}/fit").raise_for_status()
+        asyncio.run(streams(base, 1, model=registry.name))  # warm up
+        for n in (1, 4):
+            runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+            for _ in range(2):
+                for page in (False, True):
+                    run = (
+                        watched(base, n, registry.name)
+                        if page
+                        else streams(base, n, model=registry.name)
+                    )
+                    runs[page].append(asyncio.run(run))
+            for page, rs in runs.items():
+                out.append({"page": page, "streams": n, "total_tok_s": sum(r["total_tok_s"] for r in rs) / len(rs),
+                            "per_stream_tok_s": sum(r["per_stream_tok_s"] for r in rs) / len(rs),
+                            "page_polls": sum(r.get("page_polls", 0) for r in rs)})  # fmt: skip
+    return out
+
+
+def print_page_rows(rows: list[dict[str, Any]]) -> None:
+    alone = {r["streams"]: r["total_tok_s"] for r in rows if not r["page"]}
+    print(table(["web page", "streams", "polls", "tok/s per stream", "tok/s total", "x without"],
+                [("watching" if r["page"] else "none", r["streams"], r["page_polls"],
+                  f"{r['per_stream_tok_s']:.1f}", f"{r['total_tok_s']:.1f}",
+                  f"{r['total_tok_s'] / alone[r['streams']]:.3f}") for r in rows]))  # fmt: skip
+    worst = min(r["total_tok_s"] / alone[r["streams"]] for r in rows if r["page"])
+    print(f"with the page / without: {worst:.3f} at worst (target >= 0.97)")
+
+
 def main() -> None:
     src = open_source(str(MODEL), load_settings())
+    if sys.argv[1:] == ["page"]:
+        rows = page_rows(src)
+        print_page_rows(rows)
+        print(json.dumps({"bench": "serve", "page": rows}))
+        return
     folder, _ = quantize(
         src,
         make_plan(analyze(src, progress=False), "4.5bpw", settings=load_settings()),
@@ -145,6 +218,8 @@ def main() -> None:
         min(r["per_stream_tok_s"] for r in chat if r["streams"] == 1) / free[1]["per_stream_tok_s"]
     )
     print(f"constrained / free at one stream: {slowest:.2f} at worst (target >= 0.85)")
+    page = page_rows(src)
+    print_page_rows(page)
     kv = kv_rows(src, folder)
     print(table(["KV cache", "streams", "TTFT ms", "tok/s per stream", "tok/s total",
                  "KV per sequence", "x 16-bit"],
@@ -155,7 +230,7 @@ def main() -> None:
                  for r in kv]))  # fmt: skip
     print(json.dumps({"bench": "serve", "mlx_lm_generate_tok_s": ref,
                       "mlx_lm_generate_stock_layers_tok_s": stock, "results": results,
-                      "chat": chat, "kv": kv}))  # fmt: skip
+                      "chat": chat, "kv": kv, "page": page}))  # fmt: skip
 
 
 def kv_rows(src: Any, folder: Path) -> list[dict[str, Any]]:
