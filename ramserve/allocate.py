@@ -36,6 +36,9 @@ class Problem:
     bytes: np.ndarray  # float64 (M, K)
     damage: np.ndarray  # float64 (M, K)
     fixed_bytes: int
+    packed: np.ndarray | None = (
+        None  # (M, K) the codes' bytes; the rest are floats (scales, 16-bit)
+    )
 
     @classmethod
     def from_profile(
@@ -45,8 +48,10 @@ class Problem:
         k = max(len(m.options) for m in modules)
         b = np.full((len(modules), k), INF)
         d = np.full((len(modules), k), INF)
+        packed = np.zeros((len(modules), k))
         for i, m in enumerate(modules):
             for j, o in enumerate(m.options):
+                packed[i, j] = m.numel * o.bits // 8 if o.bits < 16 else 0
                 safe = (
                     o.bits >= 16
                     or min_sqnr_db is None
@@ -54,7 +59,19 @@ class Problem:
                 )
                 if safe:
                     b[i, j], d[i, j] = o.bytes, o.damage_with(compensated)
-        return cls(b, d, profile.fixed_bytes)
+        return cls(b, d, profile.fixed_bytes, packed)
+
+    def rows(self, rows: list[int], fixed_bytes: int) -> Problem:
+        """The problem of some modules alone (one host's share of them, ramserve/hosts.py)."""
+        packed = None if self.packed is None else self.packed[rows]
+        return Problem(self.bytes[rows], self.damage[rows], fixed_bytes, packed)
+
+    def loaded(self, float_bytes: int) -> np.ndarray:
+        """Every candidate's bytes once loaded by a runtime whose floats take ``float_bytes``."""
+        if self.packed is None:
+            raise ValueError("the problem does not know its candidates' packed bytes")
+        scaled: np.ndarray = self.packed + (self.bytes - self.packed) * (float_bytes / 2)
+        return scaled
 
     def min_bytes(self) -> int:
         return int(self.fixed_bytes + self.bytes.min(axis=1).sum())
@@ -192,13 +209,13 @@ def solve(problem: Problem, budget: int) -> Solution:
     if k < len(seg.module):  # the relaxation takes a fraction of the next segment
         spent = seg.cum_bytes[k - 1] if k else 0.0
         lp += seg.ddamage[k] * (room - spent) / seg.dbytes[k]
-    choice = _fill_leftover(b, d, hull[rows, level], budget - problem.fixed_bytes)
+    choice = fill_leftover(b, d, hull[rows, level], budget - problem.fixed_bytes)
     total = int(problem.fixed_bytes + b[rows, choice].sum())
     return Solution(choice, total, float(d[rows, choice].sum()), float(lp),
                     time.perf_counter() - start, int((hull >= 0).sum()))  # fmt: skip
 
 
-def _fill_leftover(b: np.ndarray, d: np.ndarray, choice: np.ndarray, room: float) -> np.ndarray:
+def fill_leftover(b: np.ndarray, d: np.ndarray, choice: np.ndarray, room: float) -> np.ndarray:
     """Spend what the relaxation left: each module's upgrade that saves the most damage per extra byte
     (plans from the relaxation sit on their hulls, so only larger candidates can save any), taken best
     rate first whenever it still fits. Few fit, so the walk stops as soon as none of the rest can."""

@@ -377,13 +377,18 @@ def budget_for(
     *,
     device: str | None = None,
     min_safe: int | None = None,
+    machine: Machine | None = None,
 ) -> Budget:
-    """weight_budget from a model's KV and activation shapes (which a config alone can give)."""
+    """weight_budget from a model's KV and activation shapes (which a config alone can give), on
+    this machine, a named ``device`` or a ``machine`` described (a host of several)."""
     cfg = settings.budget
     context, parallel = runtime_shape.context, runtime_shape.parallel
     check_request(kv, context, parallel)
     kv = replace(kv, bits=runtime_shape.kv_bits)
-    machine = device_machine(device, settings.devices) if device else this_machine(cfg.memory_gb)
+    if machine is None:
+        machine = (
+            device_machine(device, settings.devices) if device else this_machine(cfg.memory_gb)
+        )
 
     reserve = reserve_bytes(machine, cfg)
     candidates = {"total - OS reserve": machine.total - reserve}

@@ -48,6 +48,10 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from .plan import plot_plan, render_plan
     from .source import open_source
 
+    if a.hosts:
+        return _hosts_view(a, plan_view=True)
+    if not a.budget:
+        raise RamserveError("plan needs --budget (or --hosts: each host's budget)")
     plan = plan_for(
         open_source(a.model, a.settings), a.budget, a.quiet, allow_unsafe=a.allow_unsafe
     )
@@ -114,6 +118,8 @@ def cmd_budget(a: argparse.Namespace) -> int:
     from .budget import render_budget
     from .fmt import table
 
+    if a.hosts and a.model:
+        return _hosts_view(a, plan_view=False)
     if a.devices or not a.model:
         rows = [(name, f"{d.memory_gb:g} GiB", f"{d.working_set_share or 1:.2f}")
                 for name, d in a.settings.devices.items()]  # fmt: skip
@@ -124,6 +130,24 @@ def cmd_budget(a: argparse.Namespace) -> int:
 
     b = fitted_budget(open_source(a.model, a.settings), ask_of(a), progress=not a.quiet)
     _emit(b.to_json(), a.json, render_budget)
+    return 0
+
+
+def _hosts_view(a: argparse.Namespace, *, plan_view: bool) -> int:
+    """``plan --hosts`` and ``budget --hosts``: the split over several machines, per host."""
+    from pathlib import Path
+
+    from .hosts import read_hostfile, render_host_budgets, render_split, split
+    from .profile import analyze
+    from .source import open_source
+
+    source = open_source(a.model, a.settings)
+    hosts = read_hostfile(Path(a.hosts))
+    done = split(source, analyze(source, progress=not a.quiet), hosts, ask_of(a))
+    if plan_view and getattr(a, "output", None):
+        done.plan.write(Path(a.output))
+    data = done.to_json()
+    _emit(data, a.json, render_split if plan_view else render_host_budgets)
     return 0
 
 
@@ -195,6 +219,12 @@ def add_kv_bits(s: argparse.ArgumentParser) -> None:
     s.add_argument("--kv-bits", type=kv_bits, default=None, metavar="auto|16|8|4",
                    help="the KV cache's precision (default auto: 16-bit unless fewer bits are "
                    "needed to fit; `serve` takes auto as 16)")  # fmt: skip
+
+
+def add_hosts(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--hosts", metavar="HOSTS.json",
+                   help="split the model over these machines (mlx.launch's hostfile; a host's "
+                   '"memory_gb" states its memory)')  # fmt: skip
 
 
 def add_rounding(s: argparse.ArgumentParser, settings: Settings) -> None:
@@ -302,10 +332,13 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument(
         "--budget",
-        required=True,
         help="6GB, 5.5GiB, 800MB, 4.5bpw, 30%%, min-safe, max, or a named device",
     )
     s.add_argument("--allow-unsafe", action="store_true", help="lift the safety floor")
+    add_hosts(s)
+    s.add_argument("--context", type=int, help="with --hosts: tokens per sequence")
+    s.add_argument("--parallel", type=int, help="with --hosts: concurrent sequences")
+    add_kv_bits(s)
     s.add_argument("-o", "--output", help="write plan.json here")
     s.add_argument("--plot", help="draw the per-layer bit map into this PNG")
     add_rounding(s, settings)
@@ -350,6 +383,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     s.add_argument("--device", help="a named device instead of this machine")
     add_kv_bits(s)
     s.add_argument("--devices", action="store_true", help="list the named devices")
+    add_hosts(s)
     s.add_argument("--json", action="store_true")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=cmd_budget)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .allocate import Problem, Solution, solve
+from .allocate import Problem, Solution, fill_leftover, solve
 from .budget import parse_budget
 from .errors import BudgetError
 from .fmt import human_bytes, table
@@ -19,15 +20,15 @@ from .settings import Settings
 from .source import Source
 
 
-def _problem(profile: Profile, settings: Settings, allow_unsafe: bool) -> Problem:
+def problem_of(profile: Profile, settings: Settings, allow_unsafe: bool) -> Problem:
     floor = None if allow_unsafe else settings.allocate.min_sqnr_db
     return Problem.from_profile(profile, floor, settings.rounding.method == "compensated")
 
 
 def limits(profile: Profile, settings: Settings) -> dict[str, int]:
     """The smallest plan that passes the safety floor, the absolute smallest, and the all-best one."""
-    safe = _problem(profile, settings, False)
-    absolute = _problem(profile, settings, True)
+    safe = problem_of(profile, settings, False)
+    absolute = problem_of(profile, settings, True)
     return {"min_safe": safe.min_bytes(), "absolute_min": absolute.min_bytes(),
             "max": safe.bytes_of(safe.best_choice())}  # fmt: skip
 
@@ -35,7 +36,7 @@ def limits(profile: Profile, settings: Settings) -> dict[str, int]:
 def min_safe_memory(profile: Profile, settings: Settings, float_bytes: int) -> int:
     """The smallest safe plan's weights as loaded by a runtime with ``float_bytes``-byte floats: what
     the runtime shape must leave room for."""
-    return memory_bytes(profile, _problem(profile, settings, False).min_choice(), float_bytes)
+    return memory_bytes(profile, problem_of(profile, settings, False).min_choice(), float_bytes)
 
 
 MachineBudget = Callable[[str | None], tuple[int, int]]
@@ -81,10 +82,10 @@ def make_plan(
     """Solve for the budget named by ``spec``.
 
     The budget bounds the weights as loaded: where the runtime keeps floats wider than stored (float32
-    on MLX's CPU back end), the stored-size target is searched until the loaded size fits (``_fit_loaded``).
+    on MLX's CPU back end), the stored-size target is searched until the loaded size fits (``fit_loaded``).
     """
     budget, float_bytes = resolve_budget(spec, profile, settings, machine)
-    problem = _problem(profile, settings, allow_unsafe)
+    problem = problem_of(profile, settings, allow_unsafe)
     lim = limits(profile, settings)
     smallest = problem.min_bytes()
 
@@ -103,7 +104,7 @@ def make_plan(
         note = "the budget holds the whole model in 16-bit: nothing is quantized"
         sol = Solution(all16, problem.bytes_of(all16), 0.0, 0.0, 0.0, 0)
     else:
-        fitted = _fit_loaded(problem, profile, budget, float_bytes)
+        fitted = fit_loaded(problem, profile, budget, float_bytes)
         if fitted is None:
             raise too_small(f" once loaded with {float_bytes}-byte floats")
         sol = fitted
@@ -111,16 +112,18 @@ def make_plan(
     # A size spec bounds the stored bytes; what they take in memory depends on the runtime.
     runtime_float = machine(None)[1] if machine is not None else float_bytes
     loaded = memory_bytes(profile, sol.choice, runtime_float)
-    return _plan(profile, BudgetAsk(spec, budget), sol, floor, note, (runtime_float, loaded),
+    return assemble_plan(profile, BudgetAsk(spec, budget), sol, floor, note, (runtime_float, loaded),
                  settings.rounding.record())  # fmt: skip
 
 
-def _fit_loaded(
+def fit_loaded(
     problem: Problem, profile: Profile, budget: int, float_bytes: int
 ) -> Solution | None:
     """The best plan whose loaded size fits ``budget``: the stored-size target is searched between the
     smallest plan and the budget (loaded size grows with it, by up to float_bytes / 2 per byte), each
-    guess scaled by how far the last one missed, until the bracket is within 0.1% of the budget."""
+    guess scaled by how far the last one missed, until the bracket is within 0.1% of the budget; then
+    what the loaded budget still has room for goes to the upgrades that save the most damage per
+    loaded byte, so the budget is filled to within one module's move."""
     lo = problem.min_bytes()
     best = solve(problem, lo)
     if memory_bytes(profile, best.choice, float_bytes) > budget:
@@ -137,7 +140,13 @@ def _fit_loaded(
             hi = target - 1
         guess = int(target * budget / loaded)
         target = guess if lo < guess < hi else (lo + hi + 1) // 2
-    return best
+    if problem.packed is None:
+        return best
+    room = budget - profile.fixed_bytes * float_bytes / 2
+    choice = fill_leftover(problem.loaded(float_bytes), problem.damage, best.choice, room)
+    rows = np.arange(len(choice))
+    return replace(best, choice=choice, bytes=problem.bytes_of(choice),
+                   damage=float(problem.damage[rows, choice].sum()))  # fmt: skip
 
 
 def _all16_choice(profile: Profile) -> np.ndarray:
@@ -155,7 +164,7 @@ def memory_bytes(profile: Profile, choice: np.ndarray, float_bytes: int) -> int:
     return int(total)
 
 
-def _plan(
+def assemble_plan(
     profile: Profile,
     budget: BudgetAsk,
     sol: Solution,

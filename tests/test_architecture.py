@@ -15,7 +15,7 @@ ORDER = [
     "errors", "fmt", "progress", "settings", "atomic", "records", "process", "device", "seams",
     "cache", "affine", "compensate", "source",
     "sensitivity", "fisher", "rounding", "profile",
-    "allocate", "budget", "shape", "plan", "describe",
+    "allocate", "budget", "shape", "plan", "hosts", "describe",
     "quantize",
     "cpu", "constrain", "output", "kvcache", "engine",
     "fit", "evaluate",

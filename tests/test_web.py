@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from .conftest import DENSE, REPO, TEST_CONFIG, shared_model
+from .factory import TOOLS_TEMPLATE, make_model
 from .serving import metric, ramserve_run, run_env, serve_folder, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -166,6 +167,9 @@ def test_stop_cancels_the_request_and_frees_the_slot(browser: Any, served: str) 
             break
         wait_idle(page)
     assert metric(served, "active_sequences") == 1
+    # the live line shows the request decoding (it polls /status every 3 s)
+    page.wait_for_function("document.querySelector('#live-active').textContent === '1/2'",
+                           timeout=10_000)  # fmt: skip
     page.click("#stop")
     assert wait_for(lambda: metric(served, "active_sequences") == 0, timeout=20)
     assert metric(served, "generations_finished_total", '{reason="cancelled"}') == cancelled + 1
@@ -305,3 +309,24 @@ def test_the_page_asks_for_the_api_key_once(browser: Any, served_dense: Path) ->
         page.click("#tab-fit")
         page.wait_for_selector("#bitmap .cell")
         assert "ramserve serve" in str(page.locator("#runtime-shape").text_content())
+
+
+def test_reasoning_is_folded_away(browser: Any, tmp_path: Path) -> None:
+    """A model whose template opens <think> for the answer: what it writes comes as
+    reasoning_content, which the page shows folded (a closed <details>) above the answer."""
+    thinking = TOOLS_TEMPLATE.replace("<|im_start|>assistant\n{% endif %}",
+                                      "<|im_start|>assistant\n<think>\n{% endif %}")  # fmt: skip
+    folder = make_model(tmp_path / "thinker", chat_template=thinking,
+                        extra_special=("<think>", "</think>"))  # fmt: skip
+    with serve_folder(folder, "tiny", parallel=1, queue_size=1) as base:
+        page = open_page(browser, base)
+        send(page, "hi", max_tokens="12")
+        wait_idle(page)
+        reply = page.locator("#messages .msg.assistant").last
+        fold = reply.locator("details")
+        assert fold.count() == 1 and fold.get_attribute("open") is None
+        assert str(fold.locator(".reasoning").text_content()).strip()
+        assert not fold.locator(".reasoning").is_visible()  # folded until opened
+        fold.locator("summary").click()
+        assert fold.locator(".reasoning").is_visible()
+        assert page.errors == []

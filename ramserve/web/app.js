@@ -137,6 +137,7 @@ function saveConversations() {
 }
 
 function newConversation() {
+  if (state.current && !state.current.messages.length) { $("#prompt").focus(); return; } // still empty
   const c = { id: crypto.randomUUID(), title: "New chat", messages: [], created: Date.now() };
   state.conversations.unshift(c);
   state.current = c;
@@ -499,7 +500,10 @@ function drawCurve(x) {
 
 async function poll() {
   const response = await api("/status").catch(() => null);
-  if (!response?.ok) return;
+  if (!response?.ok) {
+    $("#live-stage").textContent = response ? `status: HTTP ${response.status}` : "the server is not answering";
+    return;
+  }
   const s = await response.json();
   const now = performance.now();
   let rate = s.tokens_per_second;

@@ -1,0 +1,330 @@
+"""Several machines: the hostfile, each host's weight budget, and the split of the model's layers over
+the hosts chosen together with the plan.
+
+Each rank takes a contiguous range of decoder layers; the first also holds the embedding, the last the
+final norm and the head (a tied head is the embedding: the last rank holds a copy, at the first
+rank's precision). A rank's weight budget is its usable memory minus its runtime and the KV cache of
+its own layers. For a candidate range, the rank's plan is the least-damage one that fits its budget
+(the single-machine solver on its modules, ``plan.fit_loaded``), so the cost of a split is the sum of
+its ranks' predicted damage, and the best split is found by dynamic programming over the cut points:
+``best[r][j]`` is the least damage of ranks 0..r holding layers 0..j-1. A range's damage only grows
+as it takes more layers, and once it no longer fits it never will again, so each rank's scan stops
+at the first range that does not fit.
+
+The hostfile is ``mlx.launch``'s: a JSON list of ``{"ssh": host, "ips": [...]}``; ramserve reads an
+optional ``"memory_gb"`` per host, the memory that host may count on (as ``[budget] memory_gb`` does
+for one machine). Without it, a host's memory is known only once its rank runs there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .allocate import Solution
+from .budget import (
+    Ask,
+    Budget,
+    activation_dtype,
+    activation_shape,
+    budget_for,
+    default_shape,
+    kv_shape,
+)
+from .device import FLOAT_BYTES, Machine
+from .errors import BudgetError, RamserveError
+from .fmt import human_bytes, table
+from .plan import assemble_plan, fit_loaded, memory_bytes, problem_of
+from .records import BudgetAsk, Plan, Profile, SafetyFloor
+from .source import Source
+
+
+class HostfileError(RamserveError):
+    """A hostfile that cannot be read or says something impossible."""
+
+
+@dataclass(frozen=True)
+class Host:
+    ssh: str
+    ips: tuple[str, ...] = ()
+    memory_gb: float | None = None  # what the host may count on; None: measured by its rank
+
+
+def read_hostfile(path: Path) -> list[Host]:
+    """The hosts of an ``mlx.launch`` hostfile, in rank order."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise HostfileError(f"cannot read hostfile {path}: {e.strerror or e}") from e
+    except json.JSONDecodeError as e:
+        raise HostfileError(f"hostfile {path} is not JSON: {e}") from e
+    if not isinstance(data, list) or not data:
+        raise HostfileError(f"hostfile {path} must be a JSON list of hosts, as mlx.launch reads")
+    hosts = []
+    for i, entry in enumerate(data):
+        where = f"hostfile {path}, host {i}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("ssh"), str):
+            raise HostfileError(f'{where}: each host is an object with "ssh" (its host name)')
+        ips = entry.get("ips", [])
+        if not isinstance(ips, list) or not all(isinstance(ip, str) for ip in ips):
+            raise HostfileError(f'{where}: "ips" must be a list of addresses')
+        memory = entry.get("memory_gb")
+        if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int | float)
+                                   or memory <= 0):  # fmt: skip
+            raise HostfileError(f'{where}: "memory_gb" must be a positive number of GiB')
+        hosts.append(Host(entry["ssh"], tuple(ips), float(memory) if memory is not None else None))
+    return hosts
+
+
+def host_machine(host: Host, rank: int) -> Machine:
+    if host.memory_gb is None:
+        raise HostfileError(
+            f'host {rank} ({host.ssh}) states no "memory_gb": planning from here needs each '
+            "host's memory (under mlx.launch every rank measures its own)"
+        )
+    total = int(host.memory_gb * 2**30)
+    return Machine(f"{host.ssh} (stated: {host.memory_gb:g} GiB)", total, total, None, False)
+
+
+@dataclass
+class Part:
+    """One rank's share of the model: its layers, what else it holds, its budget and plan."""
+
+    rank: int
+    host: str
+    layers: tuple[int, int]  # [start, stop)
+    holds: tuple[str, ...]  # besides its layers: "embedding", "head"
+    budget: Budget  # its memory, runtime and KV cache of its own layers
+    modules: list[str]
+    memory_bytes: int  # its weights as loaded
+    stored_bytes: int
+    damage: float
+    parameters: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.stored_bytes / max(self.parameters, 1)
+
+    def to_json(self) -> dict[str, Any]:
+        b = self.budget.to_json()
+        return {"rank": self.rank, "host": self.host, "layers": list(self.layers),
+                "holds": list(self.holds), "weight_budget": self.budget.weights,
+                "memory_bytes": self.memory_bytes, "stored_bytes": self.stored_bytes,
+                "bits_per_weight": self.bits_per_weight, "predicted_damage": self.damage,
+                "modules": len(self.modules), "budget": b}  # fmt: skip
+
+
+@dataclass
+class Split:
+    parts: list[Part]
+    plan: Plan  # the whole model's plan (rank 0 holds it)
+    seconds: float
+    ranges_tried: int  # ranges whose plan was solved
+
+    @property
+    def damage(self) -> float:
+        return sum(p.damage for p in self.parts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"parts": [p.to_json() for p in self.parts], "predicted_damage": self.damage,
+                "seconds": self.seconds, "ranges_tried": self.ranges_tried,
+                "plan": self.plan.summary()}  # fmt: skip
+
+
+class Ranks:
+    """What a candidate range costs each rank: its budget and its plan, solved on demand."""
+
+    def __init__(self, source: Source, profile: Profile, hosts: list[Host], ask: Ask) -> None:
+        settings = source.settings
+        self.profile, self.hosts, self.settings = profile, hosts, settings
+        self.layers = int(source.config["num_hidden_layers"])
+        if len(hosts) > self.layers:
+            raise HostfileError(
+                f"{len(hosts)} hosts for {self.layers} layers: each host needs at least one layer"
+            )
+        self.kv, self.act = kv_shape(source), activation_shape(source)
+        self.shape = default_shape(self.kv, settings, ask.context, ask.parallel, ask.kv_bits or 16)
+        self.float_bytes = FLOAT_BYTES[activation_dtype(source)]  # the runtime's, as loaded
+        self.machines = [host_machine(h, r) for r, h in enumerate(hosts)]
+        self.problem = problem_of(profile, settings, False)
+        modules = profile.modules
+        self.embedding = [i for i, m in enumerate(modules) if m.kind == "embedding"]
+        self.head = [i for i, m in enumerate(modules) if m.kind == "lm_head"]
+        self.by_layer = [
+            [i for i, m in enumerate(modules) if m.layer == n] for n in range(self.layers)
+        ]
+        self.tied = not self.head
+        self.tied_copy = 0  # the head's bytes on the last rank, when tied (set before its search)
+        self.tried = 0
+
+    def budget(self, rank: int, start: int, stop: int) -> Budget:
+        kv = replace(self.kv, layers=self.kv.layers[start:stop])
+        return budget_for(kv, self.act, self.settings, self.shape, machine=self.machines[rank])
+
+    def rows(self, rank: int, start: int, stop: int) -> list[int]:
+        rows = [i for n in range(start, stop) for i in self.by_layer[n]]
+        if rank == 0:
+            rows = self.embedding + rows
+        if rank == len(self.hosts) - 1 and not self.tied:
+            rows += self.head
+        return rows
+
+    def holds(self, rank: int) -> tuple[str, ...]:
+        out: tuple[str, ...] = ("embedding",) if rank == 0 else ()
+        if rank == len(self.hosts) - 1:
+            out += ("head (the embedding, tied)",) if self.tied else ("head",)
+        return out
+
+    def solve(self, rank: int, start: int, stop: int,
+              room: int | None = None) -> tuple[float, np.ndarray, list[int]] | None:  # fmt: skip
+        """The least damage of the rank's modules within its budget (or ``room``), its choice per
+        row, and the rows; None when even their smallest safe plan does not fit."""
+        rows = self.rows(rank, start, stop)
+        room = self.budget(rank, start, stop).weights if room is None else room
+        if self.tied and rank == len(self.hosts) - 1 and rank > 0:
+            room -= self.tied_copy
+        sub = self.problem.rows(rows, self.fixed_share)
+        profile = replace(self.profile, modules=[self.profile.modules[i] for i in rows],
+                          fixed_bytes=self.fixed_share)  # fmt: skip
+        self.tried += 1
+        if room <= 0 or memory_bytes(profile, sub.min_choice(), self.float_bytes) > room:
+            return None
+        all16 = np.zeros(len(rows), dtype=np.int64)
+        if memory_bytes(profile, all16, self.float_bytes) <= room:
+            return 0.0, all16, rows
+        solution = fit_loaded(sub, profile, room, self.float_bytes)
+        return None if solution is None else (solution.damage, solution.choice, rows)
+
+    @property
+    def fixed_share(self) -> int:
+        """Each rank is charged all the tensors no plan chooses for (norms: a few MB at most), so
+        that every rank's budget holds its own wherever the cut falls."""
+        return self.profile.fixed_bytes
+
+
+def split(source: Source, profile: Profile, hosts: list[Host], ask: Ask) -> Split:
+    """The contiguous layer ranges and per-rank plans with the least total predicted damage."""
+    start_time = time.perf_counter()
+    ranks = Ranks(source, profile, hosts, ask)
+    best, cut = _search(ranks)
+    n, layers = len(hosts), ranks.layers
+    if not math.isfinite(best[n - 1][layers]):
+        raise BudgetError(_no_split(ranks))
+    bounds = [layers]
+    for r in range(n - 1, 0, -1):
+        bounds.append(cut[r][bounds[-1]])
+    bounds = [0, *reversed(bounds)]
+    choice = np.zeros(len(profile.modules), dtype=np.int64)
+    parts = []
+    for r in range(n):
+        start, stop = bounds[r], bounds[r + 1]
+        solved = ranks.solve(r, start, stop)
+        assert solved is not None  # the search found it fits
+        damage, picked, rows = solved
+        choice[rows] = picked
+        sub = replace(profile, modules=[profile.modules[i] for i in rows],
+                      fixed_bytes=ranks.fixed_share)  # fmt: skip
+        stored = ranks.fixed_share + int(ranks.problem.bytes[rows, picked].sum())
+        parts.append(Part(r, hosts[r].ssh, (start, stop), ranks.holds(r), ranks.budget(r, start, stop),
+                          [profile.modules[i].path for i in rows],
+                          memory_bytes(sub, picked, ranks.float_bytes), stored, damage,
+                          sum(profile.modules[i].numel for i in rows)))  # fmt: skip
+    plan = whole_plan(ranks, choice, parts)
+    return Split(parts, plan, time.perf_counter() - start_time, ranks.tried)
+
+
+def _search(ranks: Ranks) -> tuple[list[list[float]], list[list[int]]]:
+    """best[r][j]: least damage of ranks 0..r on layers [0, j); cut[r][j]: where rank r starts."""
+    n, layers = len(ranks.hosts), ranks.layers
+    inf = math.inf
+    best = [[inf] * (layers + 1) for _ in range(n)]
+    cut = [[-1] * (layers + 1) for _ in range(n)]
+    for stop in range(1, layers - n + 2):  # rank 0 on [0, stop)
+        solved = ranks.solve(0, 0, stop)
+        if solved is None:
+            break
+        best[0][stop] = solved[0]
+    if ranks.tied and n > 1:
+        ranks.tied_copy = _tied_copy(ranks)
+    for r in range(1, n):
+        last = r == n - 1
+        for start in range(r, layers - (n - r) + 1):
+            if not math.isfinite(best[r - 1][start]):
+                continue
+            stops = [layers] if last else range(start + 1, layers - (n - r - 1) + 1)
+            for stop in stops:
+                solved = ranks.solve(r, start, stop)
+                if solved is None:
+                    break  # more layers never fit where fewer did not
+                total = best[r - 1][start] + solved[0]
+                if total < best[r][stop]:
+                    best[r][stop], cut[r][stop] = total, start
+    return best, cut
+
+
+def _tied_copy(ranks: Ranks) -> int:
+    """The bytes of the last rank's copy of a tied embedding: at its largest safe size, so that
+    whatever precision rank 0 picks, the copy fits."""
+    rows = ranks.embedding
+    sizes = np.where(np.isfinite(ranks.problem.bytes[rows]), ranks.problem.bytes[rows], 0)
+    return int(sizes.max(axis=1).sum() * ranks.float_bytes / 2)
+
+
+def whole_plan(ranks: Ranks, choice: np.ndarray, parts: list[Part]) -> Plan:
+    """One plan for the whole model: each module as its rank chose it."""
+    problem, profile = ranks.problem, ranks.profile
+    budget = sum(p.budget.weights for p in parts)
+    stored = problem.bytes_of(choice)
+    damage = float(sum(p.damage for p in parts))
+    solution = Solution(choice, stored, damage, damage, 0.0, 0)
+    loaded = memory_bytes(profile, choice, ranks.float_bytes)
+    floor = SafetyFloor(ranks.settings.allocate.min_sqnr_db, False)
+    note = " | ".join(
+        f"rank {p.rank} {p.host}: layers {p.layers[0]}-{p.layers[1] - 1}" for p in parts
+    )
+    return assemble_plan(profile, BudgetAsk(f"hosts x{len(parts)}", budget), solution, floor, note,
+                 (ranks.float_bytes, loaded), ranks.settings.rounding.record())  # fmt: skip
+
+
+def _no_split(ranks: Ranks) -> str:
+    """Why nothing fits: each host's budget for an even share, against what that share needs."""
+    n, layers = len(ranks.hosts), ranks.layers
+    lines = []
+    for r in range(n):
+        start, stop = r * layers // n, (r + 1) * layers // n
+        b = ranks.budget(r, start, stop)
+        sub = ranks.problem.rows(ranks.rows(r, start, stop), ranks.fixed_share)
+        lines.append(f"{ranks.hosts[r].ssh} with layers {start}-{stop - 1} has "
+                     f"{human_bytes(max(b.weights, 0))} for weights, needs {human_bytes(sub.min_bytes())}")  # fmt: skip
+    return ("no split of the model over these hosts fits, even at the smallest safe plan: "
+            + "; ".join(lines) + "; add memory (memory_gb), a host, or a shorter --context")  # fmt: skip
+
+
+def render_split(s: dict[str, Any]) -> str:
+    rows = [(p["rank"], p["host"], f"{p['layers'][0]}-{p['layers'][1] - 1}", ", ".join(p["holds"]) or "-",
+             human_bytes(p["weight_budget"]), human_bytes(p["memory_bytes"]),
+             f"{p['bits_per_weight']:.2f}", f"{p['predicted_damage']:.4g}") for p in s["parts"]]  # fmt: skip
+    out = [
+        table(["rank", "host", "layers", "also", "weight budget", "weights", "bpw", "damage"], rows)
+    ]
+    out.append(f"predicted damage {s['predicted_damage']:.4g} in all; the split and plans solved "
+               f"in {1000 * s['seconds']:.0f} ms ({s['ranges_tried']} ranges tried)")  # fmt: skip
+    return "\n".join(out)
+
+
+def render_host_budgets(s: dict[str, Any]) -> str:
+    rows = []
+    for p in s["parts"]:
+        b = p["budget"]
+        line = {ln["label"]: ln["bytes"] for ln in b["lines"]}
+        rows.append((p["rank"], p["host"], human_bytes(line["total memory"]),
+                     human_bytes(line["OS reserve"]), human_bytes(b["runtime"]),
+                     f"{human_bytes(b['kv'])} ({p['layers'][1] - p['layers'][0]} layers)",
+                     human_bytes(b["weights"])))  # fmt: skip
+    return table(["rank", "host", "memory", "OS reserve", "runtime", "KV cache", "weights"], rows)

@@ -1,0 +1,182 @@
+"""Several machines: the hostfile, and the split of the layers chosen with each host's plan, checked
+against every split there is on small instances."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ramserve.budget import Ask
+from ramserve.errors import BudgetError
+from ramserve.hosts import Host, HostfileError, Ranks, read_hostfile, split
+from ramserve.plan import memory_bytes
+from ramserve.settings import load_settings
+from ramserve.source import open_source
+
+from .conftest import DENSE, shared_model
+from .factory import make_model
+
+ASK = Ask(context=1024, parallel=1)
+
+
+def weights_gb(mib: float) -> float:
+    """A host's memory_gb that leaves about ``mib`` MiB for weights beside the shared dense model's
+    runtime and its whole KV cache (at ASK's shape), after the OS reserve of 2 GiB."""
+    from ramserve.budget import activation_shape, budget_for, default_shape, kv_shape
+    from ramserve.device import Machine
+
+    settings = load_settings()
+    source = open_source(str(shared_model(DENSE)), settings)
+    kv = kv_shape(source)
+    shape = default_shape(kv, settings, ASK.context, ASK.parallel)
+    probe = budget_for(kv, activation_shape(source), settings, shape,
+                       machine=Machine("probe", 16 * 2**30, 16 * 2**30, None, False))  # fmt: skip
+    return 2.0 + (probe.runtime + probe.kv + mib * 2**20) / 2**30
+
+
+def brute_force(ranks: Ranks) -> float:
+    """The least total damage over every contiguous split (each host at least one layer)."""
+    n, layers = len(ranks.hosts), ranks.layers
+    best = math.inf
+    for cuts in itertools.combinations(range(1, layers), n - 1):
+        bounds = [0, *cuts, layers]
+        total = 0.0
+        for r in range(n):
+            solved = ranks.solve(r, bounds[r], bounds[r + 1])
+            if solved is None:
+                total = math.inf
+                break
+            total += solved[0]
+        best = min(best, total)
+    return best
+
+
+@pytest.mark.parametrize(
+    "mibs",
+    [(8, 30), (30, 8), (12, 12), (5, 5), (3, 40), (1, 1), (6, 10, 14), (20, 5, 9), (9, 9, 9, 9)],
+)
+def test_the_split_is_the_best_of_every_split(profile_cache, mibs: tuple[float, ...]) -> None:
+    model = shared_model(DENSE)
+    source = open_source(str(model), load_settings())
+    profile = profile_cache(model)
+    hosts = [Host(f"h{i}", (), weights_gb(m)) for i, m in enumerate(mibs)]
+    ranks = Ranks(source, profile, hosts, ASK)
+    exhaustive = brute_force(ranks)
+    try:
+        found = split(source, profile, hosts, ASK)
+    except BudgetError:
+        assert math.isinf(exhaustive)
+        return
+    assert found.damage == pytest.approx(exhaustive, rel=1e-9, abs=1e-15)
+    # Contiguous, covering every layer once, the embedding first and the head last.
+    bounds = [p.layers for p in found.parts]
+    assert bounds[0][0] == 0 and bounds[-1][1] == 7
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in itertools.pairwise(bounds))
+    assert "model.embed_tokens" in found.parts[0].modules
+    assert "lm_head" in found.parts[-1].modules
+    assert sorted(m for p in found.parts for m in p.modules) == sorted(found.plan.choices)
+    for part in found.parts:
+        assert part.memory_bytes <= part.budget.weights
+        assert_within_one_move(profile, part, found.plan.choices, ranks.float_bytes)
+
+
+def assert_within_one_move(profile, part, choices, fb: int) -> None:
+    """No module of the part could take a less damaging candidate in the room its budget has left:
+    the budget is filled to within one module's move."""
+    left = part.budget.weights - part.memory_bytes
+    by_path = {m.path: m for m in profile.modules}
+    for path in part.modules:
+        m = by_path[path]
+        chosen = choices[path]
+        now = next(j for j, o in enumerate(m.options)
+                   if o.bits == chosen.bits and o.group_size == chosen.group_size)  # fmt: skip
+        alone = replace(profile, modules=[m], fixed_bytes=0)
+        size = memory_bytes(alone, np.array([now]), fb)
+        for j, o in enumerate(m.options):
+            safe = o.bits >= 16 or (o.sqnr_db or 0) >= load_settings().allocate.min_sqnr_db
+            if safe and o.damage_with(True) < m.options[now].damage_with(True) - 1e-18:
+                grows = memory_bytes(alone, np.array([j]), fb) - size
+                assert grows > left, f"{path} could move to {o.bits}/{o.group_size} in {left} bytes"
+
+
+def test_a_split_that_cannot_fit_names_each_hosts_shortfall(profile_cache) -> None:
+    model = shared_model(DENSE)
+    source = open_source(str(model), load_settings())
+    hosts = [Host("small-a", (), 2.3), Host("small-b", (), 2.3)]
+    with pytest.raises(BudgetError, match="small-a with layers 0-2 has .* needs"):
+        split(source, profile_cache(model), hosts, ASK)
+
+
+def test_a_tied_head_is_held_by_the_last_host_too(tmp_path: Path) -> None:
+    from ramserve.hosts import _tied_copy
+    from ramserve.profile import analyze
+
+    folder = make_model(tmp_path / "tied", layers=4, tied=True)
+    source = open_source(str(folder), load_settings())
+    assert source.tied_embeddings and source.untied_head is None
+    profile = analyze(source, progress=False)
+    hosts, ask = [Host("a", (), 2.45), Host("b", (), 2.45)], Ask(context=256, parallel=1)
+    found = split(source, profile, hosts, ask)
+    assert found.parts[0].holds == ("embedding",)
+    assert found.parts[-1].holds == ("head (the embedding, tied)",)
+    copy = _tied_copy(Ranks(source, profile, hosts, ask))
+    assert copy > 0 and found.parts[-1].memory_bytes <= found.parts[-1].budget.weights - copy
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{}", "JSON list of hosts"),
+        ("[]", "JSON list of hosts"),
+        ('[{"ips": []}]', '"ssh"'),
+        ('[{"ssh": "a", "ips": "10.0.0.1"}]', '"ips"'),
+        ('[{"ssh": "a", "memory_gb": -4}]', '"memory_gb"'),
+        ('[{"ssh": "a", "memory_gb": true}]', '"memory_gb"'),
+        ("[{", "not JSON"),
+    ],
+)
+def test_a_bad_hostfile_is_named_and_explained(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "hosts.json"
+    path.write_text(text)
+    with pytest.raises(HostfileError, match=message) as e:
+        read_hostfile(path)
+    assert str(path) in str(e.value)
+
+
+def test_plan_and_budget_with_hosts_print_the_split(tmp_path: Path, ramserve_home: Path) -> None:
+    model = str(shared_model(DENSE))
+    hosts = tmp_path / "hosts.json"  # mlx.launch's format, with each host's memory stated
+    hosts.write_text(json.dumps([{"ssh": "mac-a", "ips": ["10.0.0.1"], "memory_gb": weights_gb(10)},
+                                 {"ssh": "mac-b", "ips": ["10.0.0.2"], "memory_gb": weights_gb(30)}]))  # fmt: skip
+    assert [h.ssh for h in read_hostfile(hosts)] == ["mac-a", "mac-b"]
+    base = [sys.executable, "-m", "ramserve.cli"]
+    shape = ["--hosts", str(hosts), "--context", "1024", "--parallel", "1", "-q"]
+    out = tmp_path / "plan.json"
+    done = subprocess.run([*base, "plan", model, *shape, "--json", "-o", str(out)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert [p["host"] for p in data["parts"]] == ["mac-a", "mac-b"]
+    assert data["parts"][0]["layers"][0] == 0 and data["parts"][1]["layers"][1] == 7
+    whole = json.loads(out.read_text())
+    assert len(whole["choices"]) == sum(p["modules"] for p in data["parts"])
+    assert whole["predicted_damage"] == pytest.approx(data["predicted_damage"])
+    text = subprocess.run([*base, "plan", model, *shape], capture_output=True, text=True,
+                          timeout=600).stdout  # fmt: skip
+    assert "mac-a" in text and "embedding" in text and "predicted damage" in text
+    budget = subprocess.run([*base, "budget", model, *shape], capture_output=True, text=True,
+                            timeout=600).stdout  # fmt: skip
+    assert "KV cache" in budget and "mac-b" in budget
+    unstated = tmp_path / "unstated.json"
+    unstated.write_text(json.dumps([{"ssh": "mac-a"}, {"ssh": "mac-b"}]))
+    done = subprocess.run([*base, "plan", model, "--hosts", str(unstated), "-q"],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 2 and 'states no "memory_gb"' in done.stderr
