@@ -151,6 +151,17 @@ def _hosts_view(a: argparse.Namespace, *, plan_view: bool) -> int:
     return 0
 
 
+def cmd_pipeline(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .pipeline import run_greedy
+
+    bounds = [int(b) for b in a.bounds.split(",")]
+    done = run_greedy(Path(a.model), bounds, a.prompt, a.tokens, a.settings.kinds)
+    print(json.dumps(done), flush=True)
+    return 0
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     from .plan import served_name
     from .server import serve
@@ -405,6 +416,15 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     add_rounding(s, settings)
     add_server_options(s, settings.server)
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("pipeline", help="one rank of a model split over machines, under "
+                       "mlx.launch: greedy tokens as a JSON line")  # fmt: skip
+    s.add_argument("model", help="an mlx-lm model folder (e.g. from `ramserve quantize`)")
+    s.add_argument("--bounds", required=True,
+                   help="the cut points: 0,3,7 gives rank 0 layers 0-2, rank 1 layers 3-6")  # fmt: skip
+    s.add_argument("--prompt", default="def main():")
+    s.add_argument("--tokens", type=int, default=16)
+    s.set_defaults(func=cmd_pipeline)
 
     s = sub.add_parser("ls", help="list the cache: profiles and quantized models")
     s.add_argument("--json", action="store_true")

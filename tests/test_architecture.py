@@ -17,7 +17,7 @@ ORDER = [
     "sensitivity", "fisher", "rounding", "profile",
     "allocate", "budget", "shape", "plan", "hosts", "describe",
     "quantize",
-    "cpu", "constrain", "output", "kvcache", "engine",
+    "cpu", "constrain", "output", "kvcache", "engine", "pipeline",
     "fit", "evaluate",
     "server.errors", "server.limits", "server.metrics", "server.registry", "server.core",
     "server.schemas", "server.openai_api", "server.anthropic_api", "server.ollama_api",

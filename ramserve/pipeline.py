@@ -1,0 +1,190 @@
+"""A model split over ranks along its decoder layers, on MLX's distributed back ends: each rank runs its
+own contiguous layers, and hidden states pass between neighbours with ``mx.distributed`` send/recv (the
+ring back end over TCP everywhere; JACCL over Thunderbolt 5 where MLX has it).
+
+Generic over mlx-lm's model structure through ``seams.DecoderStack``: every rank runs the model's own
+forward pass, with the other ranks' layers replaced by stand-ins. The layer just before a rank's first
+receives the hidden state from the rank before it; the rank's last layer sends its output on to the
+next; the others pass their input through. After the last layer every rank takes the last rank's hidden
+state (``all_gather``, inside the graph, as mlx-lm's own pipelines do), so every rank computes the same
+logits and token and all caches advance together. A rank other than the first holds no embedding (a
+stand-in gives zeros of its shape; the hidden state it stands for comes from the previous rank), unless
+the head is tied to it.
+
+Two schemes that hang on MLX 0.32's ring back end, measured here: taking the token to every rank with
+a collective after the pass (``all_sum`` or ``all_gather`` of the token, with a stand-in head on the
+ranks before the last), in one evaluation or in two. So every rank holds the head for now, which the
+split (``hosts.py``) does not charge yet: it charges the head to the last rank only.
+
+What is built: the split forward pass and greedy decoding of one sequence (``ramserve pipeline``
+under ``mlx.launch``). Not yet: the engine's continuous batching across the
+pipeline, and serving from rank 0 (issue 25). A rank's attention mask comes from its first cache
+slot's offset (mlx-lm's ``create_attention_mask(h, cache[0])``), a skipped layer's on ranks after the
+first: correct for a prompt prefilled in one step and for decoding, not yet for chunked prefill.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import RamserveError
+from .seams import DecoderStack
+from .settings import KindRule
+
+
+@dataclass(frozen=True)
+class Share:
+    """Rank ``rank`` of ``size`` runs decoder layers [start, stop)."""
+
+    rank: int
+    size: int
+    start: int
+    stop: int
+
+    @property
+    def first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last(self) -> bool:
+        return self.rank == self.size - 1
+
+
+def share_of(bounds: Sequence[int], rank: int) -> Share:
+    """``bounds`` are the cut points, first 0 and last the layer count: [0, 3, 7] for two ranks."""
+    if any(b >= c for b, c in zip(bounds, bounds[1:], strict=False)) or bounds[0] != 0:
+        raise RamserveError(f"bounds {list(bounds)} must rise from 0, one range per rank")
+    return Share(rank, len(bounds) - 1, bounds[rank], bounds[rank + 1])
+
+
+class PassThrough(nn.Module):
+    """Another rank's layer: the hidden state goes through unchanged."""
+
+    def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        return x
+
+
+class Receive(nn.Module):
+    """The layer before this rank's first: the hidden state comes from rank ``source``."""
+
+    def __init__(self, source: int) -> None:
+        super().__init__()
+        self.source = source
+
+    def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        return mx.distributed.recv_like(x, self.source)
+
+
+class SendOn(nn.Module):
+    """This rank's last layer: runs it, and sends its output to rank ``dest``."""
+
+    def __init__(self, layer: nn.Module, dest: int) -> None:
+        super().__init__()
+        self.inner = layer
+        self.dest = dest
+
+    def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        return mx.distributed.send(self.inner(x, *args, **kwargs), self.dest)
+
+
+class GatherLast(nn.Module):
+    """The model's last layer on every rank: runs it (or passes through), then every rank takes the
+    last rank's output."""
+
+    def __init__(self, layer: nn.Module, size: int) -> None:
+        super().__init__()
+        self.inner = layer
+        self.size = size
+
+    def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        h = self.inner(x, *args, **kwargs)
+        return mx.distributed.all_gather(h)[(self.size - 1) * h.shape[0] :]
+
+
+class Absent(nn.Module):
+    """An embedding this rank does not hold: zeros of the shape the forward pass expects (the hidden
+    state they stand for comes from the previous rank)."""
+
+    def __init__(self, width: int, dtype: mx.Dtype) -> None:
+        super().__init__()
+        self.width, self.dtype = width, dtype
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return mx.zeros((*ids.shape, self.width), dtype=self.dtype)
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    owner, _, attr = path.rpartition(".")
+    parent = dict(model.named_modules())[owner] if owner else model
+    setattr(parent, attr, module)
+
+
+def _float_dtype(module: nn.Module) -> mx.Dtype:
+    scales = getattr(module, "scales", None)  # a quantized module's floats are its scales
+    dtype: mx.Dtype = (scales if scales is not None else module.weight).dtype
+    return dtype
+
+
+def stage(model: nn.Module, share: Share, kinds: list[KindRule], hidden: int) -> None:
+    """Make ``model`` this rank's stage, in place: the stand-ins above in place of what it does not
+    run. The modules it drops are never evaluated, so a lazily loaded model reads only its share."""
+    stack = DecoderStack.of(model)
+    n = len(stack.slots)
+    if share.stop > n:
+        raise RamserveError(
+            f"rank {share.rank} is given layers up to {share.stop}; the model has {n}"
+        )
+    for i in range(n):
+        if i < share.start:
+            stack.slots[i] = Receive(share.rank - 1) if i == share.start - 1 else PassThrough()
+        elif i >= share.stop:
+            stack.slots[i] = PassThrough()
+        elif i == share.stop - 1 and not share.last:
+            stack.slots[i] = SendOn(stack.slots[i], share.rank + 1)
+    if share.size > 1:
+        stack.slots[n - 1] = GatherLast(stack.slots[n - 1], share.size)
+    pattern = {rule.name: re.compile(rule.pattern) for rule in kinds}
+    modules = dict(model.named_modules())
+    embedding = next(p for p in modules if pattern["embedding"].search(p))
+    tied = not any(pattern["lm_head"].search(p) for p in modules)
+    if not share.first and not tied:
+        _replace(model, embedding, Absent(hidden, _float_dtype(modules[embedding])))
+
+
+def greedy(model: nn.Module, prompt: list[int], tokens: int) -> list[int]:
+    """Greedy decoding across the ranks: every rank returns the same tokens."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    ids = mx.array(prompt, dtype=mx.int32)[None]
+    out: list[int] = []
+    for _ in range(tokens):
+        token = mx.argmax(model(ids, cache=cache)[:, -1], axis=-1)
+        mx.eval(token)
+        out.append(cast(int, token.item()))
+        ids = token.reshape(1, 1).astype(mx.int32)
+    return out
+
+
+def run_greedy(folder: Path, bounds: Sequence[int], prompt: str, tokens: int,
+               kinds: list[KindRule]) -> dict[str, Any]:  # fmt: skip
+    """This rank's part of a greedy run of the model in ``folder`` split at ``bounds`` (one range
+    per rank of the group ``mlx.launch`` started)."""
+    from mlx_lm.utils import load
+
+    group = mx.distributed.init()
+    if len(bounds) - 1 != group.size():
+        raise RamserveError(f"{len(bounds) - 1} layer ranges for {group.size()} ranks")
+    model, tokenizer = load(str(folder), lazy=True)  # a rank reads only what it evaluates
+    hidden = int(json.loads((Path(folder) / "config.json").read_text())["hidden_size"])
+    stage(model, share_of(bounds, group.rank()), kinds, hidden)
+    out = greedy(model, tokenizer.encode(prompt), tokens)
+    return {"rank": group.rank(), "size": group.size(), "bounds": list(bounds), "tokens": out}
