@@ -2,8 +2,9 @@
 the hosts chosen together with the plan.
 
 Each rank takes a contiguous range of decoder layers; the first also holds the embedding, the last the
-final norm and the head (a tied head is the embedding: the last rank holds a copy, at the first
-rank's precision). A rank's weight budget is its usable memory minus its runtime and the KV cache of
+final norm and the head. Every rank computes the logits (ramserve/pipeline.py: the token reaches every
+rank that way), so every other rank holds a copy of the head (of the embedding, where the head is tied
+to it), charged at its largest safe size: whatever precision the plan gives it fits. A rank's weight budget is its usable memory minus its runtime and the KV cache of
 its own layers. For a candidate range, the rank's plan is the least-damage one that fits its budget
 (the single-machine solver on its modules, ``plan.fit_loaded``), so the cost of a split is the sum of
 its ranks' predicted damage, and the best split is found by dynamic programming over the cut points:
@@ -160,7 +161,7 @@ class Ranks:
             [i for i, m in enumerate(modules) if m.layer == n] for n in range(self.layers)
         ]
         self.tied = not self.head
-        self.tied_copy = 0  # the head's bytes on the last rank, when tied (set before its search)
+        self.copy = head_copy(self) if len(hosts) > 1 else 0  # the head each other rank holds
         self.tried = 0
 
     def budget(self, rank: int, start: int, stop: int) -> Budget:
@@ -175,11 +176,15 @@ class Ranks:
             rows += self.head
         return rows
 
+    def chooses_head(self, rank: int) -> bool:
+        """Whether the rank's plan chooses the head's precision; the others hold a copy of it."""
+        return rank == (0 if self.tied else len(self.hosts) - 1)
+
     def holds(self, rank: int) -> tuple[str, ...]:
         out: tuple[str, ...] = ("embedding",) if rank == 0 else ()
-        if rank == len(self.hosts) - 1:
-            out += ("head (the embedding, tied)",) if self.tied else ("head",)
-        return out
+        if self.tied:
+            return out if rank == 0 else ("a copy of the embedding (the tied head)",)
+        return (*out, "head" if self.chooses_head(rank) else "a copy of the head")
 
     def solve(self, rank: int, start: int, stop: int,
               room: int | None = None) -> tuple[float, np.ndarray, list[int]] | None:  # fmt: skip
@@ -187,8 +192,8 @@ class Ranks:
         row, and the rows; None when even their smallest safe plan does not fit."""
         rows = self.rows(rank, start, stop)
         room = self.budget(rank, start, stop).weights if room is None else room
-        if self.tied and rank == len(self.hosts) - 1 and rank > 0:
-            room -= self.tied_copy
+        if not self.chooses_head(rank):
+            room -= self.copy
         sub = self.problem.rows(rows, self.fixed_share)
         profile = replace(self.profile, modules=[self.profile.modules[i] for i in rows],
                           fixed_bytes=self.fixed_share)  # fmt: skip
@@ -250,8 +255,6 @@ def _search(ranks: Ranks) -> tuple[list[list[float]], list[list[int]]]:
         if solved is None:
             break
         best[0][stop] = solved[0]
-    if ranks.tied and n > 1:
-        ranks.tied_copy = _tied_copy(ranks)
     for r in range(1, n):
         last = r == n - 1
         for start in range(r, layers - (n - r) + 1):
@@ -268,12 +271,13 @@ def _search(ranks: Ranks) -> tuple[list[list[float]], list[list[int]]]:
     return best, cut
 
 
-def _tied_copy(ranks: Ranks) -> int:
-    """The bytes of the last rank's copy of a tied embedding: at its largest safe size, so that
-    whatever precision rank 0 picks, the copy fits."""
-    rows = ranks.embedding
-    sizes = np.where(np.isfinite(ranks.problem.bytes[rows]), ranks.problem.bytes[rows], 0)
-    return int(sizes.max(axis=1).sum() * ranks.float_bytes / 2)
+def head_copy(ranks: Ranks) -> int:
+    """The bytes of a copy of the head (the embedding, where tied) as loaded, at its largest safe
+    size, so that whatever precision the plan gives it, the copy fits."""
+    rows = ranks.embedding if ranks.tied else ranks.head
+    safe = ranks.problem.bytes[rows]
+    packed = ranks.problem.loaded(ranks.float_bytes)[rows]
+    return int(np.where(np.isfinite(safe), packed, 0).max(axis=1).sum())
 
 
 def whole_plan(ranks: Ranks, choice: np.ndarray, parts: list[Part]) -> Plan:

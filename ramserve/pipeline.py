@@ -13,8 +13,8 @@ the head is tied to it.
 
 Two schemes that hang on MLX 0.32's ring back end, measured here: taking the token to every rank with
 a collective after the pass (``all_sum`` or ``all_gather`` of the token, with a stand-in head on the
-ranks before the last), in one evaluation or in two. So every rank holds the head for now, which the
-split (``hosts.py``) does not charge yet: it charges the head to the last rank only.
+ranks before the last), in one evaluation or in two. So every rank holds the head, and the split
+(``hosts.py``) charges a copy of it to every rank but the one whose plan chooses its precision.
 
 What is built: the split forward pass and greedy decoding of one sequence (``ramserve pipeline``
 under ``mlx.launch``). Not yet: the engine's continuous batching across the
