@@ -61,7 +61,17 @@ def brute_force(ranks: Ranks) -> float:
 
 @pytest.mark.parametrize(
     "mibs",
-    [(24, 46), (46, 24), (28, 28), (21, 21), (19, 56), (1, 1), (22, 26, 30), (36, 21, 25), (25,) * 4],
+    [
+        (24, 46),
+        (46, 24),
+        (28, 28),
+        (21, 21),
+        (19, 56),
+        (1, 1),
+        (22, 26, 30),
+        (36, 21, 25),
+        (25,) * 4,
+    ],
 )
 def test_the_split_is_the_best_of_every_split(profile_cache, mibs: tuple[float, ...]) -> None:
     model = shared_model(DENSE)
