@@ -138,6 +138,9 @@ class Split:
                 "plan": self.plan.summary()}  # fmt: skip
 
 
+Solved = tuple[float, np.ndarray, list[int]]  # damage, the choice per row, the rows
+
+
 class Ranks:
     """What a candidate range costs each rank: its budget and its plan, solved on demand."""
 
@@ -162,7 +165,7 @@ class Ranks:
         ]
         self.tied = not self.head
         self.copy = head_copy(self) if len(hosts) > 1 else 0  # the head each other rank holds
-        self.tried = 0
+        self.solved: dict[tuple[int, int, int], Solved | None] = {}
 
     def budget(self, rank: int, start: int, stop: int) -> Budget:
         kv = replace(self.kv, layers=self.kv.layers[start:stop])
@@ -186,18 +189,23 @@ class Ranks:
             return out if rank == 0 else ("a copy of the embedding (the tied head)",)
         return (*out, "head" if self.chooses_head(rank) else "a copy of the head")
 
-    def solve(self, rank: int, start: int, stop: int,
-              room: int | None = None) -> tuple[float, np.ndarray, list[int]] | None:  # fmt: skip
-        """The least damage of the rank's modules within its budget (or ``room``), its choice per
-        row, and the rows; None when even their smallest safe plan does not fit."""
+    def solve(self, rank: int, start: int, stop: int) -> Solved | None:
+        """The least damage of the rank's modules within its budget, its choice per row, and the
+        rows; None when even their smallest safe plan does not fit. Solved once per range: the
+        search, the split it picks and a brute-force check all ask again."""
+        key = (rank, start, stop)
+        if key not in self.solved:
+            self.solved[key] = self._solve(rank, start, stop)
+        return self.solved[key]
+
+    def _solve(self, rank: int, start: int, stop: int) -> Solved | None:
         rows = self.rows(rank, start, stop)
-        room = self.budget(rank, start, stop).weights if room is None else room
+        room = self.budget(rank, start, stop).weights
         if not self.chooses_head(rank):
             room -= self.copy
         sub = self.problem.rows(rows, self.fixed_share)
         profile = replace(self.profile, modules=[self.profile.modules[i] for i in rows],
                           fixed_bytes=self.fixed_share)  # fmt: skip
-        self.tried += 1
         if room <= 0 or memory_bytes(profile, sub.min_choice(), self.float_bytes) > room:
             return None
         all16 = np.zeros(len(rows), dtype=np.int64)
@@ -241,7 +249,7 @@ def split(source: Source, profile: Profile, hosts: list[Host], ask: Ask) -> Spli
                           memory_bytes(sub, picked, ranks.float_bytes), stored, damage,
                           sum(profile.modules[i].numel for i in rows)))  # fmt: skip
     plan = whole_plan(ranks, choice, parts)
-    return Split(parts, plan, time.perf_counter() - start_time, ranks.tried)
+    return Split(parts, plan, time.perf_counter() - start_time, len(ranks.solved))
 
 
 def _search(ranks: Ranks) -> tuple[list[list[float]], list[list[int]]]:

@@ -441,6 +441,18 @@ def _assemble(
     )
 
 
+STAND_OUT = 4.0  # a module stands out when its importance is this many times the median
+
+
+def standing_out(profile: Profile) -> tuple[float, list[ModuleRecord]]:
+    """The median importance, and the modules over STAND_OUT times it, most important first (the
+    X-ray of ``analyze --report`` and of the web page)."""
+    ranked = sorted(profile.modules, key=lambda m: m.importance)
+    median = ranked[len(ranked) // 2].importance if ranked else 0.0
+    most = sorted(profile.modules, key=lambda m: -m.importance)  # ties in module order
+    return median, [m for m in most if m.importance > STAND_OUT * median]
+
+
 def render_report(profile: Profile) -> str:
     """The model X-ray: importance and 4-bit error per layer and module kind, and the outliers."""
     from .fmt import table
@@ -461,7 +473,7 @@ def render_report(profile: Profile) -> str:
         rows.append(row)
     imp = sorted(modules, key=lambda m: m.importance)
     lo, hi = imp[0].importance, imp[-1].importance
-    median = imp[len(imp) // 2].importance
+    median, stand_out = standing_out(profile)
     lines = [
         f"{profile.name}  fingerprint {profile.fingerprint}  estimator {profile.estimator}",
         "cell: importance / SQNR dB at 4-bit g64 (higher importance = the output cares more; with the"
@@ -477,10 +489,9 @@ def render_report(profile: Profile) -> str:
                          + (f", SQNR {o.sqnr_db:.1f} dB at 4-bit g64" if o and o.sqnr_db is not None else ""))  # fmt: skip
     lines.append(f"span of importance: {lo:.3g} .. {hi:.3g} ({hi / max(lo, 1e-30):.0f}x), "
                  f"median {median:.3g}")  # fmt: skip
-    stand_out = [m for m in imp if m.importance > 4 * median][::-1][:8]
     if stand_out:
-        lines.append("stand out (importance > 4x median): " + ", ".join(
-            f"{m.path} ({m.importance / median:.0f}x)" for m in stand_out))  # fmt: skip
+        lines.append(f"stand out (importance > {STAND_OUT:g}x median): " + ", ".join(
+            f"{m.path} ({m.importance / median:.0f}x)" for m in stand_out[:8]))  # fmt: skip
     return "\n".join(lines)
 
 

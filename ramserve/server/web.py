@@ -18,11 +18,11 @@ from starlette.responses import FileResponse, JSONResponse, Response
 
 from ..budget import Budget
 from ..plan import histogram, rounding_label
+from ..profile import STAND_OUT, standing_out
 from ..records import Plan, Profile
 from .registry import Registry
 
 PAGE = Path(__file__).resolve().parent.parent / "web"
-STAND_OUT = 4.0  # a module stands out when its importance is this many times the median's
 
 
 def memory_bar(budget: Budget, plan: Plan | None) -> list[dict[str, Any]]:
@@ -69,18 +69,17 @@ def xray(profile: Profile) -> dict[str, Any]:
     if not ranked:
         return {"estimator": profile.estimator, "modules": [], "median": 0.0, "spread_p90_p10": 1.0,
                 "stand_out": []}  # fmt: skip
-    median = ranked[len(ranked) // 2]
+    median, stand_out = standing_out(profile)
 
     def at(q: float) -> float:
         return ranked[min(len(ranked) - 1, int(q * len(ranked)))]
 
     floor = max(ranked[0], 1e-30)
-    stand_out = [m.path for m in sorted(profile.modules, key=lambda m: -m.importance)
-                 if m.importance > STAND_OUT * median]  # fmt: skip
     return {"estimator": profile.estimator, "modules": modules, "median": median,
             "min": ranked[0], "max": ranked[-1],
             "decades": math.log10(max(ranked[-1], floor) / floor),
-            "spread_p90_p10": at(0.9) / max(at(0.1), 1e-30), "stand_out": stand_out,
+            "spread_p90_p10": at(0.9) / max(at(0.1), 1e-30),
+            "stand_out": [m.path for m in stand_out],
             "stand_out_factor": STAND_OUT}  # fmt: skip
 
 
