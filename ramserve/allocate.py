@@ -51,7 +51,7 @@ class Problem:
         packed = np.zeros((len(modules), k))
         for i, m in enumerate(modules):
             for j, o in enumerate(m.options):
-                packed[i, j] = m.numel * o.bits // 8 if o.bits < 16 else 0
+                packed[i, j] = m.packed_bytes(o)
                 safe = (
                     o.bits >= 16
                     or min_sqnr_db is None

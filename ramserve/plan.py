@@ -159,7 +159,7 @@ def memory_bytes(profile: Profile, choice: np.ndarray, float_bytes: int) -> int:
     total = profile.fixed_bytes * scale
     for m, j in zip(profile.modules, choice, strict=True):
         o = m.options[int(j)]
-        packed = m.numel * o.bits // 8 if o.bits < 16 else 0
+        packed = m.packed_bytes(o)
         total += packed + (o.bytes - packed) * scale
     return int(total)
 

@@ -91,6 +91,11 @@ class ModuleRecord:
     seconds: float
     importance: float = 0.0
 
+    def packed_bytes(self, o: Option) -> int:
+        """The bytes of a candidate's codes; the rest of its bytes are floats (scales and biases, or
+        the 16-bit weight), whose size depends on the runtime's float width."""
+        return self.numel * o.bits // 8 if o.bits < 16 else 0
+
     def option(self, bits: int, group_size: int | None) -> Option | None:
         return next((o for o in self.options if (o.bits, o.group_size) == (bits, group_size)), None)
 
