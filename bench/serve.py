@@ -8,7 +8,11 @@ streams with the KV cache in 16 and in 8 bits (issue 24): tokens per second and 
 And the web page's cost (issue 26): text streams at 1 and 4 under `ramserve run`'s registry, with
 and without a page polling the server six times harder than the real one does, alternated
 (target: no measurable cost, >= 0.97 of the rate without).
-Usage: python bench/serve.py [page]   (page: only the web page's rows)
+And several machines (issue 25): text streams at 1 and 4 through `ramserve run --hosts` on 2 ranks on
+this machine (ring back end over loopback), each rank's memory stated so the split is uneven, beside one
+process serving the same plan, in the same run. Both ranks share this machine's cores here, where on
+real Macs each has its own.
+Usage: python bench/serve.py [page|hosts]   (only the web page's, or only the hosts', rows)
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -172,12 +177,76 @@ def print_page_rows(rows: list[dict[str, Any]]) -> None:
     print(f"with the page / without: {worst:.3f} at worst (target >= 0.97)")
 
 
+HOSTS_MIB = (24, 46)  # weights each rank's stated memory leaves room for: an uneven split
+HOSTS_ASK = ["--context", "1024", "--parallel", "4", "--kv-bits", "16"]
+
+
+def hosts_rows(src: Any) -> list[dict[str, Any]]:
+    """Text streams at 1 and 4: one process, then 2 ranks (`ramserve run --hosts`), same plan."""
+    from tests.serving import free_port
+
+    # A home of its own (its config names the control port), with the profile already made.
+    shared = Path(os.environ["RAMSERVE_HOME"])
+    analyze(src, progress=False)
+    home = Path(tempfile.mkdtemp(prefix="ramserve-bench-hosts-"))
+    shutil.copytree(shared / "profiles", home / "profiles")
+    (home / "config.toml").write_text(f"[hosts]\ncontrol_port = {free_port()}\n")
+    os.environ["RAMSERVE_HOME"] = str(home)
+    try:
+        return _hosts_rows(src, home)
+    finally:
+        os.environ["RAMSERVE_HOME"] = str(shared)
+
+
+def _hosts_rows(src: Any, home: Path) -> list[dict[str, Any]]:
+    from ramserve.budget import Ask
+    from ramserve.hosts import read_hostfile, split
+    from tests.serving import host_memory_gb, ramserve_run, run_env
+
+    ask = Ask(context=1024, parallel=4)
+    hostfile = home.parent / "bench-hosts.json"
+    hostfile.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"],
+                                     "memory_gb": host_memory_gb(MODEL, mib, ask)}
+                                    for mib in HOSTS_MIB]))  # fmt: skip
+    done = split(src, analyze(src, progress=False), read_hostfile(hostfile), ask)
+    folder, _ = quantize(src, done.plan, progress=False)
+    layers = " ".join(f"[{p.layers[0]},{p.layers[1]})" for p in done.parts)
+    out = []
+    registry = Registry(folder, "bench", load_settings(), {"context": 1024, "parallel": 4})
+    with live_server(create_app(registry, load_settings().server)) as base:
+        asyncio.run(streams(base, 1))  # warm up
+        out += [{**asyncio.run(streams(base, n)), "ranks": 1, "layers": "all"} for n in (1, 4)]
+    with ramserve_run(str(MODEL), "--hosts", str(hostfile), *HOSTS_ASK, env=run_env(home)) as (
+        base,
+        _,
+    ):
+        name = httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
+        asyncio.run(streams(base, 1, model=name))  # warm up
+        out += [{**asyncio.run(streams(base, n, model=name)), "ranks": 2, "layers": layers}
+                for n in (1, 4)]  # fmt: skip
+    return out
+
+
+def print_hosts_rows(rows: list[dict[str, Any]]) -> None:
+    alone = {r["streams"]: r["total_tok_s"] for r in rows if r["ranks"] == 1}
+    print(table(["ranks", "layers", "streams", "TTFT ms", "tok/s per stream", "tok/s total",
+                 "x one process"],
+                [(r["ranks"], r["layers"], r["streams"], f"{1000 * r['ttft_s']:.0f}",
+                  f"{r['per_stream_tok_s']:.1f}", f"{r['total_tok_s']:.1f}",
+                  f"{r['total_tok_s'] / alone[r['streams']]:.2f}") for r in rows]))  # fmt: skip
+
+
 def main() -> None:
     src = open_source(str(MODEL), load_settings())
     if sys.argv[1:] == ["page"]:
         rows = page_rows(src)
         print_page_rows(rows)
         print(json.dumps({"bench": "serve", "page": rows}))
+        return
+    if sys.argv[1:] == ["hosts"]:
+        rows = hosts_rows(src)
+        print_hosts_rows(rows)
+        print(json.dumps({"bench": "serve", "hosts": rows}))
         return
     folder, _ = quantize(
         src,
@@ -220,6 +289,8 @@ def main() -> None:
     print(f"constrained / free at one stream: {slowest:.2f} at worst (target >= 0.85)")
     page = page_rows(src)
     print_page_rows(page)
+    hosts = hosts_rows(src)
+    print_hosts_rows(hosts)
     kv = kv_rows(src, folder)
     print(table(["KV cache", "streams", "TTFT ms", "tok/s per stream", "tok/s total",
                  "KV per sequence", "x 16-bit"],
@@ -230,7 +301,7 @@ def main() -> None:
                  for r in kv]))  # fmt: skip
     print(json.dumps({"bench": "serve", "mlx_lm_generate_tok_s": ref,
                       "mlx_lm_generate_stock_layers_tok_s": stock, "results": results,
-                      "chat": chat, "kv": kv, "page": page}))  # fmt: skip
+                      "chat": chat, "kv": kv, "page": page, "hosts": hosts}))  # fmt: skip
 
 
 def kv_rows(src: Any, folder: Path) -> list[dict[str, Any]]:

@@ -206,6 +206,12 @@ class RuntimeShape:
     prefill_batch: int
     kv_bits: int = 16  # the KV cache's precision: 16, or 8 / 4 (MLX affine, ramserve/kvcache.py)
 
+    def engine_args(self) -> dict[str, Any]:
+        """This shape, as ramserve/engine.py's ``Engine`` takes it."""
+        return {"context": self.context, "parallel": self.parallel,
+                "prefill_chunk": self.prefill_chunk, "prefill_batch": self.prefill_batch,
+                "kv_bits": self.kv_bits}  # fmt: skip
+
     def describe(self) -> str:
         kv = f", {self.kv_bits}-bit KV" if self.kv_bits < 16 else ""
         return (f"{self.context:,} tokens x {self.parallel} sequences{kv}, prefill "

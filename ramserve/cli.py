@@ -184,11 +184,36 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .variants import VariantRegistry
 
     cfg = a.settings.server
+    if a.hosts:
+        return _run_on_hosts(a)
     hub_precheck(a.model, a.settings, ask_of(a))
     fitted = fit(open_source(a.model, a.settings), a.budget, ask_of(a), progress=not a.quiet)
     print(render_fit(fitted), flush=True)
     registry = VariantRegistry(fitted, a.settings, fitted.engine_args(), any_budget=a.any_budget)
     serve(registry, cfg, host=a.host, port=a.port, api_key=api_key(a), allow_origin=a.allow_origin)
+    return 0
+
+
+def _run_on_hosts(a: argparse.Namespace) -> int:
+    """``run --hosts``: start one rank per host under mlx.launch, or be one of them."""
+    import os
+    import sys
+    from pathlib import Path
+
+    from .cluster import RanksRegistry, follow, launch, under_launch
+    from .server import serve
+
+    hostfile = Path(a.hosts)
+    others = [] if under_launch() else launch(hostfile, a.settings, sys.argv[1:])
+    if os.environ["MLX_RANK"] != "0":
+        return follow(a.model, hostfile, a.settings)
+    registry = RanksRegistry(a.model, hostfile, a.settings, ask_of(a))
+    try:
+        serve(registry, a.settings.server, host=a.host, port=a.port, api_key=api_key(a),
+              allow_origin=a.allow_origin)  # fmt: skip
+    finally:
+        for rank in others:
+            rank.terminate()
     return 0
 
 
@@ -415,6 +440,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
                    help="let clients ask for any name@budget (each new one is quantized and cached)")  # fmt: skip
     add_rounding(s, settings)
     add_server_options(s, settings.server)
+    add_hosts(s)
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("pipeline", help="one rank of a model split over machines, under "

@@ -14,6 +14,7 @@ a bounded queue and a full queue is refused.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import threading
@@ -30,6 +31,7 @@ import mlx.core as mx
 
 from .budget import RuntimeShape
 from .constrain import Grammars
+from .crew import Lockstep, RankLost, Tick
 from .device import kv_quantizable, runtime_dtype
 from .errors import RamserveError
 from .kvcache import sequence_caches
@@ -38,6 +40,8 @@ from .settings import ServerSettings, Settings
 from .source import head_dim_of
 
 log = logging.getLogger("ramserve.engine")
+
+UNBOUNDED = 1 << 30  # the generator's own token limit: the engine ends sequences itself
 
 
 class QueueFull(RamserveError):
@@ -48,7 +52,8 @@ class ContextExceeded(RamserveError):
     """The prompt plus the tokens asked for do not fit the context."""
 
 
-def load_model(folder: Path, cpu: ServerSettings | None = None) -> tuple[Any, Any]:
+def load_model(folder: Path, cpu: ServerSettings | None = None,
+               stage: Callable[[Any], None] | None = None) -> tuple[Any, Any]:  # fmt: skip
     """mlx-lm's model and tokenizer for a folder, in the dtype this device runs fastest.
 
     On MLX's CPU back end the model runs in float32: quantized matmuls with bf16 scales decode about
@@ -56,18 +61,22 @@ def load_model(folder: Path, cpu: ServerSettings | None = None) -> tuple[Any, An
     MoE expert matmuls (``gather_mm``) exist only in float32. budget.activation_dtype counts it.
     There too, given ``cpu`` (the server's ``cpu_*`` settings), the quantized layers take
     ramserve/cpu.py's paths, which use every core and batch rows; without it they are mlx-lm's own.
+    ``stage`` makes the model one rank's part of a pipeline (ramserve/pipeline.py), before anything is
+    read: a rank reads only the weights it runs.
     """
     import mlx_lm
 
     from .cpu import adapt_to_cpu, cores
 
-    model, tokenizer = mlx_lm.load(str(folder))[:2]
+    model, tokenizer = mlx_lm.load(str(folder), lazy=stage is not None)[:2]
     if cpu is not None and mx.default_device() == mx.cpu:
         adapt_to_cpu(model, min_rows=cpu.cpu_dense_rows, workers=cpu.cpu_workers or cores(),
                      min_gflops=cpu.cpu_dense_min_gflops)  # fmt: skip
     if runtime_dtype() == "float32":
         model.set_dtype(mx.float32)
-        mx.eval(model.parameters())  # now, on this thread's stream: the worker thread has no other
+    if stage is not None:  # after set_dtype: a stand-in's zeros take the dtype the others send
+        stage(model)
+    mx.eval(model.parameters())  # now, on this thread's stream: the worker thread has no other
     return model, tokenizer
 
 
@@ -143,7 +152,8 @@ class Request:
     submitted: float = field(default_factory=time.perf_counter)
     uid: int | None = None
     cached_tokens: int = 0
-    generated: int = 0
+    steps: int = 0  # tokens sampled for it
+    generated: int = 0  # tokens delivered to its output
     first_token_at: float | None = None
     cancelled: bool = False
     done: bool = False
@@ -186,10 +196,14 @@ class Engine:
         prefill_chunk: int | None = None,
         prefill_batch: int | None = None,
         kv_bits: int | None = None,
+        stage: Callable[[Any], None] | None = None,
+        crew: Lockstep | None = None,
     ) -> None:
         """Load ``folder`` and start its worker; each count not given is ``[server]``'s (the prefill
         step ``[budget]``'s) in configs: the fit (ramserve/shape.py) may give smaller ones. With
-        ``kv_bits`` (8 or 4) the KV cache is stored quantized (ramserve/kvcache.py)."""
+        ``kv_bits`` (8 or 4) the KV cache is stored quantized (ramserve/kvcache.py). On several
+        machines, ``stage`` makes the model this rank's part, and ``crew`` keeps the ranks' batches
+        in step: the leading rank schedules, the others follow (ramserve/crew.py)."""
         from mlx_lm.models.cache import LRUPromptCache
 
         server = settings.server
@@ -197,7 +211,10 @@ class Engine:
         self.prefill_chunk = prefill_chunk or settings.budget.prefill_chunk
         self.prefill_batch = prefill_batch or settings.budget.prefill_batch
         self.folder = Path(folder)
-        self.model, self.tokenizer = load_model(self.folder, server)
+        self.model, self.tokenizer = load_model(self.folder, server, stage)
+        self.crew = crew
+        self._ops: list[list[Any]] = []  # batch changes the following ranks have not been told
+        self._eos = set(self.tokenizer.eos_token_ids)
         self.grammars = Grammars(self.tokenizer, vocab_size(self.model), settings.tool_formats)
         limit = max_positions(self.model)
         self.context = min(context or limit, limit)
@@ -213,6 +230,7 @@ class Engine:
         self._active: dict[int, Request] = {}
         self._lock = threading.Condition()
         self._closing = False
+        self._abandoned = False
         # Called with the generator after each step (bench/budget.py reads the cache size there).
         self.on_step: Callable[[Any], None] | None = None
         self._generator: Any = None
@@ -296,17 +314,37 @@ class Engine:
         with self._lock:
             self._closing = True
             self._lock.notify()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=1 if self._abandoned else 30)
+
+    def wait(self) -> None:
+        """Until the worker ends (a following rank: when the leading one closes)."""
+        self._thread.join()
+
+    def abandon(self, message: str) -> None:
+        """Fail every request now, from any thread: the worker may be blocked for good in a pass
+        that waits for a lost rank, so it is not asked."""
+        with self._lock:
+            self._abandoned = self._closing = True
+            requests = [*self._active.values(), *self._waiting]
+            self._waiting.clear()
+            self._lock.notify()
+        for r in requests:
+            if not r.done:
+                r.done = True
+                r.output.fail(message)
 
     # -- the worker ----------------------------------------------------------------------------
 
     def _new_generator(self) -> Any:
         from mlx_lm.generate import BatchGenerator
 
+        # No sequence ends inside the generator: the engine ends each one after a step
+        # (``_step``), so ranks that follow this one (``_follow``) end it at the same point.
         return BatchGenerator(
             self.model,
             stream=self._stream,
-            stop_tokens=[[t] for t in self.tokenizer.eos_token_ids],
+            stop_tokens=None,
+            max_tokens=UNBOUNDED,
             completion_batch_size=self.parallel,
             prefill_batch_size=min(self.parallel, self.prefill_batch),
             prefill_step_size=self.prefill_chunk,
@@ -317,8 +355,13 @@ class Engine:
         self._stream = mx.default_stream(mx.default_device())
         self._generator = self._new_generator()
         try:
-            self._loop()
+            if self.crew is not None and not self.crew.leads:
+                self._follow()
+            else:
+                self._loop()
         finally:
+            if self.crew is not None and self.crew.leads:
+                self.crew.tell(Tick(close=True))
             self._generator.close()
             # Work still queued on this thread's stream (the batch's look-ahead step) must finish
             # before the thread ends, or MLX aborts the process at exit.
@@ -353,42 +396,66 @@ class Engine:
                 self._count_finish("cancelled")
         gone = [uid for uid, r in self._active.items() if r.cancelled]
         if gone:
-            self._generator.remove(gone)
-            for uid in gone:
-                del self._active[uid]
+            self._end({uid: None for uid in gone})
+            for _ in gone:
                 self._count_finish("cancelled")
 
     def _start(self, r: Request) -> None:
-        from mlx_lm.models.cache import trim_prompt_cache
-
         if r.cancelled:
             self._count_finish("cancelled")
             return
         prompt = r.prompt.tolist()
+        r.uid, r.cached_tokens = self._insert(
+            prompt, make_sampler(r.params), make_processors(r.params) + r.processors
+        )
+        self._active[r.uid] = r
+        self.stats.prompt_tokens += len(r.prompt)
+        self.stats.cached_tokens += r.cached_tokens
+        self._record(["start", r.uid, prompt])
+
+    def _insert(self, prompt: list[int], sampler: Any, processors: list[Any]) -> tuple[int, int]:
+        """Start decoding ``prompt`` from the nearest cached prefix: its uid and the tokens reused."""
+        from mlx_lm.models.cache import trim_prompt_cache
+
         cache, rest = self._prompt_cache.fetch_nearest_cache(self._key, prompt)
         if cache is not None and not rest:  # an exact hit: recompute the last token for its logits
             trim_prompt_cache(cache, 1)
             rest = prompt[-1:]
         if cache is None:
             cache = sequence_caches(self.model, self.kv_bits)
-        r.cached_tokens = len(prompt) - len(rest)
-        (r.uid,) = self._generator.insert(
+        cached = len(prompt) - len(rest)
+        (uid,) = self._generator.insert(
             [rest],
-            max_tokens=[r.max_tokens],
+            max_tokens=[UNBOUNDED],
             caches=[cache] if cache is not None else None,
-            all_tokens=[prompt[: r.cached_tokens]],
-            samplers=[make_sampler(r.params)],
-            logits_processors=[make_processors(r.params) + r.processors],
+            all_tokens=[prompt[:cached]],
+            samplers=[sampler],
+            logits_processors=[processors],
         )
-        self._active[r.uid] = r
-        self.stats.prompt_tokens += len(r.prompt)
-        self.stats.cached_tokens += r.cached_tokens
+        return int(uid), cached
+
+    def _end(self, ended: dict[int, str | None]) -> None:
+        """Take sequences out of the batch; those that ended on their own (a reason given) keep
+        their KV cache for a later prompt that shares the prefix."""
+        kept = self._generator.remove(list(ended), return_prompt_caches=True)
+        finished = {uid: kept[uid][1] for uid, why in ended.items() if why}
+        self._keep_caches(kept, finished)
+        for uid in ended:
+            self._active.pop(uid, None)
+        self._record(["end", list(ended), {str(u): t for u, t in finished.items()}])
+
+    def _keep_caches(self, kept: dict[int, Any], finished: dict[int, list[int]]) -> None:
+        for uid, tokens in finished.items():
+            caches = kept[uid][0]
+            mx.eval([c.state for c in caches])  # no lazy work may outlive the stream
+            self._prompt_cache.insert_cache(self._key, tokens, caches)
 
     @property
     def _key(self) -> str:
         return str(self.folder)
 
     def _step(self) -> None:
+        self._tell(step=True)
         tic = time.perf_counter()
         _, responses = self._generator.next()
         if self.on_step is not None:
@@ -396,21 +463,22 @@ class Engine:
         if responses:
             self.stats.decode_seconds += time.perf_counter() - tic
             self.stats.decode_tokens += len(responses)
+        ended: dict[int, str | None] = {}
         for resp in responses:
             r = self._active.get(resp.uid)
             if r is None:
                 continue
-            if resp.finish_reason is not None:
-                del self._active[resp.uid]
-                mx.eval([c.state for c in resp.prompt_cache])  # no lazy work may outlive the stream
-                self._prompt_cache.insert_cache(self._key, resp.all_tokens, resp.prompt_cache)
+            r.steps += 1
+            finish = ("stop" if resp.token in self._eos
+                      else "length" if r.steps >= r.max_tokens else None)  # fmt: skip
             if not r.cancelled:
-                self._deliver(r, resp)
-            if resp.finish_reason is None and r.done:  # a stop string ended it
-                self._generator.remove([resp.uid])
-                del self._active[resp.uid]
+                self._deliver(r, resp.token, resp.logprobs, finish)
+            if finish is not None or r.done:  # r.done: a stop string ended it
+                ended[resp.uid] = finish
+        if ended:
+            self._end(ended)
 
-    def _deliver(self, r: Request, resp: Any) -> None:
+    def _deliver(self, r: Request, token: int, logprobs: Any, finish: str | None) -> None:
         now = time.perf_counter()
         if r.first_token_at is None:
             r.first_token_at = now
@@ -419,9 +487,9 @@ class Engine:
         r.generated += 1
         self.stats.generated_tokens += 1
         stopped = False
-        if resp.finish_reason != "stop":  # "stop" is the end-of-sequence token: no text
-            stopped = r.output.token(resp.token, resp.logprobs)
-        finish = "stop" if stopped else resp.finish_reason
+        if finish != "stop":  # "stop" is the end-of-sequence token: no text
+            stopped = r.output.token(token, logprobs)
+        finish = "stop" if stopped else finish
         if finish is not None:
             r.done = True
             self._count_finish(finish)
@@ -435,13 +503,58 @@ class Engine:
     def _fail_all(self, message: str) -> None:
         failed = list(self._active.values())
         self._active.clear()
-        self._generator.close()
-        self._generator = self._new_generator()
-        mx.clear_cache()
+        self._reset()
+        self._record(["reset"])
+        with contextlib.suppress(RankLost):  # abandon() has failed them all already
+            self._tell(step=False)
         for r in failed:
             self._count_finish("error")
             r.done = True
             r.output.fail(message)
+
+    def _reset(self) -> None:
+        self._generator.close()
+        self._generator = self._new_generator()
+        mx.clear_cache()
+
+    # -- ranks in lockstep (ramserve/crew.py) ---------------------------------------------------
+
+    def _record(self, op: list[Any]) -> None:
+        if self.crew is not None and self.crew.leads:
+            self._ops.append(op)
+
+    def _tell(self, step: bool) -> None:
+        """Send the following ranks what changed in the batch since the last step, and whether to
+        step: they then run the same forward passes on the same batch."""
+        if self.crew is not None and self.crew.leads:
+            self.crew.tell(Tick(self._ops, step))
+            self._ops = []
+
+    def _follow(self) -> None:
+        """A following rank: replay the leading rank's batch changes and steps. Its tokens are its
+        own (greedy) and never used: what it runs of the model reads only hidden states."""
+        assert self.crew is not None
+        for tick in self.crew.ticks():
+            if tick.close:
+                return
+            for op in tick.ops:
+                self._apply(op)
+            if tick.step:
+                self._generator.next()
+
+    def _apply(self, op: list[Any]) -> None:
+        kind = op[0]
+        if kind == "start":
+            uid, _ = self._insert(op[2], None, [])
+            if uid != op[1]:
+                raise RamserveError(f"out of step with the leading rank: uid {uid}, not {op[1]}")
+        elif kind == "end":
+            kept = self._generator.remove(op[1], return_prompt_caches=True)
+            self._keep_caches(kept, {int(uid): tokens for uid, tokens in op[2].items()})
+        elif kind == "reset":
+            self._reset()
+        else:
+            raise RamserveError(f"unknown step from the leading rank: {kind!r}")
 
 
 def require_kv_bits(model: Any, bits: int | None) -> int | None:

@@ -49,9 +49,7 @@ class Fit:
 
     def engine_args(self) -> dict[str, Any]:
         """The runtime shape the fit chose, as the engine takes it."""
-        s = self.budget.shape
-        return {"context": s.context, "parallel": s.parallel, "prefill_chunk": s.prefill_chunk,
-                "prefill_batch": s.prefill_batch, "kv_bits": s.kv_bits}  # fmt: skip
+        return self.budget.shape.engine_args()
 
 
 def absolute_minimum(source: Source) -> int:

@@ -132,6 +132,11 @@ class Split:
     def damage(self) -> float:
         return sum(p.damage for p in self.parts)
 
+    @property
+    def bounds(self) -> list[int]:
+        """The cut points: 0, then each rank's last layer + 1 (ramserve/pipeline.py's ``share_of``)."""
+        return [0, *(p.layers[1] for p in self.parts)]
+
     def to_json(self) -> dict[str, Any]:
         return {"parts": [p.to_json() for p in self.parts], "predicted_damage": self.damage,
                 "seconds": self.seconds, "ranges_tried": self.ranges_tried,
@@ -144,7 +149,8 @@ Solved = tuple[float, np.ndarray, list[int]]  # damage, the choice per row, the 
 class Ranks:
     """What a candidate range costs each rank: its budget and its plan, solved on demand."""
 
-    def __init__(self, source: Source, profile: Profile, hosts: list[Host], ask: Ask) -> None:
+    def __init__(self, source: Source, profile: Profile, hosts: list[Host], ask: Ask,
+                 machines: list[Machine] | None = None) -> None:  # fmt: skip
         settings = source.settings
         self.profile, self.hosts, self.settings = profile, hosts, settings
         self.layers = int(source.config["num_hidden_layers"])
@@ -155,7 +161,7 @@ class Ranks:
         self.kv, self.act = kv_shape(source), activation_shape(source)
         self.shape = default_shape(self.kv, settings, ask.context, ask.parallel, ask.kv_bits or 16)
         self.float_bytes = FLOAT_BYTES[activation_dtype(source)]  # the runtime's, as loaded
-        self.machines = [host_machine(h, r) for r, h in enumerate(hosts)]
+        self.machines = machines or [host_machine(h, r) for r, h in enumerate(hosts)]
         self.problem = problem_of(profile, settings, False)
         modules = profile.modules
         self.embedding = [i for i, m in enumerate(modules) if m.kind == "embedding"]
@@ -221,10 +227,12 @@ class Ranks:
         return self.profile.fixed_bytes
 
 
-def split(source: Source, profile: Profile, hosts: list[Host], ask: Ask) -> Split:
-    """The contiguous layer ranges and per-rank plans with the least total predicted damage."""
+def split(source: Source, profile: Profile, hosts: list[Host], ask: Ask,
+          machines: list[Machine] | None = None) -> Split:  # fmt: skip
+    """The contiguous layer ranges and per-rank plans with the least total predicted damage; each
+    host's memory is ``machines``' (what its rank measured), else the hostfile's ``memory_gb``."""
     start_time = time.perf_counter()
-    ranks = Ranks(source, profile, hosts, ask)
+    ranks = Ranks(source, profile, hosts, ask, machines)
     best, cut = _search(ranks)
     n, layers = len(hosts), ranks.layers
     if not math.isfinite(best[n - 1][layers]):

@@ -214,9 +214,13 @@ def _dim(parts: Parts, bits: int) -> int:
 
 def sequence_caches(model: Any, bits: int | None) -> list[Any] | None:
     """A fresh sequence's caches with ``bits``-bit KV where the layer allows it (else mlx-lm's own),
-    or None for mlx-lm's defaults (16-bit)."""
+    or None for mlx-lm's defaults (16-bit). A layer another rank runs (ramserve/pipeline.py's stand-ins,
+    ``holds_no_kv``) keeps a plain cache: it stores one-wide placeholders, which cannot be quantized."""
     if bits is None or bits >= 16:
         return None
     from mlx_lm.models.cache import make_prompt_cache
 
-    return [SequenceKVCache(bits) if type(c) is KVCache else c for c in make_prompt_cache(model)]
+    layers = getattr(model, "layers", [])
+    elsewhere = {i for i, layer in enumerate(layers) if getattr(layer, "holds_no_kv", False)}
+    return [SequenceKVCache(bits) if type(c) is KVCache and i not in elsewhere else c
+            for i, c in enumerate(make_prompt_cache(model))]  # fmt: skip

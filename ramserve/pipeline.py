@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -66,13 +66,24 @@ def share_of(bounds: Sequence[int], rank: int) -> Share:
 
 
 class PassThrough(nn.Module):
-    """Another rank's layer: the hidden state goes through unchanged."""
+    """Another rank's layer: the hidden state goes through unchanged. Its cache slot is kept in
+    step with a one-wide key and value per token (4 bytes a token), so the masks the model makes
+    from it (``create_attention_mask(h, cache[0])``) and the batch's cache bookkeeping (padding,
+    filtering, merging) are the ones the real layer's cache would give."""
+
+    holds_no_kv = True  # ramserve/kvcache.py gives its slot a plain cache
 
     def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
+        if cache is not None and hasattr(cache, "update_and_fetch"):
+            # Made from x, so that evaluating the caches (a prefill step evaluates nothing else)
+            # runs the sends and receives before it on every rank alike.
+            ghost = (x[..., :1] * 0).astype(mx.float16)[:, None]
+            cache.update_and_fetch(ghost, ghost)
         return x
 
 
-class Receive(nn.Module):
+class Receive(PassThrough):
     """The layer before this rank's first: the hidden state comes from rank ``source``."""
 
     def __init__(self, source: int) -> None:
@@ -80,7 +91,7 @@ class Receive(nn.Module):
         self.source = source
 
     def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
-        return mx.distributed.recv_like(x, self.source)
+        return mx.distributed.recv_like(super().__call__(x, *args, **kwargs), self.source)
 
 
 class SendOn(nn.Module):
@@ -103,6 +114,10 @@ class GatherLast(nn.Module):
         super().__init__()
         self.inner = layer
         self.size = size
+
+    @property
+    def holds_no_kv(self) -> bool:
+        return isinstance(self.inner, PassThrough)
 
     def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
         h = self.inner(x, *args, **kwargs)
@@ -159,6 +174,14 @@ def stage(model: nn.Module, share: Share, kinds: list[KindRule], hidden: int) ->
         _replace(model, embedding, Absent(hidden, _float_dtype(modules[embedding])))
 
 
+def stager(folder: Path, bounds: Sequence[int], rank: int,
+           kinds: list[KindRule]) -> Callable[[nn.Module], None]:  # fmt: skip
+    """What makes a freshly (lazily) loaded model in ``folder`` rank ``rank``'s stage."""
+    share = share_of(bounds, rank)
+    hidden = int(json.loads((Path(folder) / "config.json").read_text())["hidden_size"])
+    return lambda model: stage(model, share, kinds, hidden)
+
+
 def greedy(model: nn.Module, prompt: list[int], tokens: int) -> list[int]:
     """Greedy decoding across the ranks: every rank returns the same tokens."""
     from mlx_lm.models.cache import make_prompt_cache
@@ -184,7 +207,6 @@ def run_greedy(folder: Path, bounds: Sequence[int], prompt: str, tokens: int,
     if len(bounds) - 1 != group.size():
         raise RamserveError(f"{len(bounds) - 1} layer ranges for {group.size()} ranks")
     model, tokenizer = load(str(folder), lazy=True)  # a rank reads only what it evaluates
-    hidden = int(json.loads((Path(folder) / "config.json").read_text())["hidden_size"])
-    stage(model, share_of(bounds, group.rank()), kinds, hidden)
+    stager(folder, bounds, group.rank(), kinds)(model)
     out = greedy(model, tokenizer.encode(prompt), tokens)
     return {"rank": group.rank(), "size": group.size(), "bounds": list(bounds), "tokens": out}

@@ -121,6 +121,15 @@ class ServerSettings(BaseModel):
     ollama_version: str = Field(min_length=1)
 
 
+class HostsSettings(BaseModel):
+    """Serving from several machines (ramserve/cluster.py)."""
+
+    control_port: int = Field(gt=0, lt=65535)
+    connect_timeout_s: float = Field(gt=0)
+    heartbeat_s: float = Field(gt=0)
+    lost_after_s: float = Field(gt=0)
+
+
 class CacheSettings(BaseModel):
     max_gb: float = Field(gt=0)
     min_free_gb: float = Field(ge=0)
@@ -148,6 +157,7 @@ class Settings(BaseModel):
     budget: BudgetSettings
     devices: dict[str, Device] = {}
     server: ServerSettings
+    hosts: HostsSettings
     cache: CacheSettings
     tool_formats: dict[str, ToolFormat] = {}
 

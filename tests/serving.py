@@ -131,3 +131,20 @@ def ramserve_run(*args: str, env: dict[str, str]) -> Iterator[tuple[str, list[st
 
 def run_env(home: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "RAMSERVE_HOME": str(home), **extra}
+
+
+def host_memory_gb(model: Path, mib: float, ask: Any) -> float:
+    """A host's memory_gb that leaves about ``mib`` MiB for ``model``'s weights beside its runtime
+    and its whole KV cache (at ``ask``'s shape), after the OS reserve of 2 GiB."""
+    from ramserve.budget import activation_shape, budget_for, default_shape, kv_shape
+    from ramserve.device import Machine
+    from ramserve.settings import load_settings
+    from ramserve.source import open_source
+
+    settings = load_settings()
+    source = open_source(str(model), settings)
+    kv = kv_shape(source)
+    shape = default_shape(kv, settings, ask.context, ask.parallel)
+    probe = budget_for(kv, activation_shape(source), settings, shape,
+                       machine=Machine("probe", 16 * 2**30, 16 * 2**30, None, False))  # fmt: skip
+    return 2.0 + (probe.runtime + probe.kv + mib * 2**20) / 2**30

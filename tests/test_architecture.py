@@ -17,12 +17,12 @@ ORDER = [
     "sensitivity", "fisher", "rounding", "profile",
     "allocate", "budget", "shape", "plan", "hosts", "describe",
     "quantize",
-    "cpu", "constrain", "output", "kvcache", "engine", "pipeline",
+    "cpu", "constrain", "output", "kvcache", "crew", "engine", "pipeline",
     "fit", "evaluate",
     "server.errors", "server.limits", "server.metrics", "server.registry", "server.core",
     "server.schemas", "server.openai_api", "server.anthropic_api", "server.ollama_api",
     "server.web", "server.app", "server",
-    "variants", "service", "status",
+    "cluster", "variants", "service", "status",
     "cli",
 ]  # fmt: skip
 

@@ -23,6 +23,7 @@ from ramserve.source import open_source
 
 from .conftest import DENSE, shared_model
 from .factory import make_model
+from .serving import host_memory_gb
 
 ASK = Ask(context=1024, parallel=1)
 
@@ -30,16 +31,7 @@ ASK = Ask(context=1024, parallel=1)
 def weights_gb(mib: float) -> float:
     """A host's memory_gb that leaves about ``mib`` MiB for weights beside the shared dense model's
     runtime and its whole KV cache (at ASK's shape), after the OS reserve of 2 GiB."""
-    from ramserve.budget import activation_shape, budget_for, default_shape, kv_shape
-    from ramserve.device import Machine
-
-    settings = load_settings()
-    source = open_source(str(shared_model(DENSE)), settings)
-    kv = kv_shape(source)
-    shape = default_shape(kv, settings, ASK.context, ASK.parallel)
-    probe = budget_for(kv, activation_shape(source), settings, shape,
-                       machine=Machine("probe", 16 * 2**30, 16 * 2**30, None, False))  # fmt: skip
-    return 2.0 + (probe.runtime + probe.kv + mib * 2**20) / 2**30
+    return host_memory_gb(shared_model(DENSE), mib, ASK)
 
 
 def brute_force(ranks: Ranks) -> float:

@@ -74,7 +74,7 @@ class Registry:
             self.stage = "ready"
         except Exception as e:  # reported by /health and every request, never a crash
             log.exception("loading %s failed", self.folder)
-            self.error = f"{type(e).__name__}: {e}"
+            self.error = f"the model failed to load: {type(e).__name__}: {e}"
             self.stage = "failed"
 
     def close(self) -> None:
@@ -104,7 +104,8 @@ class Registry:
             raise UnknownModel(f"model {model_id!r} does not exist; this server has {self.name!r}")
         plan = Plan.in_folder(self.folder)
         return {"id": self.name, "created": self.created,
-                "status": "loaded" if self.ready else "loading",
+                "status": "loaded" if self.ready else
+                          "failed" if self.stage == "failed" else "loading",
                 "context_length": self.engine.context if self.engine else None,
                 "runtime_shape": asdict(self.engine.runtime_shape()) if self.engine else None,
                 **(plan.summary() if plan else {})}  # fmt: skip
@@ -118,7 +119,7 @@ class Registry:
 
     def require_ready(self) -> Engine:
         if self.stage == "failed":
-            raise NotReady(f"the model failed to load: {self.error}")
+            raise NotReady(self.error or "the model failed")
         if self.engine is None or not self.ready:
             raise NotReady(f"the model is not ready yet ({self.stage})")
         return self.engine

@@ -1,0 +1,193 @@
+"""Serving one model from several machines: ``ramserve run MODEL --hosts hosts.json``.
+
+Started by hand, ``run --hosts`` becomes rank 0 and starts one more rank per further host of the
+hostfile (by ssh, as ``mlx.launch`` does; hosts whose "ssh" is 127.0.0.1 run here), on MLX's ring back
+end. It can also be started under ``mlx.launch`` directly (``MLX_RANK`` set); ``mlx.launch`` then stops
+every rank when one ends, rank 0 included. Each rank takes its role:
+
+- Rank 0 serves the API at once (503 with the stage while it starts). It gathers the other ranks'
+  hellos (each rank's memory, measured on its host or stated by the hostfile's ``memory_gb``),
+  analyses the model (cached), chooses the split and the plan together (ramserve/hosts.py),
+  quantizes (cached) and tells every rank the plan and its layers. Then it schedules the batch
+  (ramserve/engine.py), and each step goes to the other ranks (ramserve/crew.py).
+- Every other rank quantizes the same plan from its own copy of the model (cached; on one machine
+  that is rank 0's folder), loads only its own layers and follows.
+
+A rank that is lost fails the requests in flight and every later one with a 503 that names it, and
+``/health`` says so. The other ranks then exit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+
+from . import cache
+from .budget import Ask
+from .cache import model_dir
+from .crew import Crew, Hand, Hello
+from .device import this_machine
+from .engine import Engine
+from .errors import RamserveError
+from .hosts import Host, Split, read_hostfile, render_split, split
+from .pipeline import stager
+from .plan import served_name
+from .profile import analyze
+from .quantize import quantize
+from .records import Plan
+from .server.registry import Registry
+from .settings import Settings
+from .source import open_source
+
+log = logging.getLogger("ramserve.cluster")
+
+
+LOCAL = {"127.0.0.1", "localhost"}
+
+
+def under_launch() -> bool:
+    """Whether this process is already one rank (started by ``launch`` or by ``mlx.launch``)."""
+    return "MLX_RANK" in os.environ
+
+
+def ring_hostfile(hosts: list[Host], settings: Settings) -> str:
+    """MLX's ring back end's hostfile: each rank's address and port, as ``mlx.launch`` writes it."""
+    port = settings.hosts.control_port + 1
+    return json.dumps([[f"{h.ips[0]}:{port + r}"] for r, h in enumerate(hosts)])
+
+
+def launch(hostfile: Path, settings: Settings, argv: list[str]) -> list[subprocess.Popen[bytes]]:
+    """Start ranks 1.. (on their hosts: by ssh, as ``mlx.launch`` does, or here for 127.0.0.1) and
+    make this process rank 0. Not through ``mlx.launch`` itself, which stops every rank when one
+    ends, so rank 0 could not stay up to answer that a rank is lost."""
+    hosts = read_hostfile(hostfile)  # named errors before anything starts
+    if len(hosts) < 2:
+        raise RamserveError(f"hostfile {hostfile} names one host: --hosts is for several; "
+                            "on one machine, run without it")  # fmt: skip
+    missing = [h.ssh for h in hosts if not h.ips]
+    if missing:
+        raise RamserveError(f"hostfile {hostfile}: MLX's ring back end needs each host's "
+                            f'"ips"; {", ".join(missing)} has none')  # fmt: skip
+    ring = ring_hostfile(hosts, settings)
+    ring_file = Path(tempfile.mkstemp(prefix="ramserve-ring-", suffix=".json")[1])
+    ring_file.write_text(ring)
+    script = Path(sys.argv[0]) if Path(sys.argv[0]).name == "ramserve" else \
+        Path(sys.executable).parent / "ramserve"  # fmt: skip
+    command = [sys.executable, str(script.resolve()), *argv]
+    ranks = []
+    for rank, host in enumerate(hosts[1:], start=1):
+        if host.ssh in LOCAL:
+            env = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(ring_file)}
+            ranks.append(subprocess.Popen(command, env=env))
+        else:
+            remote = (f"cd {shlex.quote(os.getcwd())} 2>/dev/null; f=$(mktemp); "
+                      f"echo {shlex.quote(ring)} > $f; export MLX_HOSTFILE=$f MLX_RANK={rank}; "
+                      f"exec {shlex.join(command)}")  # fmt: skip
+            ranks.append(subprocess.Popen(["ssh", "-tt", "-o", "LogLevel=QUIET", host.ssh, remote]))
+    os.environ.update(MLX_RANK="0", MLX_HOSTFILE=str(ring_file))
+    return ranks
+
+
+def leader_address(hosts: list[Host]) -> str:
+    return hosts[0].ips[0]
+
+
+def join_ring() -> int:
+    """Join MLX's ring: this rank's number."""
+    group = mx.distributed.init(strict=True, backend="ring")
+    return int(group.rank())
+
+
+class RanksRegistry(Registry):
+    """Rank 0's registry: the model split over the hostfile's hosts, fitted once every rank has said
+    what memory it has."""
+
+    def __init__(self, spec: str, hostfile: Path, settings: Settings, ask: Ask) -> None:
+        # The name until the source is open: a folder's or a repo's last part, as sources name them.
+        super().__init__(Path(), Path(spec.partition("@")[0].rstrip("/")).name, settings, {})
+        self.spec, self.ask = spec, ask
+        self.hosts = read_hostfile(hostfile)
+        self.split: Split | None = None
+        self.crew: Crew | None = None
+
+    def _load_initial(self) -> None:
+        try:
+            self._start_ranks()
+            self.stage = "ready"
+        except Exception as e:  # reported by /health and every request, never a crash
+            log.exception("starting the ranks failed")
+            why = str(e) if isinstance(e, RamserveError) else f"{type(e).__name__}: {e}"
+            self.error = self.error or f"the model could not start on its hosts: {why}"
+            self.stage = "failed"
+
+    def _start_ranks(self) -> None:
+        cfg, n = self.settings.hosts, len(self.hosts)
+        self.stage = f"waiting for {n - 1} more rank{'s' if n > 2 else ''} to connect"
+        crew = Crew(leader_address(self.hosts), cfg.control_port, n,
+                    lost_after_s=cfg.lost_after_s)  # fmt: skip
+        self.crew = crew
+        hellos = crew.gather(cfg.connect_timeout_s)
+        crew.on_lost = self._lose
+        self.stage = "joining MLX's ring"
+        join_ring()
+        self.stage = "analysing"
+        source = open_source(self.spec, self.settings)
+        profile = analyze(source, progress=False)
+        self.stage = "splitting"
+        machines = [this_machine(self.hosts[0].memory_gb or 0), *(h.machine for h in hellos)]
+        done = split(source, profile, self.hosts, self.ask, machines)
+        print(render_split(done.to_json()), flush=True)
+        self.stage = "quantizing"
+        cache.hold(model_dir(source.fingerprint, done.plan.hash))
+        folder, _ = quantize(source, done.plan, progress=False)
+        shape = done.parts[0].budget.shape.engine_args()
+        crew.send_all({"model": self.spec, "plan": done.plan.to_json(), "bounds": done.bounds,
+                       "engine_args": shape})  # fmt: skip
+        self.stage = "loading model"
+        self.folder, self.name, self.split = folder, served_name(source), done
+        self.engine = Engine(folder, self.settings, crew=crew, **shape,
+                             stage=stager(folder, done.bounds, 0, self.settings.kinds))  # fmt: skip
+        if crew.lost:
+            raise RamserveError(crew.lost)
+
+    def _lose(self, why: str) -> None:
+        self.error = f"{why}; the model is split over {len(self.hosts)} hosts and cannot serve " \
+                     "without it: restart ramserve run --hosts"  # fmt: skip
+        self.stage = "failed"
+        if self.engine is not None:
+            self.engine.abandon(self.error)
+
+    def loaded_plan(self) -> Plan | None:
+        return self.split.plan if self.split else None
+
+    def close(self) -> None:
+        super().close()
+        if self.crew is not None:
+            self.crew.close()
+
+
+def follow(spec: str, hostfile: Path, settings: Settings) -> int:
+    """A rank other than 0: say hello, take the plan, quantize and load this rank's layers, follow."""
+    hosts, rank = read_hostfile(hostfile), int(os.environ["MLX_RANK"])
+    host, cfg = hosts[rank], settings.hosts
+    hand = Hand(leader_address(hosts), cfg.control_port,
+                Hello(rank, host.ssh, this_machine(host.memory_gb or 0)),
+                timeout_s=cfg.connect_timeout_s, beat_s=cfg.heartbeat_s)  # fmt: skip
+    join_ring()
+    setup = hand.receive()
+    source = open_source(setup["model"], settings)
+    plan = Plan.from_json(setup["plan"], "the plan rank 0 sent")
+    cache.hold(model_dir(source.fingerprint, plan.hash))
+    folder, _ = quantize(source, plan, progress=False)
+    engine = Engine(folder, settings, crew=hand, **setup["engine_args"],
+                    stage=stager(folder, setup["bounds"], rank, settings.kinds))  # fmt: skip
+    engine.wait()
+    return 0

@@ -1,0 +1,227 @@
+"""The control channel between the ranks of a model split over machines: plain TCP beside MLX's own
+distributed back end, which carries only the hidden states.
+
+The leading rank (rank 0) listens; each following rank connects, says who it is and what memory it
+measured (``Hello``), and then receives the setup and, for every step of the batch, a ``Tick``: what
+changed in the batch since the last step (sequences started and ended) and whether to step. So every
+rank runs the same forward passes on the same batch, and only the leading rank schedules and samples.
+
+Faults show at once: a following rank sends a heartbeat every ``beat_s`` seconds, and the leading rank
+calls ``Crew.on_lost`` with the cause when one closes its connection (a killed process), stops beating
+or cannot be written to. A following rank whose leader is gone exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from .device import Machine
+from .errors import RamserveError
+
+log = logging.getLogger("ramserve.crew")
+
+
+class RankLost(RamserveError):
+    """A rank stopped answering, or never connected."""
+
+
+@dataclass
+class Tick:
+    ops: list[list[Any]] = field(default_factory=list)  # batch changes, in the order they were made
+    step: bool = False  # then run one step of the batch
+    close: bool = False  # the leading rank is shutting down
+
+
+@dataclass(frozen=True)
+class Hello:
+    rank: int
+    host: str
+    machine: Machine
+
+
+class Lockstep(Protocol):
+    """What an engine needs of the channel: the leading rank tells, the others follow."""
+
+    leads: bool
+
+    def tell(self, tick: Tick) -> None: ...
+
+    def ticks(self) -> Iterator[Tick]: ...
+
+
+_HEADER = struct.Struct("!I")
+
+
+def _send(sock: socket.socket, message: dict[str, Any]) -> None:
+    data = json.dumps(message, separators=(",", ":")).encode()
+    sock.sendall(_HEADER.pack(len(data)) + data)
+
+
+def _receive(sock: socket.socket) -> dict[str, Any] | None:
+    """The next message, or None when the other side closed the connection."""
+    header = _read_exactly(sock, _HEADER.size)
+    if header is None:
+        return None
+    body = _read_exactly(sock, _HEADER.unpack(header)[0])
+    if body is None:
+        return None
+    message: dict[str, Any] = json.loads(body)
+    return message
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes | None:
+    chunks, got = [], 0
+    while got < n:
+        chunk = sock.recv(min(n - got, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+class Crew:
+    """The leading rank's side: the following ranks' connections."""
+
+    leads = True
+
+    def __init__(self, address: str, port: int, size: int, *, beat_s: float = 1.0,
+                 lost_after_s: float = 10.0) -> None:  # fmt: skip
+        self.size, self.beat_s, self.lost_after_s = size, beat_s, lost_after_s
+        self.hellos: dict[int, Hello] = {}
+        self.lost: str | None = None
+        self.on_lost: Callable[[str], None] | None = None
+        self._socks: dict[int, socket.socket] = {}
+        self._write = threading.Lock()
+        self._listener = socket.create_server((address, port), reuse_port=False)
+        self.where = f"{address}:{port}"
+
+    def gather(self, timeout_s: float) -> list[Hello]:
+        """Wait for every following rank to connect and say hello, in rank order."""
+        deadline = time.monotonic() + timeout_s
+        while len(self._socks) < self.size - 1:
+            self._listener.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                sock, _ = self._listener.accept()
+            except TimeoutError:
+                missing = [r for r in range(1, self.size) if r not in self._socks]
+                raise RankLost(
+                    f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} never "
+                    f"connected to {self.where} within {timeout_s:g} s"
+                ) from None
+            sock.settimeout(self.lost_after_s)
+            hello = _receive(sock)
+            if hello is None or "rank" not in hello:
+                sock.close()
+                continue
+            rank = int(hello["rank"])
+            self.hellos[rank] = Hello(rank, hello["host"], Machine(**hello["machine"]))
+            self._socks[rank] = sock
+        self._listener.close()
+        for rank, sock in self._socks.items():
+            threading.Thread(target=self._watch, args=(rank, sock), daemon=True,
+                             name=f"ramserve-crew-{rank}").start()  # fmt: skip
+        return [self.hellos[r] for r in sorted(self.hellos)]
+
+    def send_all(self, message: dict[str, Any]) -> None:
+        with self._write:
+            for rank, sock in self._socks.items():
+                try:
+                    _send(sock, message)
+                except OSError as e:
+                    self._lose(rank, f"cannot be reached ({e.strerror or e})")
+            if self.lost:
+                raise RankLost(self.lost)
+
+    def tell(self, tick: Tick) -> None:
+        if self.lost and tick.close:
+            return
+        self.send_all(asdict(tick))
+
+    def ticks(self) -> Iterator[Tick]:
+        raise RamserveError("the leading rank tells; it does not follow")
+
+    def close(self) -> None:
+        for sock in self._socks.values():
+            sock.close()
+
+    def _watch(self, rank: int, sock: socket.socket) -> None:
+        try:
+            while _receive(sock) is not None:
+                pass
+            self._lose(rank, "closed its connection (its process ended)")
+        except TimeoutError:
+            self._lose(rank, f"sent no heartbeat for {self.lost_after_s:g} s")
+        except OSError as e:
+            self._lose(rank, f"failed: {e.strerror or e}")
+
+    def _lose(self, rank: int, why: str) -> None:
+        if self.lost is not None:
+            return
+        hello = self.hellos.get(rank)
+        self.lost = f"rank {rank} ({hello.host if hello else '?'}) {why}"
+        log.error("%s", self.lost)
+        if self.on_lost is not None:
+            self.on_lost(self.lost)
+
+
+class Hand:
+    """A following rank's side: its connection to the leading rank."""
+
+    leads = False
+
+    def __init__(self, address: str, port: int, hello: Hello, *, timeout_s: float,
+                 beat_s: float = 1.0) -> None:  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._sock = socket.create_connection((address, port), timeout=5)
+                break
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    raise RankLost(f"rank {hello.rank} cannot reach the leading rank at "
+                                   f"{address}:{port}: {e.strerror or e}") from e  # fmt: skip
+                time.sleep(0.2)
+        self._sock.settimeout(None)
+        self._write = threading.Lock()
+        with self._write:
+            _send(self._sock, {"rank": hello.rank, "host": hello.host,
+                               "machine": asdict(hello.machine)})  # fmt: skip
+        threading.Thread(target=self._beat, args=(beat_s,), daemon=True,
+                         name="ramserve-heartbeat").start()  # fmt: skip
+
+    def receive(self) -> dict[str, Any]:
+        message = _receive(self._sock)
+        if message is None:
+            raise RankLost("the leading rank closed the connection")
+        return message
+
+    def tell(self, tick: Tick) -> None:
+        raise RamserveError("a following rank does not tell")
+
+    def ticks(self) -> Iterator[Tick]:
+        while True:
+            message = _receive(self._sock)
+            if message is None:
+                return
+            yield Tick(**message)
+
+    def _beat(self, every_s: float) -> None:
+        while True:
+            time.sleep(every_s)
+            try:
+                with self._write:
+                    _send(self._sock, {"beat": 1})
+            except OSError:
+                # The leader is gone: this rank may be blocked in a pass that waits for it.
+                log.error("the leading rank is gone; this rank exits")
+                os._exit(3)

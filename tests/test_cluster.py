@@ -1,0 +1,186 @@
+"""`ramserve run --hosts`: one model served from 2 and 3 ranks on this machine (MLX's ring back end over
+loopback, as MLX's own Linux CI runs it), each rank's memory stated in the hostfile so that the split is
+uneven. Greedy output through the API equals one process serving the same plan; a rank that dies or
+never connects is named by /health and by every request's 503."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from ramserve.budget import Ask
+from ramserve.hosts import read_hostfile, split
+from ramserve.profile import analyze
+from ramserve.quantize import quantize
+from ramserve.settings import load_settings
+from ramserve.source import open_source
+
+from .conftest import DENSE, TEST_CONFIG, shared_model
+from .serving import free_port, host_memory_gb, ramserve_run, run_env, serve_folder, wait_for
+
+ASK = Ask(context=1024, parallel=2)
+SHAPE = ["--context", "1024", "--parallel", "2", "--kv-bits", "16"]
+NAME = "code-qwen3-30m"
+PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\ndef main():",
+           "class Stack:\n    def __init__(self):", "# sort a list of pairs by their second item\n"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for the module: the model is analysed once, and each split's plan quantized once."""
+    home = tmp_path_factory.mktemp("cluster") / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(TEST_CONFIG + f"[hosts]\ncontrol_port = {free_port()}\n")
+    return home
+
+
+def hostfile(home: Path, mibs: tuple[float, ...]) -> Path:
+    """Hosts on this machine, each stating memory that leaves it about ``mibs[r]`` MiB of weights."""
+    model = shared_model(DENSE)
+    hosts = [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"], "memory_gb": host_memory_gb(model, m, ASK)}
+             for m in mibs]  # fmt: skip
+    path = home.parent / f"hosts-{'-'.join(map(str, mibs))}.json"
+    path.write_text(json.dumps(hosts))
+    return path
+
+
+def complete(base: str, prompt: str) -> str:
+    body = {"model": NAME, "prompt": prompt, "max_tokens": 24, "temperature": 0}
+    r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    text: str = r.json()["choices"][0]["text"]
+    return text
+
+
+def printed_layers(lines: list[str]) -> list[str]:
+    """The layers column of the split `run --hosts` printed: '0-1', '2-6'."""
+    return [ln.split()[2] for ln in lines if ln[:1].isdigit() and "127.0.0.1" in ln]
+
+
+@pytest.mark.parametrize("mibs", [(24, 46), (22, 26, 30)], ids=["2 ranks", "3 ranks"])
+def test_a_model_split_over_ranks_serves_what_one_process_serves(
+    home: Path, mibs: tuple[float, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RAMSERVE_HOME", str(home))
+    hosts = hostfile(home, mibs)
+    model = str(shared_model(DENSE))
+    with ramserve_run(model, "--hosts", str(hosts), *SHAPE, env=run_env(home)) as (base, lines):
+        one_by_one = [complete(base, p) for p in PROMPTS]
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:  # 4 requests on 2 slots: the batch changes
+            together = list(pool.map(lambda p: complete(base, p), PROMPTS))
+        card = httpx.get(f"{base}/v1/models").json()["data"][0]
+        layers = printed_layers(lines)
+
+    # The same split, chosen here from the same stated memory, and its plan in one process.
+    source = open_source(model, load_settings())
+    done = split(source, analyze(source, progress=False), read_hostfile(hosts), ASK)
+    assert layers == [f"{p.layers[0]}-{p.layers[1] - 1}" for p in done.parts]
+    sizes = [p.layers[1] - p.layers[0] for p in done.parts]
+    assert len(set(sizes)) > 1, f"the stated memory should split the layers unevenly: {sizes}"
+    assert card["weight_bytes"] == done.plan.total_bytes
+    folder, cached = quantize(source, done.plan, progress=False)
+    assert cached  # rank 0 wrote it; every rank loaded its own layers of it
+    with serve_folder(folder, NAME, context=1024, parallel=2, kv_bits=16) as one:
+        expected = [complete(one, p) for p in PROMPTS]
+    assert one_by_one == expected
+    assert together == expected
+    assert all(len(t) > 0 for t in expected)
+
+
+def rank_process(rank: int, hosts: Path) -> psutil.Process:
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if str(hosts) in (proc.info["cmdline"] or []) and \
+                    proc.environ().get("MLX_RANK") == str(rank):  # fmt: skip
+                return proc
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    raise AssertionError(f"no rank {rank} running for {hosts}")
+
+
+def test_a_lost_rank_is_named_by_health_and_by_every_request(home: Path) -> None:
+    hosts = hostfile(home, (24, 46))
+    model = str(shared_model(DENSE))
+    with ramserve_run(model, "--hosts", str(hosts), *SHAPE, env=run_env(home)) as (base, _):
+        assert complete(base, PROMPTS[0])
+        streamed: list[str] = []
+        started = threading.Event()
+
+        def stream() -> None:
+            body = {"model": NAME, "prompt": PROMPTS[1], "max_tokens": 900, "temperature": 0,
+                    "stream": True}  # fmt: skip
+            with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        streamed.append(line)
+                        started.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert started.wait(60)
+        rank_process(1, hosts).send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        assert wait_for(lambda: httpx.get(f"{base}/health").status_code == 503, timeout=10)
+        seconds = time.monotonic() - killed
+        health = httpx.get(f"{base}/health").json()
+        reader.join(30)
+        assert not reader.is_alive(), "the request in flight hung"
+        refused = httpx.post(f"{base}/v1/completions", timeout=10,
+                             json={"model": NAME, "prompt": "x", "max_tokens": 2})  # fmt: skip
+    assert seconds < 5
+    assert "rank 1 (127.0.0.1)" in health["error"] and health["stage"] == "failed"
+    assert "rank 1 (127.0.0.1)" in streamed[-1] and '"error"' in streamed[-1]
+    assert refused.status_code == 503
+    assert "rank 1 (127.0.0.1)" in refused.json()["error"]["message"]
+
+
+def test_a_rank_that_never_connects_is_named(tmp_path: Path) -> None:
+    home = tmp_path / "alone"
+    home.mkdir()
+    port = free_port()
+    (home / "config.toml").write_text(
+        TEST_CONFIG + f"[hosts]\ncontrol_port = {port}\nconnect_timeout_s = 2\n"
+    )
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
+    ring = tmp_path / "ring.json"
+    ring.write_text(json.dumps([[f"127.0.0.1:{port + 1}"], [f"127.0.0.1:{port + 2}"]]))
+    api = free_port()
+    # Rank 0 as a launcher would start it; rank 1 is never started.
+    cmd = [sys.executable, "-m", "ramserve.cli", "run", str(shared_model(DENSE)), "--hosts",
+           str(hosts), "--port", str(api), "-q"]  # fmt: skip
+    env = run_env(home, MLX_RANK="0", MLX_HOSTFILE=str(ring))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{api}"
+    try:
+
+        def health() -> dict:
+            try:
+                return httpx.get(f"{base}/health").json()  # type: ignore[no-any-return]
+            except httpx.TransportError:
+                return {}
+
+        assert wait_for(lambda: health().get("stage", "").startswith("waiting"), timeout=60)
+        assert wait_for(lambda: health().get("stage") == "failed", timeout=30)
+        refused = httpx.post(f"{base}/v1/completions", json={"model": NAME, "prompt": "x"})
+        assert proc.poll() is None  # still up, saying why
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert f"rank 1 never connected to 127.0.0.1:{port} within 2 s" in health_error(refused)
+
+
+def health_error(response: httpx.Response) -> str:
+    assert response.status_code == 503, response.text
+    message: str = response.json()["error"]["message"]
+    return message
