@@ -16,11 +16,14 @@ a collective after the pass (``all_sum`` or ``all_gather`` of the token, with a 
 ranks before the last), in one evaluation or in two. So every rank holds the head, and the split
 (``hosts.py``) charges a copy of it to every rank but the one whose plan chooses its precision.
 
-What is built: the split forward pass and greedy decoding of one sequence (``ramserve pipeline``
-under ``mlx.launch``). Not yet: the engine's continuous batching across the
-pipeline, and serving from rank 0 (issue 25). A rank's attention mask comes from its first cache
-slot's offset (mlx-lm's ``create_attention_mask(h, cache[0])``), a skipped layer's on ranks after the
-first: correct for a prompt prefilled in one step and for decoding, not yet for chunked prefill.
+A stand-in keeps its layer's cache slot in step with one-wide placeholders, so every rank's masks
+(mlx-lm's ``create_attention_mask(h, cache[0])``, from a stand-in's slot on ranks after the first) and
+its batch bookkeeping (padding, filtering, merging for continuous batching) are what one process has,
+chunked prefill included. The placeholders are made from the hidden state, so that evaluating the
+caches, which is all a prefill step evaluates, runs every send and receive before them on every rank.
+
+Serving a split model (``ramserve run --hosts``) is ramserve/cluster.py's; ``greedy`` here decodes one
+sequence (``ramserve pipeline`` under ``mlx.launch``).
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ from .serving import free_port, host_memory_gb, ramserve_run, run_env, serve_fol
 ASK = Ask(context=1024, parallel=2)
 SHAPE = ["--context", "1024", "--parallel", "2", "--kv-bits", "16"]
 NAME = "code-qwen3-30m"
-PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\ndef main():",
+PROMPTS = ["def fibonacci(n):", "import os\nimport sys\nimport json\nfrom pathlib import Path\n\n\n"
+           "def read_config(path: Path) -> dict:\n    \"\"\"Read the JSON config at path.\"\"\"\n",
            "class Stack:\n    def __init__(self):", "# sort a list of pairs by their second item\n"]  # fmt: skip
 
 
@@ -40,7 +41,12 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One cache for the module: the model is analysed once, and each split's plan quantized once."""
     home = tmp_path_factory.mktemp("cluster") / "home"
     home.mkdir()
-    (home / "config.toml").write_text(TEST_CONFIG + f"[hosts]\ncontrol_port = {free_port()}\n")
+    # Prompts are prefilled 8 tokens a step: ranks after the first make a chunk's mask from a
+    # stand-in layer's cache.
+    chunks = "[budget]\nprefill_chunk = 8\nmin_prefill_chunk = 8\n"
+    (home / "config.toml").write_text(
+        TEST_CONFIG + chunks + f"[hosts]\ncontrol_port = {free_port()}\n"
+    )
     return home
 
 
@@ -76,7 +82,8 @@ def test_a_model_split_over_ranks_serves_what_one_process_serves(
     model = str(shared_model(DENSE))
     with ramserve_run(model, "--hosts", str(hosts), *SHAPE, env=run_env(home)) as (base, lines):
         one_by_one = [complete(base, p) for p in PROMPTS]
-        with ThreadPoolExecutor(len(PROMPTS)) as pool:  # 4 requests on 2 slots: the batch changes
+        # 4 requests on 2 slots: the batch changes under way, and each prompt's cache is reused.
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
             together = list(pool.map(lambda p: complete(base, p), PROMPTS))
         card = httpx.get(f"{base}/v1/models").json()["data"][0]
         layers = printed_layers(lines)
