@@ -43,7 +43,7 @@ from .errors import BudgetError, RamserveError
 from .fmt import human_bytes, table
 from .plan import assemble_plan, fit_loaded, memory_bytes, problem_of
 from .records import BudgetAsk, Plan, Profile, SafetyFloor
-from .source import Source
+from .source import Source, model_classes
 
 
 class HostfileError(RamserveError):
@@ -127,6 +127,7 @@ class Split:
     plan: Plan  # the whole model's plan (rank 0 holds it)
     seconds: float
     ranges_tried: int  # ranges whose plan was solved
+    tensor_parallel: str | None = None  # where the other way to split would also do, why not it
 
     @property
     def damage(self) -> float:
@@ -140,6 +141,7 @@ class Split:
     def to_json(self) -> dict[str, Any]:
         return {"parts": [p.to_json() for p in self.parts], "predicted_damage": self.damage,
                 "seconds": self.seconds, "ranges_tried": self.ranges_tried,
+                "tensor_parallel": self.tensor_parallel,
                 "plan": self.plan.summary()}  # fmt: skip
 
 
@@ -257,7 +259,8 @@ def split(source: Source, profile: Profile, hosts: list[Host], ask: Ask,
                           memory_bytes(sub, picked, ranks.float_bytes), stored, damage,
                           sum(profile.modules[i].numel for i in rows)))  # fmt: skip
     plan = whole_plan(ranks, choice, parts)
-    return Split(parts, plan, time.perf_counter() - start_time, len(ranks.solved))
+    return Split(parts, plan, time.perf_counter() - start_time, len(ranks.solved),
+                 tensor_parallel_note(source, ranks, sum(p.memory_bytes for p in parts)))  # fmt: skip
 
 
 def _search(ranks: Ranks) -> tuple[list[list[float]], list[list[int]]]:
@@ -285,6 +288,29 @@ def _search(ranks: Ranks) -> tuple[list[list[float]], list[list[int]]]:
                 if total < best[r][stop]:
                     best[r][stop], cut[r][stop] = total, start
     return best, cut
+
+
+def tensor_parallel_note(source: Source, ranks: Ranks, weights: int) -> str | None:
+    """Where mlx-lm could also shard every layer of the model over these hosts (its ``Model.shard``:
+    each host holds 1/N of every weight and of the KV cache, so the smallest host bounds it), whether
+    that would be faster than the pipeline, and why it is not used."""
+    if not hasattr(model_classes(source.config)[0], "shard"):
+        return None
+    n = len(ranks.hosts)
+    rooms = []
+    for r in range(n):
+        whole = ranks.budget(r, 0, ranks.layers)  # every layer's KV cache; it would hold 1/N
+        rooms.append(whole.weights + whole.kv * (n - 1) // n)
+    if n * min(rooms) < weights:
+        return None
+    return (
+        f"mlx-lm's tensor parallelism would also fit {source.model_type} on these hosts, each "
+        "holding 1/N of every layer: each host then reads 1/N of the weights per token, so one "
+        "stream could decode up to N x faster, but only over links with microsecond latency "
+        "(JACCL over Thunderbolt 5); over the ring's TCP its two all-reduces per layer cost more "
+        "(measured: docs/measurements.md, bench/parallel.py). ramserve splits by layers, which "
+        "also lets each host's plan fit its own memory"
+    )
 
 
 def head_copy(ranks: Ranks) -> int:
@@ -335,6 +361,8 @@ def render_split(s: dict[str, Any]) -> str:
     ]
     out.append(f"predicted damage {s['predicted_damage']:.4g} in all; the split and plans solved "
                f"in {1000 * s['seconds']:.0f} ms ({s['ranges_tried']} ranges tried)")  # fmt: skip
+    if s.get("tensor_parallel"):
+        out.append(s["tensor_parallel"])
     return "\n".join(out)
 
 
