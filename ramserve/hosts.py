@@ -1,10 +1,9 @@
 """Several machines: the hostfile, each host's weight budget, and the split of the model's layers over
 the hosts chosen together with the plan.
 
-Each rank takes a contiguous range of decoder layers; the first also holds the embedding, the last the
-final norm and the head. Every rank computes the logits (ramserve/pipeline.py: the token reaches every
-rank that way), so every other rank holds a copy of the head (of the embedding, where the head is tied
-to it), charged at its largest safe size: whatever precision the plan gives it fits. A rank's weight budget is its usable memory minus its runtime and the KV cache of
+Each rank takes a contiguous range of decoder layers; the first also holds the embedding and the head
+(ramserve/pipeline.py: the last rank's output comes back to it, and it alone computes the logits and
+samples). A rank's weight budget is its usable memory minus its runtime and the KV cache of
 its own layers. For a candidate range, the rank's plan is the least-damage one that fits its budget
 (the single-machine solver on its modules, ``plan.fit_loaded``), so the cost of a split is the sum of
 its ranks' predicted damage, and the best split is found by dynamic programming over the cut points:
@@ -172,7 +171,6 @@ class Ranks:
             [i for i, m in enumerate(modules) if m.layer == n] for n in range(self.layers)
         ]
         self.tied = not self.head
-        self.copy = head_copy(self) if len(hosts) > 1 else 0  # the head each other rank holds
         self.solved: dict[tuple[int, int, int], Solved | None] = {}
 
     def budget(self, rank: int, start: int, stop: int) -> Budget:
@@ -181,21 +179,12 @@ class Ranks:
 
     def rows(self, rank: int, start: int, stop: int) -> list[int]:
         rows = [i for n in range(start, stop) for i in self.by_layer[n]]
-        if rank == 0:
-            rows = self.embedding + rows
-        if rank == len(self.hosts) - 1 and not self.tied:
-            rows += self.head
-        return rows
-
-    def chooses_head(self, rank: int) -> bool:
-        """Whether the rank's plan chooses the head's precision; the others hold a copy of it."""
-        return rank == (0 if self.tied else len(self.hosts) - 1)
+        return self.embedding + rows + self.head if rank == 0 else rows
 
     def holds(self, rank: int) -> tuple[str, ...]:
-        out: tuple[str, ...] = ("embedding",) if rank == 0 else ()
-        if self.tied:
-            return out if rank == 0 else ("a copy of the embedding (the tied head)",)
-        return (*out, "head" if self.chooses_head(rank) else "a copy of the head")
+        if rank != 0:
+            return ()
+        return ("embedding (the tied head)",) if self.tied else ("embedding", "head")
 
     def solve(self, rank: int, start: int, stop: int) -> Solved | None:
         """The least damage of the rank's modules within its budget, its choice per row, and the
@@ -209,8 +198,6 @@ class Ranks:
     def _solve(self, rank: int, start: int, stop: int) -> Solved | None:
         rows = self.rows(rank, start, stop)
         room = self.budget(rank, start, stop).weights
-        if not self.chooses_head(rank):
-            room -= self.copy
         sub = self.problem.rows(rows, self.fixed_share)
         profile = replace(self.profile, modules=[self.profile.modules[i] for i in rows],
                           fixed_bytes=self.fixed_share)  # fmt: skip
@@ -311,15 +298,6 @@ def tensor_parallel_note(source: Source, ranks: Ranks, weights: int) -> str | No
         "(measured: docs/measurements.md, bench/parallel.py). ramserve splits by layers, which "
         "also lets each host's plan fit its own memory"
     )
-
-
-def head_copy(ranks: Ranks) -> int:
-    """The bytes of a copy of the head (the embedding, where tied) as loaded, at its largest safe
-    size, so that whatever precision the plan gives it, the copy fits."""
-    rows = ranks.embedding if ranks.tied else ranks.head
-    safe = ranks.problem.bytes[rows]
-    packed = ranks.problem.loaded(ranks.float_bytes)[rows]
-    return int(np.where(np.isfinite(safe), packed, 0).max(axis=1).sum())
 
 
 def whole_plan(ranks: Ranks, choice: np.ndarray, parts: list[Part]) -> Plan:

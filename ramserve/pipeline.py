@@ -5,16 +5,11 @@ ring back end over TCP everywhere; JACCL over Thunderbolt 5 where MLX has it).
 Generic over mlx-lm's model structure through ``seams.DecoderStack``: every rank runs the model's own
 forward pass, with the other ranks' layers replaced by stand-ins. The layer just before a rank's first
 receives the hidden state from the rank before it; the rank's last layer sends its output on to the
-next; the others pass their input through. After the last layer every rank takes the last rank's hidden
-state (``all_gather``, inside the graph, as mlx-lm's own pipelines do), so every rank computes the same
-logits and token and all caches advance together. A rank other than the first holds no embedding (a
-stand-in gives zeros of its shape; the hidden state it stands for comes from the previous rank), unless
-the head is tied to it.
-
-Two schemes that hang on MLX 0.32's ring back end, measured here: taking the token to every rank with
-a collective after the pass (``all_sum`` or ``all_gather`` of the token, with a stand-in head on the
-ranks before the last), in one evaluation or in two. So every rank holds the head, and the split
-(``hosts.py``) charges a copy of it to every rank but the one whose plan chooses its precision.
+next; the others pass their input through. The last rank sends its output back to rank 0, which alone
+holds the embedding and the head: it computes the logits and the token. The other ranks hold neither
+(a stand-in gives the shapes the forward pass expects), and their tokens are never used: serving,
+rank 0 tells them each step what changed in the batch (ramserve/crew.py), and their stages read only
+hidden states.
 
 A stand-in keeps its layer's cache slot in step with one-wide placeholders, so every rank's masks
 (mlx-lm's ``create_attention_mask(h, cache[0])``, from a stand-in's slot on ranks after the first) and
@@ -109,34 +104,41 @@ class SendOn(nn.Module):
         return mx.distributed.send(self.inner(x, *args, **kwargs), self.dest)
 
 
-class GatherLast(nn.Module):
-    """The model's last layer on every rank: runs it (or passes through), then every rank takes the
-    last rank's output."""
+class ReceiveLast(PassThrough):
+    """Rank 0's slot for the model's last layer: the last rank's output comes back, and rank 0
+    computes the final norm, the head and the token."""
 
-    def __init__(self, layer: nn.Module, size: int) -> None:
+    def __init__(self, source: int) -> None:
         super().__init__()
-        self.inner = layer
-        self.size = size
-
-    @property
-    def holds_no_kv(self) -> bool:
-        return isinstance(self.inner, PassThrough)
+        self.source = source
 
     def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
-        h = self.inner(x, *args, **kwargs)
-        return mx.distributed.all_gather(h)[(self.size - 1) * h.shape[0] :]
+        x = super().__call__(x, *args, **kwargs)
+        # Send first: nothing in the graph orders this receive after the send to rank 1, and the
+        # last rank's output needs that send.
+        mx.eval(x)
+        return mx.distributed.recv_like(x, self.source)
 
 
 class Absent(nn.Module):
-    """An embedding this rank does not hold: zeros of the shape the forward pass expects (the hidden
-    state they stand for comes from the previous rank)."""
+    """An embedding (or a head) this rank does not hold. As the embedding: zeros of the shape the
+    forward pass expects (the hidden state they stand for comes from the previous rank). As the head
+    (called, or ``as_linear`` for a tied one): two logits per position, made from the hidden state so
+    that evaluating it runs this rank's send; the tokens it gives are never used (rank 0 samples)."""
 
     def __init__(self, width: int, dtype: mx.Dtype) -> None:
         super().__init__()
         self.width, self.dtype = width, dtype
 
-    def __call__(self, ids: mx.array) -> mx.array:
-        return mx.zeros((*ids.shape, self.width), dtype=self.dtype)
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.ndim == 2 or not mx.issubdtype(x.dtype, mx.floating):  # token ids: the embedding
+            return mx.zeros((*x.shape, self.width), dtype=self.dtype)
+        return self.as_linear(x)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        # Two logits, not one: MLX answers an argmax over one element without reading it, and
+        # then this rank's send would never run.
+        return x[..., :2] * 0
 
 
 def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -164,17 +166,19 @@ def stage(model: nn.Module, share: Share, kinds: list[KindRule], hidden: int) ->
         if i < share.start:
             stack.slots[i] = Receive(share.rank - 1) if i == share.start - 1 else PassThrough()
         elif i >= share.stop:
-            stack.slots[i] = PassThrough()
-        elif i == share.stop - 1 and not share.last:
-            stack.slots[i] = SendOn(stack.slots[i], share.rank + 1)
-    if share.size > 1:
-        stack.slots[n - 1] = GatherLast(stack.slots[n - 1], share.size)
+            last_of_model = i == n - 1 and share.first
+            stack.slots[i] = ReceiveLast(share.size - 1) if last_of_model else PassThrough()
+        elif i == share.stop - 1 and share.size > 1:
+            stack.slots[i] = SendOn(stack.slots[i], (share.rank + 1) % share.size)
+    if share.first:
+        return
     pattern = {rule.name: re.compile(rule.pattern) for rule in kinds}
     modules = dict(model.named_modules())
     embedding = next(p for p in modules if pattern["embedding"].search(p))
-    tied = not any(pattern["lm_head"].search(p) for p in modules)
-    if not share.first and not tied:
-        _replace(model, embedding, Absent(hidden, _float_dtype(modules[embedding])))
+    absent = Absent(hidden, _float_dtype(modules[embedding]))
+    _replace(model, embedding, absent)
+    for head in [p for p in modules if pattern["lm_head"].search(p)]:
+        _replace(model, head, absent)
 
 
 def stager(folder: Path, bounds: Sequence[int], rank: int,
@@ -186,7 +190,7 @@ def stager(folder: Path, bounds: Sequence[int], rank: int,
 
 
 def greedy(model: nn.Module, prompt: list[int], tokens: int) -> list[int]:
-    """Greedy decoding across the ranks: every rank returns the same tokens."""
+    """Greedy decoding across the ranks: rank 0 returns the tokens (the others, placeholders)."""
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
@@ -212,4 +216,5 @@ def run_greedy(folder: Path, bounds: Sequence[int], prompt: str, tokens: int,
     model, tokenizer = load(str(folder), lazy=True)  # a rank reads only what it evaluates
     stager(folder, bounds, group.rank(), kinds)(model)
     out = greedy(model, tokenizer.encode(prompt), tokens)
-    return {"rank": group.rank(), "size": group.size(), "bounds": list(bounds), "tokens": out}
+    tokens = out if group.rank() == 0 else None  # the others' are placeholders
+    return {"rank": group.rank(), "size": group.size(), "bounds": list(bounds), "tokens": tokens}

@@ -87,12 +87,13 @@ def test_the_split_is_the_best_of_every_split(profile_cache, mibs: tuple[float, 
     assert bounds[0][0] == 0 and bounds[-1][1] == 7
     assert all(a[1] == b[0] and a[0] < a[1] for a, b in itertools.pairwise(bounds))
     assert "model.embed_tokens" in found.parts[0].modules
-    assert "lm_head" in found.parts[-1].modules
+    assert "lm_head" in found.parts[0].modules
     assert sorted(m for p in found.parts for m in p.modules) == sorted(found.plan.choices)
-    # Every host computes the logits: the ones before the last hold a copy of the head, charged.
-    assert ranks.copy > 0 and all(p.holds[-1] == "a copy of the head" for p in found.parts[:-1])
+    # Rank 0 alone computes the logits: it holds the head, the others hold nothing beside layers.
+    assert found.parts[0].holds == ("embedding", "head")
+    assert all(p.holds == () for p in found.parts[1:])
     for part in found.parts:
-        room = part.budget.weights - (0 if part.rank == len(mibs) - 1 else ranks.copy)
+        room = part.budget.weights
         assert part.memory_bytes <= room
         assert_within_one_move(profile, part, found.plan.choices, ranks.float_bytes, room)
 
@@ -124,7 +125,7 @@ def test_a_split_that_cannot_fit_names_each_hosts_shortfall(profile_cache) -> No
         split(source, profile_cache(model), hosts, ASK)
 
 
-def test_a_tied_head_is_held_by_the_last_host_too(tmp_path: Path) -> None:
+def test_a_tied_head_is_held_by_the_first_host_only(tmp_path: Path) -> None:
     from ramserve.profile import analyze
 
     folder = make_model(tmp_path / "tied", layers=4, tied=True)
@@ -133,11 +134,10 @@ def test_a_tied_head_is_held_by_the_last_host_too(tmp_path: Path) -> None:
     profile = analyze(source, progress=False)
     hosts, ask = [Host("a", (), 2.45), Host("b", (), 2.45)], Ask(context=256, parallel=1)
     found = split(source, profile, hosts, ask)
-    assert found.parts[0].holds == ("embedding",)
-    assert found.parts[-1].holds == ("a copy of the embedding (the tied head)",)
-    assert "model.embed_tokens" not in found.parts[-1].modules  # its precision is rank 0's choice
-    copy = Ranks(source, profile, hosts, ask).copy
-    assert copy > 0 and found.parts[-1].memory_bytes <= found.parts[-1].budget.weights - copy
+    assert found.parts[0].holds == ("embedding (the tied head)",)
+    assert "model.embed_tokens" in found.parts[0].modules
+    assert found.parts[-1].holds == () and "model.embed_tokens" not in found.parts[-1].modules
+    assert all(p.memory_bytes <= p.budget.weights for p in found.parts)
 
 
 @pytest.mark.parametrize(
