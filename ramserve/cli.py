@@ -207,7 +207,7 @@ def _run_on_hosts(a: argparse.Namespace) -> int:
     others = [] if under_launch() else launch(hostfile, a.settings, sys.argv[1:])
     if os.environ["MLX_RANK"] != "0":
         return follow(a.model, hostfile, a.settings)
-    registry = RanksRegistry(a.model, hostfile, a.settings, ask_of(a))
+    registry = RanksRegistry(a.model, hostfile, a.settings, ask_of(a), progress=not a.quiet)
     try:
         serve(registry, a.settings.server, host=a.host, port=a.port, api_key=api_key(a),
               allow_origin=a.allow_origin)  # fmt: skip

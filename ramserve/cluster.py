@@ -110,10 +110,11 @@ class RanksRegistry(Registry):
     """Rank 0's registry: the model split over the hostfile's hosts, fitted once every rank has said
     what memory it has."""
 
-    def __init__(self, spec: str, hostfile: Path, settings: Settings, ask: Ask) -> None:
+    def __init__(self, spec: str, hostfile: Path, settings: Settings, ask: Ask, *,
+                 progress: bool = True) -> None:  # fmt: skip
         # The name until the source is open: a folder's or a repo's last part, as sources name them.
         super().__init__(Path(), Path(spec.partition("@")[0].rstrip("/")).name, settings, {})
-        self.spec, self.ask = spec, ask
+        self.spec, self.ask, self.show_progress = spec, ask, progress
         self.hosts = read_hostfile(hostfile)
         self.split: Split | None = None
         self.crew: Crew | None = None
@@ -140,14 +141,14 @@ class RanksRegistry(Registry):
         join_ring()
         self.stage = "analysing"
         source = open_source(self.spec, self.settings)
-        profile = analyze(source, progress=False)
+        profile = analyze(source, progress=self.show_progress)
         self.stage = "splitting"
         machines = [this_machine(self.hosts[0].memory_gb or 0), *(h.machine for h in hellos)]
         done = split(source, profile, self.hosts, self.ask, machines)
         print(render_split(done.to_json()), flush=True)
         self.stage = "quantizing"
         cache.hold(model_dir(source.fingerprint, done.plan.hash))
-        folder, _ = quantize(source, done.plan, progress=False)
+        folder, _ = quantize(source, done.plan, progress=self.show_progress)
         shape = done.parts[0].budget.shape.engine_args()
         crew.send_all({"model": self.spec, "plan": done.plan.to_json(), "bounds": done.bounds,
                        "engine_args": shape})  # fmt: skip
@@ -181,13 +182,20 @@ def follow(spec: str, hostfile: Path, settings: Settings) -> int:
     hand = Hand(leader_address(hosts), cfg.control_port,
                 Hello(rank, host.ssh, this_machine(host.memory_gb or 0)),
                 timeout_s=cfg.connect_timeout_s, beat_s=cfg.heartbeat_s)  # fmt: skip
-    join_ring()
-    setup = hand.receive()
-    source = open_source(setup["model"], settings)
-    plan = Plan.from_json(setup["plan"], "the plan rank 0 sent")
-    cache.hold(model_dir(source.fingerprint, plan.hash))
-    folder, _ = quantize(source, plan, progress=False)
-    engine = Engine(folder, settings, crew=hand, **setup["engine_args"],
-                    stage=stager(folder, setup["bounds"], rank, settings.kinds))  # fmt: skip
-    engine.wait()
+    try:
+        join_ring()
+        setup = hand.receive()
+        source = open_source(setup["model"], settings)
+        plan = Plan.from_json(setup["plan"], "the plan rank 0 sent")
+        cache.hold(model_dir(source.fingerprint, plan.hash))
+        folder, _ = quantize(source, plan, progress=False)
+        engine = Engine(folder, settings, crew=hand, **setup["engine_args"],
+                        stage=stager(folder, setup["bounds"], rank, settings.kinds))  # fmt: skip
+        engine.wait()
+    except Exception as e:
+        hand.report(str(e) if isinstance(e, RamserveError) else f"{type(e).__name__}: {e}")
+        raise
+    if engine.failure:
+        hand.report(engine.failure)
+        return 1
     return 0

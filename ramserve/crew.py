@@ -156,8 +156,10 @@ class Crew:
 
     def _watch(self, rank: int, sock: socket.socket) -> None:
         try:
-            while _receive(sock) is not None:
-                pass
+            while (message := _receive(sock)) is not None:
+                if "failed" in message:
+                    self._lose(rank, f"failed: {message['failed']}")
+                    return
             self._lose(rank, "closed its connection (its process ended)")
         except TimeoutError:
             self._lose(rank, f"sent no heartbeat for {self.lost_after_s:g} s")
@@ -207,6 +209,14 @@ class Hand:
 
     def tell(self, tick: Tick) -> None:
         raise RamserveError("a following rank does not tell")
+
+    def report(self, failure: str) -> None:
+        """Tell the leading rank why this rank stops (it names the cause to clients)."""
+        try:
+            with self._write:
+                _send(self._sock, {"failed": failure})
+        except OSError:
+            pass
 
     def ticks(self) -> Iterator[Tick]:
         while True:

@@ -231,6 +231,7 @@ class Engine:
         self._lock = threading.Condition()
         self._closing = False
         self._abandoned = False
+        self.failure: str | None = None  # why the worker stopped, where it could not go on
         # Called with the generator after each step (bench/budget.py reads the cache size there).
         self.on_step: Callable[[Any], None] | None = None
         self._generator: Any = None
@@ -359,6 +360,9 @@ class Engine:
                 self._follow()
             else:
                 self._loop()
+        except Exception as e:  # a following rank's fault: it stops, and says why (cluster.py)
+            log.error("following the leading rank failed: %s", traceback.format_exc())
+            self.failure = f"{type(e).__name__}: {e}"
         finally:
             if self.crew is not None and self.crew.leads:
                 self.crew.tell(Tick(close=True))

@@ -216,5 +216,5 @@ def run_greedy(folder: Path, bounds: Sequence[int], prompt: str, tokens: int,
     model, tokenizer = load(str(folder), lazy=True)  # a rank reads only what it evaluates
     stager(folder, bounds, group.rank(), kinds)(model)
     out = greedy(model, tokenizer.encode(prompt), tokens)
-    tokens = out if group.rank() == 0 else None  # the others' are placeholders
-    return {"rank": group.rank(), "size": group.size(), "bounds": list(bounds), "tokens": tokens}
+    return {"rank": group.rank(), "size": group.size(), "bounds": list(bounds),
+            "tokens": out if group.rank() == 0 else None}  # the others' are placeholders  # fmt: skip
