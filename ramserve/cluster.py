@@ -19,6 +19,7 @@ A rank that is lost fails the requests in flight and every later one with a 503 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -122,12 +123,17 @@ class RanksRegistry(Registry):
     def _load_initial(self) -> None:
         try:
             self._start_ranks()
+            if self.crew is not None and self.crew.lost:
+                raise RamserveError(self.crew.lost)
             self.stage = "ready"
         except Exception as e:  # reported by /health and every request, never a crash
             log.exception("starting the ranks failed")
             why = str(e) if isinstance(e, RamserveError) else f"{type(e).__name__}: {e}"
             self.error = self.error or f"the model could not start on its hosts: {why}"
             self.stage = "failed"
+            if self.crew is not None and not self.crew.lost:  # the others wait for a setup
+                with contextlib.suppress(RamserveError):
+                    self.crew.send_all({"stopped": self.error})
 
     def _start_ranks(self) -> None:
         cfg, n = self.settings.hosts, len(self.hosts)
@@ -156,8 +162,6 @@ class RanksRegistry(Registry):
         self.folder, self.name, self.split = folder, served_name(source), done
         self.engine = Engine(folder, self.settings, crew=crew, **shape,
                              stage=stager(folder, done.bounds, 0, self.settings.kinds))  # fmt: skip
-        if crew.lost:
-            raise RamserveError(crew.lost)
 
     def _lose(self, why: str) -> None:
         self.error = f"{why}; the model is split over {len(self.hosts)} hosts and cannot serve " \
@@ -185,6 +189,9 @@ def follow(spec: str, hostfile: Path, settings: Settings) -> int:
     try:
         join_ring()
         setup = hand.receive()
+        if "stopped" in setup:
+            log.error("rank 0 stopped: %s", setup["stopped"])
+            return 1
         source = open_source(setup["model"], settings)
         plan = Plan.from_json(setup["plan"], "the plan rank 0 sent")
         cache.hold(model_dir(source.fingerprint, plan.hash))

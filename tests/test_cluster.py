@@ -11,8 +11,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -151,6 +154,37 @@ def test_a_lost_rank_is_named_by_health_and_by_every_request(home: Path) -> None
     assert "rank 1 (127.0.0.1)" in refused.json()["error"]["message"]
 
 
+@contextmanager
+def rank_zero(home: Path, hosts: Path, env: dict[str, str]) -> Iterator[tuple[str, Any]]:
+    """`ramserve run --hosts` that never becomes healthy: its base URL and process."""
+    api = free_port()
+    cmd = [sys.executable, "-m", "ramserve.cli", "run", str(shared_model(DENSE)), "--hosts",
+           str(hosts), "--port", str(api), "-q", *SHAPE]  # fmt: skip
+    log = (home.parent / f"rank0-{api}.log").open("w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield f"http://127.0.0.1:{api}", proc
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def health(base: str) -> dict[str, Any]:
+    try:
+        body: dict[str, Any] = httpx.get(f"{base}/health").json()
+        return body
+    except httpx.TransportError:
+        return {}
+
+
+def refusal(base: str) -> str:
+    response = httpx.post(f"{base}/v1/completions", json={"model": NAME, "prompt": "x"})
+    assert response.status_code == 503, response.text
+    message: str = response.json()["error"]["message"]
+    return message
+
+
 def test_a_rank_that_never_connects_is_named(tmp_path: Path) -> None:
     home = tmp_path / "alone"
     home.mkdir()
@@ -162,32 +196,26 @@ def test_a_rank_that_never_connects_is_named(tmp_path: Path) -> None:
     hosts.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
     ring = tmp_path / "ring.json"
     ring.write_text(json.dumps([[f"127.0.0.1:{port + 1}"], [f"127.0.0.1:{port + 2}"]]))
-    api = free_port()
     # Rank 0 as a launcher would start it; rank 1 is never started.
-    cmd = [sys.executable, "-m", "ramserve.cli", "run", str(shared_model(DENSE)), "--hosts",
-           str(hosts), "--port", str(api), "-q"]  # fmt: skip
     env = run_env(home, MLX_RANK="0", MLX_HOSTFILE=str(ring))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{api}"
-    try:
-
-        def health() -> dict:
-            try:
-                return httpx.get(f"{base}/health").json()  # type: ignore[no-any-return]
-            except httpx.TransportError:
-                return {}
-
-        assert wait_for(lambda: health().get("stage", "").startswith("waiting"), timeout=60)
-        assert wait_for(lambda: health().get("stage") == "failed", timeout=30)
-        refused = httpx.post(f"{base}/v1/completions", json={"model": NAME, "prompt": "x"})
+    with rank_zero(home, hosts, env) as (base, proc):
+        assert wait_for(lambda: health(base).get("stage", "").startswith("waiting"), timeout=60)
+        assert wait_for(lambda: health(base).get("stage") == "failed", timeout=30)
+        message = refusal(base)
         assert proc.poll() is None  # still up, saying why
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    assert f"rank 1 never connected to 127.0.0.1:{port} within 2 s" in health_error(refused)
+    assert f"rank 1 never connected to 127.0.0.1:{port} within 2 s" in message
 
 
-def health_error(response: httpx.Response) -> str:
-    assert response.status_code == 503, response.text
-    message: str = response.json()["error"]["message"]
-    return message
+def test_hosts_too_small_for_the_model_are_named_and_every_rank_stops(home: Path) -> None:
+    hosts = home.parent / "hosts-small.json"
+    small = {"ssh": "127.0.0.1", "ips": ["127.0.0.1"], "memory_gb": 2.3}
+    hosts.write_text(json.dumps([small, small]))
+    with rank_zero(home, hosts, run_env(home)) as (base, proc):
+        assert wait_for(lambda: health(base).get("stage") == "failed", timeout=120)
+        message = refusal(base)
+        others = psutil.Process(proc.pid).children()  # rank 1, started by rank 0
+        assert others and wait_for(lambda: not any(p.is_running() and p.status() != "zombie"
+                                                   for p in others), timeout=30)  # fmt: skip
+        assert proc.poll() is None
+    assert "could not start on its hosts" in message
+    assert "127.0.0.1 with layers" in message and "needs" in message
