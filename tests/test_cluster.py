@@ -154,6 +154,25 @@ def test_a_lost_rank_is_named_by_health_and_by_every_request(home: Path) -> None
     assert "rank 1 (127.0.0.1)" in refused.json()["error"]["message"]
 
 
+def test_a_rank_that_stops_answering_is_named_after_its_heartbeats(home: Path) -> None:
+    hosts = hostfile(home, (24, 46))
+    model = str(shared_model(DENSE))
+    with ramserve_run(model, "--hosts", str(hosts), *SHAPE, env=run_env(home)) as (base, _):
+        assert complete(base, PROMPTS[0])
+        frozen = rank_process(1, hosts)
+        frozen.suspend()  # a host that hangs: its connection stays open, its heartbeats stop
+        try:
+            stopped = time.monotonic()
+            lost_after = load_settings().hosts.lost_after_s
+            assert wait_for(lambda: health(base).get("stage") == "failed", timeout=lost_after + 10)
+            seconds = time.monotonic() - stopped
+            message = refusal(base)
+        finally:
+            frozen.resume()
+    assert lost_after - 1 <= seconds <= lost_after + 5
+    assert f"rank 1 (127.0.0.1) sent no heartbeat for {lost_after:g} s" in message
+
+
 @contextmanager
 def rank_zero(home: Path, hosts: Path, env: dict[str, str]) -> Iterator[tuple[str, Any]]:
     """`ramserve run --hosts` that never becomes healthy: its base URL and process."""
