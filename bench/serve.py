@@ -183,14 +183,14 @@ HOSTS_ASK = ["--context", "1024", "--parallel", "4", "--kv-bits", "16"]
 
 def hosts_rows(src: Any) -> list[dict[str, Any]]:
     """Text streams at 1 and 4: one process, then 2 ranks (`ramserve run --hosts`), same plan."""
-    from tests.serving import free_port
+    from tests.serving import free_ports
 
     # A home of its own (its config names the control port), with the profile already made.
     shared = Path(os.environ["RAMSERVE_HOME"])
     analyze(src, progress=False)
     home = Path(tempfile.mkdtemp(prefix="ramserve-bench-hosts-"))
     shutil.copytree(shared / "profiles", home / "profiles")
-    (home / "config.toml").write_text(f"[hosts]\ncontrol_port = {free_port()}\n")
+    (home / "config.toml").write_text(f"[hosts]\ncontrol_port = {free_ports(4)}\n")
     os.environ["RAMSERVE_HOME"] = str(home)
     try:
         return _hosts_rows(src, home)

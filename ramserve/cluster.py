@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shlex
 import subprocess
 import sys
@@ -52,6 +53,7 @@ log = logging.getLogger("ramserve.cluster")
 
 
 LOCAL = {"127.0.0.1", "localhost"}
+TOKEN = "RAMSERVE_CREW_TOKEN"  # under mlx.launch directly there is none, and any rank is admitted
 
 
 def under_launch() -> bool:
@@ -78,6 +80,7 @@ def launch(hostfile: Path, settings: Settings, argv: list[str]) -> list[subproce
         raise RamserveError(f"hostfile {hostfile}: MLX's ring back end needs each host's "
                             f'"ips"; {", ".join(missing)} has none')  # fmt: skip
     ring = ring_hostfile(hosts, settings)
+    token = secrets.token_hex(16)  # only the ranks started here may join (crew.py)
     ring_file = Path(tempfile.mkstemp(prefix="ramserve-ring-", suffix=".json")[1])
     ring_file.write_text(ring)
     script = Path(sys.argv[0]) if Path(sys.argv[0]).name == "ramserve" else \
@@ -86,14 +89,16 @@ def launch(hostfile: Path, settings: Settings, argv: list[str]) -> list[subproce
     ranks = []
     for rank, host in enumerate(hosts[1:], start=1):
         if host.ssh in LOCAL:
-            env = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(ring_file)}
+            env = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(ring_file),
+                   TOKEN: token}  # fmt: skip
             ranks.append(subprocess.Popen(command, env=env))
         else:
             remote = (f"cd {shlex.quote(os.getcwd())} 2>/dev/null; f=$(mktemp); "
-                      f"echo {shlex.quote(ring)} > $f; export MLX_HOSTFILE=$f MLX_RANK={rank}; "
+                      f"echo {shlex.quote(ring)} > $f; "
+                      f"export MLX_HOSTFILE=$f MLX_RANK={rank} {TOKEN}={token}; "
                       f"exec {shlex.join(command)}")  # fmt: skip
             ranks.append(subprocess.Popen(["ssh", "-tt", "-o", "LogLevel=QUIET", host.ssh, remote]))
-    os.environ.update(MLX_RANK="0", MLX_HOSTFILE=str(ring_file))
+    os.environ.update({"MLX_RANK": "0", "MLX_HOSTFILE": str(ring_file), TOKEN: token})
     return ranks
 
 
@@ -139,7 +144,7 @@ class RanksRegistry(Registry):
         cfg, n = self.settings.hosts, len(self.hosts)
         self.stage = f"waiting for {n - 1} more rank{'s' if n > 2 else ''} to connect"
         crew = Crew(leader_address(self.hosts), cfg.control_port, n,
-                    lost_after_s=cfg.lost_after_s)  # fmt: skip
+                    token=os.environ.get(TOKEN, ""), lost_after_s=cfg.lost_after_s)  # fmt: skip
         self.crew = crew
         hellos = crew.gather(cfg.connect_timeout_s)
         crew.on_lost = self._lose
@@ -185,7 +190,8 @@ def follow(spec: str, hostfile: Path, settings: Settings) -> int:
     host, cfg = hosts[rank], settings.hosts
     hand = Hand(leader_address(hosts), cfg.control_port,
                 Hello(rank, host.ssh, this_machine(host.memory_gb or 0)),
-                timeout_s=cfg.connect_timeout_s, beat_s=cfg.heartbeat_s)  # fmt: skip
+                timeout_s=cfg.connect_timeout_s, token=os.environ.get(TOKEN, ""),
+                beat_s=cfg.heartbeat_s)  # fmt: skip
     try:
         join_ring()
         setup = hand.receive()

@@ -6,13 +6,15 @@ measured (``Hello``), and then receives the setup and, for every step of the bat
 changed in the batch since the last step (sequences started and ended) and whether to step. So every
 rank runs the same forward passes on the same batch, and only the leading rank schedules and samples.
 
-Faults show at once: a following rank sends a heartbeat every ``beat_s`` seconds, and the leading rank
-calls ``Crew.on_lost`` with the cause when one closes its connection (a killed process), stops beating
-or cannot be written to. A following rank whose leader is gone exits.
+Only a rank that knows the launch's token (``RAMSERVE_CREW_TOKEN``, made by ``cluster.launch``) is
+admitted. Faults show at once: a following rank sends a heartbeat every ``beat_s`` seconds, and the
+leading rank calls ``Crew.on_lost`` with the cause when one closes its connection (a killed process),
+stops beating or cannot be written to. A following rank whose leader is gone exits.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
@@ -59,6 +61,9 @@ class Lockstep(Protocol):
 
 
 _HEADER = struct.Struct("!I")
+# A tick carries the prompts that start in it and the tokens of the sequences that end: a few MB at
+# the longest contexts.
+MAX_MESSAGE = 64 << 20
 
 
 def _send(sock: socket.socket, message: dict[str, Any]) -> None:
@@ -71,7 +76,10 @@ def _receive(sock: socket.socket) -> dict[str, Any] | None:
     header = _read_exactly(sock, _HEADER.size)
     if header is None:
         return None
-    body = _read_exactly(sock, _HEADER.unpack(header)[0])
+    size = _HEADER.unpack(header)[0]
+    if size > MAX_MESSAGE:
+        raise ValueError(f"a message of {size} bytes (at most {MAX_MESSAGE})")
+    body = _read_exactly(sock, size)
     if body is None:
         return None
     message: dict[str, Any] = json.loads(body)
@@ -94,9 +102,9 @@ class Crew:
 
     leads = True
 
-    def __init__(self, address: str, port: int, size: int, *, beat_s: float = 1.0,
+    def __init__(self, address: str, port: int, size: int, *, token: str = "",
                  lost_after_s: float = 10.0) -> None:  # fmt: skip
-        self.size, self.beat_s, self.lost_after_s = size, beat_s, lost_after_s
+        self.size, self.token, self.lost_after_s = size, token, lost_after_s
         self.hellos: dict[int, Hello] = {}
         self.lost: str | None = None
         self.on_lost: Callable[[str], None] | None = None
@@ -119,18 +127,36 @@ class Crew:
                     f"connected to {self.where} within {timeout_s:g} s"
                 ) from None
             sock.settimeout(self.lost_after_s)
-            hello = _receive(sock)
-            if hello is None or "rank" not in hello:
+            hello = self._admit(sock)
+            if hello is None:
                 sock.close()
                 continue
-            rank = int(hello["rank"])
-            self.hellos[rank] = Hello(rank, hello["host"], Machine(**hello["machine"]))
-            self._socks[rank] = sock
+            self.hellos[hello.rank] = hello
+            self._socks[hello.rank] = sock
         self._listener.close()
         for rank, sock in self._socks.items():
             threading.Thread(target=self._watch, args=(rank, sock), daemon=True,
                              name=f"ramserve-crew-{rank}").start()  # fmt: skip
         return [self.hellos[r] for r in sorted(self.hellos)]
+
+    def _admit(self, sock: socket.socket) -> Hello | None:
+        """The hello of a rank this group still waits for, with the launch's token; else None (a
+        stray or forged connection is refused, and the wait goes on)."""
+        try:
+            message = _receive(sock)
+            if message is None:
+                return None
+            rank = message["rank"]
+            hello = Hello(rank, str(message["host"]), Machine(**message["machine"]))
+            token_ok = hmac.compare_digest(str(message.get("token", "")), self.token)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("refused a connection that sent no valid hello: %s", e)
+            return None
+        if not token_ok or not isinstance(rank, int) or not 0 < rank < self.size \
+                or rank in self._socks:  # fmt: skip
+            log.warning("refused a connection claiming rank %r (wrong token, or not awaited)", rank)
+            return None
+        return hello
 
     def send_all(self, message: dict[str, Any]) -> None:
         with self._write:
@@ -182,7 +208,7 @@ class Hand:
     leads = False
 
     def __init__(self, address: str, port: int, hello: Hello, *, timeout_s: float,
-                 beat_s: float = 1.0) -> None:  # fmt: skip
+                 token: str = "", beat_s: float = 1.0) -> None:  # fmt: skip
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -196,7 +222,7 @@ class Hand:
         self._sock.settimeout(None)
         self._write = threading.Lock()
         with self._write:
-            _send(self._sock, {"rank": hello.rank, "host": hello.host,
+            _send(self._sock, {"rank": hello.rank, "host": hello.host, "token": token,
                                "machine": asdict(hello.machine)})  # fmt: skip
         threading.Thread(target=self._beat, args=(beat_s,), daemon=True,
                          name="ramserve-heartbeat").start()  # fmt: skip

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ import psutil
 import pytest
 
 from ramserve.budget import Ask
+from ramserve.crew import _send
 from ramserve.hosts import read_hostfile, split
 from ramserve.profile import analyze
 from ramserve.quantize import quantize
@@ -29,7 +31,15 @@ from ramserve.settings import load_settings
 from ramserve.source import open_source
 
 from .conftest import DENSE, TEST_CONFIG, shared_model
-from .serving import free_port, host_memory_gb, ramserve_run, run_env, serve_folder, wait_for
+from .serving import (
+    free_port,
+    free_ports,
+    host_memory_gb,
+    ramserve_run,
+    run_env,
+    serve_folder,
+    wait_for,
+)
 
 ASK = Ask(context=1024, parallel=2)
 SHAPE = ["--context", "1024", "--parallel", "2", "--kv-bits", "16"]
@@ -46,11 +56,24 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home.mkdir()
     # Prompts are prefilled 8 tokens a step: ranks after the first make a chunk's mask from a
     # stand-in layer's cache.
-    chunks = "[budget]\nprefill_chunk = 8\nmin_prefill_chunk = 8\n"
-    (home / "config.toml").write_text(
-        TEST_CONFIG + chunks + f"[hosts]\ncontrol_port = {free_port()}\n"
-    )
+    configure(home)
     return home
+
+
+def configure(home: Path) -> None:
+    """The module's settings, with control and ring ports of their own for each start: a rank of
+    the run before may still hold its ports while it exits."""
+    chunks = "[budget]\nprefill_chunk = 8\nmin_prefill_chunk = 8\n"
+    port = free_ports(4)
+    (home / "config.toml").write_text(TEST_CONFIG + chunks + f"[hosts]\ncontrol_port = {port}\n")
+
+
+@contextmanager
+def run_on_hosts(home: Path, hosts: Path) -> Iterator[tuple[str, list[str]]]:
+    configure(home)
+    model = str(shared_model(DENSE))
+    with ramserve_run(model, "--hosts", str(hosts), *SHAPE, env=run_env(home)) as served:
+        yield served
 
 
 def hostfile(home: Path, mibs: tuple[float, ...]) -> Path:
@@ -83,7 +106,7 @@ def test_a_model_split_over_ranks_serves_what_one_process_serves(
     monkeypatch.setenv("RAMSERVE_HOME", str(home))
     hosts = hostfile(home, mibs)
     model = str(shared_model(DENSE))
-    with ramserve_run(model, "--hosts", str(hosts), *SHAPE, env=run_env(home)) as (base, lines):
+    with run_on_hosts(home, hosts) as (base, lines):
         one_by_one = [complete(base, p) for p in PROMPTS]
         # 4 requests on 2 slots: the batch changes under way, and each prompt's cache is reused.
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
@@ -120,8 +143,7 @@ def rank_process(rank: int, hosts: Path) -> psutil.Process:
 
 def test_a_lost_rank_is_named_by_health_and_by_every_request(home: Path) -> None:
     hosts = hostfile(home, (24, 46))
-    model = str(shared_model(DENSE))
-    with ramserve_run(model, "--hosts", str(hosts), *SHAPE, env=run_env(home)) as (base, _):
+    with run_on_hosts(home, hosts) as (base, _):
         assert complete(base, PROMPTS[0])
         streamed: list[str] = []
         started = threading.Event()
@@ -156,8 +178,7 @@ def test_a_lost_rank_is_named_by_health_and_by_every_request(home: Path) -> None
 
 def test_a_rank_that_stops_answering_is_named_after_its_heartbeats(home: Path) -> None:
     hosts = hostfile(home, (24, 46))
-    model = str(shared_model(DENSE))
-    with ramserve_run(model, "--hosts", str(hosts), *SHAPE, env=run_env(home)) as (base, _):
+    with run_on_hosts(home, hosts) as (base, _):
         assert complete(base, PROMPTS[0])
         frozen = rank_process(1, hosts)
         frozen.suspend()  # a host that hangs: its connection stays open, its heartbeats stop
@@ -207,7 +228,7 @@ def refusal(base: str) -> str:
 def test_a_rank_that_never_connects_is_named(tmp_path: Path) -> None:
     home = tmp_path / "alone"
     home.mkdir()
-    port = free_port()
+    port = free_ports(3)
     (home / "config.toml").write_text(
         TEST_CONFIG + f"[hosts]\ncontrol_port = {port}\nconnect_timeout_s = 2\n"
     )
@@ -215,10 +236,16 @@ def test_a_rank_that_never_connects_is_named(tmp_path: Path) -> None:
     hosts.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
     ring = tmp_path / "ring.json"
     ring.write_text(json.dumps([[f"127.0.0.1:{port + 1}"], [f"127.0.0.1:{port + 2}"]]))
-    # Rank 0 as a launcher would start it; rank 1 is never started.
-    env = run_env(home, MLX_RANK="0", MLX_HOSTFILE=str(ring))
+    # Rank 0 as a launcher would start it; rank 1 is never started, and a stranger without the
+    # launch's token who claims to be rank 1 is refused.
+    env = run_env(home, MLX_RANK="0", MLX_HOSTFILE=str(ring), RAMSERVE_CREW_TOKEN="launch-token")
     with rank_zero(home, hosts, env) as (base, proc):
         assert wait_for(lambda: health(base).get("stage", "").startswith("waiting"), timeout=60)
+        machine = {"name": "x", "total": 1 << 40, "available": 1 << 40,
+                   "working_set_limit": None, "live": False}  # fmt: skip
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as stranger:
+            _send(stranger, {"rank": 1, "host": "stranger", "token": "guess", "machine": machine})
+            assert stranger.recv(1) == b""  # closed on it
         assert wait_for(lambda: health(base).get("stage") == "failed", timeout=30)
         message = refusal(base)
         assert proc.poll() is None  # still up, saying why
