@@ -137,13 +137,14 @@ def _hosts_view(a: argparse.Namespace, *, plan_view: bool) -> int:
     """``plan --hosts`` and ``budget --hosts``: the split over several machines, per host."""
     from pathlib import Path
 
-    from .hosts import read_hostfile, render_host_budgets, render_split, split
+    from .hosts import read_hostfile, render_host_budgets, render_split, split_for
     from .profile import analyze
     from .source import open_source
 
     source = open_source(a.model, a.settings)
     hosts = read_hostfile(Path(a.hosts))
-    done = split(source, analyze(source, progress=not a.quiet), hosts, ask_of(a))
+    profile = analyze(source, progress=not a.quiet)
+    done = split_for(source, profile, hosts, ask_of(a), getattr(a, "budget", None) or "auto")
     if plan_view and getattr(a, "output", None):
         done.plan.write(Path(a.output))
     data = done.to_json()
@@ -207,7 +208,8 @@ def _run_on_hosts(a: argparse.Namespace) -> int:
     others = [] if under_launch() else launch(hostfile, a.settings, sys.argv[1:])
     if os.environ["MLX_RANK"] != "0":
         return follow(a.model, hostfile, a.settings)
-    registry = RanksRegistry(a.model, hostfile, a.settings, ask_of(a), progress=not a.quiet)
+    registry = RanksRegistry(a.model, hostfile, a.settings, ask_of(a), budget=a.budget,
+                             any_budget=a.any_budget, progress=not a.quiet)  # fmt: skip
     try:
         serve(registry, a.settings.server, host=a.host, port=a.port, api_key=api_key(a),
               allow_origin=a.allow_origin)  # fmt: skip

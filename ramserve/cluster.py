@@ -20,6 +20,7 @@ A rank that is lost fails the requests in flight and every later one with a 503 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -29,25 +30,26 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 
 from . import cache
-from .budget import Ask
-from .cache import model_dir
-from .crew import Crew, Hand, Hello
-from .device import this_machine
+from .budget import Ask, Budget
+from .crew import Crew, Hand, Hello, Lockstep, Setup
+from .device import Machine, this_machine
 from .engine import Engine
 from .errors import RamserveError
-from .hosts import Host, Split, read_hostfile, render_split, split
+from .hosts import Host, Split, read_hostfile, render_split, split_for
 from .pipeline import stager
 from .plan import served_name
 from .profile import analyze
-from .quantize import quantize
-from .records import Plan
-from .server.registry import Registry
+from .quantize import quantize_to_serve
+from .records import Plan, Profile
+from .server.registry import NotReady, Registry
 from .settings import Settings
 from .source import open_source
+from .variants import VariantRegistry
 
 log = logging.getLogger("ramserve.cluster")
 
@@ -112,18 +114,25 @@ def join_ring() -> int:
     return int(group.rank())
 
 
-class RanksRegistry(Registry):
+class RanksRegistry(VariantRegistry):
     """Rank 0's registry: the model split over the hostfile's hosts, fitted once every rank has said
-    what memory it has."""
+    what memory it has. Its variants (``name@budget``) are spread over the same hosts, and a swap
+    loads on every rank or, restored, on none."""
 
     def __init__(self, spec: str, hostfile: Path, settings: Settings, ask: Ask, *,
+                 budget: str = "auto", any_budget: bool = False,
                  progress: bool = True) -> None:  # fmt: skip
         # The name until the source is open: a folder's or a repo's last part, as sources name them.
-        super().__init__(Path(), Path(spec.partition("@")[0].rstrip("/")).name, settings, {})
-        self.spec, self.ask, self.show_progress = spec, ask, progress
+        Registry.__init__(self, Path(), Path(spec.partition("@")[0].rstrip("/")).name, settings, {})
+        self.offer_variants(any_budget)
+        self.spec, self.ask, self.budget, self.show_progress = spec, ask, budget, progress
         self.hosts = read_hostfile(hostfile)
         self.split: Split | None = None
         self.crew: Crew | None = None
+        self.source = None
+        self._profile: Profile | None = None
+        self._machines: list[Machine] = []
+        self._splits: dict[str, Split] = {}
 
     def _load_initial(self) -> None:
         try:
@@ -152,21 +161,63 @@ class RanksRegistry(Registry):
         join_ring()
         self.stage = "analysing"
         source = open_source(self.spec, self.settings)
-        profile = analyze(source, progress=self.show_progress)
+        self._profile = analyze(source, progress=self.show_progress)
+        self._machines = [this_machine(self.hosts[0].memory_gb or 0), *(h.machine for h in hellos)]
         self.stage = "splitting"
-        machines = [this_machine(self.hosts[0].memory_gb or 0), *(h.machine for h in hellos)]
-        done = split(source, profile, self.hosts, self.ask, machines)
+        self.source, self.name = source, served_name(source)
+        plan = self.plan_for("")
+        done = self._splits[plan.hash]
         print(render_split(done.to_json()), flush=True)
+        self.engine_args = done.parts[0].budget.shape.engine_args()
         self.stage = "quantizing"
-        cache.hold(model_dir(source.fingerprint, done.plan.hash))
-        folder, _ = quantize(source, done.plan, progress=self.show_progress)
-        shape = done.parts[0].budget.shape.engine_args()
-        crew.send_all({"model": self.spec, "plan": done.plan.to_json(), "bounds": done.bounds,
-                       "engine_args": shape})  # fmt: skip
+        folder, _ = quantize_to_serve(source, plan, progress=self.show_progress)
         self.stage = "loading model"
-        self.folder, self.name, self.split = folder, served_name(source), done
-        self.engine = Engine(folder, self.settings, crew=crew, **shape,
-                             stage=stager(folder, done.bounds, 0, self.settings.kinds))  # fmt: skip
+        self.install(folder, plan)
+        self.folder, self.plan, self.loaded_hash = folder, plan, plan.hash
+
+    # -- variants over the hosts ---------------------------------------------------------------
+
+    def new_plan(self, spec: str) -> Plan:
+        """The split of ``--budget`` chooses the plan with it (ramserve/hosts.py); a variant's plan
+        is the one-machine plan at its budget, spread over the hosts."""
+        if self.source is None or self._profile is None:
+            raise NotReady(f"the model is not ready yet ({self.stage})")
+        done = split_for(self.source, self._profile, self.hosts, self.ask, spec or self.budget,
+                         self._machines)  # fmt: skip
+        self._splits[done.plan.hash] = done
+        return done.plan
+
+    def fitted_budget(self) -> Budget:
+        assert self.split is not None
+        return self.split.parts[0].budget
+
+    def card_for(self, model_id: str) -> dict[str, Any]:
+        if self.split is None:  # still starting, or failed to
+            self.spec_of(model_id)
+            status = "failed" if self.stage == "failed" else "loading"
+            return {"id": model_id, "created": self.created, "status": status}
+        card = super().card_for(model_id)
+        done = self._splits[self.plan_for(self.spec_of(model_id)).hash]
+        return {**card, "hosts": [{"rank": p.rank, "host": p.host, "layers": list(p.layers),
+                                   "memory_bytes": p.memory_bytes} for p in done.parts]}  # fmt: skip
+
+    def install(self, folder: Path, plan: Plan) -> None:
+        """Load ``plan`` on every rank, this one from ``folder``; raises, naming each rank that could
+        not, with every rank's answer in, so that the caller can restore the same on all."""
+        assert self.crew is not None and self.source is not None
+        done = self._splits[plan.hash]
+        self._free_engine()  # its close ends the other ranks' engines too
+        setup = Setup(self.spec, plan, done.bounds, self.engine_args)
+        self.crew.send_all(setup.to_message())
+        try:
+            self.engine = stage_engine(folder, setup, 0, self.settings, self.crew)
+        finally:
+            answers = self.crew.collect()  # in step with every rank, whatever happened here
+        failed = [f"rank {r} ({self.hosts[r].ssh}) could not load it: {a['load_failed']}"
+                  for r, a in sorted(answers.items()) if "load_failed" in a]  # fmt: skip
+        if failed:
+            raise RamserveError("; ".join(failed))
+        self.split = done
 
     def _lose(self, why: str) -> None:
         self.error = f"{why}; the model is split over {len(self.hosts)} hosts and cannot serve " \
@@ -175,8 +226,11 @@ class RanksRegistry(Registry):
         if self.engine is not None:
             self.engine.abandon(self.error)
 
+    def how_fitted(self) -> None:  # fitted to several machines: no one machine's fit to show
+        return None
+
     def loaded_plan(self) -> Plan | None:
-        return self.split.plan if self.split else None
+        return self.plan
 
     def close(self) -> None:
         super().close()
@@ -184,31 +238,59 @@ class RanksRegistry(Registry):
             self.crew.close()
 
 
+def stage_engine(folder: Path, setup: Setup, rank: int, settings: Settings,
+                 crew: Lockstep) -> Engine:  # fmt: skip
+    """This rank's layers of the quantized model, its engine in lockstep with the other ranks'."""
+    return Engine(folder, settings, crew=crew, **setup.engine_args,
+                  stage=stager(folder, setup.bounds, rank, settings.kinds))  # fmt: skip
+
+
 def follow(spec: str, hostfile: Path, settings: Settings) -> int:
-    """A rank other than 0: say hello, take the plan, quantize and load this rank's layers, follow."""
+    """A rank other than 0: say hello; then for each setup rank 0 sends (the first, and one per
+    variant swap), quantize the plan from this host's copy, load this rank's layers and follow,
+    answering whether it loaded."""
     hosts, rank = read_hostfile(hostfile), int(os.environ["MLX_RANK"])
     host, cfg = hosts[rank], settings.hosts
     hand = Hand(leader_address(hosts), cfg.control_port,
                 Hello(rank, host.ssh, this_machine(host.memory_gb or 0)),
                 timeout_s=cfg.connect_timeout_s, token=os.environ.get(TOKEN, ""),
                 beat_s=cfg.heartbeat_s)  # fmt: skip
+    folder: Path | None = None
     try:
         join_ring()
-        setup = hand.receive()
-        if "stopped" in setup:
-            log.error("rank 0 stopped: %s", setup["stopped"])
-            return 1
-        source = open_source(setup["model"], settings)
-        plan = Plan.from_json(setup["plan"], "the plan rank 0 sent")
-        cache.hold(model_dir(source.fingerprint, plan.hash))
-        folder, _ = quantize(source, plan, progress=False)
-        engine = Engine(folder, settings, crew=hand, **setup["engine_args"],
-                        stage=stager(folder, setup["bounds"], rank, settings.kinds))  # fmt: skip
-        engine.wait()
+        while (message := hand.next_setup()) is not None:
+            if "stopped" in message:
+                log.error("rank 0 stopped: %s", message["stopped"])
+                return 1
+            gc.collect()  # the engine before this setup has ended: free its weights first
+            mx.clear_cache()
+            setup = Setup.from_message(message)
+            try:
+                engine, folder = _load_stage(setup, rank, settings, hand, folder)
+            except Exception as e:  # rank 0 restores the model before on every rank
+                log.exception("loading the plan rank 0 sent failed")
+                hand.answer({"load_failed": _why(e)})
+                continue
+            hand.answer({"loaded": setup.plan.hash})
+            engine.wait()
+            if engine.failure:
+                hand.report(engine.failure)
+                return 1
+            del engine
     except Exception as e:
-        hand.report(str(e) if isinstance(e, RamserveError) else f"{type(e).__name__}: {e}")
+        hand.report(_why(e))
         raise
-    if engine.failure:
-        hand.report(engine.failure)
-        return 1
     return 0
+
+
+def _load_stage(setup: Setup, rank: int, settings: Settings, hand: Hand,
+                before: Path | None) -> tuple[Engine, Path]:  # fmt: skip
+    source = open_source(setup.model, settings)
+    folder, _ = quantize_to_serve(source, setup.plan, progress=False)
+    if before is not None and before != folder:
+        cache.release(before)
+    return stage_engine(folder, setup, rank, settings, hand), folder
+
+
+def _why(e: Exception) -> str:
+    return str(e) if isinstance(e, RamserveError) else f"{type(e).__name__}: {e}"

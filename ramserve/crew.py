@@ -14,6 +14,7 @@ stops beating or cannot be written to. A following rank whose leader is gone exi
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -28,6 +29,7 @@ from typing import Any, Protocol
 
 from .device import Machine
 from .errors import RamserveError
+from .records import Plan
 
 log = logging.getLogger("ramserve.crew")
 
@@ -41,6 +43,28 @@ class Tick:
     ops: list[list[Any]] = field(default_factory=list)  # batch changes, in the order they were made
     step: bool = False  # then run one step of the batch
     close: bool = False  # the leading rank is shutting down
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every rank loads: the model, the whole plan (each rank quantizes it from its own copy),
+    the cut points, and the runtime shape. Sent at the start and at each variant swap; each
+    following rank answers ``{"loaded": plan hash}`` or ``{"load_failed": why}``."""
+
+    model: str
+    plan: Plan
+    bounds: list[int]
+    engine_args: dict[str, Any]
+
+    def to_message(self) -> dict[str, Any]:
+        return {"setup": {"model": self.model, "plan": self.plan.to_json(), "bounds": self.bounds,
+                          "engine_args": self.engine_args}}  # fmt: skip
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> Setup:
+        s = message["setup"]
+        plan = Plan.from_json(s["plan"], "the plan the leading rank sent")
+        return cls(str(s["model"]), plan, [int(b) for b in s["bounds"]], dict(s["engine_args"]))
 
 
 @dataclass(frozen=True)
@@ -110,6 +134,8 @@ class Crew:
         self.on_lost: Callable[[str], None] | None = None
         self._socks: dict[int, socket.socket] = {}
         self._write = threading.Lock()
+        self._answers: dict[int, dict[str, Any]] = {}
+        self._answered = threading.Condition()
         self._listener = socket.create_server((address, port), reuse_port=False)
         self.where = f"{address}:{port}"
 
@@ -168,6 +194,15 @@ class Crew:
             if self.lost:
                 raise RankLost(self.lost)
 
+    def collect(self) -> dict[int, dict[str, Any]]:
+        """Every following rank's answer to the last setup; RankLost if a rank is lost meanwhile."""
+        with self._answered:
+            self._answered.wait_for(lambda: self.lost or len(self._answers) == self.size - 1)
+            if self.lost:
+                raise RankLost(self.lost)
+            answers, self._answers = self._answers, {}
+        return answers
+
     def tell(self, tick: Tick) -> None:
         if self.lost and tick.close:
             return
@@ -186,6 +221,10 @@ class Crew:
                 if "failed" in message:
                     self._lose(rank, f"failed: {message['failed']}")
                     return
+                if "loaded" in message or "load_failed" in message:
+                    with self._answered:
+                        self._answers[rank] = message
+                        self._answered.notify_all()
             self._lose(rank, "closed its connection (its process ended)")
         except TimeoutError:
             self._lose(rank, f"sent no heartbeat for {self.lost_after_s:g} s")
@@ -198,6 +237,8 @@ class Crew:
         hello = self.hellos.get(rank)
         self.lost = f"rank {rank} ({hello.host if hello else '?'}) {why}"
         log.error("%s", self.lost)
+        with self._answered:
+            self._answered.notify_all()
         if self.on_lost is not None:
             self.on_lost(self.lost)
 
@@ -236,13 +277,23 @@ class Hand:
     def tell(self, tick: Tick) -> None:
         raise RamserveError("a following rank does not tell")
 
+    def next_setup(self) -> dict[str, Any] | None:
+        """The leading rank's next setup (or its ``{"stopped": why}``); None once it has closed.
+        The close of the engine before it, which this rank has already seen, is passed over."""
+        while (message := _receive(self._sock)) is not None:
+            if "setup" in message or "stopped" in message:
+                return message
+        return None
+
+    def answer(self, message: dict[str, Any]) -> None:
+        """``{"loaded": ...}`` or ``{"load_failed": why}``: the leading rank waits for every rank's."""
+        with self._write:
+            _send(self._sock, message)
+
     def report(self, failure: str) -> None:
         """Tell the leading rank why this rank stops (it names the cause to clients)."""
-        try:
-            with self._write:
-                _send(self._sock, {"failed": failure})
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            self.answer({"failed": failure})
 
     def ticks(self) -> Iterator[Tick]:
         while True:

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import cache
 from .budget import (
     Ask,
     Budget,
@@ -29,7 +28,7 @@ from .errors import BudgetError
 from .fmt import human_bytes, table
 from .plan import histogram, is_size_spec, make_plan, min_safe_memory
 from .profile import analyze, candidates_for, quantized_bytes
-from .quantize import is_complete, quantize, rounding_line
+from .quantize import is_complete, quantize_to_serve, rounding_line
 from .records import Plan, Profile
 from .settings import Settings
 from .shape import choose_kv, fit_shape, fit_source_shape
@@ -147,8 +146,7 @@ def fit(
     stages.append(("plan", time.perf_counter() - t, False))
 
     t = time.perf_counter()
-    cache.hold(model_dir(source.fingerprint, plan.hash))  # to be served: never evicted
-    folder, cached = quantize(source, plan, progress=progress)
+    folder, cached = quantize_to_serve(source, plan, progress=progress)
     stages.append(("quantize", time.perf_counter() - t, cached))
     return Fit(source, profile, budget, plan, folder, stages)
 

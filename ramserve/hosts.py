@@ -36,11 +36,12 @@ from .budget import (
     budget_for,
     default_shape,
     kv_shape,
+    machine_budget,
 )
 from .device import FLOAT_BYTES, Machine
 from .errors import BudgetError, RamserveError
 from .fmt import human_bytes, table
-from .plan import assemble_plan, fit_loaded, memory_bytes, problem_of
+from .plan import assemble_plan, fit_loaded, make_plan, memory_bytes, problem_of
 from .records import BudgetAsk, Plan, Profile, SafetyFloor
 from .source import Source, model_classes
 
@@ -209,6 +210,21 @@ class Ranks:
         solution = fit_loaded(sub, profile, room, self.float_bytes)
         return None if solution is None else (solution.damage, solution.choice, rows)
 
+    def memory(self, rows: list[int], picked: np.ndarray) -> int:
+        """The bytes of these modules, as chosen, once loaded, with the rank's fixed share."""
+        sub = replace(self.profile, modules=[self.profile.modules[i] for i in rows],
+                      fixed_bytes=self.fixed_share)  # fmt: skip
+        return memory_bytes(sub, picked, self.float_bytes)
+
+    def part(self, rank: int, start: int, stop: int, picked: np.ndarray, damage: float) -> Part:
+        """Rank ``rank`` holding layers [start, stop) with its modules' choices ``picked``."""
+        rows, modules = self.rows(rank, start, stop), self.profile.modules
+        stored = self.fixed_share + int(self.problem.bytes[rows, picked].sum())
+        return Part(rank, self.hosts[rank].ssh, (start, stop), self.holds(rank),
+                    self.budget(rank, start, stop), [modules[i].path for i in rows],
+                    self.memory(rows, picked), stored, damage,
+                    sum(modules[i].numel for i in rows))  # fmt: skip
+
     @property
     def fixed_share(self) -> int:
         """Each rank is charged all the tensors no plan chooses for (norms: a few MB at most), so
@@ -226,28 +242,98 @@ def split(source: Source, profile: Profile, hosts: list[Host], ask: Ask,
     n, layers = len(hosts), ranks.layers
     if not math.isfinite(best[n - 1][layers]):
         raise BudgetError(_no_split(ranks))
-    bounds = [layers]
-    for r in range(n - 1, 0, -1):
-        bounds.append(cut[r][bounds[-1]])
-    bounds = [0, *reversed(bounds)]
+    bounds = _bounds(cut, layers)
     choice = np.zeros(len(profile.modules), dtype=np.int64)
     parts = []
     for r in range(n):
-        start, stop = bounds[r], bounds[r + 1]
-        solved = ranks.solve(r, start, stop)
+        solved = ranks.solve(r, bounds[r], bounds[r + 1])
         assert solved is not None  # the search found it fits
         damage, picked, rows = solved
         choice[rows] = picked
-        sub = replace(profile, modules=[profile.modules[i] for i in rows],
-                      fixed_bytes=ranks.fixed_share)  # fmt: skip
-        stored = ranks.fixed_share + int(ranks.problem.bytes[rows, picked].sum())
-        parts.append(Part(r, hosts[r].ssh, (start, stop), ranks.holds(r), ranks.budget(r, start, stop),
-                          [profile.modules[i].path for i in rows],
-                          memory_bytes(sub, picked, ranks.float_bytes), stored, damage,
-                          sum(profile.modules[i].numel for i in rows)))  # fmt: skip
+        parts.append(ranks.part(r, bounds[r], bounds[r + 1], picked, damage))
     plan = whole_plan(ranks, choice, parts)
     return Split(parts, plan, time.perf_counter() - start_time, len(ranks.solved),
                  tensor_parallel_note(source, ranks, sum(p.memory_bytes for p in parts)))  # fmt: skip
+
+
+def split_for(source: Source, profile: Profile, hosts: list[Host], ask: Ask, spec: str = "auto",
+              machines: list[Machine] | None = None) -> Split:  # fmt: skip
+    """The split for a budget spec: for ``auto`` and ``max`` (the most these hosts hold) the split
+    chooses each host's plan; any other budget's plan is the one-machine plan, spread."""
+    if spec in ("auto", "max"):
+        return split(source, profile, hosts, ask, machines)
+    shape = Ranks(source, profile, hosts, ask, machines).shape
+    plan = make_plan(profile, spec, source.settings, machine=machine_budget(source, shape))
+    return spread(source, profile, hosts, ask, plan, machines)
+
+
+def spread(source: Source, profile: Profile, hosts: list[Host], ask: Ask, plan: Plan,
+           machines: list[Machine] | None = None) -> Split:  # fmt: skip
+    """A plan chosen for the whole model (a budget variant: ``name@6GB``), spread over the hosts.
+
+    Its modules keep their choices, so only the cut points are searched: by dynamic programming, the
+    contiguous ranges whose fullest host is least full (each host's weights over its budget). A
+    BudgetError names the closest split where none fits."""
+    start_time = time.perf_counter()
+    ranks = Ranks(source, profile, hosts, ask, machines)
+    choice = plan_choice(profile, plan)
+    n, layers = len(hosts), ranks.layers
+    tried = 0
+
+    def fill(r: int, start: int, stop: int) -> float:
+        nonlocal tried
+        tried += 1
+        room = ranks.budget(r, start, stop).weights
+        rows = ranks.rows(r, start, stop)
+        return ranks.memory(rows, choice[rows]) / room if room > 0 else math.inf
+
+    # fullest[r][j]: the least "fullest host" of ranks 0..r holding layers [0, j); cut as in _search
+    fullest = [[math.inf] * (layers + 1) for _ in range(n)]
+    cut = [[-1] * (layers + 1) for _ in range(n)]
+    for stop in range(1, layers - n + 2):
+        fullest[0][stop] = fill(0, 0, stop)
+    for r in range(1, n):
+        stops = [layers] if r == n - 1 else range(r + 1, layers - (n - r - 1) + 1)
+        for stop in stops:
+            for start in range(r, stop):
+                worst = max(fullest[r - 1][start], fill(r, start, stop))
+                if worst < fullest[r][stop]:
+                    fullest[r][stop], cut[r][stop] = worst, start
+    if not math.isfinite(fullest[n - 1][layers]):
+        raise BudgetError(_no_split(ranks))
+    bounds = _bounds(cut, layers)
+    parts = []
+    for r in range(n):
+        rows = ranks.rows(r, bounds[r], bounds[r + 1])
+        damage = sum(plan.choices[profile.modules[i].path].damage for i in rows)
+        parts.append(ranks.part(r, bounds[r], bounds[r + 1], choice[rows], damage))
+    if fullest[n - 1][layers] > 1:
+        full = max(parts, key=lambda p: p.memory_bytes / max(p.budget.weights, 1))
+        raise BudgetError(
+            f"the {plan.budget.spec} plan ({human_bytes(plan.memory_bytes)} once loaded) fits no "
+            f"split over these hosts: at best {full.host} holds "
+            f"{human_bytes(full.memory_bytes)} of weights in a budget of "
+            f"{human_bytes(max(full.budget.weights, 0))}"
+        )
+    return Split(parts, plan, time.perf_counter() - start_time, tried)
+
+
+def _bounds(cut: list[list[int]], layers: int) -> list[int]:
+    """The cut points a search chose: 0, each rank's first layer, then the number of layers."""
+    bounds = [layers]
+    for r in range(len(cut) - 1, 0, -1):
+        bounds.append(cut[r][bounds[-1]])
+    return [0, *reversed(bounds)]
+
+
+def plan_choice(profile: Profile, plan: Plan) -> np.ndarray:
+    """Each module's candidate (its index in the profile's options) as the plan chose it."""
+    picked = []
+    for m in profile.modules:
+        c = plan.choices[m.path]
+        picked.append(next(j for j, o in enumerate(m.options)
+                           if (o.bits, o.group_size) == (c.bits, c.group_size)))  # fmt: skip
+    return np.array(picked, dtype=np.int64)
 
 
 def _search(ranks: Ranks) -> tuple[list[list[float]], list[list[int]]]:

@@ -220,6 +220,13 @@ def check_plan(source: Source, plan: Plan) -> None:
         )
 
 
+def quantize_to_serve(source: Source, plan: Plan, *, progress: bool = True) -> tuple[Path, bool]:
+    """``quantize`` into the cache for a server that will load the folder: held first, so no
+    eviction takes it before it is loaded (``cache.release`` lets it go)."""
+    cache.hold(model_dir(source.fingerprint, plan.hash))
+    return quantize(source, plan, progress=progress)
+
+
 def quantize(
     source: Source, plan: Plan, output: Path | None = None, *, progress: bool = True
 ) -> tuple[Path, bool]:

@@ -14,39 +14,80 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from . import cache
-from .budget import machine_budget
+from .budget import Budget, machine_budget
 from .cache import model_dir
 from .engine import Engine
 from .errors import BudgetError
 from .fit import Fit, require_plan_fits, variant_status
 from .plan import make_plan
 from .progress import Step, watching
-from .quantize import quantize
+from .quantize import quantize_to_serve
 from .records import Plan
 from .server.registry import NotOffered, NotReady, Registry, UnknownModel
 from .settings import Settings
+from .source import Source
 
 log = logging.getLogger("ramserve.variants")
 
 
 class VariantRegistry(Registry):
+    """One machine's variants. ramserve/cluster.py's ``RanksRegistry`` offers the same over several
+    machines: it plans (``new_plan``), sizes cards (``fitted_budget``) and installs a quantized
+    folder (``install``) in its own way."""
+
+    plan: Plan | None  # the plan of the model loaded now
+
     def __init__(self, fitted: Fit, settings: Settings, engine_args: dict[str, Any],
                  any_budget: bool = False) -> None:  # fmt: skip
         super().__init__(fitted.folder, fitted.source.name, settings, engine_args)
-        server = settings.server
+        self.offer_variants(any_budget)
         self.fitted = fitted
+        self.source: Source | None = fitted.source
+        self.loaded_hash = fitted.plan.hash
+        self.plan = fitted.plan
+        self._plans[""] = fitted.plan
+        self._machine = machine_budget(fitted.source, fitted.budget.shape)
+
+    def offer_variants(self, any_budget: bool) -> None:
+        server = self.settings.server
         self.listed = server.variants
         self.swap_timeout = server.swap_timeout_s
         self.swap_waiting = server.swap_waiting
         self.any_budget = any_budget or server.any_budget
-        self.loaded_hash = fitted.plan.hash
-        self._plans: dict[str, Plan] = {"": fitted.plan}
+        self.loaded_hash = ""
+        self.plan = None
+        self._plans: dict[str, Plan] = {}
         self._swap = asyncio.Lock()
         self._waiting = 0
-        self._machine = machine_budget(fitted.source, fitted.budget.shape)
+
+    # -- what differs on several machines -----------------------------------------------------
+
+    def new_plan(self, spec: str) -> Plan:
+        f = self.fitted
+        plan = make_plan(f.profile, spec, f.source.settings, machine=self._machine)
+        require_plan_fits(plan, f.budget, f"{self.name}@{spec}")
+        return plan
+
+    def fitted_budget(self) -> Budget:
+        """The budget the variants are sized for (their context and runtime shape)."""
+        return self.fitted.budget
+
+    def install(self, folder: Path, plan: Plan) -> None:
+        """Free the old engine before loading the new: two models are never held at once."""
+        self._free_engine()
+        self.engine = Engine(folder, self.settings, **self.engine_args)
+
+    def _free_engine(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        import mlx.core as mx
+
+        mx.clear_cache()
 
     # -- plans --------------------------------------------------------------------------------
 
@@ -60,10 +101,7 @@ class VariantRegistry(Registry):
     def plan_for(self, spec: str) -> Plan:
         """The plan for a variant (under a second from the cached profile); must fit the machine."""
         if spec not in self._plans:
-            f = self.fitted
-            plan = make_plan(f.profile, spec, f.source.settings, machine=self._machine)
-            require_plan_fits(plan, f.budget, f"{self.name}@{spec}")
-            self._plans[spec] = plan
+            self._plans[spec] = self.new_plan(spec)
         return self._plans[spec]
 
     def offered(self, spec: str, plan: Plan) -> bool:
@@ -72,7 +110,7 @@ class VariantRegistry(Registry):
             return True
         if any(self._listed_hash(s) == plan.hash for s in self.listed):  # plans are memoised
             return True
-        return variant_status(self.fitted.source, plan) == "cached"
+        return self.source is not None and variant_status(self.source, plan) == "cached"
 
     def _listed_hash(self, spec: str) -> str | None:
         try:
@@ -106,14 +144,15 @@ class VariantRegistry(Registry):
 
     def card_for(self, model_id: str) -> dict[str, Any]:
         plan = self.require_offered(model_id)
+        assert self.source is not None
         if plan.hash == self.loaded_hash and self.ready:
             status = "loaded"
         else:
-            status = variant_status(self.fitted.source, plan)
+            status = variant_status(self.source, plan)
+        budget = self.fitted_budget()
         return {"id": model_id, "created": self.created, "status": status,
-                "context_length": self.fitted.budget.context, **plan.summary(),
-                "runtime_shape": asdict(self.fitted.budget.shape),
-                "memory_bytes": plan.memory_bytes}  # fmt: skip
+                "context_length": budget.context, **plan.summary(),
+                "runtime_shape": asdict(budget.shape), "memory_bytes": plan.memory_bytes}  # fmt: skip
 
     # -- swapping -----------------------------------------------------------------------------
 
@@ -147,41 +186,41 @@ class VariantRegistry(Registry):
             except TimeoutError as e:
                 self.stage = "ready"
                 raise NotReady(f"requests on {self.loaded_id} did not finish; try again") from e
-        previous = (self.folder, self.loaded_hash, self.loaded_id)
-        source = self.fitted.source
-        cache.hold(model_dir(source.fingerprint, plan.hash))  # to be loaded: never evicted
+        assert self.source is not None and self.plan is not None
+        previous = (self.folder, self.plan, self.loaded_id)
         try:
             self.stage = f"quantizing {model_id}"
             with watching(self._report):  # the worker thread inherits the watcher
-                folder, _ = await asyncio.to_thread(quantize, source, plan, progress=False)
+                folder, _ = await asyncio.to_thread(quantize_to_serve, self.source, plan,
+                                                    progress=False)  # fmt: skip
             self.progress = None
             self.stage = f"loading {model_id}"
-            await asyncio.to_thread(self._replace, folder)
+            await asyncio.to_thread(self.install, folder, plan)
             if folder != previous[0]:
                 cache.release(previous[0])  # the old variant may be evicted from now on
-            self.folder, self.loaded_hash, self.loaded_id = folder, plan.hash, model_id
+            self.folder, self.plan, self.loaded_hash, self.loaded_id = \
+                folder, plan, plan.hash, model_id  # fmt: skip
         except Exception as e:
             self.progress = None
             log.exception("swap to %s failed; restoring %s", model_id, previous[2])
-            cache.release(model_dir(source.fingerprint, plan.hash))
-            self.stage = f"restoring {previous[2]}"
-            await asyncio.to_thread(self._replace, previous[0])
-            self.stage = "ready"
+            cache.release(model_dir(self.source.fingerprint, plan.hash))
+            await self._restore(*previous)
             raise BudgetError(f"could not switch to {model_id}: {e}") from e
         self.stage = "ready"
 
-    def how_fitted(self) -> Fit:
+    async def _restore(self, folder: Path, plan: Plan, model_id: str) -> None:
+        self.stage = f"restoring {model_id}"
+        try:
+            await asyncio.to_thread(self.install, folder, plan)
+        except Exception as e:  # nothing is loaded now: say so to every request
+            log.exception("restoring %s failed", model_id)
+            self.error = f"{model_id} could not be restored after a failed swap: {e}"
+            self.stage = "failed"
+            return
+        self.stage = "ready"
+
+    def how_fitted(self) -> Fit | None:
         return self.fitted
 
     def _report(self, step: Step) -> None:
         self.progress = step
-
-    def _replace(self, folder: Any) -> None:
-        """Free the old engine before loading the new: two models are never held at once."""
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
-        import mlx.core as mx
-
-        mx.clear_cache()
-        self.engine = Engine(folder, self.settings, **self.engine_args)

@@ -22,7 +22,7 @@ ORDER = [
     "server.errors", "server.limits", "server.metrics", "server.registry", "server.core",
     "server.schemas", "server.openai_api", "server.anthropic_api", "server.ollama_api",
     "server.web", "server.app", "server",
-    "cluster", "variants", "service", "status",
+    "variants", "cluster", "service", "status",
     "cli",
 ]  # fmt: skip
 

@@ -16,8 +16,16 @@ import pytest
 
 from ramserve.budget import Ask
 from ramserve.errors import BudgetError
-from ramserve.hosts import Host, HostfileError, Ranks, read_hostfile, split
-from ramserve.plan import memory_bytes
+from ramserve.hosts import (
+    Host,
+    HostfileError,
+    Ranks,
+    plan_choice,
+    read_hostfile,
+    split,
+    split_for,
+)
+from ramserve.plan import make_plan, memory_bytes
 from ramserve.settings import load_settings
 from ramserve.source import open_source
 
@@ -123,6 +131,48 @@ def test_a_split_that_cannot_fit_names_each_hosts_shortfall(profile_cache) -> No
     hosts = [Host("small-a", (), 2.3), Host("small-b", (), 2.3)]
     with pytest.raises(BudgetError, match="small-a with layers 0-2 has .* needs"):
         split(source, profile_cache(model), hosts, ASK)
+
+
+def fullest(ranks: Ranks, plan_choice: np.ndarray, bounds: list[int]) -> float:
+    """How full the fullest host is (weights over its budget) with these cut points."""
+    worst = 0.0
+    for r in range(len(bounds) - 1):
+        room = ranks.budget(r, bounds[r], bounds[r + 1]).weights
+        rows = ranks.rows(r, bounds[r], bounds[r + 1])
+        worst = max(worst, ranks.memory(rows, plan_choice[rows]) / room if room > 0 else math.inf)
+    return worst
+
+
+@pytest.mark.parametrize("spec", ["min-safe", "40MB", "3.5bpw", "30%"])
+@pytest.mark.parametrize("mibs", [(24, 46), (46, 24), (22, 26, 30)])
+def test_a_variant_is_spread_over_the_hosts_as_evenly_as_can_be(
+    profile_cache, spec: str, mibs: tuple[float, ...]
+) -> None:
+    """A budget variant keeps the one-machine plan at its budget; the cut points chosen leave the
+    fullest host least full, checked against every split there is."""
+    model = shared_model(DENSE)
+    source = open_source(str(model), load_settings())
+    profile = profile_cache(model)
+    hosts = [Host(f"h{i}", (), weights_gb(m)) for i, m in enumerate(mibs)]
+    found = split_for(source, profile, hosts, ASK, spec)
+    alone = make_plan(profile, spec, source.settings)
+    assert found.plan.hash == alone.hash  # the same model as one machine serves at that budget
+    ranks = Ranks(source, profile, hosts, ASK)
+    picked = plan_choice(profile, found.plan)
+    every = [fullest(ranks, picked, [0, *cuts, ranks.layers])
+             for cuts in itertools.combinations(range(1, ranks.layers), len(hosts) - 1)]  # fmt: skip
+    assert fullest(ranks, picked, found.bounds) == pytest.approx(min(every))
+    assert all(p.memory_bytes <= p.budget.weights for p in found.parts)
+    assert sorted(m for p in found.parts for m in p.modules) == sorted(found.plan.choices)
+    assert sum(p.damage for p in found.parts) == pytest.approx(found.plan.predicted_damage)
+
+
+def test_a_variant_too_big_for_the_hosts_names_the_fullest(profile_cache) -> None:
+    model = shared_model(DENSE)
+    source = open_source(str(model), load_settings())
+    hosts = [Host("mac-a", (), weights_gb(20)), Host("mac-b", (), weights_gb(20))]
+    with pytest.raises(BudgetError, match=r"the 60MB plan .* fits no split .* at best mac-. holds"):
+        split_for(source, profile_cache(model), hosts, ASK, "60MB")
 
 
 def test_a_tied_head_is_held_by_the_first_host_only(tmp_path: Path) -> None:
