@@ -187,6 +187,12 @@ class RanksRegistry(VariantRegistry):
         self._splits[done.plan.hash] = done
         return done.plan
 
+    async def resolve(self, model_id: str) -> Engine:
+        if self.split is None:  # still starting, or failed to: say which
+            self.spec_of(model_id)
+            return self.require_ready()
+        return await super().resolve(model_id)
+
     def fitted_budget(self) -> Budget:
         assert self.split is not None
         return self.split.parts[0].budget

@@ -329,10 +329,7 @@ class Engine:
             requests = [*self._active.values(), *self._waiting]
             self._waiting.clear()
             self._lock.notify()
-        for r in requests:
-            if not r.done:
-                r.done = True
-                r.output.fail(message)
+        self._fail(requests, message)
 
     # -- the worker ----------------------------------------------------------------------------
 
@@ -511,10 +508,14 @@ class Engine:
         self._record(["reset"])
         with contextlib.suppress(RankLost):  # abandon() has failed them all already
             self._tell(step=False)
-        for r in failed:
-            self._count_finish("error")
-            r.done = True
-            r.output.fail(message)
+        self._fail(failed, message)
+
+    def _fail(self, requests: list[Request], message: str) -> None:
+        for r in requests:
+            if not r.done:
+                self._count_finish("error")
+                r.done = True
+                r.output.fail(message)
 
     def _reset(self) -> None:
         self._generator.close()

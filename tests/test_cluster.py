@@ -23,8 +23,9 @@ import psutil
 import pytest
 
 from ramserve.budget import Ask
+from ramserve.cluster import ring_hostfile
 from ramserve.crew import _send
-from ramserve.hosts import read_hostfile, split
+from ramserve.hosts import read_hostfile, split, split_for
 from ramserve.profile import analyze
 from ramserve.quantize import quantize
 from ramserve.settings import load_settings
@@ -86,8 +87,8 @@ def hostfile(home: Path, mibs: tuple[float, ...]) -> Path:
     return path
 
 
-def complete(base: str, prompt: str) -> str:
-    body = {"model": NAME, "prompt": prompt, "max_tokens": 24, "temperature": 0}
+def complete(base: str, prompt: str, model: str = NAME) -> str:
+    body = {"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0}
     r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
     assert r.status_code == 200, r.text
     text: str = r.json()["choices"][0]["text"]
@@ -265,3 +266,86 @@ def test_hosts_too_small_for_the_model_are_named_and_every_rank_stops(home: Path
         assert proc.poll() is None
     assert "could not start on its hosts" in message
     assert "127.0.0.1 with layers" in message and "needs" in message
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_variants_swap_on_every_rank_or_on_none(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """name@budget is served over the hosts. Rank 1 has its own cache, with room for the model
+    and one small variant only: a bigger variant fails there, so every rank keeps the model it
+    had; the small one then loads on both, and serves what one process serves of its plan."""
+    configure(home)
+    config = (home / "config.toml").read_text() + '[server]\nvariants = ["min-safe", "40MB"]\n'
+    (home / "config.toml").write_text(config)
+    hosts = hostfile(home, (24, 46))
+    model = str(shared_model(DENSE))
+    monkeypatch.setenv("RAMSERVE_HOME", str(home))
+    settings = load_settings()
+    source = open_source(model, settings)
+    profile = analyze(source, progress=False)
+    whole = split_for(source, profile, read_hostfile(hosts), ASK)
+    small, big = (
+        split_for(source, profile, read_hostfile(hosts), ASK, s) for s in ("min-safe", "40MB")
+    )
+    assert small.plan.total_bytes < big.plan.total_bytes
+
+    # Rank 1's cache: the model it starts with, quantized here, and room for one small variant.
+    other = tmp_path / "rank1"
+    other.mkdir()
+    (other / "config.toml").write_text(config)
+    monkeypatch.setenv("RAMSERVE_HOME", str(other))
+    quantize(open_source(model, load_settings()), whole.plan, progress=False)
+    used = folder_bytes(other)
+    extra = used - whole.plan.total_bytes  # besides the weights: config, tokenizer, manifest
+    room = used + extra + (small.plan.total_bytes + big.plan.total_bytes) // 2
+    (other / "config.toml").write_text(config + f"[cache]\nmax_gb = {room / 2**30!r}\n")
+    monkeypatch.setenv("RAMSERVE_HOME", str(home))
+
+    # The ranks as mlx.launch starts them: MLX_RANK and its ring hostfile, each with its own env.
+    ring = home.parent / "ring-variants.json"
+    ring.write_text(ring_hostfile(read_hostfile(hosts), settings))
+    launch = {"MLX_HOSTFILE": str(ring)}
+    follower_log = (tmp_path / "rank1.log").open("w")
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "ramserve.cli", "run", model, "--hosts", str(hosts), "-q", *SHAPE],
+        env=run_env(other, MLX_RANK="1", **launch), stdout=follower_log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        with ramserve_run(model, "--hosts", str(hosts), *SHAPE,
+                          env=run_env(home, MLX_RANK="0", **launch)) as (base, _):  # fmt: skip
+            before = complete(base, PROMPTS[0])
+            cards = {c["id"]: c for c in httpx.get(f"{base}/v1/models").json()["data"]}
+            failed = httpx.post(f"{base}/v1/completions", timeout=300, json={
+                "model": f"{NAME}@40MB", "prompt": PROMPTS[0], "max_tokens": 4})  # fmt: skip
+            after_failure = complete(base, PROMPTS[0])
+            loaded = [c["id"] for c in httpx.get(f"{base}/v1/models").json()["data"]
+                      if c["status"] == "loaded"]  # fmt: skip
+            swapped = [complete(base, p, f"{NAME}@min-safe") for p in PROMPTS[:2]]
+            now = {c["id"]: c["status"] for c in httpx.get(f"{base}/v1/models").json()["data"]}
+            back = complete(base, PROMPTS[0])
+    finally:
+        follower.terminate()
+        follower.wait(30)
+        follower_log.close()
+
+    # Every variant is offered over the hosts, with its own split.
+    assert set(cards) == {NAME, f"{NAME}@min-safe", f"{NAME}@40MB"}
+    spread_of = cards[f"{NAME}@min-safe"]["hosts"]
+    assert [h["layers"] for h in spread_of] == [list(p.layers) for p in small.parts]
+    assert cards[f"{NAME}@min-safe"]["weight_bytes"] == small.plan.total_bytes
+    # The bigger variant did not fit rank 1's cache: named, and both ranks kept the model.
+    assert failed.status_code == 400, failed.text
+    message = failed.json()["error"]["message"]
+    assert "rank 1 (127.0.0.1) could not load it" in message and "cache" in message
+    assert after_failure == before and loaded == [NAME]
+    # The small one loaded on both ranks, and serves what one process serves of its plan.
+    assert now[f"{NAME}@min-safe"] == "loaded" and now[NAME] != "loaded"
+    folder, cached = quantize(source, small.plan, progress=False)
+    assert cached
+    with serve_folder(folder, NAME, context=1024, parallel=2, kv_bits=16) as one:
+        assert swapped == [complete(one, p) for p in PROMPTS[:2]]
+    assert back == before
