@@ -69,6 +69,39 @@ def ring_hostfile(hosts: list[Host], settings: Settings) -> str:
     return json.dumps([[f"{h.ips[0]}:{port + r}"] for r, h in enumerate(hosts)])
 
 
+def back_end(hosts: list[Host], settings: Settings) -> str:
+    """MLX's back end for the hidden states: JACCL (RDMA over Thunderbolt 5) where asked, or by
+    ``auto`` where every host has its "rdma" row and this MLX has the back end; else the ring."""
+    asked = settings.hosts.backend
+    if asked == "ring":
+        return "ring"
+    rows = all(h.rdma for h in hosts)
+    if asked == "jaccl":
+        if not rows:
+            missing = ", ".join(h.ssh for h in hosts if not h.rdma)
+            raise RamserveError(f'[hosts] backend = "jaccl" needs each host\'s "rdma" row in the '
+                                f"hostfile, and {missing} has none: mlx.distributed_config "
+                                "--backend jaccl --auto-setup writes them")  # fmt: skip
+        if not mx.distributed.is_available("jaccl"):
+            raise RamserveError('[hosts] backend = "jaccl", but this MLX has no JACCL back end: it '
+                                "needs macOS 26.2 or later on Thunderbolt 5 Macs, with RDMA "
+                                "enabled (rdma_ctl enable, in Recovery); or use the ring")  # fmt: skip
+        return "jaccl"
+    return "jaccl" if rows and mx.distributed.is_available("jaccl") else "ring"
+
+
+def group_env(hosts: list[Host], settings: Settings) -> tuple[dict[str, str], dict[str, str]]:
+    """What every rank needs to join MLX's group, as ``mlx.launch`` gives it: files (an environment
+    variable naming each, with its content) and plain environment variables."""
+    if back_end(hosts, settings) == "ring":
+        return {"MLX_HOSTFILE": ring_hostfile(hosts, settings)}, {}
+    devices = json.dumps([list(h.rdma) for h in hosts])
+    coordinator = f"{hosts[0].ips[0]}:{settings.hosts.control_port + 1}"
+    # The CPU drives RDMA: the faster GPU-CPU synchronisation mlx.launch's docs ask for with JACCL.
+    return {"MLX_IBV_DEVICES": devices}, {"MLX_JACCL_COORDINATOR": coordinator,
+                                          "MLX_METAL_FAST_SYNCH": "1"}  # fmt: skip
+
+
 def launch(hostfile: Path, settings: Settings, argv: list[str]) -> list[subprocess.Popen[bytes]]:
     """Start ranks 1.. (on their hosts: by ssh, as ``mlx.launch`` does, or here for 127.0.0.1) and
     make this process rank 0. Not through ``mlx.launch`` itself, which stops every rank when one
@@ -79,28 +112,32 @@ def launch(hostfile: Path, settings: Settings, argv: list[str]) -> list[subproce
                             "on one machine, run without it")  # fmt: skip
     missing = [h.ssh for h in hosts if not h.ips]
     if missing:
-        raise RamserveError(f"hostfile {hostfile}: MLX's ring back end needs each host's "
-                            f'"ips"; {", ".join(missing)} has none')  # fmt: skip
-    ring = ring_hostfile(hosts, settings)
-    token = secrets.token_hex(16)  # only the ranks started here may join (crew.py)
-    ring_file = Path(tempfile.mkstemp(prefix="ramserve-ring-", suffix=".json")[1])
-    ring_file.write_text(ring)
+        raise RamserveError(f"hostfile {hostfile}: the ranks reach rank 0, and MLX's ring its "
+                            f'neighbours, at each host\'s "ips"; {", ".join(missing)} has none')  # fmt: skip
+    files, env = group_env(hosts, settings)
+    env[TOKEN] = secrets.token_hex(16)  # only the ranks started here may join (crew.py)
+    here = {**env}
+    for name, text in files.items():
+        path = Path(tempfile.mkstemp(prefix=f"ramserve-{name.lower()}-", suffix=".json")[1])
+        path.write_text(text)
+        here[name] = str(path)
     script = Path(sys.argv[0]) if Path(sys.argv[0]).name == "ramserve" else \
         Path(sys.executable).parent / "ramserve"  # fmt: skip
     command = [sys.executable, str(script.resolve()), *argv]
     ranks = []
     for rank, host in enumerate(hosts[1:], start=1):
         if host.ssh in LOCAL:
-            env = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(ring_file),
-                   TOKEN: token}  # fmt: skip
-            ranks.append(subprocess.Popen(command, env=env))
+            ranks.append(
+                subprocess.Popen(command, env={**os.environ, **here, "MLX_RANK": str(rank)})
+            )
         else:
-            remote = (f"cd {shlex.quote(os.getcwd())} 2>/dev/null; f=$(mktemp); "
-                      f"echo {shlex.quote(ring)} > $f; "
-                      f"export MLX_HOSTFILE=$f MLX_RANK={rank} {TOKEN}={token}; "
-                      f"exec {shlex.join(command)}")  # fmt: skip
+            written = "".join(f"f=$(mktemp); echo {shlex.quote(text)} > $f; export {name}=$f; "
+                              for name, text in files.items())  # fmt: skip
+            exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+            remote = (f"cd {shlex.quote(os.getcwd())} 2>/dev/null; {written}"
+                      f"export MLX_RANK={rank} {exports}; exec {shlex.join(command)}")  # fmt: skip
             ranks.append(subprocess.Popen(["ssh", "-tt", "-o", "LogLevel=QUIET", host.ssh, remote]))
-    os.environ.update({"MLX_RANK": "0", "MLX_HOSTFILE": str(ring_file), TOKEN: token})
+    os.environ.update({**here, "MLX_RANK": "0"})
     return ranks
 
 
@@ -108,10 +145,11 @@ def leader_address(hosts: list[Host]) -> str:
     return hosts[0].ips[0]
 
 
-def join_ring() -> int:
-    """Join MLX's ring: this rank's number."""
-    group = mx.distributed.init(strict=True, backend="ring")
-    return int(group.rank())
+def join_group() -> str:
+    """Join MLX's group, on the back end ``launch`` (or ``mlx.launch``) set this rank up for."""
+    backend = "jaccl" if "MLX_IBV_DEVICES" in os.environ else "ring"
+    mx.distributed.init(strict=True, backend=backend)
+    return backend
 
 
 class RanksRegistry(VariantRegistry):
@@ -129,6 +167,7 @@ class RanksRegistry(VariantRegistry):
         self.hosts = read_hostfile(hostfile)
         self.split: Split | None = None
         self.crew: Crew | None = None
+        self.backend = ""
         self.source = None
         self._profile: Profile | None = None
         self._machines: list[Machine] = []
@@ -157,8 +196,8 @@ class RanksRegistry(VariantRegistry):
         self.crew = crew
         hellos = crew.gather(cfg.connect_timeout_s)
         crew.on_lost = self._lose
-        self.stage = "joining MLX's ring"
-        join_ring()
+        self.stage = "joining MLX's group"
+        self.backend = join_group()
         self.stage = "analysing"
         source = open_source(self.spec, self.settings)
         self._profile = analyze(source, progress=self.show_progress)
@@ -168,6 +207,7 @@ class RanksRegistry(VariantRegistry):
         plan = self.plan_for("")
         done = self._splits[plan.hash]
         print(render_split(done.to_json()), flush=True)
+        print(f"the ranks pass hidden states on MLX's {self.backend} back end", flush=True)
         self.engine_args = done.parts[0].budget.shape.engine_args()
         self.stage = "quantizing"
         folder, _ = quantize_to_serve(source, plan, progress=self.show_progress)
@@ -263,7 +303,7 @@ def follow(spec: str, hostfile: Path, settings: Settings) -> int:
                 beat_s=cfg.heartbeat_s)  # fmt: skip
     folder: Path | None = None
     try:
-        join_ring()
+        join_group()
         while (message := hand.next_setup()) is not None:
             if "stopped" in message:
                 log.error("rank 0 stopped: %s", message["stopped"])

@@ -55,6 +55,8 @@ class Host:
     ssh: str
     ips: tuple[str, ...] = ()
     memory_gb: float | None = None  # what the host may count on; None: measured by its rank
+    # JACCL's row for this host: the RDMA device reaching each other host (None for itself)
+    rdma: tuple[str | None, ...] = ()
 
 
 def read_hostfile(path: Path) -> list[Host]:
@@ -79,7 +81,15 @@ def read_hostfile(path: Path) -> list[Host]:
         if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int | float)
                                    or memory <= 0):  # fmt: skip
             raise HostfileError(f'{where}: "memory_gb" must be a positive number of GiB')
-        hosts.append(Host(entry["ssh"], tuple(ips), float(memory) if memory is not None else None))
+        rdma = entry.get("rdma", [])
+        if not isinstance(rdma, list) or (rdma and (
+                len(rdma) != len(data) or rdma[i] is not None
+                or not all(isinstance(d, str) for j, d in enumerate(rdma) if j != i))):  # fmt: skip
+            raise HostfileError(f'{where}: "rdma" must name the RDMA device to each of the '
+                                f"{len(data)} hosts, with null for itself (as mlx.distributed_config "
+                                "--backend jaccl writes it)")  # fmt: skip
+        hosts.append(Host(entry["ssh"], tuple(ips), float(memory) if memory is not None else None,
+                          tuple(rdma)))  # fmt: skip
     return hosts
 
 

@@ -125,6 +125,7 @@ class HostsSettings(BaseModel):
     """Serving from several machines (ramserve/cluster.py)."""
 
     control_port: int = Field(gt=0, lt=65535)
+    backend: Literal["auto", "ring", "jaccl"]
     connect_timeout_s: float = Field(gt=0)
     heartbeat_s: float = Field(gt=0)
     lost_after_s: float = Field(gt=0)

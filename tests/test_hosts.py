@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ramserve.budget import Ask
-from ramserve.errors import BudgetError
+from ramserve.errors import BudgetError, RamserveError
 from ramserve.hosts import (
     Host,
     HostfileError,
@@ -200,6 +200,9 @@ def test_a_tied_head_is_held_by_the_first_host_only(tmp_path: Path) -> None:
         ('[{"ssh": "a", "memory_gb": -4}]', '"memory_gb"'),
         ('[{"ssh": "a", "memory_gb": true}]', '"memory_gb"'),
         ("[{", "not JSON"),
+        ('[{"ssh": "a", "rdma": [null, "x"]}]', '"rdma"'),  # a row per host: 1, not 2
+        ('[{"ssh": "a", "rdma": [null, "e5"]}, {"ssh": "b", "rdma": ["e5", "e4"]}]', '"rdma"'),
+        ('[{"ssh": "a", "rdma": [null, 5]}, {"ssh": "b", "rdma": ["e5", null]}]', '"rdma"'),
     ],
 )
 def test_a_bad_hostfile_is_named_and_explained(tmp_path: Path, text: str, message: str) -> None:
@@ -239,3 +242,67 @@ def test_plan_and_budget_with_hosts_print_the_split(tmp_path: Path, ramserve_hom
     done = subprocess.run([*base, "plan", model, "--hosts", str(unstated), "-q"],
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 2 and 'states no "memory_gb"' in done.stderr
+
+
+JACCL_HOSTS = [
+    {"ssh": "m3-ultra-1", "ips": ["10.0.0.1"], "rdma": [None, "rdma_en5", "rdma_en4"]},
+    {"ssh": "m3-ultra-2", "ips": ["10.0.0.2"], "rdma": ["rdma_en5", None, "rdma_en3"]},
+    {"ssh": "m3-ultra-3", "ips": ["10.0.0.3"], "rdma": ["rdma_en4", "rdma_en3", None]},
+]
+
+
+@pytest.mark.parametrize("asked", ["auto", "ring", "jaccl"])
+def test_the_back_end_is_jaccl_where_every_host_has_rdma_and_mlx_has_it(
+    tmp_path: Path, asked: str
+) -> None:
+    import mlx.core as mx
+
+    from ramserve.cluster import back_end, group_env
+
+    path = tmp_path / "hosts.json"
+    path.write_text(json.dumps(JACCL_HOSTS))
+    hosts = read_hostfile(path)
+    assert hosts[1].rdma == ("rdma_en5", None, "rdma_en3")
+    settings = load_settings()
+    settings = settings.model_copy(update={"hosts": settings.hosts.model_copy(
+        update={"backend": asked})})  # fmt: skip
+    has_jaccl = mx.distributed.is_available("jaccl")
+    if asked == "jaccl" and not has_jaccl:
+        with pytest.raises(RamserveError, match="no JACCL back end: it needs macOS 26.2"):
+            back_end(hosts, settings)
+        return
+    expected = "ring" if asked == "ring" or not has_jaccl else "jaccl"
+    assert back_end(hosts, settings) == expected
+    files, env = group_env(hosts, settings)
+    if expected == "jaccl":  # mlx.launch's variables for JACCL: the device matrix, rank 0's address
+        assert json.loads(files["MLX_IBV_DEVICES"]) == [h["rdma"] for h in JACCL_HOSTS]
+        assert env["MLX_JACCL_COORDINATOR"] == f"10.0.0.1:{settings.hosts.control_port + 1}"
+    else:
+        port = settings.hosts.control_port + 1
+        assert json.loads(files["MLX_HOSTFILE"]) == [
+            [f"10.0.0.{r + 1}:{port + r}"] for r in range(3)
+        ]
+    # Without every host's row, auto takes the ring, and jaccl is refused, naming the host.
+    plain = [replace(h, rdma=()) if h.ssh == "m3-ultra-2" else h for h in hosts]
+    if asked == "jaccl":
+        with pytest.raises(RamserveError, match="m3-ultra-2 has none"):
+            back_end(plain, settings)
+    else:
+        assert back_end(plain, settings) == "ring"
+
+
+def test_run_with_jaccl_asked_where_mlx_has_none_says_why(
+    tmp_path: Path, ramserve_home: Path
+) -> None:
+    import mlx.core as mx
+
+    if mx.distributed.is_available("jaccl"):
+        pytest.skip("this MLX has JACCL: the refusal is for machines without it")
+    path = tmp_path / "hosts.json"
+    path.write_text(json.dumps(JACCL_HOSTS))
+    user = ramserve_home / "config.toml"
+    user.write_text(user.read_text() + '[hosts]\nbackend = "jaccl"\n')
+    done = subprocess.run([sys.executable, "-m", "ramserve.cli", "run", str(shared_model(DENSE)),
+                           "--hosts", str(path)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2
+    assert "no JACCL back end" in done.stderr and "Traceback" not in done.stderr
