@@ -15,7 +15,8 @@ from pydantic import BaseModel, Field, ValidationError
 
 from .errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# A link to the repository's configs/: a wheel carries the files themselves (pyproject's package-data).
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 class KindRule(BaseModel):
