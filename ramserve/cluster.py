@@ -36,7 +36,7 @@ import mlx.core as mx
 
 from . import cache
 from .budget import Ask, Budget
-from .crew import Crew, Hand, Hello, Lockstep, Setup
+from .crew import Crew, Hand, Hello, Lockstep, Setup, Tick
 from .device import Machine, this_machine
 from .engine import Engine
 from .errors import RamserveError
@@ -204,6 +204,7 @@ class RanksRegistry(VariantRegistry):
         self._machines = [this_machine(self.hosts[0].memory_gb or 0), *(h.machine for h in hellos)]
         self.stage = "splitting"
         self.source, self.name = source, served_name(source)
+        self.loaded_id = self.name
         plan = self.plan_for("")
         done = self._splits[plan.hash]
         print(render_split(done.to_json()), flush=True)
@@ -256,9 +257,13 @@ class RanksRegistry(VariantRegistry):
         setup = Setup(self.spec, plan, done.bounds, self.engine_args)
         self.crew.send_all(setup.to_message())
         try:
-            self.engine = stage_engine(folder, setup, 0, self.settings, self.crew)
-        finally:
-            answers = self.crew.collect()  # in step with every rank, whatever happened here
+            engine = stage_engine(folder, setup, 0, self.settings, self.crew)
+        except Exception:
+            self.crew.collect()  # every rank has answered: the next setup finds them waiting
+            self.crew.tell(Tick(close=True))  # those that loaded follow an engine that never ran
+            raise
+        self.engine = engine
+        answers = self.crew.collect()
         failed = [f"rank {r} ({self.hosts[r].ssh}) could not load it: {a['load_failed']}"
                   for r, a in sorted(answers.items()) if "load_failed" in a]  # fmt: skip
         if failed:

@@ -188,6 +188,7 @@ class VariantRegistry(Registry):
                 raise NotReady(f"requests on {self.loaded_id} did not finish; try again") from e
         assert self.source is not None and self.plan is not None
         previous = (self.folder, self.plan, self.loaded_id)
+        installing = False
         try:
             self.stage = f"quantizing {model_id}"
             with watching(self._report):  # the worker thread inherits the watcher
@@ -195,6 +196,7 @@ class VariantRegistry(Registry):
                                                     progress=False)  # fmt: skip
             self.progress = None
             self.stage = f"loading {model_id}"
+            installing = True
             await asyncio.to_thread(self.install, folder, plan)
             if folder != previous[0]:
                 cache.release(previous[0])  # the old variant may be evicted from now on
@@ -204,7 +206,10 @@ class VariantRegistry(Registry):
             self.progress = None
             log.exception("swap to %s failed; restoring %s", model_id, previous[2])
             cache.release(model_dir(self.source.fingerprint, plan.hash))
-            await self._restore(*previous)
+            if installing:
+                await self._restore(*previous)
+            elif self.error is None:  # the model before is still loaded, and serves on
+                self.stage = "ready"
             raise BudgetError(f"could not switch to {model_id}: {e}") from e
         self.stage = "ready"
 
