@@ -40,7 +40,7 @@ from .crew import Crew, Hand, Hello, Lockstep, Setup, Tick
 from .device import Machine, this_machine
 from .engine import Engine
 from .errors import RamserveError
-from .hosts import Host, Split, read_hostfile, render_split, split_for
+from .hosts import Host, Part, Split, read_hostfile, render_split, split_for
 from .pipeline import stager
 from .plan import served_name
 from .profile import analyze
@@ -282,6 +282,9 @@ class RanksRegistry(VariantRegistry):
 
     def loaded_plan(self) -> Plan | None:
         return self.plan
+
+    def host_parts(self) -> list[Part]:
+        return self.split.parts if self.split else []
 
     def close(self) -> None:
         super().close()

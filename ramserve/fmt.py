@@ -34,3 +34,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+def meter(share: float, width: int = 16) -> str:
+    """A share drawn as a bar of ``width`` characters and its percentage: ``████████░░░░ 67%``."""
+    full = round(min(max(share, 0.0), 1.0) * width)
+    return "█" * full + "░" * (width - full) + f" {100 * share:3.0f}%"

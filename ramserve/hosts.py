@@ -40,7 +40,7 @@ from .budget import (
 )
 from .device import FLOAT_BYTES, Machine
 from .errors import BudgetError, RamserveError
-from .fmt import human_bytes, table
+from .fmt import human_bytes, meter, table
 from .plan import assemble_plan, fit_loaded, make_plan, memory_bytes, problem_of
 from .records import BudgetAsk, Plan, Profile, SafetyFloor
 from .source import Source, model_classes
@@ -429,10 +429,11 @@ def _no_split(ranks: Ranks) -> str:
 def render_split(s: dict[str, Any]) -> str:
     rows = [(p["rank"], p["host"], f"{p['layers'][0]}-{p['layers'][1] - 1}", ", ".join(p["holds"]) or "-",
              human_bytes(p["weight_budget"]), human_bytes(p["memory_bytes"]),
+             meter(p["memory_bytes"] / max(p["weight_budget"], 1)),
              f"{p['bits_per_weight']:.2f}", f"{p['predicted_damage']:.4g}") for p in s["parts"]]  # fmt: skip
-    out = [
-        table(["rank", "host", "layers", "also", "weight budget", "weights", "bpw", "damage"], rows)
-    ]
+    headers = ["rank", "host", "layers", "also", "weight budget", "weights", "budget used", "bpw",
+               "damage"]  # fmt: skip
+    out = [table(headers, rows)]
     out.append(f"predicted damage {s['predicted_damage']:.4g} in all; the split and plans solved "
                f"in {1000 * s['seconds']:.0f} ms ({s['ranges_tried']} ranges tried)")  # fmt: skip
     if s.get("tensor_parallel"):

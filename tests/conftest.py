@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +129,29 @@ def thinker(tmp_path_factory: pytest.TempPathFactory) -> Any:
     tok = load_tokenizer(Path(folder))
     assert tok.has_thinking and tok.has_tool_calling
     return tok
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Chromium as root on a machine without a network: no sandbox, and none of its background calls.
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-sync",
+         "--disable-component-update", "--no-first-run"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        message = f"no Chromium at {CHROMIUM} (Debian's chromium package; .ci/run installs it)"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    # The OpenBLAS the tests preload (Makefile's FAST) breaks Playwright's driver and Chromium's
+    # GPU process: they start without it (a child copies the environment when it starts).
+    preload = {k: os.environ.pop(k) for k in ("LD_PRELOAD", "LD_LIBRARY_PATH") if k in os.environ}
+    try:
+        p = sync_playwright().start()
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+    finally:
+        os.environ.update(preload)
+    yield b
+    b.close()
+    p.stop()

@@ -167,3 +167,13 @@ def host_memory_gb(model: Path, mib: float, ask: Any) -> float:
     probe = budget_for(kv, activation_shape(source), settings, shape,
                        machine=Machine("probe", 16 * 2**30, 16 * 2**30, None, False))  # fmt: skip
     return 2.0 + (probe.runtime + probe.kv + mib * 2**20) / 2**30
+
+
+def open_page(browser: Any, base: str, scheme: str = "light") -> Any:
+    page = browser.new_page(color_scheme=scheme, viewport={"width": 1280, "height": 860})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{base}/")
+    page.wait_for_selector("body[data-ready=true]", timeout=20_000)
+    page.errors = errors
+    return page

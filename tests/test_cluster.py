@@ -31,11 +31,12 @@ from ramserve.quantize import quantize
 from ramserve.settings import load_settings
 from ramserve.source import open_source
 
-from .conftest import DENSE, TEST_CONFIG, shared_model
+from .conftest import DENSE, REPO, TEST_CONFIG, shared_model
 from .serving import (
     free_port,
     free_ports,
     host_memory_gb,
+    open_page,
     ramserve_run,
     run_env,
     serve_folder,
@@ -273,7 +274,7 @@ def folder_bytes(path: Path) -> int:
 
 
 def test_variants_swap_on_every_rank_or_on_none(
-    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, browser: Any
 ) -> None:
     """name@budget is served over the hosts. Rank 1 has its own cache, with room for the model
     and one small variant only: a bigger variant fails there, so every rank keeps the model it
@@ -281,9 +282,9 @@ def test_variants_swap_on_every_rank_or_on_none(
     configure(home)
     config = (home / "config.toml").read_text() + '[server]\nvariants = ["min-safe", "40MB"]\n'
     (home / "config.toml").write_text(config)
+    monkeypatch.setenv("RAMSERVE_HOME", str(home))
     hosts = hostfile(home, (24, 46))
     model = str(shared_model(DENSE))
-    monkeypatch.setenv("RAMSERVE_HOME", str(home))
     settings = load_settings()
     source = open_source(model, settings)
     profile = analyze(source, progress=False)
@@ -291,7 +292,7 @@ def test_variants_swap_on_every_rank_or_on_none(
     small, big = (
         split_for(source, profile, read_hostfile(hosts), ASK, s) for s in ("min-safe", "40MB")
     )
-    assert small.plan.total_bytes < big.plan.total_bytes
+    assert small.plan.total_bytes < big.plan.total_bytes < whole.plan.total_bytes
 
     # Rank 1's cache: the model it starts with, quantized here, and room for one small variant.
     other = tmp_path / "rank1"
@@ -318,6 +319,16 @@ def test_variants_swap_on_every_rank_or_on_none(
         with ramserve_run(model, "--hosts", str(hosts), *SHAPE,
                           env=run_env(home, MLX_RANK="0", **launch)) as (base, _):  # fmt: skip
             before = complete(base, PROMPTS[0])
+            fit = httpx.get(f"{base}/fit").json()
+            page = open_page(browser, base)
+            page.click("#tab-fit")
+            page.wait_for_selector("#host-bars figure.host .seg")
+            drawn = [int(page.locator(f'#host-bars figure[data-rank="{r}"] .seg[data-label="weights"]')
+                         .get_attribute("data-bytes")) for r in range(2)]  # fmt: skip
+            captions = page.locator("#host-bars figcaption").all_text_contents()
+            page.screenshot(path=str(REPO / "docs" / "screenshots" / "fit-hosts-light.png"))
+            single_bar_hidden = page.locator("#memory-bar").is_hidden()
+            assert not page.errors, page.errors
             cards = {c["id"]: c for c in httpx.get(f"{base}/v1/models").json()["data"]}
             failed = httpx.post(f"{base}/v1/completions", timeout=300, json={
                 "model": f"{NAME}@40MB", "prompt": PROMPTS[0], "max_tokens": 4})  # fmt: skip
@@ -332,6 +343,14 @@ def test_variants_swap_on_every_rank_or_on_none(
         follower.wait(30)
         follower_log.close()
 
+    # The page draws each host's memory: its weights, runtime and KV cache of its own layers.
+    assert [h["layers"] for h in fit["hosts"]] == [list(p.layers) for p in whole.parts]
+    for h, part in zip(fit["hosts"], whole.parts, strict=True):
+        bar = {s["label"]: s["bytes"] for s in h["memory_bar"]}
+        assert bar["weights"] == part.memory_bytes and bar["KV cache"] == part.budget.kv
+        assert bar["weights"] + bar.get("free", 0) == part.budget.weights
+    assert drawn == [p.memory_bytes for p in whole.parts] and single_bar_hidden
+    assert captions[0].startswith("rank 0 · 127.0.0.1 · layers 0–") and "head" in captions[0]
     # Every variant is offered over the hosts, with its own split.
     assert set(cards) == {NAME, f"{NAME}@min-safe", f"{NAME}@40MB"}
     spread_of = cards[f"{NAME}@min-safe"]["hosts"]

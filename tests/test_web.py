@@ -4,7 +4,6 @@ real `ramserve run` of the shared dense model: chat, stop, variant swap, the fit
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -18,37 +17,13 @@ import pytest
 
 from .conftest import DENSE, REPO, TEST_CONFIG, shared_model
 from .factory import TOOLS_TEMPLATE, make_model
-from .serving import metric, ramserve_run, run_env, serve_folder, wait_for
+from .serving import metric, open_page, ramserve_run, run_env, serve_folder, wait_for
 
-CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = REPO / "docs" / "screenshots"
 # A stated memory, so that `ramserve budget` in the test and the server plan for the same machine
 # (the budget's "available now" moves from one reading to the next).
 MEMORY = "[budget]\nmemory_gb = 16\n"
 SHAPE = ["--context", "2048", "--parallel", "2", "--kv-bits", "16"]
-# Chromium as root on a machine without a network: no sandbox, and none of its background calls.
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-sync",
-         "--disable-component-update", "--no-first-run"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        message = f"no Chromium at {CHROMIUM} (Debian's chromium package; .ci/run installs it)"
-        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
-    from playwright.sync_api import sync_playwright
-
-    # The OpenBLAS the tests preload (Makefile's FAST) breaks Playwright's driver and Chromium's
-    # GPU process: they start without it (a child copies the environment when it starts).
-    preload = {k: os.environ.pop(k) for k in ("LD_PRELOAD", "LD_LIBRARY_PATH") if k in os.environ}
-    try:
-        p = sync_playwright().start()
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
-    finally:
-        os.environ.update(preload)
-    yield b
-    b.close()
-    p.stop()
 
 
 @pytest.fixture(scope="module")
@@ -96,16 +71,6 @@ def test_the_memory_bar_adds_up_to_the_machine(profile_cache) -> None:
     assert sum(bar.values()) == budget.machine.total
     assert bar["weights"] == budget.weights and "free" not in bar  # no plan: the whole budget
     assert bar.get("unusable", 0) == budget.machine.total - bar["OS reserve"] - budget.usable
-
-
-def open_page(browser: Any, base: str, scheme: str = "light") -> Any:
-    page = browser.new_page(color_scheme=scheme, viewport={"width": 1280, "height": 860})
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(f"{base}/")
-    page.wait_for_selector("body[data-ready=true]", timeout=20_000)
-    page.errors = errors
-    return page
 
 
 def reply_text(page: Any) -> str:

@@ -21,6 +21,7 @@ from .. import cache
 from ..engine import Engine
 from ..errors import RamserveError
 from ..fit import Fit
+from ..hosts import Part
 from ..progress import Step
 from ..records import Plan
 from ..settings import Settings
@@ -94,6 +95,10 @@ class Registry:
     def how_fitted(self) -> Fit | None:
         """How ``ramserve run`` fitted the model to this machine (None: ``ramserve serve``)."""
         return None
+
+    def host_parts(self) -> list[Part]:
+        """Each host's share of the loaded model, where it is split over several (cluster.py)."""
+        return []
 
     def loaded_plan(self) -> Plan | None:
         """The plan of the model loaded now (None: a folder ramserve did not quantize)."""

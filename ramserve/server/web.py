@@ -25,15 +25,15 @@ from .registry import Registry
 PAGE = Path(__file__).resolve().parent.parent / "web"
 
 
-def memory_bar(budget: Budget, plan: Plan | None) -> list[dict[str, Any]]:
+def memory_bar(budget: Budget, weights: int | None) -> list[dict[str, Any]]:
     """The machine's memory as the bar draws it, left to right; every number one of the budget's
-    lines (``ramserve budget``), the weight budget split into the loaded plan's weights and what
-    is left."""
+    lines (``ramserve budget``), the weight budget split into the loaded weights (``weights``
+    bytes; None: none loaded, the whole budget) and what is left."""
     line = {ln.label: ln for ln in budget.lines}
     reserve = line["OS reserve"].bytes
     # memory other programs hold now, or past MLX's working-set limit: where that bound the budget
     unusable = budget.machine.total - reserve - budget.usable
-    weights = plan.memory_bytes if plan else budget.weights
+    weights = budget.weights if weights is None else weights
     bar = [
         ("OS reserve", reserve, line["OS reserve"].why),
         ("unusable", unusable, line["usable"].why),
@@ -92,11 +92,15 @@ def variants_view(registry: Registry) -> list[dict[str, Any]]:
 def fit_view(registry: Registry) -> dict[str, Any]:
     """Everything the page's fit and X-ray views draw (``GET /fit``)."""
     plan, fitted = registry.loaded_plan(), registry.how_fitted()
+    weights = plan.memory_bytes if plan else None
     return {
         "model": registry.name,
         "loaded": registry.loaded_id,
         "budget": fitted.budget.to_json() if fitted else None,
-        "memory_bar": memory_bar(fitted.budget, plan) if fitted else None,
+        "memory_bar": memory_bar(fitted.budget, weights) if fitted else None,
+        "hosts": [{"rank": p.rank, "host": p.host, "layers": list(p.layers),
+                   "budget": p.budget.to_json(), "memory_bar": memory_bar(p.budget, p.memory_bytes)}
+                  for p in registry.host_parts()],  # fmt: skip
         "plan": plan_view(plan) if plan else None,
         "variants": variants_view(registry),
         "xray": xray(fitted.profile) if fitted else None,

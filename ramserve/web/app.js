@@ -343,24 +343,41 @@ async function loadFit() {
   drawXray(state.fit);
 }
 
-function drawFit(fit) {
-  const segments = fit.memory_bar || [];
-  const total = fit.budget?.machine.total || 1;
-  $("#memory-bar").replaceChildren(...segments.map((s) => el("div", {
+// One machine's memory, left to right, as segments of a bar (the labels pick their colours).
+function fillBar(bar, segments, total, what) {
+  bar.replaceChildren(...segments.map((s) => el("div", {
     class: "seg", "data-label": s.label, "data-bytes": s.bytes,
     style: `flex: 0 0 ${(100 * s.bytes / total).toFixed(3)}%`, title: `${s.label}: ${humanBytes(s.bytes)} (${s.why})`,
   })));
-  $("#memory-bar").setAttribute("aria-label", `memory: ${segments.map((s) => `${s.label} ${humanBytes(s.bytes)}`).join(", ")}`);
+  bar.setAttribute("aria-label", `${what}: ${segments.map((s) => `${s.label} ${humanBytes(s.bytes)}`).join(", ")}`);
+}
+
+function drawFit(fit) {
+  const hosts = fit.hosts || [];
+  const segments = fit.memory_bar || [];
+  const total = fit.budget?.machine.total || 1;
+  fillBar($("#memory-bar"), segments, total, "memory");
+  $("#memory-bar").hidden = hosts.length > 0;
+  // Split over several machines: a bar per host, its layers and its share of the KV cache.
+  $("#host-bars").replaceChildren(...hosts.map((h) => {
+    const bar = el("div", { class: "bar", role: "img" });
+    fillBar(bar, h.memory_bar, h.budget.machine.total, `${h.host} memory`);
+    const also = h.rank === 0 ? ", the embedding and the head" : "";
+    return el("figure", { class: "host", "data-rank": h.rank },
+      el("figcaption", { text: `rank ${h.rank} · ${h.host} · layers ${h.layers[0]}–${h.layers[1] - 1}${also} · ${humanBytes(h.budget.machine.total)}` }), bar);
+  }));
+  const legend = hosts.length ? hosts[0].memory_bar : segments;
   $("#memory-legend").replaceChildren(
-    el("li", {}, el("b", { text: "total " }), el("span", { "data-bytes": total, text: humanBytes(total) })),
-    ...segments.map((s) => el("li", { "data-label": s.label },
-      el("span", { class: "swatch seg", "data-label": s.label }), `${s.label} `, el("b", { text: humanBytes(s.bytes) }))));
+    ...(hosts.length ? [] : [el("li", {}, el("b", { text: "total " }), el("span", { "data-bytes": total, text: humanBytes(total) }))]),
+    ...legend.map((s) => el("li", { "data-label": s.label },
+      el("span", { class: "swatch seg", "data-label": s.label }), `${s.label} `,
+      ...(hosts.length ? [] : [el("b", { text: humanBytes(s.bytes) })]))));
   const lines = fit.budget?.lines || [];
   $("#budget-lines tbody").replaceChildren(...lines.map((ln) => el("tr", { "data-label": ln.label, "data-bytes": ln.bytes },
     el("td", { text: ln.label }), el("td", { class: "num", text: humanBytes(ln.bytes) }), el("td", { class: "muted", text: ln.why }))));
-  const shape = fit.budget?.shape;
+  const shape = fit.budget?.shape || hosts[0]?.budget.shape;
   $("#runtime-shape").textContent = shape
-    ? `runtime shape: ${shape.context.toLocaleString()} tokens × ${shape.parallel} sequences, KV cache ${shape.kv_bits}-bit, prefill ${shape.prefill_chunk} tokens`
+    ? `runtime shape${hosts.length ? ` on each of ${hosts.length} hosts` : ""}: ${shape.context.toLocaleString()} tokens × ${shape.parallel} sequences, KV cache ${shape.kv_bits}-bit, prefill ${shape.prefill_chunk} tokens`
     : "served with `ramserve serve`: no fit to show (`ramserve run` fits the model to this machine)";
 
   const plan = fit.plan;
