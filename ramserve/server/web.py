@@ -98,9 +98,16 @@ def fit_view(registry: Registry) -> dict[str, Any]:
         "loaded": registry.loaded_id,
         "budget": fitted.budget.to_json() if fitted else None,
         "memory_bar": memory_bar(fitted.budget, weights) if fitted else None,
-        "hosts": [{"rank": p.rank, "host": p.host, "layers": list(p.layers),
-                   "budget": p.budget.to_json(), "memory_bar": memory_bar(p.budget, p.memory_bytes)}
-                  for p in registry.host_parts()],  # fmt: skip
+        "hosts": [
+            {
+                "rank": p.rank,
+                "host": p.host,
+                "layers": list(p.layers),
+                "budget": p.budget.to_json(),
+                "memory_bar": memory_bar(p.budget, p.memory_bytes),
+            }
+            for p in registry.host_parts()
+        ],
         "plan": plan_view(plan) if plan else None,
         "variants": variants_view(registry),
         "xray": xray(fitted.profile) if fitted else None,
