@@ -434,8 +434,9 @@ def render_split(s: dict[str, Any]) -> str:
     headers = ["rank", "host", "layers", "also", "weight budget", "weights", "budget used", "bpw",
                "damage"]  # fmt: skip
     out = [table(headers, rows)]
-    out.append(f"predicted damage {s['predicted_damage']:.4g} in all; the split and plans solved "
-               f"in {1000 * s['seconds']:.0f} ms ({s['ranges_tried']} ranges tried)")  # fmt: skip
+    out.append(f"the {s['plan']['budget']} plan: predicted damage {s['predicted_damage']:.4g} in "
+               f"all; the split and plans solved in {1000 * s['seconds']:.0f} ms "
+               f"({s['ranges_tried']} ranges tried)")  # fmt: skip
     if s.get("tensor_parallel"):
         out.append(s["tensor_parallel"])
     return "\n".join(out)
