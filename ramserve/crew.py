@@ -2,9 +2,10 @@
 distributed back end, which carries only the hidden states.
 
 The leading rank (rank 0) listens; each following rank connects, says who it is and what memory it
-measured (``Hello``), and then receives the setup and, for every step of the batch, a ``Tick``: what
-changed in the batch since the last step (sequences started and ended) and whether to step. So every
-rank runs the same forward passes on the same batch, and only the leading rank schedules and samples.
+measured (``Hello``), and then receives a ``Setup`` (at the start and at each variant swap), answers
+whether it loaded it, and receives for every step of the batch a ``Tick``: what changed in the batch
+since the last step (sequences started and ended) and whether to step. So every rank runs the same
+forward passes on the same batch, and only the leading rank schedules and samples.
 
 Only a rank that knows the launch's token (``RAMSERVE_CREW_TOKEN``, made by ``cluster.launch``) is
 admitted. Faults show at once: a following rank sends a heartbeat every ``beat_s`` seconds, and the
@@ -267,12 +268,6 @@ class Hand:
                                "machine": asdict(hello.machine)})  # fmt: skip
         threading.Thread(target=self._beat, args=(beat_s,), daemon=True,
                          name="ramserve-heartbeat").start()  # fmt: skip
-
-    def receive(self) -> dict[str, Any]:
-        message = _receive(self._sock)
-        if message is None:
-            raise RankLost("the leading rank closed the connection")
-        return message
 
     def tell(self, tick: Tick) -> None:
         raise RamserveError("a following rank does not tell")
