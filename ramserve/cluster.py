@@ -271,6 +271,8 @@ class RanksRegistry(VariantRegistry):
         self.split = done
 
     def _lose(self, why: str) -> None:
+        if self.stage == "failed":  # the ranks were told to stop: the first cause stands
+            return
         self.error = f"{why}; the model is split over {len(self.hosts)} hosts and cannot serve " \
                      "without it: restart ramserve run --hosts"  # fmt: skip
         self.stage = "failed"
