@@ -181,8 +181,7 @@ class RanksRegistry(VariantRegistry):
             self.stage = "ready"
         except Exception as e:  # reported by /health and every request, never a crash
             log.exception("starting the ranks failed")
-            why = str(e) if isinstance(e, RamserveError) else f"{type(e).__name__}: {e}"
-            self.error = self.error or f"the model could not start on its hosts: {why}"
+            self.error = self.error or f"the model could not start on its hosts: {_why(e)}"
             self.stage = "failed"
             if self.crew is not None and not self.crew.lost:  # the others wait for a setup
                 with contextlib.suppress(RamserveError):
@@ -349,4 +348,5 @@ def _load_stage(setup: Setup, rank: int, settings: Settings, hand: Hand,
 
 
 def _why(e: Exception) -> str:
+    """A failure as clients read it: a user-facing error's own words, else its type too."""
     return str(e) if isinstance(e, RamserveError) else f"{type(e).__name__}: {e}"
