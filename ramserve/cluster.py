@@ -7,10 +7,13 @@ every rank when one ends, rank 0 included. Each rank takes its role:
 
 - Rank 0 serves the API at once (503 with the stage while it starts). It gathers the other ranks'
   hellos (each rank's memory, measured on its host or stated by the hostfile's ``memory_gb``),
-  analyses the model (cached), chooses the split and the plan together (ramserve/hosts.py),
+  and where the model's profile is not cached, has every rank analyse its own layers (cut in
+  proportion to the ranks' memory; the passes relayed between ranks, ramserve/relay.py) and merges
+  the parts into the profile, which covers the whole model. It chooses the split and the plan
+  together (ramserve/hosts.py),
   quantizes (cached) and tells every rank the plan and its layers. Then it schedules the batch
   (ramserve/engine.py), and each step goes to the other ranks (ramserve/crew.py).
-- Every other rank quantizes the same plan from its own copy of the model (cached; on one machine
+- Every other rank analyses its share when asked, quantizes the same plan from its own copy of the model (cached; on one machine
   that is rank 0's folder), loads only its own layers and follows.
 
 A rank that is lost fails the requests in flight and every later one with a 503 that names it, and
@@ -29,6 +32,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +44,18 @@ from .crew import Crew, Hand, Hello, Lockstep, Setup, Tick
 from .device import Machine, this_machine
 from .engine import Engine
 from .errors import RamserveError
-from .hosts import Host, Part, Split, read_hostfile, render_split, split_for
+from .fisher import fisher_fits
+from .fmt import table
+from .hosts import Host, Part, Split, analysis_bounds, read_hostfile, render_split, split_for
 from .pipeline import stager
 from .plan import served_name
-from .profile import analyze
+from .profile import SharePart, analyse_share, analyze, settings_key
 from .quantize import quantize_to_serve
 from .records import Plan, Profile
+from .relay import share_of
 from .server.registry import NotReady, Registry
 from .settings import Settings
-from .source import open_source
+from .source import Source, open_source
 from .variants import VariantRegistry
 
 log = logging.getLogger("ramserve.cluster")
@@ -197,10 +204,11 @@ class RanksRegistry(VariantRegistry):
         crew.on_lost = self._lose
         self.stage = "joining MLX's group"
         self.backend = join_group()
-        self.stage = "analysing"
         source = open_source(self.spec, self.settings)
-        self._profile = analyze(source, progress=self.show_progress)
         self._machines = [this_machine(self.hosts[0].memory_gb or 0), *(h.machine for h in hellos)]
+        self.stage = "analysing"
+        others = Analysts(crew, source, self.spec, self._machines, self.hosts)
+        self._profile = analyze(source, progress=self.show_progress, others=others)
         self.stage = "splitting"
         self.source, self.name = source, served_name(source)
         self.loaded_id = self.name
@@ -293,6 +301,60 @@ class RanksRegistry(VariantRegistry):
             self.crew.close()
 
 
+class Analysts:
+    """The other ranks' side of rank 0's analysis (``profile.OtherRanks``), over the control
+    channel: each rank analyses its own layers, cut in proportion to the ranks' memory."""
+
+    def __init__(self, crew: Crew, source: Source, spec: str, machines: list[Machine],
+                 hosts: list[Host]) -> None:  # fmt: skip
+        import psutil
+
+        self.crew, self.hosts = crew, hosts
+        self.bounds = analysis_bounds(source, [m.available for m in machines])
+        self.share = share_of(self.bounds, 0)
+        # Every rank runs the Fisher's pass: it must fit the least memory measured (a stated
+        # memory is a budget to fit the model to, not what the analysis has here).
+        measured = [m.available for m in machines if m.live]
+        least = min([*measured, psutil.virtual_memory().available])
+        self.fits = fisher_fits(source, source.settings.sensitivity.fisher, least)
+        self.begun = 0.0
+        self.order = {"model": spec, "fingerprint": source.fingerprint, "bounds": self.bounds,
+                      "settings_key": settings_key(source.settings), "fits": self.fits}  # fmt: skip
+
+    def begin(self) -> None:
+        self.crew.send_all({"analyse": self.order})
+        refused = [f"rank {r} ({self.hosts[r].ssh}) cannot analyse its layers: {a['refused']}"
+                   for r, a in sorted(self.crew.collect().items()) if "refused" in a]  # fmt: skip
+        if refused:
+            raise RamserveError("; ".join(refused))
+        self.crew.send_all({"go": 1})
+        self.begun = time.perf_counter()
+
+    def gather(self) -> list[SharePart]:
+        own = time.perf_counter() - self.begun  # rank 0 has done its share
+        parts = [SharePart.from_json(a["analysed"]) for _, a in sorted(self.crew.collect().items())]
+        rows = [(r, self.hosts[r].ssh, f"{self.bounds[r]}-{self.bounds[r + 1] - 1}",
+                 "" if r else "embedding, head", f"{seconds:.1f}")
+                for r, seconds in enumerate([own, *(p.seconds for p in parts)])]  # fmt: skip
+        print(table(["rank", "host", "layers analysed", "also", "seconds"], rows), flush=True)
+        return parts
+
+
+def ready_to_analyse(order: dict[str, Any], settings: Settings) -> tuple[Source | None, str]:
+    """This rank's copy of the model for rank 0's analysis, or why it cannot take part."""
+    try:
+        source = open_source(str(order["model"]), settings)
+    except Exception as e:
+        return None, _why(e)
+    if source.fingerprint != order["fingerprint"]:
+        return None, (f"its copy of {order['model']} ({source.path}) is not rank 0's: its "
+                      f"fingerprint is {source.fingerprint}, rank 0's {order['fingerprint']}")  # fmt: skip
+    if settings_key(settings) != order["settings_key"]:
+        return None, ("its settings for the analysis (config.toml: [analysis], [quantizer], "
+                      "[sensitivity], [rounding], [[kinds]]) differ from rank 0's")  # fmt: skip
+    return source, ""
+
+
 def stage_engine(folder: Path, setup: Setup, rank: int, settings: Settings,
                  crew: Lockstep) -> Engine:  # fmt: skip
     """This rank's layers of the quantized model, its engine in lockstep with the other ranks'."""
@@ -311,12 +373,32 @@ def follow(spec: str, hostfile: Path, settings: Settings) -> int:
                 timeout_s=cfg.connect_timeout_s, token=os.environ.get(TOKEN, ""),
                 beat_s=cfg.heartbeat_s)  # fmt: skip
     folder: Path | None = None
+    order: dict[str, Any] = {}
+    source: Source | None = None
     try:
         join_group()
-        while (message := hand.next_setup()) is not None:
+        while (message := hand.next_order()) is not None:
             if "stopped" in message:
                 log.error("rank 0 stopped: %s", message["stopped"])
                 return 1
+            if "analyse" in message:  # then "go", or rank 0 stops
+                order = message["analyse"]
+                source, problem = ready_to_analyse(order, settings)
+                hand.answer({"refused": problem} if source is None else {"ready": 1})
+                continue
+            if "go" in message:
+                assert source is not None
+                share = share_of(order["bounds"], rank)
+                part = analyse_share(source, share, bool(order["fits"]), {}, None,
+                                     order["settings_key"], progress=False)  # fmt: skip
+                print(
+                    f"rank {rank} analysed layers {share.start}-{share.stop - 1}: "
+                    f"{len(part.records)} modules in {part.seconds:.1f} s",
+                    flush=True,
+                )
+                hand.answer({"analysed": part.to_json()})
+                source = None
+                continue
             gc.collect()  # the engine before this setup has ended: free its weights first
             mx.clear_cache()
             setup = Setup.from_message(message)

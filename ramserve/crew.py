@@ -89,6 +89,9 @@ _HEADER = struct.Struct("!I")
 # A tick carries the prompts that start in it and the tokens of the sequences that end: a few MB at
 # the longest contexts.
 MAX_MESSAGE = 64 << 20
+ORDERS = {"setup", "analyse", "go", "stopped"}
+# What a following rank answers the leading rank's orders with (``Crew.collect`` waits for each).
+ANSWERS = {"loaded", "load_failed", "ready", "analysed", "refused"}
 
 
 def _send(sock: socket.socket, message: dict[str, Any]) -> None:
@@ -222,7 +225,7 @@ class Crew:
                 if "failed" in message:
                     self._lose(rank, f"failed: {message['failed']}")
                     return
-                if "loaded" in message or "load_failed" in message:
+                if ANSWERS & message.keys():
                     with self._answered:
                         self._answers[rank] = message
                         self._answered.notify_all()
@@ -272,11 +275,12 @@ class Hand:
     def tell(self, tick: Tick) -> None:
         raise RamserveError("a following rank does not tell")
 
-    def next_setup(self) -> dict[str, Any] | None:
-        """The leading rank's next setup (or its ``{"stopped": why}``); None once it has closed.
-        The close of the engine before it, which this rank has already seen, is passed over."""
+    def next_order(self) -> dict[str, Any] | None:
+        """The leading rank's next order: a setup, an analysis (``{"analyse": …}``, then
+        ``{"go": 1}``), or its ``{"stopped": why}``; None once it has closed. The close of the engine
+        before it, which this rank has already seen, is passed over."""
         while (message := _receive(self._sock)) is not None:
-            if "setup" in message or "stopped" in message:
+            if ORDERS & message.keys():
                 return message
         return None
 

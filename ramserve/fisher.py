@@ -36,6 +36,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import BadModel
 from .progress import Bar
+from .relay import Share, alone, arrive, arrive_down, leave, leave_down
 from .seams import DecoderStack, swap_classes, with_cache
 from .settings import FisherSettings
 
@@ -213,7 +214,7 @@ Hidden = tuple[
 class StreamedModel:
     """mlx-lm's model for a source with no weights resident: calls load what each part needs."""
 
-    def __init__(self, source: Any, dtype: mx.Dtype) -> None:
+    def __init__(self, source: Any, dtype: mx.Dtype, share: Share | None = None) -> None:
         from .source import model_classes
 
         self.source, self.dtype = source, dtype
@@ -225,6 +226,8 @@ class StreamedModel:
             swap_classes(self.model, {SwitchLinear: _blas_switch_class()})
         stack = DecoderStack.of(self.model)  # seams: the list the model's loop reads
         self.layers = stack.layers
+        # this rank's layers; rank 0 alone holds the embedding and the head (ramserve/relay.py)
+        self.share = share or alone(len(self.layers))
         self.prefixes = [p + "." for p in stack.paths]
         self.slots: list[Any] = stack.slots  # its entries are swapped for stand-ins
         # their never-evaluated initialisers: restoring them lets loaded tensors go
@@ -319,8 +322,14 @@ class StreamedModel:
         seen: list[mx.array] = []
         extra: dict[str, Any] = {}
 
+        share = self.share
+
         def slot(i: int) -> _Slot:
             def run(x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+                if i not in share.layers:  # another rank's: its output comes by the relay
+                    return x
+                if i == share.start:
+                    x = arrive(share, [x])[0]
                 extra.update(args=args, kwargs=kwargs)
                 layer = self.layers[i]
                 layer.update(self.layer_params(i))
@@ -329,8 +338,8 @@ class StreamedModel:
                 self.release_layer(i)
                 self.layer_done()
                 seen.append(x)
-                if i == len(self.layers) - 1:
-                    raise _Stop(out)
+                if i == share.stop - 1:  # rank 0 gets the last layer's output back
+                    raise _Stop(leave(share, [out])[0])
                 return out
 
             return _Slot(self.layers[i], run)
@@ -345,7 +354,8 @@ class StreamedModel:
         try:
             with self.outer(head=False) as (_, given):
                 assert given is not None
-                given._value = self.lookups(inputs)
+                given._value = self.lookups(inputs) if self.share.first else \
+                    mx.zeros((*inputs.shape, self.width), dtype=self.dtype)  # fmt: skip
                 self.model(inputs)
             raise RuntimeError(f"the model's loop did not reach its {which} layer")
         except _Stop as stop:
@@ -433,16 +443,17 @@ def sampled_sequences(
 
     for _ in range(sweeps):
         tokens, _ = next_tokens(run, x, sweep)
-        x = mx.concatenate([x[:, :1], tokens], axis=1)
+        if tokens is not None:
+            x = mx.concatenate([x[:, :1], tokens], axis=1)
     return x
 
 
 def jacobi_inputs(
     run: StreamedModel, count: int, length: int, sweeps: int, seed: int, start: int, vocab: int
-) -> tuple[mx.array, mx.array, Hidden]:
+) -> tuple[mx.array, mx.array | None, Hidden]:
     """Inputs from ``sweeps`` parallel sampling sweeps (``sampled_sequences``), labels sampled given
-    them, and the hidden states of the inputs (the pass that gave the labels; the backward pass needs
-    them too)."""
+    them (None on ranks after the first), and the hidden states of the inputs (the pass that gave
+    the labels; the backward pass needs them too)."""
     x = sampled_sequences(run, count, length, sweeps, seed, start, vocab)
     label_keys = mx.random.split(mx.random.split(mx.random.key(seed), 3)[2], count)
 
@@ -455,11 +466,14 @@ def jacobi_inputs(
 
 def next_tokens(
     run: StreamedModel, x: mx.array, pick: Callable[[int, mx.array], mx.array]
-) -> tuple[mx.array, Hidden]:
+) -> tuple[mx.array | None, Hidden]:
     """``pick(i, logits)`` for each sequence i of ``x``, after one streamed forward pass (one
     sequence's logits at a time: all of them at once would be the largest array of the pass), and
-    that pass's hidden states."""
+    that pass's hidden states. On ranks after the first, which hold no head, no tokens: their passes
+    never read tokens, only the shape of ``x`` (ramserve/relay.py)."""
     hidden = run.hidden_states(x)
+    if not run.share.first:
+        return None, hidden
     last = hidden[1]
     with run.outer(head=True):
         out = []
@@ -470,12 +484,15 @@ def next_tokens(
 
 
 def streamed_fisher(
-    source: Any, cfg: FisherSettings, dtype: mx.Dtype, progress: bool
+    source: Any, cfg: FisherSettings, dtype: mx.Dtype, progress: bool, share: Share | None = None
 ) -> SelfFisher:
     """Per quantizable module, the diagonal of the Fisher of its weight per token (``FisherStat``);
-    and, on the same sequences, the KL the quantized KV cache costs (``kv_damage``)."""
-    run = StreamedModel(source, dtype)
-    n, layers = cfg.sequences, len(run.layers)
+    and, on the same sequences, the KL the quantized KV cache costs (``kv_damage``). Split over
+    ranks (``share``), each rank's statistics are its own layers' (rank 0's also the embedding's and
+    the head's, and the KV cache's KL)."""
+    run = StreamedModel(source, dtype, share)
+    share = run.share
+    n, layers = cfg.sequences, len(share.layers)
     # every layer of the sweeps, of the labelling pass and of the backward pass
     bar = Bar((cfg.sweeps + 3) * layers, "self-Fisher", unit="layer", show=progress)
     run.layer_done = lambda: bar.update(1)
@@ -485,11 +502,15 @@ def streamed_fisher(
     )
     kv = kv_damage(run, x, (seen, last, args, kwargs), KV_BITS)
     sums = Marginals({m.path: m.shape for m in source.modules})
-    grads, head_rows = _head(run, x, labels, last, sums)
-    for i in reversed(range(layers)):
+    # on ranks after the first, the gradient from above comes by the relay (``last`` its shape)
+    grads, head_rows = _head(run, x, labels, last, sums) if labels is not None else (last, [])
+    grads = arrive_down(share, [grads])[0]
+    for i in reversed(share.layers):
         grads = _layer(run, i, seen.pop(), grads, args, kwargs, sums)
         bar.update(1)
-    _embedding(run, x, grads, head_rows, sums)
+    grads = leave_down(share, [grads])[0]
+    if share.first:
+        _embedding(run, x, grads, head_rows, sums)
     bar.close()
     return SelfFisher(sums.stats(n * cfg.tokens), kv)
 
@@ -510,8 +531,10 @@ def kv_damage(run: StreamedModel, x: mx.array, hidden: Hidden, bits: tuple[int, 
     seen, last, args, kwargs = hidden
     if not kv_quantizable(head_dim_of(run.source.config)):
         return {}  # such a cache stays 16-bit (kvcache): nothing to measure
-    h = {b: seen[0] for b in bits}
-    for i, layer in enumerate(run.layers):
+    share = run.share
+    h = dict(zip(bits, arrive(share, [seen[0]] * len(bits)), strict=True))
+    for i in share.layers:
+        layer = run.layers[i]
         layer.update(run.layer_params(i))
         for b in bits:
             a, k = with_cache(args, kwargs, QuantizedKVCache(group_size=KV_GROUP_SIZE, bits=b))
@@ -519,6 +542,9 @@ def kv_damage(run: StreamedModel, x: mx.array, hidden: Hidden, bits: tuple[int, 
             mx.eval(h[b])
         run.release_layer(i)
         run.layer_done()
+    h = dict(zip(bits, leave(share, [h[b] for b in bits]), strict=True))
+    if not share.first:  # the head is rank 0's
+        return {}
     total = dict.fromkeys(bits, 0.0)
     with run.outer(head=True):
         for s in range(x.shape[0]):
@@ -796,17 +822,28 @@ class SelfFisher:
     kv_damage: dict[str, float]  # per KV precision ("8", "4"): KL per token against 16-bit KV
 
 
-def self_fisher(source: Any, cfg: FisherSettings, progress: bool) -> SelfFisher | None:
-    """The Fisher statistics of every quantizable module and the KV precisions' damage, or None when
-    even the streamed pass would not fit in the configured share of free memory (the profile then
-    uses the energy flow)."""
+def fisher_fits(source: Any, cfg: FisherSettings, available: int) -> bool:
+    """Whether the streamed pass fits in the configured share of ``available`` bytes."""
+    from .device import runtime_dtype
+
+    dtype = getattr(mx, runtime_dtype(source.float_dtype))
+    return peak_bytes(source, cfg, dtype) <= cfg.memory_share * available
+
+
+def self_fisher(source: Any, cfg: FisherSettings, progress: bool,
+                share: Share | None = None, fits: bool | None = None) -> SelfFisher | None:  # fmt: skip
+    """The Fisher statistics of every quantizable module (of this rank's ``share``) and the KV
+    precisions' damage, or None when even the streamed pass would not fit in the configured share of
+    free memory (the profile then uses the energy flow); split over ranks, rank 0 decides that for
+    all (``fits``)."""
     import psutil
 
     from .device import runtime_dtype
 
     dtype = getattr(mx, runtime_dtype(source.float_dtype))
-    if peak_bytes(source, cfg, dtype) > cfg.memory_share * psutil.virtual_memory().available:
+    if not (fits if fits is not None else
+            fisher_fits(source, cfg, psutil.virtual_memory().available)):  # fmt: skip
         return None
-    result = streamed_fisher(source, cfg, dtype, progress)
+    result = streamed_fisher(source, cfg, dtype, progress, share)
     mx.clear_cache()
     return result

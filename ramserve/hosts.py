@@ -43,7 +43,7 @@ from .errors import BudgetError, RamserveError
 from .fmt import human_bytes, meter, table
 from .plan import assemble_plan, fit_loaded, make_plan, memory_bytes, problem_of
 from .records import BudgetAsk, Plan, Profile, SafetyFloor
-from .source import Source, model_classes
+from .source import Source, layer_index, model_classes
 
 
 class HostfileError(RamserveError):
@@ -424,6 +424,30 @@ def _no_split(ranks: Ranks) -> str:
                      f"{human_bytes(max(b.weights, 0))} for weights, needs {human_bytes(sub.min_bytes())}")  # fmt: skip
     return ("no split of the model over these hosts fits, even at the smallest safe plan: "
             + "; ".join(lines) + "; add memory (memory_gb), a host, or a shorter --context")  # fmt: skip
+
+
+def analysis_bounds(source: Source, memories: list[int]) -> list[int]:
+    """The cut points each rank analyses by, before there is a profile to split by: each rank's
+    layers (and rank 0's embedding and head) in proportion to its memory, by their 16-bit bytes,
+    every rank at least one layer. The split the plan then chooses weighs the same memory, so it is
+    near this one, and each rank reads mostly the weights it will serve."""
+    layers, n = int(source.config["num_hidden_layers"]), len(memories)
+    sizes = [0] * layers
+    outer = 0
+    for key, shape in source.tensor_shapes.items():
+        i = layer_index(key)
+        if i is None:
+            outer += math.prod(shape)
+        else:
+            sizes[i] += math.prod(shape)
+    reached = np.cumsum([outer + sizes[0], *sizes[1:]])  # after each layer, rank 0's outer first
+    whole, total = float(reached[-1]), float(sum(memories))
+    bounds = [0]
+    for r in range(1, n):
+        target = whole * sum(memories[:r]) / total
+        cut = int(np.argmin(np.abs(reached[:-1] - target))) + 1  # layers [0, cut) before it
+        bounds.append(min(max(cut, bounds[-1] + 1), layers - (n - r)))
+    return [*bounds, layers]
 
 
 def render_split(s: dict[str, Any]) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -34,33 +33,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import RamserveError
+from .relay import Share, share_of
 from .seams import DecoderStack
 from .settings import KindRule
-
-
-@dataclass(frozen=True)
-class Share:
-    """Rank ``rank`` of ``size`` runs decoder layers [start, stop)."""
-
-    rank: int
-    size: int
-    start: int
-    stop: int
-
-    @property
-    def first(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def last(self) -> bool:
-        return self.rank == self.size - 1
-
-
-def share_of(bounds: Sequence[int], rank: int) -> Share:
-    """``bounds`` are the cut points, first 0 and last the layer count: [0, 3, 7] for two ranks."""
-    if any(b >= c for b, c in zip(bounds, bounds[1:], strict=False)) or bounds[0] != 0:
-        raise RamserveError(f"bounds {list(bounds)} must rise from 0, one range per rank")
-    return Share(rank, len(bounds) - 1, bounds[rank], bounds[rank + 1])
 
 
 class PassThrough(nn.Module):

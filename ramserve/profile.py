@@ -21,9 +21,9 @@ import math
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import mlx.core as mx
 import numpy as np
@@ -35,6 +35,7 @@ from .fisher import FisherStat, require_streamable, self_fisher
 from .process import freed_memory_returned
 from .progress import Bar
 from .records import PROFILE_FORMAT, ModuleRecord, Option, Profile, RecordError, module_records
+from .relay import Share, alone
 from .rounding import compensation_ratios
 from .sensitivity import EnergyFlow, flow_order, importances
 from .settings import Settings
@@ -261,9 +262,12 @@ def analyse_iter(
     settings: Settings,
     done: dict[str, ModuleRecord],
     fisher: dict[str, FisherStat] | None = None,
+    modules: list[ModuleInfo] | None = None,
 ) -> Iterator[ModuleRecord]:
-    """Yield one record per module in flow order; modules already in ``done`` are yielded as they are
-    (their layer's energies are replayed, not recomputed)."""
+    """Yield one record per module (of ``modules``, default all) in flow order; modules already in
+    ``done`` are yielded as they are (their layer's energies are replayed, not recomputed). A
+    module's energies need only its own layer's modules and norms, so each rank of a model split
+    over machines analyses its own layers alone."""
     weights = source.weights()
     flow = EnergyFlow(
         settings.sensitivity,
@@ -274,7 +278,7 @@ def analyse_iter(
     )
     streams = [mx.new_stream(mx.cpu) for _ in range(settings.analysis.streams)]
     dtype = getattr(mx, source.float_dtype)
-    for m in flow_order(source.modules):
+    for m in flow_order(source.modules if modules is None else modules):
         if m.path in done:
             weights.pop(f"{m.path}.weight", None)
             flow.energy[m.path] = done[m.path].energy
@@ -325,8 +329,99 @@ def _resume_state(partial: Path, key: str) -> dict[str, ModuleRecord]:
         return {}
 
 
-def analyze(source: Source, *, force: bool = False, progress: bool = True) -> Profile:
-    """The profile of a model: from the cache when valid, else computed (resuming a partial run)."""
+class OtherRanks(Protocol):
+    """The ranks that share a model split over machines with this one (rank 0), for its analysis."""
+
+    share: Share  # rank 0's own layers
+    fits: bool  # whether the Fisher's streamed pass fits every rank's memory
+
+    def begin(self) -> None:
+        """Tell every other rank to analyse its share."""
+
+    def gather(self) -> list[SharePart]:
+        """Every other rank's part, once done."""
+
+
+@dataclass
+class SharePart:
+    """One rank's analysis of its share of the model: its modules' records and compensation
+    ratios; rank 0's also the KV cache's damage."""
+
+    records: list[ModuleRecord]
+    ratios: dict[str, float] = field(default_factory=dict)
+    kv_damage: dict[str, float] = field(default_factory=dict)
+    fisher_seconds: float | None = None
+    rounding_seconds: float | None = None
+    seconds: float = 0.0  # the whole share's analysis, wall clock
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SharePart:
+        return cls(**{**data, "records": module_records(data["records"])})
+
+
+def owns(share: Share, m: ModuleInfo) -> bool:
+    """Whether a module is analysed (and quantized) by the rank of ``share``: its layer's modules,
+    and for rank 0 those outside the layers (the embedding, the head)."""
+    return share.first if m.layer is None else m.layer in share.layers
+
+
+def analyse_share(
+    source: Source,
+    share: Share,
+    fits: bool | None,
+    done: dict[str, ModuleRecord],
+    partial: Path | None,
+    key: str,
+    progress: bool,
+) -> SharePart:
+    """The analysis of the modules of ``share``: the self-Fisher and the compensation ratios (their
+    streamed passes relayed over the ranks, ramserve/relay.py), then each module's candidates."""
+    settings = source.settings
+    modules = [m for m in source.modules if owns(share, m)]
+    start = time.perf_counter()
+    # not checkpointed: on a resumed run the seeded pass gives the same statistics again
+    fisher = self_fisher(source, settings.sensitivity.fisher, progress, share, fits)
+    fisher_s = time.perf_counter() - start if fisher else None
+    # where the Fisher's streamed pass fits, so does this one (one layer, its inputs)
+    ratios_start = time.perf_counter()
+    ratios = compensation_ratios(
+        source, settings.rounding.model_dump(),
+        {m.path: candidates_for(m, settings) for m in modules},
+        settings.quantizer.model_dump(), progress, share,
+    ) if fisher else {}  # fmt: skip
+    rounding_s = time.perf_counter() - ratios_start if ratios else None
+    stats = fisher.stats if fisher else None
+    records = _run_analysis(source, settings, modules, done, stats, partial, key, progress)
+    return SharePart(records, ratios, fisher.kv_damage if fisher else {}, fisher_s, rounding_s,
+                     time.perf_counter() - start)  # fmt: skip
+
+
+def merged(source: Source, parts: list[SharePart]) -> SharePart:
+    """The ranks' parts as one (rank 0's first): records in flow order; the passes ran side by
+    side, so their time is the longest rank's."""
+    order = {m.path: i for i, m in enumerate(flow_order(source.modules))}
+    records = sorted((r for p in parts for r in p.records), key=lambda r: order[r.path])
+    missing = sorted(set(order) - {r.path for r in records})
+    if missing:
+        raise RecordError(f"the ranks' analyses miss {len(missing)} modules ({missing[0]}, …)")
+
+    def longest(seconds: list[float | None]) -> float | None:
+        known = [s for s in seconds if s is not None]
+        return max(known) if known else None
+
+    return SharePart(records, {k: v for p in parts for k, v in p.ratios.items()},
+                     parts[0].kv_damage, longest([p.fisher_seconds for p in parts]),
+                     longest([p.rounding_seconds for p in parts]),
+                     max(p.seconds for p in parts))  # fmt: skip
+
+
+def analyze(source: Source, *, force: bool = False, progress: bool = True,
+            others: OtherRanks | None = None) -> Profile:  # fmt: skip
+    """The profile of a model: from the cache when valid, else computed (resuming a partial run);
+    split over machines, rank 0 analyses its share and gathers the ``others``'."""
     require_full_precision(source)
     settings = source.settings
     key = settings_key(settings)
@@ -343,26 +438,20 @@ def analyze(source: Source, *, force: bool = False, progress: bool = True) -> Pr
                                             for m in source.modules)  # fmt: skip
         cache.reserve(needed, f"the profile of {source.name}", settings.cache, keep=final)
         done = {} if force else _resume_state(partial, key)
-        start = time.perf_counter()
         with cache.disk_errors(f"the profile of {source.name}", final.parent):
             with freed_memory_returned():
-                # not checkpointed: on a resumed run the seeded pass gives the same statistics again
-                fisher = self_fisher(source, settings.sensitivity.fisher, progress)
-                fisher_s = time.perf_counter() - start if fisher else None
-                stats = fisher.stats if fisher else None
-                # where the Fisher's streamed pass fits, so does this one (one layer, its inputs)
-                ratios_start = time.perf_counter()
-                ratios = compensation_ratios(
-                    source, settings.rounding.model_dump(),
-                    {m.path: candidates_for(m, settings) for m in source.modules},
-                    settings.quantizer.model_dump(), progress,
-                ) if fisher else {}  # fmt: skip
-                rounding_s = time.perf_counter() - ratios_start if ratios else None
-                records = _run_analysis(source, settings, done, stats, partial, key, progress)
-            profile = _assemble(source, settings, records, fisher_s, key, ratios)
-            profile.kv_damage = fisher.kv_damage if fisher else {}
-            profile.rounding_seconds = rounding_s
-            profile.analysis_seconds += rounding_s or 0.0
+                if others is None:
+                    own = alone(int(source.config["num_hidden_layers"]))
+                    part = analyse_share(source, own, None, done, partial, key, progress)
+                else:  # every rank analyses its own layers; their parts come to this one
+                    others.begin()
+                    part = analyse_share(source, others.share, others.fits, {}, None, key, progress)
+                    part = merged(source, [part, *others.gather()])
+            profile = _assemble(source, settings, part.records, part.fisher_seconds, key,
+                                part.ratios)  # fmt: skip
+            profile.kv_damage = part.kv_damage
+            profile.rounding_seconds = part.rounding_seconds
+            profile.analysis_seconds += part.rounding_seconds or 0.0
             profile.write(final)
         partial.unlink(missing_ok=True)
     return profile
@@ -371,25 +460,26 @@ def analyze(source: Source, *, force: bool = False, progress: bool = True) -> Pr
 def _run_analysis(
     source: Source,
     settings: Settings,
+    modules: list[ModuleInfo],
     done: dict[str, ModuleRecord],
     fisher: dict[str, FisherStat] | None,
-    partial: Path,
+    partial: Path | None,
     key: str,
     progress: bool,
 ) -> list[ModuleRecord]:
-    total = sum(m.numel * 2 for m in source.modules)
+    total = sum(m.numel * 2 for m in modules)
     bar = Bar(total, "analysing", unit="B", unit_scale=True, show=progress)
     records: list[ModuleRecord] = []
     layer = None
-    for rec in analyse_iter(source, settings, done, fisher):
-        if rec.layer != layer and records and rec.path not in done:
+    for rec in analyse_iter(source, settings, done, fisher, modules):
+        if partial and rec.layer != layer and records and rec.path not in done:
             atomic.write_json(
                 partial, {"settings_key": key, "modules": [asdict(r) for r in records]}
             )
         layer = rec.layer
         records.append(rec)
         bar.update(rec.numel * 2)
-        bar.note(f"{len(records)}/{len(source.modules)} modules")
+        bar.note(f"{len(records)}/{len(modules)} modules")
     bar.close()
     return records
 

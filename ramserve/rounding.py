@@ -33,6 +33,7 @@ from .device import runtime_dtype
 from .fisher import Probe, StreamedModel, probe_modules, sampled_sequences, start_token
 from .process import blas_threads_as_at_start
 from .progress import Bar
+from .relay import Share, arrive, leave
 from .settings import RoundingSettings
 from .source import layer_index
 
@@ -159,30 +160,62 @@ def unpacked(
 
 
 def layer_inputs(
-    source: Any, r: RoundingSettings, wanted: Callable[[str], bool], desc: str, progress: bool
+    source: Any,
+    r: RoundingSettings,
+    wanted: Callable[[str], bool],
+    desc: str,
+    progress: bool,
+    share: Share | None = None,
 ) -> Iterator[tuple[int, dict[str, int], SharedInputs]]:
-    """The streamed pass: per decoder layer in order, the wanted linear modules' inputs on the
-    self-sampled sequences (``SharedInputs``, keyed per module). The layers' inputs come from the
-    float model: rounding them in order (later layers seeing the rounded earlier ones, as GPTQ does)
-    scored no better (configs/defaults.toml [rounding]) and costs a second pass per layer."""
+    """The streamed pass: per decoder layer in order (of this rank's ``share``), the wanted linear
+    modules' inputs on the self-sampled sequences (``SharedInputs``, keyed per module). The layers'
+    inputs come from the float model: rounding them in order (later layers seeing the rounded earlier
+    ones, as GPTQ does) scored no better (configs/defaults.toml [rounding]) and costs a second pass
+    per layer."""
     with blas_threads_as_at_start():  # the same bytes for a plan in any process
-        yield from _layer_inputs(source, r, wanted, desc, progress)
+        yield from _layer_inputs(source, r, wanted, desc, progress, share)
+
+
+def _passed_on(run: StreamedModel, h: mx.array, args: tuple[Any, ...], kwargs: dict[str, Any]
+               ) -> tuple[list[mx.array], mx.array]:  # fmt: skip
+    """Split over ranks: this rank's layers run once first, to pass the hidden state on at once, so
+    that the ranks after it work on their layers while this one works on its own. Each layer's input
+    is kept for that work; rank 0 gets back the last layer's output (for an untied head)."""
+    kept = []
+    for i in run.share.layers:
+        kept.append(h)
+        layer = run.layers[i]
+        layer.update(run.layer_params(i))
+        h = layer(h, *args, **kwargs)
+        mx.eval(h)
+        run.release_layer(i)
+    return kept, leave(run.share, [h])[0]
 
 
 def _layer_inputs(
-    source: Any, r: RoundingSettings, wanted: Callable[[str], bool], desc: str, progress: bool
+    source: Any,
+    r: RoundingSettings,
+    wanted: Callable[[str], bool],
+    desc: str,
+    progress: bool,
+    share: Share | None,
 ) -> Iterator[tuple[int, dict[str, int], SharedInputs]]:
     dtype = getattr(mx, runtime_dtype(source.float_dtype))
-    run = StreamedModel(source, dtype)
+    run = StreamedModel(source, dtype, share)
+    share = run.share
     vocab = int(source.config["vocab_size"])
     bar = Bar(r.sweeps + 1, f"{desc}: sampling", unit="pass", show=progress)
-    run.layer_done = lambda: bar.update(1 / len(run.layers))
+    run.layer_done = lambda: bar.update(1 / len(share.layers))
     x = sampled_sequences(run, r.sequences, r.tokens, r.sweeps, r.seed,
                           start_token(source.config, vocab), vocab)  # fmt: skip
     h, args, kwargs = run.first_layer_call(x)
+    h = arrive(share, [h])[0]
+    kept, last = _passed_on(run, h, args, kwargs) if share.size > 1 else ([], h)
     bar.close()
-    bar = Bar(len(run.layers), desc, unit="layer", show=progress)
-    for i, layer in enumerate(run.layers):
+    bar = Bar(len(share.layers), desc, unit="layer", show=progress)
+    for i in share.layers:
+        layer = run.layers[i]
+        h = kept[i - share.start] if kept else h
         layer.update(run.layer_params(i))
         probes, _ = probe_modules(run, i)
         chosen = {p: probe for p, probe in probes.items() if wanted(p)}
@@ -201,7 +234,9 @@ def _layer_inputs(
         yield i, keys, shared
         bar.update(1)
     bar.close()
-    if not run.tied and wanted(run.head_path):  # a tied head is the embedding's lookup table too
+    h = last if kept else h
+    # a tied head is the embedding's lookup table too; the head is rank 0's
+    if share.first and not run.tied and wanted(run.head_path):
         shared = SharedInputs(r.damp)
         key = shared.add_rows(0, run.head_inputs(x, h))
         yield AFTER_LAYERS, {run.head_path: key}, shared
@@ -223,6 +258,7 @@ def compensated_layers(
     rounding: dict[str, Any],
     gain: Gain,
     progress: bool = False,
+    share: Share | None = None,
 ) -> Iterator[tuple[int, dict[str, Packed]]]:
     """Per decoder layer in order, its planned modules' packed weights, compensated (``gain``
     collects how much error that removed)."""
@@ -234,7 +270,7 @@ def compensated_layers(
     def planned(path: str) -> bool:
         return isinstance(quantization.get(path), dict)
 
-    for i, keys, shared in layer_inputs(source, r, planned, "compensating", progress):
+    for i, keys, shared in layer_inputs(source, r, planned, "compensating", progress, share):
         results: dict[str, Packed] = {}
         for path, key in keys.items():
             w = weights.pop(f"{path}.weight").astype(stored)
@@ -277,6 +313,7 @@ def compensation_ratios(
     candidates: dict[str, list[tuple[int, int]]],
     quantizer: dict[str, Any],
     progress: bool = False,
+    share: Share | None = None,
 ) -> dict[str, float]:
     """Per module: the output error under the sampled inputs' H of compensated rounding, as a share
     of rounding to nearest's, measured on a row sample at the candidate nearest 4-bit g64. The share
@@ -289,7 +326,7 @@ def compensation_ratios(
     out: dict[str, float] = {}
     opts = _options(quantizer, r)
     for _, keys, shared in layer_inputs(source, r, lambda p: bool(candidates.get(p)),
-                                        "compensation", progress):  # fmt: skip
+                                        "compensation", progress, share):  # fmt: skip
         for path, key in keys.items():
             w = weights.pop(f"{path}.weight").astype(stored)
             bits, g = min(candidates[path], key=lambda c: (abs(c[0] - 4), abs(c[1] - 64)))

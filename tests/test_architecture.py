@@ -12,7 +12,7 @@ PACKAGE = REPO / "ramserve"
 # The pipeline's order: a module may import only the modules before it (imports inside functions
 # included). Foundations first, the command last.
 ORDER = [
-    "errors", "fmt", "progress", "settings", "atomic", "records", "process", "device", "seams",
+    "errors", "fmt", "progress", "settings", "atomic", "records", "process", "device", "seams", "relay",
     "cache", "affine", "compensate", "source",
     "sensitivity", "fisher", "rounding", "profile",
     "allocate", "budget", "shape", "plan", "hosts", "describe",

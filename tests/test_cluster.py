@@ -6,6 +6,7 @@ never connects is named by /health and by every request's 503."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -62,6 +63,16 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
+@pytest.fixture(scope="module")
+def one_process(home: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The model analysed in one process, with the module's settings."""
+    alone = tmp_path_factory.mktemp("one-process")
+    shutil.copy(home / "config.toml", alone / "config.toml")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAMSERVE_HOME", str(alone))
+        return analyze(open_source(str(shared_model(DENSE)), load_settings()), progress=False)
+
+
 def configure(home: Path) -> None:
     """The module's settings, with control and ring ports of their own for each start: a rank of
     the run before may still hold its ports while it exits."""
@@ -96,18 +107,30 @@ def complete(base: str, prompt: str, model: str = NAME) -> str:
     return text
 
 
+def table_rows(lines: list[str], header: str) -> list[list[str]]:
+    """The rows of the table `run --hosts` printed under the header that holds ``header``."""
+    start = next(i for i, ln in enumerate(lines) if header in ln) + 2
+    rows = []
+    for ln in lines[start:]:
+        if not ln[:1].isdigit():
+            break
+        rows.append(ln.split())
+    return rows
+
+
 def printed_layers(lines: list[str]) -> list[str]:
     """The layers column of the split `run --hosts` printed: '0-1', '2-6'."""
-    return [ln.split()[2] for ln in lines if ln[:1].isdigit() and "127.0.0.1" in ln]
+    return [row[2] for row in table_rows(lines, "weight budget")]
 
 
 @pytest.mark.parametrize("mibs", [(24, 46), (22, 26, 30)], ids=["2 ranks", "3 ranks"])
 def test_a_model_split_over_ranks_serves_what_one_process_serves(
-    home: Path, mibs: tuple[float, ...], monkeypatch: pytest.MonkeyPatch
+    home: Path, mibs: tuple[float, ...], monkeypatch: pytest.MonkeyPatch, one_process: Any
 ) -> None:
     monkeypatch.setenv("RAMSERVE_HOME", str(home))
     hosts = hostfile(home, mibs)
     model = str(shared_model(DENSE))
+    shutil.rmtree(home / "profiles", ignore_errors=True)  # each rank analyses its own layers
     with run_on_hosts(home, hosts) as (base, lines):
         one_by_one = [complete(base, p) for p in PROMPTS]
         # 4 requests on 2 slots: the batch changes under way, and each prompt's cache is reused.
@@ -116,9 +139,19 @@ def test_a_model_split_over_ranks_serves_what_one_process_serves(
         card = httpx.get(f"{base}/v1/models").json()["data"][0]
         layers = printed_layers(lines)
 
-    # The same split, chosen here from the same stated memory, and its plan in one process.
+    # Every rank analysed its own layers, and together they found what one process finds.
+    analysed = [ln.split()[1] for ln in lines if " analysed layers " in ln]
+    assert sorted(analysed) == [str(r) for r in range(1, len(mibs))]
+    ranges = analysis_ranges(lines)
+    assert ranges[0][0] == 0 and all(
+        a[1] + 1 == b[0] for a, b in zip(ranges, ranges[1:], strict=False)
+    )
+    assert ranges[-1][1] == 6 and len(ranges) == len(mibs)
     source = open_source(model, load_settings())
-    done = split(source, analyze(source, progress=False), read_hostfile(hosts), ASK)
+    profile = analyze(source, progress=False)  # rank 0's, cached
+    assert_same_analysis(profile, one_process)
+    # The same split, chosen here from the same stated memory, and its plan in one process.
+    done = split(source, profile, read_hostfile(hosts), ASK)
     assert layers == [f"{p.layers[0]}-{p.layers[1] - 1}" for p in done.parts]
     sizes = [p.layers[1] - p.layers[0] for p in done.parts]
     assert len(set(sizes)) > 1, f"the stated memory should split the layers unevenly: {sizes}"
@@ -130,6 +163,26 @@ def test_a_model_split_over_ranks_serves_what_one_process_serves(
     assert one_by_one == expected
     assert together == expected
     assert all(len(t) > 0 for t in expected)
+
+
+def analysis_ranges(lines: list[str]) -> list[tuple[int, int]]:
+    """The layers each rank analysed, from the table rank 0 printed."""
+    cuts = [row[2].split("-") for row in table_rows(lines, "layers analysed")]
+    return [(int(first), int(last)) for first, last in cuts]
+
+
+def assert_same_analysis(split_over: Any, one: Any) -> None:
+    """Profiles equal in every prediction: the relayed passes compute what one process does."""
+    assert split_over.settings_key == one.settings_key
+    assert [m.path for m in split_over.modules] == [m.path for m in one.modules]
+    for a, b in zip(split_over.modules, one.modules, strict=True):
+        assert a.importance == pytest.approx(b.importance, rel=1e-5), a.path
+        assert [o.damage for o in a.options] == pytest.approx([o.damage for o in b.options],
+                                                              rel=1e-5), a.path  # fmt: skip
+        assert [o.rounding_ratio for o in a.options] == [o.rounding_ratio for o in b.options]
+    assert split_over.kv_damage == pytest.approx(one.kv_damage, rel=1e-5)
+    assert split_over.kv_damage["4"] > split_over.kv_damage["8"] > 0
+    assert split_over.estimator == one.estimator == "self-fisher/2"
 
 
 def rank_process(rank: int, hosts: Path) -> psutil.Process:

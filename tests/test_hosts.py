@@ -20,6 +20,7 @@ from ramserve.hosts import (
     Host,
     HostfileError,
     Ranks,
+    analysis_bounds,
     plan_choice,
     read_hostfile,
     split,
@@ -173,6 +174,36 @@ def test_a_variant_too_big_for_the_hosts_names_the_fullest(profile_cache) -> Non
     hosts = [Host("mac-a", (), weights_gb(20)), Host("mac-b", (), weights_gb(20))]
     with pytest.raises(BudgetError, match=r"the 60MB plan .* fits no split .* at best mac-. holds"):
         split_for(source, profile_cache(model), hosts, ASK, "60MB")
+
+
+@pytest.mark.parametrize("memories", [(1, 1), (1, 3), (3, 1), (1, 1, 1), (1, 1000, 1), (5, 2, 9)])
+def test_each_rank_analyses_layers_in_proportion_to_its_memory(memories: tuple[int, ...]) -> None:
+    """Before there is a profile, each rank's share of the analysis follows its memory: no
+    other cut (each rank keeping a layer) is nearer its share of the 16-bit bytes."""
+    source = open_source(str(shared_model(DENSE)), load_settings())
+    layers, n = int(source.config["num_hidden_layers"]), len(memories)
+    bounds = analysis_bounds(source, list(memories))
+    assert len(bounds) == n + 1 and bounds[0] == 0 and bounds[-1] == layers
+    assert all(
+        a < b for a, b in zip(bounds, bounds[1:], strict=False)
+    )  # every rank at least one layer
+    sizes = [0] * layers
+    before = 0  # rank 0's embedding and head (and norms)
+    for key, shape in source.tensor_shapes.items():
+        parts = key.split(".")
+        i = int(parts[parts.index("layers") + 1]) if "layers" in parts else None
+        if i is None:
+            before += math.prod(shape)
+        else:
+            sizes[i] += math.prod(shape)
+    up_to = [before + sum(sizes[:c]) for c in range(layers + 1)]  # bytes of layers [0, c)
+    for r in range(1, n):
+        target = up_to[-1] * sum(memories[:r]) / sum(memories)
+        allowed = range(bounds[r - 1] + 1, layers - (n - r) + 1)
+        best = min(abs(up_to[c] - target) for c in allowed)
+        assert abs(up_to[bounds[r]] - target) == pytest.approx(best), (r, bounds)
+    if n == 2:
+        assert (bounds[1] < layers / 2) == (memories[0] <= memories[1])
 
 
 def test_a_tied_head_is_held_by_the_first_host_only(tmp_path: Path) -> None:

@@ -1,0 +1,99 @@
+"""A model's decoder layers shared out over ranks, and the hidden states relayed between them.
+
+Rank r of n holds layers [start, stop) (``Share``); rank 0 alone also holds the embedding and the head.
+A pass over the layers goes up the ranks and back to rank 0 (0 → 1 → … → n-1 → 0), and a backward pass
+down them (0 → n-1 → … → 1 → 0): every hop is between neighbours of MLX's ring. Serving
+(ramserve/pipeline.py) and the streamed passes of the analysis and the rounding (ramserve/fisher.py,
+ramserve/rounding.py) both split the model so; on one machine a pass is one rank's (``Relay.alone``)
+and nothing is sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .errors import RamserveError
+
+
+@dataclass(frozen=True)
+class Share:
+    """Rank ``rank`` of ``size`` runs decoder layers [start, stop)."""
+
+    rank: int
+    size: int
+    start: int
+    stop: int
+
+    @property
+    def first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last(self) -> bool:
+        return self.rank == self.size - 1
+
+    @property
+    def layers(self) -> range:
+        return range(self.start, self.stop)
+
+
+def share_of(bounds: Sequence[int], rank: int) -> Share:
+    """``bounds`` are the cut points, first 0 and last the layer count: [0, 3, 7] for two ranks."""
+    if any(b >= c for b, c in zip(bounds, bounds[1:], strict=False)) or bounds[0] != 0:
+        raise RamserveError(f"bounds {list(bounds)} must rise from 0, one range per rank")
+    return Share(rank, len(bounds) - 1, bounds[rank], bounds[rank + 1])
+
+
+def alone(layers: int) -> Share:
+    """One machine's share: every layer, the embedding and the head."""
+    return Share(0, 1, 0, layers)
+
+
+def _send(states: list[mx.array], dest: int) -> None:
+    for a in states:
+        mx.eval(mx.distributed.send(a, dest))
+
+
+def _receive(like: list[mx.array], source: int) -> list[mx.array]:
+    out = []
+    for a in like:  # one at a time: evaluated together, MLX may run the receives in any order
+        out.append(mx.distributed.recv_like(a, source))
+        mx.eval(out[-1])
+    return out
+
+
+def arrive(share: Share, states: list[mx.array]) -> list[mx.array]:
+    """Before this rank's first layer, going up: the previous rank's states (rank 0: its own, from
+    the embedding). ``states`` give the shapes and dtypes."""
+    return states if share.first else _receive(states, share.rank - 1)
+
+
+def leave(share: Share, states: list[mx.array]) -> list[mx.array]:
+    """After this rank's last layer, going up: sent on to the next rank. Rank 0 gets back the last
+    rank's states (the whole model's output, for its head); the others return what they sent."""
+    if share.size == 1:
+        return states
+    _send(states, (share.rank + 1) % share.size)
+    return _receive(states, share.size - 1) if share.first else states
+
+
+def arrive_down(share: Share, states: list[mx.array]) -> list[mx.array]:
+    """Before this rank's last layer, going down (gradients from the head): rank 0 sends its own
+    (from the head) to the last rank and gets rank 1's; the last rank gets rank 0's."""
+    if share.size == 1:
+        return states
+    if share.first:
+        _send(states, share.size - 1)
+        return _receive(states, 1)
+    return _receive(states, 0 if share.last else share.rank + 1)
+
+
+def leave_down(share: Share, states: list[mx.array]) -> list[mx.array]:
+    """After this rank's first layer, going down: sent on to the rank before (rank 0 keeps its own,
+    for the embedding)."""
+    if not share.first:
+        _send(states, share.rank - 1)
+    return states
