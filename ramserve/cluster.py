@@ -50,7 +50,7 @@ from .hosts import Host, Part, Split, analysis_bounds, read_hostfile, render_spl
 from .pipeline import stager
 from .plan import served_name
 from .profile import SharePart, analyse_share, analyze, settings_key
-from .quantize import quantize_to_serve
+from .quantize import part_dir, quantize_part, reserve_part
 from .records import Plan, Profile
 from .relay import share_of
 from .server.registry import NotReady, Registry
@@ -217,9 +217,8 @@ class RanksRegistry(VariantRegistry):
         print(render_split(done.to_json()), flush=True)
         print(f"the ranks pass hidden states on MLX's {self.backend} back end", flush=True)
         self.engine_args = done.parts[0].budget.shape.engine_args()
-        self.stage = "quantizing"
-        folder, _ = quantize_to_serve(source, plan, progress=self.show_progress)
-        self.stage = "loading model"
+        self.stage = "quantizing and loading on every rank"
+        folder = self.prepare(plan)
         self.install(folder, plan)
         self.folder, self.plan, self.loaded_hash = folder, plan, plan.hash
 
@@ -255,27 +254,52 @@ class RanksRegistry(VariantRegistry):
         return {**card, "hosts": [{"rank": p.rank, "host": p.host, "layers": list(p.layers),
                                    "memory_bytes": p.memory_bytes} for p in done.parts]}  # fmt: skip
 
+    def folder_for(self, plan: Plan) -> Path:
+        assert self.source is not None
+        return part_dir(self.source, plan, share_of(self._splits[plan.hash].bounds, 0))
+
+    def prepare(self, plan: Plan) -> Path:  # every rank writes its part in ``install``, together
+        return self.folder_for(plan)
+
     def install(self, folder: Path, plan: Plan) -> None:
-        """Load ``plan`` on every rank, this one from ``folder``; raises, naming each rank that could
-        not, with every rank's answer in, so that the caller can restore the same on all."""
+        """Quantize (cached) and load ``plan`` on every rank, each its own part; raises, naming each
+        rank that could not, with every rank's answer in, so that the caller can restore the same
+        on all. Every rank first makes room for its part (or finds it cached), then, if any writes,
+        all run compensated rounding's pass together (ramserve/relay.py)."""
         assert self.crew is not None and self.source is not None
         done = self._splits[plan.hash]
         self._free_engine()  # its close ends the other ranks' engines too
         setup = Setup(self.spec, plan, done.bounds, self.engine_args)
+        share = share_of(done.bounds, 0)
         self.crew.send_all(setup.to_message())
         try:
+            writes, mine = reserve_part(self.source, plan, share), ""
+        except Exception as e:
+            writes, mine = False, _why(e)
+        answers = self.crew.collect()
+        failed = [f"rank 0 ({self.hosts[0].ssh}) could not load it: {mine}"] if mine else []
+        failed += self._failed(answers)
+        if failed:
+            self.crew.send_all({"cancel": 1})
+            raise RamserveError("; ".join(failed))
+        relay = writes or any(a["ready"] for a in answers.values())
+        self.crew.send_all({"write": {"relay": relay}})
+        try:
+            folder = quantize_part(self.source, plan, share, relay)
             engine = stage_engine(folder, setup, 0, self.settings, self.crew)
         except Exception:
             self.crew.collect()  # every rank has answered: the next setup finds them waiting
             self.crew.tell(Tick(close=True))  # those that loaded follow an engine that never ran
             raise
         self.engine = engine
-        answers = self.crew.collect()
-        failed = [f"rank {r} ({self.hosts[r].ssh}) could not load it: {a['load_failed']}"
-                  for r, a in sorted(answers.items()) if "load_failed" in a]  # fmt: skip
+        failed = self._failed(self.crew.collect())
         if failed:
             raise RamserveError("; ".join(failed))
         self.split = done
+
+    def _failed(self, answers: dict[int, dict[str, Any]]) -> list[str]:
+        return [f"rank {r} ({self.hosts[r].ssh}) could not load it: {a['load_failed']}"
+                for r, a in sorted(answers.items()) if "load_failed" in a]  # fmt: skip
 
     def _lose(self, why: str) -> None:
         if self.stage == "failed":  # the ranks were told to stop: the first cause stands
@@ -363,70 +387,102 @@ def stage_engine(folder: Path, setup: Setup, rank: int, settings: Settings,
 
 
 def follow(spec: str, hostfile: Path, settings: Settings) -> int:
-    """A rank other than 0: say hello; then for each setup rank 0 sends (the first, and one per
-    variant swap), quantize the plan from this host's copy, load this rank's layers and follow,
-    answering whether it loaded."""
+    """A rank other than 0: say hello; then carry out each order rank 0 sends (ramserve/crew.py),
+    answering each: analyse its layers; quantize its part of each plan (the first, and one per
+    variant swap), load it and follow the engine rank 0 leads."""
     hosts, rank = read_hostfile(hostfile), int(os.environ["MLX_RANK"])
     host, cfg = hosts[rank], settings.hosts
     hand = Hand(leader_address(hosts), cfg.control_port,
                 Hello(rank, host.ssh, this_machine(host.memory_gb or 0)),
                 timeout_s=cfg.connect_timeout_s, token=os.environ.get(TOKEN, ""),
                 beat_s=cfg.heartbeat_s)  # fmt: skip
-    folder: Path | None = None
-    order: dict[str, Any] = {}
-    source: Source | None = None
+    follower = Follower(rank, settings, hand)
     try:
         join_group()
         while (message := hand.next_order()) is not None:
             if "stopped" in message:
                 log.error("rank 0 stopped: %s", message["stopped"])
                 return 1
-            if "analyse" in message:  # then "go", or rank 0 stops
-                order = message["analyse"]
-                source, problem = ready_to_analyse(order, settings)
-                hand.answer({"refused": problem} if source is None else {"ready": 1})
-                continue
-            if "go" in message:
-                assert source is not None
-                share = share_of(order["bounds"], rank)
-                part = analyse_share(source, share, bool(order["fits"]), {}, None,
-                                     order["settings_key"], progress=False)  # fmt: skip
-                print(
-                    f"rank {rank} analysed layers {share.start}-{share.stop - 1}: "
-                    f"{len(part.records)} modules in {part.seconds:.1f} s",
-                    flush=True,
-                )
-                hand.answer({"analysed": part.to_json()})
-                source = None
-                continue
-            gc.collect()  # the engine before this setup has ended: free its weights first
-            mx.clear_cache()
-            setup = Setup.from_message(message)
-            try:
-                engine, folder = _load_stage(setup, rank, settings, hand, folder)
-            except Exception as e:  # rank 0 restores the model before on every rank
-                log.exception("loading the plan rank 0 sent failed")
-                hand.answer({"load_failed": _why(e)})
-                continue
-            hand.answer({"loaded": setup.plan.hash})
-            engine.wait()
-            if engine.failure:
-                hand.report(engine.failure)
+            kind = next(k for k in ("analyse", "go", "setup", "cancel", "write") if k in message)
+            if not getattr(follower, f"on_{kind}")(message[kind]):
                 return 1
-            del engine
     except Exception as e:
         hand.report(_why(e))
         raise
     return 0
 
 
-def _load_stage(setup: Setup, rank: int, settings: Settings, hand: Hand,
-                before: Path | None) -> tuple[Engine, Path]:  # fmt: skip
-    source = open_source(setup.model, settings)
-    folder, _ = quantize_to_serve(source, setup.plan, progress=False)
-    if before is not None and before != folder:
-        cache.release(before)
-    return stage_engine(folder, setup, rank, settings, hand), folder
+class Follower:
+    """A following rank's state between rank 0's orders, and a method per order (``on_<order>``);
+    each returns whether to go on."""
+
+    def __init__(self, rank: int, settings: Settings, hand: Hand) -> None:
+        self.rank, self.settings, self.hand = rank, settings, hand
+        self.source: Source | None = None
+        self.order: dict[str, Any] = {}  # the analysis asked for
+        self.setup: Setup | None = None
+        self.share = share_of([0, 1], 0)
+        self.folder: Path | None = None  # the part loaded last
+
+    def on_analyse(self, order: dict[str, Any]) -> bool:
+        """Ready to analyse its share, or why not; then "go" (or rank 0 stops)."""
+        self.order = order
+        self.source, problem = ready_to_analyse(order, self.settings)
+        self.hand.answer({"refused": problem} if self.source is None else {"ready": 1})
+        return True
+
+    def on_go(self, _: Any) -> bool:
+        assert self.source is not None
+        share = share_of(self.order["bounds"], self.rank)
+        part = analyse_share(self.source, share, bool(self.order["fits"]), {}, None,
+                             self.order["settings_key"], progress=False)  # fmt: skip
+        print(f"rank {self.rank} analysed layers {share.start}-{share.stop - 1}: "
+              f"{len(part.records)} modules in {part.seconds:.1f} s", flush=True)  # fmt: skip
+        self.hand.answer({"analysed": part.to_json()})
+        self.source = None
+        return True
+
+    def on_setup(self, message: dict[str, Any]) -> bool:
+        """Room made for its part of the plan, or the part found cached; then "write" or
+        "cancel"."""
+        gc.collect()  # the engine before this setup has ended: free its weights first
+        mx.clear_cache()
+        self.setup = Setup.from_message({"setup": message})
+        self.share = share_of(self.setup.bounds, self.rank)
+        try:
+            self.source = open_source(self.setup.model, self.settings)
+            self.hand.answer({"ready": reserve_part(self.source, self.setup.plan, self.share)})
+        except Exception as e:  # rank 0 restores the model before on every rank
+            log.exception("making room for the plan rank 0 sent failed")
+            self.hand.answer({"load_failed": _why(e)})
+        return True
+
+    def on_cancel(self, _: Any) -> bool:
+        assert self.source is not None and self.setup is not None
+        if (held := part_dir(self.source, self.setup.plan, self.share)) != self.folder:
+            cache.release(held)
+        return True
+
+    def on_write(self, order: dict[str, Any]) -> bool:
+        """Its part written (every rank together) or found, loaded, and followed until rank 0
+        closes that engine; False when it failed."""
+        assert self.source is not None and self.setup is not None
+        try:
+            folder = quantize_part(self.source, self.setup.plan, self.share, bool(order["relay"]))
+            if self.folder is not None and self.folder != folder:
+                cache.release(self.folder)
+            self.folder = folder
+            engine = stage_engine(folder, self.setup, self.rank, self.settings, self.hand)
+        except Exception as e:  # rank 0 restores the model before on every rank
+            log.exception("loading the plan rank 0 sent failed")
+            self.hand.answer({"load_failed": _why(e)})
+            return True
+        self.hand.answer({"loaded": self.setup.plan.hash})
+        engine.wait()
+        if engine.failure:
+            self.hand.report(engine.failure)
+            return False
+        return True
 
 
 def _why(e: Exception) -> str:

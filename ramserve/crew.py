@@ -89,7 +89,7 @@ _HEADER = struct.Struct("!I")
 # A tick carries the prompts that start in it and the tokens of the sequences that end: a few MB at
 # the longest contexts.
 MAX_MESSAGE = 64 << 20
-ORDERS = {"setup", "analyse", "go", "stopped"}
+ORDERS = {"setup", "write", "cancel", "analyse", "go", "stopped"}
 # What a following rank answers the leading rank's orders with (``Crew.collect`` waits for each).
 ANSWERS = {"loaded", "load_failed", "ready", "analysed", "refused"}
 

@@ -68,7 +68,14 @@ def load_model(folder: Path, cpu: ServerSettings | None = None,
 
     from .cpu import adapt_to_cpu, cores
 
-    model, tokenizer = mlx_lm.load(str(folder), lazy=stage is not None)[:2]
+    if stage is None:
+        model, tokenizer = mlx_lm.load(str(folder))[:2]
+    else:  # a rank's part holds only its own layers: ``stage`` checks that they are all there
+        from mlx_lm.utils import load_model as load_lazily
+        from mlx_lm.utils import load_tokenizer
+
+        model, config = load_lazily(Path(folder), lazy=True, strict=False)
+        tokenizer = load_tokenizer(Path(folder), eos_token_ids=config.get("eos_token_id"))
     if cpu is not None and mx.default_device() == mx.cpu:
         adapt_to_cpu(model, min_rows=cpu.cpu_dense_rows, workers=cpu.cpu_workers or cores(),
                      min_gflops=cpu.cpu_dense_min_gflops)  # fmt: skip

@@ -31,11 +31,13 @@ from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
-from .errors import RamserveError
+from .errors import BadModel, RamserveError
 from .relay import Share, share_of
 from .seams import DecoderStack
 from .settings import KindRule
+from .source import layer_index
 
 
 class PassThrough(nn.Module):
@@ -128,15 +130,33 @@ def _float_dtype(module: nn.Module) -> mx.Dtype:
     return dtype
 
 
-def stage(model: nn.Module, share: Share, kinds: list[KindRule], hidden: int) -> None:
+def stage(model: nn.Module, share: Share, kinds: list[KindRule], hidden: int,
+          stored: set[str] | None = None, folder: Path | None = None) -> None:  # fmt: skip
     """Make ``model`` this rank's stage, in place: the stand-ins above in place of what it does not
-    run. The modules it drops are never evaluated, so a lazily loaded model reads only its share."""
+    run. The modules it drops are never evaluated, so a lazily loaded model reads only its share.
+    Given the tensors ``stored`` in its ``folder`` (a rank's part holds only its own), every one the
+    stage keeps must be among them."""
     stack = DecoderStack.of(model)
     n = len(stack.slots)
     if share.stop > n:
         raise RamserveError(
             f"rank {share.rank} is given layers up to {share.stop}; the model has {n}"
         )
+    pattern = {rule.name: re.compile(rule.pattern) for rule in kinds}
+    if stored is not None:
+        ends = [pattern["embedding"], pattern["lm_head"]]
+
+        def keeps(key: str) -> bool:
+            layer = layer_index(key)
+            if layer is not None:
+                return layer in share.layers
+            return share.first or not any(p.search(key.rpartition(".")[0]) for p in ends)
+
+        flat: list[tuple[str, Any]] = tree_flatten(model.parameters())  # type: ignore[assignment]
+        kept = [k for k, _ in flat if k not in stored and keeps(k)]
+        if kept:
+            raise BadModel(f"{folder} lacks {len(kept)} of rank {share.rank}'s tensors "
+                           f"({kept[0]}, …): it is not this rank's part of the model")  # fmt: skip
     for i in range(n):
         if i < share.start:
             stack.slots[i] = Receive(share.rank - 1) if i == share.start - 1 else PassThrough()
@@ -147,7 +167,6 @@ def stage(model: nn.Module, share: Share, kinds: list[KindRule], hidden: int) ->
             stack.slots[i] = SendOn(stack.slots[i], (share.rank + 1) % share.size)
     if share.first:
         return
-    pattern = {rule.name: re.compile(rule.pattern) for rule in kinds}
     modules = dict(model.named_modules())
     embedding = next(p for p in modules if pattern["embedding"].search(p))
     absent = Absent(hidden, _float_dtype(modules[embedding]))
@@ -161,7 +180,9 @@ def stager(folder: Path, bounds: Sequence[int], rank: int,
     """What makes a freshly (lazily) loaded model in ``folder`` rank ``rank``'s stage."""
     share = share_of(bounds, rank)
     hidden = int(json.loads((Path(folder) / "config.json").read_text())["hidden_size"])
-    return lambda model: stage(model, share, kinds, hidden)
+    index = Path(folder) / "model.safetensors.index.json"
+    stored = set(json.loads(index.read_text())["weight_map"]) if index.is_file() else None
+    return lambda model: stage(model, share, kinds, hidden, stored, Path(folder))
 
 
 def greedy(model: nn.Module, prompt: list[int], tokens: int) -> list[int]:

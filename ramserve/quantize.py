@@ -27,8 +27,10 @@ from .cache import model_dir
 from .errors import BadModel
 from .progress import Bar
 from .records import Manifest, Plan, RecordError
-from .rounding import Gain, Packed, compensated_layers, is_compensated, pass_position
-from .source import Source, require_full_precision
+from .relay import Share
+from .rounding import Gain, Packed, compensated_layers, is_compensated, layer_inputs, pass_position
+from .settings import RoundingSettings
+from .source import Source, layer_index, require_full_precision
 
 log = logging.getLogger("ramserve.quantize")
 
@@ -63,13 +65,32 @@ def _pass_order(name: str, head: str | None) -> tuple[int, str]:
     return (-1 if position is None else position, name)
 
 
-def output_tensors(source: Source, plan: Plan) -> list[OutTensor]:
-    """Every tensor the quantized model stores, in a stable order."""
+def holds(share: Share | None, name: str, ends: tuple[str, ...]) -> bool:
+    """Whether the part of ``share`` stores tensor ``name``: its layers', and what is outside the
+    layers (the norms) but the embedding and the head (``ends``), which rank 0 alone holds."""
+    if share is None:
+        return True
+    layer = layer_index(name)
+    if layer is not None:
+        return layer in share.layers
+    return share.first or not name.startswith(ends)
+
+
+def model_ends(source: Source) -> tuple[str, ...]:
+    """The embedding's and the head's tensor prefixes."""
+    return tuple(f"{m.path}." for m in source.modules if m.kind in ("embedding", "lm_head"))
+
+
+def output_tensors(source: Source, plan: Plan, share: Share | None = None) -> list[OutTensor]:
+    """Every tensor the quantized model stores (or its part of ``share``), in a stable order."""
     quant = {k: v for k, v in plan.quantization.items() if isinstance(v, dict)}
     fdt = source.float_dtype
     head = source.untied_head
+    ends = model_ends(source)
     out = []
     for name, shape in sorted(source.tensor_shapes.items(), key=lambda t: _pass_order(t[0], head)):
+        if not holds(share, name, ends):
+            continue
         module = name.removesuffix(".weight")
         q = quant.get(module) if name.endswith(".weight") else None
         if q:
@@ -123,7 +144,7 @@ class _Producer:
     """Computes output tensors from the lazy source weights, one source tensor at a time; with
     compensated rounding, a layer's planned weights come at once from ``rounding``'s pass."""
 
-    def __init__(self, source: Source, plan: Plan, progress: bool) -> None:
+    def __init__(self, source: Source, plan: Plan, progress: bool, share: Share | None) -> None:
         self.head = source.untied_head
         self.weights = source.weights()
         self.quantizer = plan.quantizer
@@ -133,7 +154,7 @@ class _Producer:
         self.gain = Gain()
         self.layers = (
             compensated_layers(
-                source, plan.quantization, plan.quantizer, plan.rounding, self.gain, progress
+                source, plan.quantization, plan.quantizer, plan.rounding, self.gain, progress, share
             )  # fmt: skip
             if is_compensated(plan.rounding)
             else None
@@ -174,13 +195,13 @@ class _Producer:
 
 
 def write_shards(
-    source: Source, plan: Plan, folder: Path, progress: bool
+    source: Source, plan: Plan, folder: Path, progress: bool, share: Share | None = None
 ) -> tuple[dict[str, Any], Gain]:
-    tensors = output_tensors(source, plan)
+    tensors = output_tensors(source, plan, share)
     shards = shard_layout(tensors, SHARD_BYTES)
     total = sum(t.nbytes for t in tensors)
     bar = Bar(total, "writing", unit="B", unit_scale=True, show=progress)
-    producer = _Producer(source, plan, progress)
+    producer = _Producer(source, plan, progress, share)
     weight_map = {}
     for i, shard in enumerate(shards):
         name = (
@@ -227,10 +248,52 @@ def quantize_to_serve(source: Source, plan: Plan, *, progress: bool = True) -> t
     return quantize(source, plan, progress=progress)
 
 
+def part_dir(source: Source, plan: Plan, share: Share) -> Path:
+    """Where one rank's part of a plan's model is cached: its layers (rank 0's also the embedding
+    and the head), beside the whole model's folder."""
+    if share.size == 1:
+        return model_dir(source.fingerprint, plan.hash)
+    return model_dir(source.fingerprint, f"{plan.hash}.layers-{share.start}-{share.stop - 1}")
+
+
+def reserve_part(source: Source, plan: Plan, share: Share) -> bool:
+    """Before a rank's part is written by the ranks together (``quantize_part``): held, and room
+    made for it in the cache unless it is there; whether it must be written. A part that cannot
+    be written fails here, before any rank starts the pass the others would wait in."""
+    check_plan(source, plan)
+    folder = part_dir(source, plan, share)
+    cache.hold(folder)
+    if verify(folder, plan.hash) is None:
+        return False
+    needed, what = needed_bytes(source, plan, share), f"{source.name}@{plan.budget.spec}"
+    cache.reserve(needed, what, source.settings.cache, keep=folder)
+    return True
+
+
+def quantize_part(source: Source, plan: Plan, share: Share, relay: bool) -> Path:
+    """This rank's part of the plan's model (cached), written while every rank writes its own:
+    compensated rounding's pass is relayed between them (ramserve/relay.py). A rank whose part is
+    cached still relays the pass for the others when ``relay``."""
+    folder, cached = quantize(source, plan, part_dir(source, plan, share), progress=False,
+                              share=share, in_cache=True)  # fmt: skip
+    if cached and relay and is_compensated(plan.rounding):
+        r = RoundingSettings(**plan.rounding)
+        for _ in layer_inputs(source, r, lambda _: False, "relaying", False, share):
+            pass
+    return folder
+
+
 def quantize(
-    source: Source, plan: Plan, output: Path | None = None, *, progress: bool = True
+    source: Source,
+    plan: Plan,
+    output: Path | None = None,
+    *,
+    progress: bool = True,
+    share: Share | None = None,
+    in_cache: bool = False,
 ) -> tuple[Path, bool]:
-    """Write (or reuse) the quantized model for ``plan``; returns its folder and whether it was cached.
+    """Write (or reuse) the quantized model for ``plan`` (or the part of ``share``); returns its
+    folder and whether it was cached.
 
     A cached folder is checked first (``verify``); one that fails is rebuilt, never loaded. The bytes
     are reserved before the first is written (``cache.reserve``). A caller that will load the folder
@@ -245,18 +308,25 @@ def quantize(
             return final, True
         if final.exists():
             log.warning("%s cannot be trusted (%s); writing it again", final, problem)
-        _write(source, plan, final, output is None, progress)
+        _write(source, plan, final, in_cache or output is None, progress, share)
     return final, False
 
 
-def _write(source: Source, plan: Plan, final: Path, in_cache: bool, progress: bool) -> None:
-    tensors = output_tensors(source, plan)
+def needed_bytes(source: Source, plan: Plan, share: Share | None) -> int:
+    """The bytes a plan's folder takes: the shards, the tokenizer files, and the index, config and
+    plan (sized from the plan)."""
+    tensors = output_tensors(source, plan, share)
     extra = [source.path / n for n in TOKENIZER_FILES if (source.path / n).is_file()]
-    # the shards, the tokenizer files, and the index, config and plan (sized from the plan)
     metadata = (
         2 * len(json.dumps(plan.to_json())) + 100 * len(tensors) + len(json.dumps(source.config))
     )
-    needed = sum(t.nbytes for t in tensors) + sum(p.stat().st_size for p in extra) + metadata
+    return sum(t.nbytes for t in tensors) + sum(p.stat().st_size for p in extra) + metadata
+
+
+def _write(source: Source, plan: Plan, final: Path, in_cache: bool, progress: bool,
+           share: Share | None) -> None:  # fmt: skip
+    extra = [source.path / n for n in TOKENIZER_FILES if (source.path / n).is_file()]
+    needed = needed_bytes(source, plan, share)
     what = f"{source.name}@{plan.budget.spec}"
     if in_cache:
         cache.reserve(needed, what, source.settings.cache, keep=final)
@@ -264,7 +334,7 @@ def _write(source: Source, plan: Plan, final: Path, in_cache: bool, progress: bo
         cache.require_free(needed, final.parent, what, source.settings.cache)
     start = time.perf_counter()
     with cache.disk_errors(what, final.parent), atomic.staging_dir(final) as tmp:
-        index, gain = write_shards(source, plan, tmp, progress)
+        index, gain = write_shards(source, plan, tmp, progress, share)
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
         (tmp / "config.json").write_text(json.dumps(_config(source, plan), indent=1))
         for path in extra:

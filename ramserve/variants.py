@@ -76,6 +76,16 @@ class VariantRegistry(Registry):
         """The budget the variants are sized for (their context and runtime shape)."""
         return self.fitted.budget
 
+    def folder_for(self, plan: Plan) -> Path:
+        """Where ``install`` loads the plan's model from."""
+        assert self.source is not None
+        return model_dir(self.source.fingerprint, plan.hash)
+
+    def prepare(self, plan: Plan) -> Path:
+        """The plan's model written (or found in the cache) and held, for ``install``."""
+        assert self.source is not None
+        return quantize_to_serve(self.source, plan, progress=False)[0]
+
     def install(self, folder: Path, plan: Plan) -> None:
         """Free the old engine before loading the new: two models are never held at once."""
         self._free_engine()
@@ -192,8 +202,7 @@ class VariantRegistry(Registry):
         try:
             self.stage = f"quantizing {model_id}"
             with watching(self._report):  # the worker thread inherits the watcher
-                folder, _ = await asyncio.to_thread(quantize_to_serve, self.source, plan,
-                                                    progress=False)  # fmt: skip
+                folder = await asyncio.to_thread(self.prepare, plan)
             self.progress = None
             self.stage = f"loading {model_id}"
             installing = True
@@ -205,7 +214,7 @@ class VariantRegistry(Registry):
         except Exception as e:
             self.progress = None
             log.exception("swap to %s failed; restoring %s", model_id, previous[2])
-            cache.release(model_dir(self.source.fingerprint, plan.hash))
+            cache.release(self.folder_for(plan))
             if installing:
                 await self._restore(*previous)
             elif self.error is None:  # the model before is still loaded, and serves on

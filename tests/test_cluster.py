@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import mlx.core as mx
 import psutil
 import pytest
 
@@ -28,7 +29,8 @@ from ramserve.cluster import ring_hostfile
 from ramserve.crew import _send
 from ramserve.hosts import read_hostfile, split, split_for
 from ramserve.profile import analyze
-from ramserve.quantize import quantize
+from ramserve.quantize import needed_bytes, part_dir, quantize
+from ramserve.relay import share_of
 from ramserve.settings import load_settings
 from ramserve.source import open_source
 
@@ -157,7 +159,9 @@ def test_a_model_split_over_ranks_serves_what_one_process_serves(
     assert len(set(sizes)) > 1, f"the stated memory should split the layers unevenly: {sizes}"
     assert card["weight_bytes"] == done.plan.total_bytes
     folder, cached = quantize(source, done.plan, progress=False)
-    assert cached  # rank 0 wrote it; every rank loaded its own layers of it
+    assert not cached  # no rank wrote the whole model: each wrote and loaded its own part
+    assert_parts_of(folder, [part_dir(source, done.plan, share_of(done.bounds, r))
+                             for r in range(len(mibs))], done.bounds)  # fmt: skip
     with serve_folder(folder, NAME, context=1024, parallel=2, kv_bits=16) as one:
         expected = [complete(one, p) for p in PROMPTS]
     assert one_by_one == expected
@@ -183,6 +187,30 @@ def assert_same_analysis(split_over: Any, one: Any) -> None:
     assert split_over.kv_damage == pytest.approx(one.kv_damage, rel=1e-5)
     assert split_over.kv_damage["4"] > split_over.kv_damage["8"] > 0
     assert split_over.estimator == one.estimator == "self-fisher/2"
+
+
+def stored(folder: Path) -> dict[str, mx.array]:
+    out: dict[str, mx.array] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        out.update(mx.load(str(path)))  # type: ignore[arg-type]
+    return out
+
+
+def assert_parts_of(whole: Path, parts: list[Path], bounds: list[int]) -> None:
+    """Each rank's part holds its own layers (rank 0's also the embedding and the head, every
+    rank the final norm), each tensor the same bytes as one process writes: compensated rounding's
+    pass, relayed between the ranks, saw what one process sees."""
+    expected = stored(whole)
+    for r, part in enumerate(parts):
+        tensors = stored(part)
+        layers = {int(k.split(".")[2]) for k in tensors if k.startswith("model.layers.")}
+        assert layers == set(range(bounds[r], bounds[r + 1])), (r, sorted(layers))
+        assert ("model.embed_tokens.weight" in tensors) == (r == 0)
+        assert "model.norm.weight" in tensors
+        for name, a in tensors.items():
+            assert a.dtype == expected[name].dtype and mx.array_equal(a, expected[name]), (r, name)
+    together = {k for part in parts for k in stored(part)}
+    assert together == set(expected)
 
 
 def rank_process(rank: int, hosts: Path) -> psutil.Process:
@@ -322,10 +350,6 @@ def test_hosts_too_small_for_the_model_are_named_and_every_rank_stops(home: Path
     assert "127.0.0.1 with layers" in message and "needs" in message
 
 
-def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def test_variants_swap_on_every_rank_or_on_none(
     home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, browser: Any
 ) -> None:
@@ -347,17 +371,12 @@ def test_variants_swap_on_every_rank_or_on_none(
     )
     assert small.plan.total_bytes < big.plan.total_bytes < whole.plan.total_bytes
 
-    # Rank 1's cache: the model it starts with, quantized here, and room for one small variant.
+    # Rank 1's cache: room for its part of the model it starts with, and of one small variant.
     other = tmp_path / "rank1"
     other.mkdir()
-    (other / "config.toml").write_text(config)
-    monkeypatch.setenv("RAMSERVE_HOME", str(other))
-    quantize(open_source(model, load_settings()), whole.plan, progress=False)
-    used = folder_bytes(other)
-    extra = used - whole.plan.total_bytes  # besides the weights: config, tokenizer, manifest
-    room = used + extra + (small.plan.total_bytes + big.plan.total_bytes) // 2
+    part = [needed_bytes(source, s.plan, share_of(s.bounds, 1)) for s in (whole, small, big)]
+    room = part[0] + (part[1] + part[2]) // 2
     (other / "config.toml").write_text(config + f"[cache]\nmax_gb = {room / 2**30!r}\n")
-    monkeypatch.setenv("RAMSERVE_HOME", str(home))
 
     # The ranks as mlx.launch starts them: MLX_RANK and its ring hostfile, each with its own env.
     ring = home.parent / "ring-variants.json"
@@ -416,8 +435,11 @@ def test_variants_swap_on_every_rank_or_on_none(
     assert after_failure == before and loaded == [NAME]
     # The small one loaded on both ranks, and serves what one process serves of its plan.
     assert now[f"{NAME}@min-safe"] == "loaded" and now[NAME] != "loaded"
-    folder, cached = quantize(source, small.plan, progress=False)
-    assert cached
+    folder, _ = quantize(source, small.plan, progress=False)
+    # Each rank holds its parts alone: rank 1's cache, its parts of the model and of the variant.
+    held = sorted(p.name for p in (other / "models" / source.fingerprint).iterdir())
+    assert held == sorted(part_dir(source, s.plan, share_of(s.bounds, 1)).name
+                          for s in (whole, small))  # fmt: skip
     with serve_folder(folder, NAME, context=1024, parallel=2, kv_bits=16) as one:
         assert swapped == [complete(one, p) for p in PROMPTS[:2]]
     assert back == before
