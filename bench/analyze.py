@@ -5,7 +5,12 @@ experts a layer, stacked as mlx-lm stacks them), peak RSS < 1 GB over the interp
 reconstruction error within 2% of the full computation. Both models are analysed
 with the streamed self-Fisher pass (ramserve/fisher.py; its seconds shown apart), the path every
 model takes, however large.
-Usage: python bench/analyze.py [--skip-synthetic]
+
+Several machines (issue 25), ``--hosts``: the shared dense model analysed and quantized by one process,
+then by 2 ranks of ``ramserve run --hosts`` on this machine (stated memory: an uneven split), each rank
+its own layers. The CPU seconds each process spent until the model was ready show how the work divides;
+the wall clock here cannot, the ranks sharing this machine's cores.
+Usage: python bench/analyze.py [--skip-synthetic | --hosts]
 """
 
 from __future__ import annotations
@@ -89,7 +94,94 @@ def sampling_error(folder: Path, limit: int = 12) -> float:
     return worst
 
 
+HOSTS_MIB = (24, 46)  # weights each rank's stated memory leaves room for
+ONE_PROCESS = """
+import sys
+from pathlib import Path
+from ramserve.budget import Ask
+from ramserve.hosts import read_hostfile, split
+from ramserve.profile import analyze
+from ramserve.quantize import quantize
+from ramserve.settings import load_settings
+from ramserve.source import open_source
+source = open_source(sys.argv[1], load_settings())
+done = split(source, analyze(source, progress=False), read_hostfile(Path(sys.argv[2])),
+             Ask(context=1024, parallel=2))
+quantize(source, done.plan, progress=False)
+"""
+
+
+def hosts_rows() -> list[dict[str, Any]]:
+    """Analysis and quantization by one process, then by 2 ranks: CPU seconds per process, wall."""
+    import subprocess
+    import time
+
+    import psutil
+
+    from ramserve.budget import Ask
+    from tests.serving import free_ports, host_memory_gb, ramserve_run, run_env
+
+    homes = [Path(tempfile.mkdtemp(prefix="ramserve-bench-hosts-")) for _ in range(2)]
+    for home in homes:
+        (home / "config.toml").write_text(f"[hosts]\ncontrol_port = {free_ports(4)}\n")
+    hostfile = homes[0] / "hosts.json"
+    hostfile.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"], "memory_gb":
+                                     host_memory_gb(DENSE, m, Ask(context=1024, parallel=2))}
+                                    for m in HOSTS_MIB]))  # fmt: skip
+    start, before = time.perf_counter(), _children_cpu_seconds()
+    subprocess.run([sys.executable, "-c", ONE_PROCESS, str(DENSE), str(hostfile)],
+                   env=run_env(homes[0]), check=True)  # fmt: skip
+    rows = [{"run": "one process", "rank": 0, "layers analysed": "all",
+             "cpu_s": round(_children_cpu_seconds() - before, 1),
+             "wall_s": round(time.perf_counter() - start, 1)}]  # fmt: skip
+    start = time.perf_counter()
+    args = ["--hosts", str(hostfile), "--context", "1024", "--parallel", "2"]
+    with ramserve_run(str(DENSE), *args, env=run_env(homes[1])) as (_, lines):
+        wall = time.perf_counter() - start
+        ranks = {int(p.environ().get("MLX_RANK", -1)): p for p in psutil.process_iter()
+                 if str(hostfile) in (_cmdline(p))}  # fmt: skip
+        head = next(i for i, ln in enumerate(lines) if "layers analysed" in ln)
+        analysed = [ln.split() for ln in lines[head + 2 : head + 2 + len(HOSTS_MIB)]]
+        for r, row in enumerate(analysed):
+            rows.append({"run": "2 ranks", "rank": r, "layers analysed": row[2],
+                         "cpu_s": round(_cpu_seconds(ranks[r]), 1),
+                         "wall_s": round(wall, 1)})  # fmt: skip
+    return rows
+
+
+def _cmdline(p: Any) -> list[str]:
+    try:
+        return list(p.cmdline())
+    except Exception:
+        return []
+
+
+def _cpu_seconds(p: Any) -> float:
+    """User and system seconds of a running process, its threads included."""
+    t = p.cpu_times()
+    return float(t.user + t.system)
+
+
+def _children_cpu_seconds() -> float:
+    import resource
+
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
+def print_hosts_rows(rows: list[dict[str, Any]]) -> None:
+    alone = next(r["cpu_s"] for r in rows if r["run"] == "one process")
+    print(table(["run", "rank", "layers analysed", "CPU s until ready", "x one process", "wall s"],
+                [(r["run"], r["rank"], r["layers analysed"], r["cpu_s"],
+                  f"{r['cpu_s'] / alone:.2f}", r["wall_s"]) for r in rows]))  # fmt: skip
+
+
 def main() -> None:
+    if "--hosts" in sys.argv:
+        rows = hosts_rows()
+        print_hosts_rows(rows)
+        print(json.dumps({"bench": "analyze", "hosts": rows}))
+        return
     rows = []
     folders = [DENSE] if DENSE.exists() else []
     if "--skip-synthetic" not in sys.argv:

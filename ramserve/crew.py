@@ -48,9 +48,10 @@ class Tick:
 
 @dataclass(frozen=True)
 class Setup:
-    """What every rank loads: the model, the whole plan (each rank quantizes it from its own copy),
+    """What every rank loads: the model, the whole plan (each rank writes its part from its own copy),
     the cut points, and the runtime shape. Sent at the start and at each variant swap; each
-    following rank answers ``{"loaded": plan hash}`` or ``{"load_failed": why}``."""
+    following rank answers ``{"ready": whether it writes its part}`` or ``{"load_failed": why}``,
+    then, told to write (or to cancel), ``{"loaded": plan hash}`` or ``{"load_failed": why}``."""
 
     model: str
     plan: Plan

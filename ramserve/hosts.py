@@ -158,6 +158,14 @@ class Split:
 Solved = tuple[float, np.ndarray, list[int]]  # damage, the choice per row, the rows
 
 
+def layers_for(source: Source, hosts: int) -> int:
+    """The model's decoder layers, at least one for each of ``hosts``."""
+    layers = int(source.config["num_hidden_layers"])
+    if hosts > layers:
+        raise HostfileError(f"{hosts} hosts for {layers} layers: each host needs at least one layer")
+    return layers
+
+
 class Ranks:
     """What a candidate range costs each rank: its budget and its plan, solved on demand."""
 
@@ -165,11 +173,7 @@ class Ranks:
                  machines: list[Machine] | None = None) -> None:  # fmt: skip
         settings = source.settings
         self.profile, self.hosts, self.settings = profile, hosts, settings
-        self.layers = int(source.config["num_hidden_layers"])
-        if len(hosts) > self.layers:
-            raise HostfileError(
-                f"{len(hosts)} hosts for {self.layers} layers: each host needs at least one layer"
-            )
+        self.layers = layers_for(source, len(hosts))
         self.kv, self.act = kv_shape(source), activation_shape(source)
         self.shape = default_shape(self.kv, settings, ask.context, ask.parallel, ask.kv_bits or 16)
         self.float_bytes = FLOAT_BYTES[activation_dtype(source)]  # the runtime's, as loaded
@@ -431,7 +435,8 @@ def analysis_bounds(source: Source, memories: list[int]) -> list[int]:
     layers (and rank 0's embedding and head) in proportion to its memory, by their 16-bit bytes,
     every rank at least one layer. The split the plan then chooses weighs the same memory, so it is
     near this one, and each rank reads mostly the weights it will serve."""
-    layers, n = int(source.config["num_hidden_layers"]), len(memories)
+    n = len(memories)
+    layers = layers_for(source, n)
     sizes = [0] * layers
     outer = 0
     for key, shape in source.tensor_shapes.items():

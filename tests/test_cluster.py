@@ -224,10 +224,23 @@ def rank_process(rank: int, hosts: Path) -> psutil.Process:
     raise AssertionError(f"no rank {rank} running for {hosts}")
 
 
-def test_a_lost_rank_is_named_by_health_and_by_every_request(home: Path) -> None:
+def test_a_lost_rank_is_named_by_health_and_by_every_request(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     hosts = hostfile(home, (24, 46))
+    # Rank 1's part is gone (rank 0's is cached): rank 1 writes it again, rank 0 relaying the pass.
+    monkeypatch.setenv("RAMSERVE_HOME", str(home))
+    source = open_source(str(shared_model(DENSE)), load_settings())
+    done = split(source, analyze(source, progress=False), read_hostfile(hosts), ASK)
+    part = part_dir(source, done.plan, share_of(done.bounds, 1))
+    before = stored(part) if part.exists() else None
+    shutil.rmtree(part, ignore_errors=True)
     with run_on_hosts(home, hosts) as (base, _):
         assert complete(base, PROMPTS[0])
+        again = stored(part)
+        if before is not None:  # the tests before wrote it
+            assert again.keys() == before.keys()
+            assert all(mx.array_equal(again[k], before[k]) for k in again)
         streamed: list[str] = []
         started = threading.Event()
 
@@ -348,6 +361,38 @@ def test_hosts_too_small_for_the_model_are_named_and_every_rank_stops(home: Path
         assert proc.poll() is None
     assert "could not start on its hosts" in message
     assert "127.0.0.1 with layers" in message and "needs" in message
+
+
+def test_a_rank_that_would_analyse_otherwise_is_named_and_every_rank_stops(tmp_path: Path) -> None:
+    """The ranks analyse the model together, so they must analyse it alike: a rank whose settings
+    would give another profile is refused before any pass starts, named with the reason, and the
+    ranks stop (as mlx.launch starts them: each with its own home)."""
+    homes = [tmp_path / "rank0", tmp_path / "rank1"]
+    for h in homes:
+        h.mkdir()
+    configure(homes[0])
+    config = (homes[0] / "config.toml").read_text()
+    (homes[1] / "config.toml").write_text(config + "[sensitivity.fisher]\nseed = 7\n")
+    hosts = hostfile(homes[0], (24, 46))
+    ring = tmp_path / "ring.json"
+    ring.write_text(ring_hostfile(read_hostfile(hosts), load_settings()))
+    command = [sys.executable, "-m", "ramserve.cli", "run", str(shared_model(DENSE)), "--hosts",
+               str(hosts), "-q", *SHAPE]  # fmt: skip
+    follower = subprocess.Popen(command, env=run_env(homes[1], MLX_RANK="1", MLX_HOSTFILE=str(ring)),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        env = run_env(homes[0], MLX_RANK="0", MLX_HOSTFILE=str(ring))
+        with rank_zero(homes[0], hosts, env) as (base, proc):
+            assert wait_for(lambda: health(base).get("stage") == "failed", timeout=120)
+            message = refusal(base)
+            assert follower.wait(30) != 0  # told to stop, it did
+            assert proc.poll() is None
+    finally:
+        follower.kill()
+        follower.wait(30)
+    assert "rank 1 (127.0.0.1) cannot analyse its layers" in message
+    assert "settings for the analysis" in message and "differ from rank 0's" in message
+    assert not (homes[0] / "profiles").exists() or not any((homes[0] / "profiles").glob("*.json"))
 
 
 def test_variants_swap_on_every_rank_or_on_none(
