@@ -32,7 +32,6 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -341,7 +340,6 @@ class Analysts:
         measured = [m.available for m in machines if m.live]
         least = min([*measured, psutil.virtual_memory().available])
         self.fits = fisher_fits(source, source.settings.sensitivity.fisher, least)
-        self.begun = 0.0
         self.order = {"model": spec, "fingerprint": source.fingerprint, "bounds": self.bounds,
                       "settings_key": settings_key(source.settings), "fits": self.fits}  # fmt: skip
 
@@ -352,16 +350,25 @@ class Analysts:
         if refused:
             raise RamserveError("; ".join(refused))
         self.crew.send_all({"go": 1})
-        self.begun = time.perf_counter()
 
-    def gather(self) -> list[SharePart]:
-        own = time.perf_counter() - self.begun  # rank 0 has done its share
+    def gather(self, own: SharePart) -> list[SharePart]:
         parts = [SharePart.from_json(a["analysed"]) for _, a in sorted(self.crew.collect().items())]
-        rows = [(r, self.hosts[r].ssh, f"{self.bounds[r]}-{self.bounds[r + 1] - 1}",
-                 "" if r else "embedding, head", f"{seconds:.1f}")
-                for r, seconds in enumerate([own, *(p.seconds for p in parts)])]  # fmt: skip
-        print(table(["rank", "host", "layers analysed", "also", "seconds"], rows), flush=True)
+        print(render_shares(self.bounds, [h.ssh for h in self.hosts], [own, *parts]), flush=True)
         return parts
+
+
+def render_shares(bounds: list[int], hosts: list[str], parts: list[SharePart]) -> str:
+    """Each rank's share of the analysis and where its time went."""
+
+    def s(seconds: float | None) -> str:
+        return "-" if seconds is None else f"{seconds:.1f}"
+
+    rows = [(r, hosts[r], f"{bounds[r]}-{bounds[r + 1] - 1}", "embedding, head" if r == 0 else "",
+             len(p.records), s(p.fisher_seconds), s(p.rounding_seconds),
+             s(sum(m.seconds for m in p.records)), s(p.seconds))
+            for r, p in enumerate(parts)]  # fmt: skip
+    return table(["rank", "host", "layers analysed", "also", "modules", "Fisher s",
+                  "compensation s", "candidates s", "seconds"], rows)  # fmt: skip
 
 
 def ready_to_analyse(order: dict[str, Any], settings: Settings) -> tuple[Source | None, str]:

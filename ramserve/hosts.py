@@ -162,7 +162,9 @@ def layers_for(source: Source, hosts: int) -> int:
     """The model's decoder layers, at least one for each of ``hosts``."""
     layers = int(source.config["num_hidden_layers"])
     if hosts > layers:
-        raise HostfileError(f"{hosts} hosts for {layers} layers: each host needs at least one layer")
+        raise HostfileError(
+            f"{hosts} hosts for {layers} layers: each host needs at least one layer"
+        )
     return layers
 
 

@@ -338,8 +338,8 @@ class OtherRanks(Protocol):
     def begin(self) -> None:
         """Tell every other rank to analyse its share."""
 
-    def gather(self) -> list[SharePart]:
-        """Every other rank's part, once done."""
+    def gather(self, own: SharePart) -> list[SharePart]:
+        """Every other rank's part, once done (``own``: this rank's)."""
 
 
 @dataclass
@@ -446,7 +446,7 @@ def analyze(source: Source, *, force: bool = False, progress: bool = True,
                 else:  # every rank analyses its own layers; their parts come to this one
                     others.begin()
                     part = analyse_share(source, others.share, others.fits, {}, None, key, progress)
-                    part = merged(source, [part, *others.gather()])
+                    part = merged(source, [part, *others.gather(part)])
             profile = _assemble(source, settings, part.records, part.fisher_seconds, key,
                                 part.ratios)  # fmt: skip
             profile.kv_damage = part.kv_damage
