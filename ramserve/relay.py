@@ -74,10 +74,19 @@ def arrive(share: Share, states: list[mx.array]) -> list[mx.array]:
 def leave(share: Share, states: list[mx.array]) -> list[mx.array]:
     """After this rank's last layer, going up: sent on to the next rank. Rank 0 gets back the last
     rank's states (the whole model's output, for its head); the others return what they sent."""
-    if share.size == 1:
-        return states
-    _send(states, (share.rank + 1) % share.size)
-    return _receive(states, share.size - 1) if share.first else states
+    pass_on(share, states)
+    return come_back(share, states)
+
+
+def pass_on(share: Share, states: list[mx.array]) -> None:
+    """``leave``'s first half: sent on to the next rank (the last rank's, to rank 0)."""
+    if share.size > 1:
+        _send(states, (share.rank + 1) % share.size)
+
+
+def come_back(share: Share, like: list[mx.array]) -> list[mx.array]:
+    """``leave``'s second half: rank 0 gets the last rank's states (the others, ``like``)."""
+    return _receive(like, share.size - 1) if share.first and share.size > 1 else like
 
 
 def arrive_down(share: Share, states: list[mx.array]) -> list[mx.array]:

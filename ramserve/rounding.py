@@ -33,7 +33,7 @@ from .device import runtime_dtype
 from .fisher import Probe, StreamedModel, probe_modules, sampled_sequences, start_token
 from .process import blas_threads_as_at_start
 from .progress import Bar
-from .relay import Share, arrive, leave
+from .relay import Share, arrive, come_back, pass_on
 from .settings import RoundingSettings
 from .source import layer_index
 
@@ -177,10 +177,10 @@ def layer_inputs(
 
 
 def _passed_on(run: StreamedModel, h: mx.array, args: tuple[Any, ...], kwargs: dict[str, Any]
-               ) -> tuple[list[mx.array], mx.array]:  # fmt: skip
-    """Split over ranks: this rank's layers run once first, to pass the hidden state on at once, so
-    that the ranks after it work on their layers while this one works on its own. Each layer's input
-    is kept for that work; rank 0 gets back the last layer's output (for an untied head)."""
+               ) -> list[mx.array]:  # fmt: skip
+    """Split over ranks, on every rank but the last: this rank's layers run once first, to pass the
+    hidden state on at once, so that the ranks after it work on their layers while this one works
+    on its own. Each layer's input is kept for that work."""
     kept = []
     for i in run.share.layers:
         kept.append(h)
@@ -189,7 +189,8 @@ def _passed_on(run: StreamedModel, h: mx.array, args: tuple[Any, ...], kwargs: d
         h = layer(h, *args, **kwargs)
         mx.eval(h)
         run.release_layer(i)
-    return kept, leave(run.share, [h])[0]
+    pass_on(run.share, [h])
+    return kept
 
 
 def _layer_inputs(
@@ -210,7 +211,8 @@ def _layer_inputs(
                           start_token(source.config, vocab), vocab)  # fmt: skip
     h, args, kwargs = run.first_layer_call(x)
     h = arrive(share, [h])[0]
-    kept, last = _passed_on(run, h, args, kwargs) if share.size > 1 else ([], h)
+    # The last rank passes on only the model's output, to rank 0's head: after its own work.
+    kept = _passed_on(run, h, args, kwargs) if share.size > 1 and not share.last else []
     bar.close()
     bar = Bar(len(share.layers), desc, unit="layer", show=progress)
     for i in share.layers:
@@ -234,7 +236,9 @@ def _layer_inputs(
         yield i, keys, shared
         bar.update(1)
     bar.close()
-    h = last if kept else h
+    if share.last:
+        pass_on(share, [h])
+    h = come_back(share, [h])[0]
     # a tied head is the embedding's lookup table too; the head is rank 0's
     if share.first and not run.tied and wanted(run.head_path):
         shared = SharedInputs(r.damp)
