@@ -20,7 +20,7 @@ import httpx
 from ramserve.settings import load_settings
 from ramserve.source import open_source
 
-from .conftest import DENSE, shared_model
+from .conftest import DENSE, shared_model, user_config
 from .serving import free_port, wait_healthy
 
 
@@ -86,6 +86,9 @@ def test_kill_9_during_analysis_quantization_and_swap(tmp_path: Path) -> None:
     model = str(shared_model(DENSE))
     fp = open_source(model, load_settings()).fingerprint
     clean, crashed = tmp_path / "clean", tmp_path / "crashed"
+    for home in (clean, crashed):  # the tests' small rounding sample: what a kill leaves is the same
+        home.mkdir()
+        user_config(home, "")
     for budget in ("30%", "4.5bpw"):
         finish(clean, "quantize", model, "--budget", budget, "-q")
     profile = crashed / "profiles" / f"{fp}.json"
