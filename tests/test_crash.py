@@ -86,7 +86,8 @@ def test_kill_9_during_analysis_quantization_and_swap(tmp_path: Path) -> None:
     model = str(shared_model(DENSE))
     fp = open_source(model, load_settings()).fingerprint
     clean, crashed = tmp_path / "clean", tmp_path / "crashed"
-    for home in (clean, crashed):  # the tests' small rounding sample: what a kill leaves is the same
+    # the tests' small rounding sample: what a kill leaves is the same
+    for home in (clean, crashed):
         home.mkdir()
         user_config(home, "")
     for budget in ("30%", "4.5bpw"):
