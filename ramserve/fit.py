@@ -22,13 +22,12 @@ from .budget import (
     require_fit,
     weight_budget,
 )
-from .cache import model_dir
 from .device import FLOAT_BYTES, runtime_dtype
 from .errors import BudgetError
 from .fmt import human_bytes, table
 from .plan import histogram, is_size_spec, make_plan, min_safe_memory
 from .profile import analyze, candidates_for, quantized_bytes
-from .quantize import is_complete, quantize_to_serve, rounding_line
+from .quantize import quantize_to_serve, rounding_line
 from .records import Plan, Profile
 from .settings import Settings
 from .shape import choose_kv, fit_shape, fit_source_shape
@@ -221,11 +220,6 @@ def require_plan_fits(plan: Plan, budget: Budget, what: str) -> None:
             f"this machine can hold beside a {budget.context:,}-token KV cache for {budget.parallel} "
             f"sequences ({human_bytes(budget.weights)}); use a smaller budget, context or --parallel"
         )
-
-
-def variant_status(source: Source, plan: Plan) -> str:
-    folder = model_dir(source.fingerprint, plan.hash)
-    return "cached" if is_complete(folder, plan.hash) else "available"
 
 
 def render_fit(f: Fit) -> str:

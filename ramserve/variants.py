@@ -22,10 +22,10 @@ from .budget import Budget, machine_budget
 from .cache import model_dir
 from .engine import Engine
 from .errors import BudgetError
-from .fit import Fit, require_plan_fits, variant_status
+from .fit import Fit, require_plan_fits
 from .plan import make_plan
 from .progress import Step, watching
-from .quantize import quantize_to_serve
+from .quantize import is_complete, quantize_to_serve
 from .records import Plan
 from .server.registry import NotOffered, NotReady, Registry, UnknownModel
 from .settings import Settings
@@ -76,6 +76,11 @@ class VariantRegistry(Registry):
         """The budget the variants are sized for (their context and runtime shape)."""
         return self.fitted.budget
 
+    def status_of(self, plan: Plan) -> str:
+        """A variant not loaded: "cached" where ``install`` would find it written, else
+        "available"."""
+        return "cached" if is_complete(self.folder_for(plan), plan.hash) else "available"
+
     def folder_for(self, plan: Plan) -> Path:
         """Where ``install`` loads the plan's model from."""
         assert self.source is not None
@@ -120,7 +125,7 @@ class VariantRegistry(Registry):
             return True
         if any(self._listed_hash(s) == plan.hash for s in self.listed):  # plans are memoised
             return True
-        return self.source is not None and variant_status(self.source, plan) == "cached"
+        return self.source is not None and self.status_of(plan) == "cached"
 
     def _listed_hash(self, spec: str) -> str | None:
         try:
@@ -154,11 +159,8 @@ class VariantRegistry(Registry):
 
     def card_for(self, model_id: str) -> dict[str, Any]:
         plan = self.require_offered(model_id)
-        assert self.source is not None
-        if plan.hash == self.loaded_hash and self.ready:
-            status = "loaded"
-        else:
-            status = variant_status(self.source, plan)
+        loaded = plan.hash == self.loaded_hash and self.ready
+        status = "loaded" if loaded else self.status_of(plan)
         budget = self.fitted_budget()
         return {"id": model_id, "created": self.created, "status": status,
                 "context_length": budget.context, **plan.summary(),

@@ -473,13 +473,14 @@ def test_variants_swap_on_every_rank_or_on_none(
     spread_of = cards[f"{NAME}@min-safe"]["hosts"]
     assert [h["layers"] for h in spread_of] == [list(p.layers) for p in small.parts]
     assert cards[f"{NAME}@min-safe"]["weight_bytes"] == small.plan.total_bytes
+    assert cards[f"{NAME}@min-safe"]["status"] == "available"  # no rank has written its part
     # The bigger variant did not fit rank 1's cache: named, and both ranks kept the model.
     assert failed.status_code == 400, failed.text
     message = failed.json()["error"]["message"]
     assert "rank 1 (127.0.0.1) could not load it" in message and "cache" in message
     assert after_failure == before and loaded == [NAME]
     # The small one loaded on both ranks, and serves what one process serves of its plan.
-    assert now[f"{NAME}@min-safe"] == "loaded" and now[NAME] != "loaded"
+    assert now[f"{NAME}@min-safe"] == "loaded" and now[NAME] == "cached"  # rank 0's part
     folder, _ = quantize(source, small.plan, progress=False)
     # Each rank holds its parts alone: rank 1's cache, its parts of the model and of the variant.
     held = sorted(p.name for p in (other / "models" / source.fingerprint).iterdir())
