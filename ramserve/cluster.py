@@ -10,11 +10,11 @@ every rank when one ends, rank 0 included. Each rank takes its role:
   and where the model's profile is not cached, has every rank analyse its own layers (cut in
   proportion to the ranks' memory; the passes relayed between ranks, ramserve/relay.py) and merges
   the parts into the profile, which covers the whole model. It chooses the split and the plan
-  together (ramserve/hosts.py),
-  quantizes (cached) and tells every rank the plan and its layers. Then it schedules the batch
+  together (ramserve/hosts.py) and tells every rank the plan and its layers; each rank writes its
+  part of the quantized model (cached) and loads it. Then rank 0 schedules the batch
   (ramserve/engine.py), and each step goes to the other ranks (ramserve/crew.py).
-- Every other rank analyses its share when asked, quantizes the same plan from its own copy of the model (cached; on one machine
-  that is rank 0's folder), loads only its own layers and follows.
+- Every other rank analyses its share when asked, writes its part of each plan from its own copy
+  of the model (cached), loads it and follows.
 
 A rank that is lost fails the requests in flight and every later one with a 503 that names it, and
 ``/health`` says so. The other ranks then exit.
@@ -271,17 +271,16 @@ class RanksRegistry(VariantRegistry):
         setup = Setup(self.spec, plan, done.bounds, self.engine_args)
         share = share_of(done.bounds, 0)
         self.crew.send_all(setup.to_message())
-        try:
-            writes, mine = reserve_part(self.source, plan, share), ""
+        try:  # this rank answers as the others do
+            mine: dict[str, Any] = {"ready": reserve_part(self.source, plan, share)}
         except Exception as e:
-            writes, mine = False, _why(e)
-        answers = self.crew.collect()
-        failed = [f"rank 0 ({self.hosts[0].ssh}) could not load it: {mine}"] if mine else []
-        failed += self._failed(answers)
+            mine = {"load_failed": _why(e)}
+        answers = {0: mine, **self.crew.collect()}
+        failed = self._failed(answers)
         if failed:
             self.crew.send_all({"cancel": 1})
             raise RamserveError("; ".join(failed))
-        relay = writes or any(a["ready"] for a in answers.values())
+        relay = any(a["ready"] for a in answers.values())
         self.crew.send_all({"write": {"relay": relay}})
         try:
             folder = quantize_part(self.source, plan, share, relay)

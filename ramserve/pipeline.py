@@ -34,10 +34,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import BadModel, RamserveError
+from .quantize import holds
 from .relay import Share, share_of
 from .seams import DecoderStack
 from .settings import KindRule
-from .source import layer_index
 
 
 class PassThrough(nn.Module):
@@ -143,17 +143,11 @@ def stage(model: nn.Module, share: Share, kinds: list[KindRule], hidden: int,
             f"rank {share.rank} is given layers up to {share.stop}; the model has {n}"
         )
     pattern = {rule.name: re.compile(rule.pattern) for rule in kinds}
-    if stored is not None:
-        ends = [pattern["embedding"], pattern["lm_head"]]
-
-        def keeps(key: str) -> bool:
-            layer = layer_index(key)
-            if layer is not None:
-                return layer in share.layers
-            return share.first or not any(p.search(key.rpartition(".")[0]) for p in ends)
-
+    if stored is not None:  # what the stage keeps is what a part holds (quantize.holds)
+        ends = tuple(f"{p}." for p, _ in model.named_modules()
+                     if pattern["embedding"].search(p) or pattern["lm_head"].search(p))  # fmt: skip
         flat: list[tuple[str, Any]] = tree_flatten(model.parameters())  # type: ignore[assignment]
-        kept = [k for k, _ in flat if k not in stored and keeps(k)]
+        kept = [k for k, _ in flat if k not in stored and holds(share, k, ends)]
         if kept:
             raise BadModel(f"{folder} lacks {len(kept)} of rank {share.rank}'s tensors "
                            f"({kept[0]}, …): it is not this rank's part of the model")  # fmt: skip
