@@ -32,6 +32,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -281,9 +282,10 @@ class RanksRegistry(VariantRegistry):
             self.crew.send_all({"cancel": 1})
             raise RamserveError("; ".join(failed))
         relay = any(a["ready"] for a in answers.values())
-        self.crew.send_all({"write": {"relay": relay}})
+        chunks = relay_chunks(len(self.hosts), self.settings)
+        self.crew.send_all({"write": {"relay": relay, "chunks": chunks}})
         try:
-            folder = quantize_part(self.source, plan, share, relay)
+            folder = quantize_part(self.source, plan, replace(share, chunks=chunks), relay)
             engine = stage_engine(folder, setup, 0, self.settings, self.crew)
         except Exception:
             self.crew.collect()  # every rank has answered: the next setup finds them waiting
@@ -333,14 +335,16 @@ class Analysts:
 
         self.crew, self.hosts = crew, hosts
         self.bounds = analysis_bounds(source, [m.available for m in machines])
-        self.share = share_of(self.bounds, 0)
+        self.chunks = relay_chunks(len(machines), source.settings)
+        self.share = share_of(self.bounds, 0, self.chunks)
         # Every rank runs the Fisher's pass: it must fit the least memory measured (a stated
         # memory is a budget to fit the model to, not what the analysis has here).
         measured = [m.available for m in machines if m.live]
         least = min([*measured, psutil.virtual_memory().available])
         self.fits = fisher_fits(source, source.settings.sensitivity.fisher, least)
         self.order = {"model": spec, "fingerprint": source.fingerprint, "bounds": self.bounds,
-                      "settings_key": settings_key(source.settings), "fits": self.fits}  # fmt: skip
+                      "settings_key": settings_key(source.settings), "fits": self.fits,
+                      "chunks": self.chunks}  # fmt: skip
 
     def begin(self) -> None:
         self.crew.send_all({"analyse": self.order})
@@ -354,6 +358,11 @@ class Analysts:
         parts = [SharePart.from_json(a["analysed"]) for _, a in sorted(self.crew.collect().items())]
         print(render_shares(self.bounds, [h.ssh for h in self.hosts], [own, *parts]), flush=True)
         return parts
+
+
+def relay_chunks(ranks: int, settings: Settings) -> int:
+    """How many chunks the relayed passes go in (rank 0 tells the others: they must agree)."""
+    return ranks * settings.hosts.relay_chunks_per_rank
 
 
 def render_shares(bounds: list[int], hosts: list[str], parts: list[SharePart]) -> str:
@@ -439,7 +448,7 @@ class Follower:
 
     def on_go(self, _: Any) -> bool:
         assert self.source is not None
-        share = share_of(self.order["bounds"], self.rank)
+        share = share_of(self.order["bounds"], self.rank, int(self.order["chunks"]))
         part = analyse_share(self.source, share, bool(self.order["fits"]), {}, None,
                              self.order["settings_key"], progress=False)  # fmt: skip
         print(f"rank {self.rank} analysed layers {share.start}-{share.stop - 1}: "
@@ -473,8 +482,9 @@ class Follower:
         """Its part written (every rank together) or found, loaded, and followed until rank 0
         closes that engine; False when it failed."""
         assert self.source is not None and self.setup is not None
+        share = replace(self.share, chunks=int(order["chunks"]))
         try:
-            folder = quantize_part(self.source, self.setup.plan, self.share, bool(order["relay"]))
+            folder = quantize_part(self.source, self.setup.plan, share, bool(order["relay"]))
             if self.folder is not None and self.folder != folder:
                 cache.release(self.folder)
             self.folder = folder

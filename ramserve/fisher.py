@@ -22,6 +22,7 @@ them go), so the peak is about one layer, its gradients and the activations, how
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterator
@@ -36,7 +37,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import BadModel
 from .progress import Bar
-from .relay import Share, alone, arrive, arrive_down, leave, leave_down
+from .relay import Share, Work, alone, arrive, arrive_down, chunk_rows, leave, leave_down, ring
 from .seams import DecoderStack, swap_classes, with_cache
 from .settings import FisherSettings
 
@@ -211,6 +212,16 @@ Hidden = tuple[
 ]  # what StreamedModel.hidden_states returns
 
 
+def _keeping(work: Work, outs: list[mx.array]) -> Work:
+    """``work``, keeping each output in ``outs``."""
+
+    def kept(c: int, h: mx.array) -> mx.array:
+        outs.append(work(c, h))
+        return outs[-1]
+
+    return kept
+
+
 class StreamedModel:
     """mlx-lm's model for a source with no weights resident: calls load what each part needs."""
 
@@ -244,7 +255,8 @@ class StreamedModel:
         self.width = int(source.tensor_shapes[f"{embed}.weight"][-1])
         self.vocab_out = int(source.tensor_shapes[f"{self.head_path}.weight"][0])
         self.quantizable = {f"{m.path}.weight": m.path for m in source.modules}
-        self.layer_done: Callable[[], None] = lambda: None  # progress: one layer of a pass run
+        # progress: a share of one layer of a pass run (a chunk's)
+        self.layer_done: Callable[[float], None] = lambda part: None
 
     def _module(self, path: str) -> Any:
         return dict(self.model.named_modules())[path] if path else self.model
@@ -316,36 +328,51 @@ class StreamedModel:
 
     # -- passes ---------------------------------------------------------------------------------
 
-    def hidden_states(self, inputs: mx.array) -> Hidden:
-        """One streamed pass up the layers: each layer's input, the last layer's output, and the
-        extra arguments the model's loop passes every layer (mask, cache)."""
-        seen: list[mx.array] = []
-        extra: dict[str, Any] = {}
+    def through(self, args: tuple[Any, ...], kwargs: dict[str, Any],
+                seen: dict[int, list[mx.array]] | None = None, chunks: int = 1) -> Work:  # fmt: skip
+        """A chunk through this rank's layers (each loaded for it, then let go), keeping each
+        layer's input in ``seen``; one of ``chunks`` for the progress."""
 
-        share = self.share
-
-        def slot(i: int) -> _Slot:
-            def run(x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
-                if i not in share.layers:  # another rank's: its output comes by the relay
-                    return x
-                if i == share.start:
-                    x = arrive(share, [x])[0]
-                extra.update(args=args, kwargs=kwargs)
+        def work(_: int, h: mx.array) -> mx.array:
+            for i in self.share.layers:
+                if seen is not None:
+                    seen.setdefault(i, []).append(h)
                 layer = self.layers[i]
                 layer.update(self.layer_params(i))
-                out: mx.array = layer(x, *args, **kwargs)
-                mx.eval(out)
+                h = layer(h, *args, **kwargs)
+                mx.eval(h)
                 self.release_layer(i)
-                self.layer_done()
-                seen.append(x)
-                if i == share.stop - 1:  # rank 0 gets the last layer's output back
-                    raise _Stop(leave(share, [out])[0])
-                return out
+                self.layer_done(1 / chunks)
+            return h
 
-            return _Slot(self.layers[i], run)
+        return work
 
-        last = self._until_stopped(inputs, [slot(i) for i in range(len(self.layers))], "last").h
-        return seen, last, extra["args"], extra["kwargs"]
+    def hidden_states(
+        self, inputs: mx.array, finish: Callable[[slice, mx.array], None] | None = None
+    ) -> Hidden:
+        """One streamed pass up the layers, pipelined over the ranks in chunks of sequences
+        (ramserve/relay.py): each layer's input, the last layer's output, and the extra arguments
+        the model's loop passes every layer (mask, cache). Rank 0, which also gets the last
+        layer's output, gives each chunk's to ``finish`` (its sequences, that output) as it comes
+        back, with the head loaded (``outer``)."""
+        share = self.share
+        h, args, kwargs = self.first_layer_call(inputs)
+        rows = chunk_rows(share, inputs.shape[0])
+        seen: dict[int, list[mx.array]] = {}
+        outs: list[mx.array] = []
+
+        def back(c: int, out: mx.array) -> None:
+            outs.append(out)
+            if finish is not None:
+                finish(rows[c], out)
+
+        work = self.through(args, kwargs, seen, len(rows))
+        if not share.first:  # its outputs go on; their shape stands in for the model's output
+            work = _keeping(work, outs)
+        with self.outer(head=True) if finish and share.first else contextlib.nullcontext():
+            ring(share, [h[r] for r in rows], work, back)
+        layers = [mx.concatenate(seen.pop(i)) for i in share.layers]
+        return layers, mx.concatenate(outs), args, kwargs
 
     def _until_stopped(self, inputs: mx.array, slots: list[_Slot], which: str) -> _Stop:
         """The model's call on ``inputs`` (embedding rows read, nothing else outside the layers
@@ -467,20 +494,20 @@ def jacobi_inputs(
 def next_tokens(
     run: StreamedModel, x: mx.array, pick: Callable[[int, mx.array], mx.array]
 ) -> tuple[mx.array | None, Hidden]:
-    """``pick(i, logits)`` for each sequence i of ``x``, after one streamed forward pass (one
-    sequence's logits at a time: all of them at once would be the largest array of the pass), and
-    that pass's hidden states. On ranks after the first, which hold no head, no tokens: their passes
+    """``pick(i, logits)`` for each sequence i of ``x``, as its chunk comes back from one streamed
+    forward pass (one sequence's logits at a time: all of them at once would be the largest array
+    of the pass), and that pass's hidden states. On ranks after the first, which hold no head, no tokens: their passes
     never read tokens, only the shape of ``x`` (ramserve/relay.py)."""
-    hidden = run.hidden_states(x)
-    if not run.share.first:
-        return None, hidden
-    last = hidden[1]
-    with run.outer(head=True):
-        out = []
-        for i in range(x.shape[0]):
-            out.append(pick(i, run.logits(x[i : i + 1], last[i : i + 1])))
-            mx.eval(out[-1])
-    return mx.concatenate(out), hidden
+    picked: list[mx.array] = []
+
+    def finish(rows: slice, last: mx.array) -> None:
+        for i in range(rows.start, rows.stop):
+            j = i - rows.start
+            picked.append(pick(i, run.logits(x[i : i + 1], last[j : j + 1])))
+            mx.eval(picked[-1])
+
+    hidden = run.hidden_states(x, finish)
+    return (mx.concatenate(picked) if run.share.first else None), hidden
 
 
 def streamed_fisher(
@@ -495,7 +522,7 @@ def streamed_fisher(
     n, layers = cfg.sequences, len(share.layers)
     # every layer of the sweeps, of the labelling pass and of the backward pass
     bar = Bar((cfg.sweeps + 3) * layers, "self-Fisher", unit="layer", show=progress)
-    run.layer_done = lambda: bar.update(1)
+    run.layer_done = bar.update
     vocab = int(source.config["vocab_size"])
     x, labels, (seen, last, args, kwargs) = jacobi_inputs(
         run, n, cfg.tokens, cfg.sweeps, cfg.seed, start_token(source.config, vocab), vocab
@@ -541,7 +568,7 @@ def kv_damage(run: StreamedModel, x: mx.array, hidden: Hidden, bits: tuple[int, 
             h[b] = layer(h[b], *a, **k)
             mx.eval(h[b])
         run.release_layer(i)
-        run.layer_done()
+        run.layer_done(1)
     h = dict(zip(bits, leave(share, [h[b] for b in bits]), strict=True))
     if not share.first:  # the head is rank 0's
         return {}

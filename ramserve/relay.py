@@ -4,13 +4,19 @@ Rank r of n holds layers [start, stop) (``Share``); rank 0 alone also holds the 
 A pass over the layers goes up the ranks and back to rank 0 (0 → 1 → … → n-1 → 0), and a backward pass
 down them (0 → n-1 → … → 1 → 0): every hop is between neighbours of MLX's ring. Serving
 (ramserve/pipeline.py) and the streamed passes of the analysis and the rounding (ramserve/fisher.py,
-ramserve/rounding.py) both split the model so; on one machine a pass is one rank's (``Relay.alone``)
+ramserve/rounding.py) both split the model so; on one machine a pass is one rank's (``alone``)
 and nothing is sent.
+
+The analysis's forward passes go through the ranks in chunks of sequences (``Share.chunks``),
+pipelined: each rank works on one chunk while the next works on the one before (``ring``, ``up``), so
+that the ranks work side by side rather than one after the other. A layer's output for a sequence
+does not depend on the other sequences of its batch, so the chunks give what one batch gives.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -20,12 +26,14 @@ from .errors import RamserveError
 
 @dataclass(frozen=True)
 class Share:
-    """Rank ``rank`` of ``size`` runs decoder layers [start, stop)."""
+    """Rank ``rank`` of ``size`` runs decoder layers [start, stop); its pipelined passes go in
+    ``chunks`` chunks of sequences (every rank must be given the same)."""
 
     rank: int
     size: int
     start: int
     stop: int
+    chunks: int = 1
 
     @property
     def first(self) -> bool:
@@ -40,11 +48,11 @@ class Share:
         return range(self.start, self.stop)
 
 
-def share_of(bounds: Sequence[int], rank: int) -> Share:
+def share_of(bounds: Sequence[int], rank: int, chunks: int = 1) -> Share:
     """``bounds`` are the cut points, first 0 and last the layer count: [0, 3, 7] for two ranks."""
     if any(b >= c for b, c in zip(bounds, bounds[1:], strict=False)) or bounds[0] != 0:
         raise RamserveError(f"bounds {list(bounds)} must rise from 0, one range per rank")
-    return Share(rank, len(bounds) - 1, bounds[rank], bounds[rank + 1])
+    return Share(rank, len(bounds) - 1, bounds[rank], bounds[rank + 1], max(1, chunks))
 
 
 def alone(layers: int) -> Share:
@@ -106,3 +114,59 @@ def leave_down(share: Share, states: list[mx.array]) -> list[mx.array]:
     if not share.first:
         _send(states, share.rank - 1)
     return states
+
+
+def chunk_rows(share: Share, sequences: int) -> list[slice]:
+    """The sequences of each chunk of a pipelined pass: ``share.chunks`` runs of nearly equal
+    length (fewer when there are fewer sequences); one on one machine (``alone``)."""
+    count = min(share.chunks, sequences)
+    cuts = [sequences * c // count for c in range(count + 1)]
+    return [slice(a, b) for a, b in zip(cuts, cuts[1:], strict=False)]
+
+
+Work = Callable[[int, mx.array], mx.array]  # chunk c's input to this rank's layers → their output
+
+
+def ring(share: Share, firsts: list[mx.array], work: Work,
+         back: Callable[[int, mx.array], None]) -> None:  # fmt: skip
+    """A pipelined pass up every rank's layers and back to rank 0: chunk c's first-layer input
+    ``firsts[c]`` (on ranks after the first, its shape), through each rank's ``work``; rank 0
+    takes each chunk's output with ``back`` as it returns, in order.
+
+    Sends block until received, so rank 0 never has more chunks out than the n - 1 other ranks can
+    hold: with that many out, it takes the oldest back before it sends the next."""
+    n = share.size
+    if not share.first:
+        for c, like in enumerate(firsts):
+            _send([work(c, _receive([like], share.rank - 1)[0])], (share.rank + 1) % n)
+        return
+    out: deque[int] = deque()
+
+    def take() -> None:
+        c = out.popleft()
+        back(c, _receive([firsts[c]], n - 1)[0])
+
+    for c, h in enumerate(firsts):
+        done = work(c, h)
+        if n == 1:
+            back(c, done)
+            continue
+        if len(out) == n - 1:
+            take()
+        _send([done], 1)
+        out.append(c)
+    while out:
+        take()
+
+
+def up(share: Share, firsts: list[mx.array], work: Work) -> list[mx.array]:
+    """A pipelined pass up to the last rank, which runs none of its layers: each rank before it runs
+    ``work`` on each chunk as it comes and passes the output on. Returns the chunks' inputs to this
+    rank's first layer (rank 0: ``firsts``; later ranks receive them, ``firsts`` giving the shapes)."""
+    arrived = []
+    for c, like in enumerate(firsts):
+        h = like if share.first else _receive([like], share.rank - 1)[0]
+        arrived.append(h)
+        if not share.last:
+            _send([work(c, h)], share.rank + 1)
+    return arrived

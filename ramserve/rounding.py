@@ -33,7 +33,7 @@ from .device import runtime_dtype
 from .fisher import Probe, StreamedModel, probe_modules, sampled_sequences, start_token
 from .process import blas_threads_as_at_start
 from .progress import Bar
-from .relay import Share, arrive, come_back, pass_on
+from .relay import Share, chunk_rows, come_back, pass_on, up
 from .settings import RoundingSettings
 from .source import layer_index
 
@@ -176,23 +176,6 @@ def layer_inputs(
         yield from _layer_inputs(source, r, wanted, desc, progress, share)
 
 
-def _passed_on(run: StreamedModel, h: mx.array, args: tuple[Any, ...], kwargs: dict[str, Any]
-               ) -> list[mx.array]:  # fmt: skip
-    """Split over ranks, on every rank but the last: this rank's layers run once first, to pass the
-    hidden state on at once, so that the ranks after it work on their layers while this one works
-    on its own. Each layer's input is kept for that work."""
-    kept = []
-    for i in run.share.layers:
-        kept.append(h)
-        layer = run.layers[i]
-        layer.update(run.layer_params(i))
-        h = layer(h, *args, **kwargs)
-        mx.eval(h)
-        run.release_layer(i)
-    pass_on(run.share, [h])
-    return kept
-
-
 def _layer_inputs(
     source: Any,
     r: RoundingSettings,
@@ -205,14 +188,20 @@ def _layer_inputs(
     run = StreamedModel(source, dtype, share)
     share = run.share
     vocab = int(source.config["vocab_size"])
-    bar = Bar(r.sweeps + 1, f"{desc}: sampling", unit="pass", show=progress)
-    run.layer_done = lambda: bar.update(1 / len(share.layers))
+    # the sweeps, and on ranks before the last the pass that passes the inputs on
+    bar = Bar(r.sweeps + (not share.last), f"{desc}: sampling", unit="pass", show=progress)
+    run.layer_done = lambda part: bar.update(part / len(share.layers))
     x = sampled_sequences(run, r.sequences, r.tokens, r.sweeps, r.seed,
                           start_token(source.config, vocab), vocab)  # fmt: skip
     h, args, kwargs = run.first_layer_call(x)
-    h = arrive(share, [h])[0]
-    # The last rank passes on only the model's output, to rank 0's head: after its own work.
-    kept = _passed_on(run, h, args, kwargs) if share.size > 1 and not share.last else []
+    rows = chunk_rows(share, x.shape[0])
+    # The ranks before the last run their layers once first, pipelined, to pass each chunk on at
+    # once, keeping each layer's input for their own work: the ranks after them start meanwhile.
+    # The last rank runs its layers once, in this work, and passes on the model's output after it.
+    seen: dict[int, list[mx.array]] = {}
+    arrived = up(share, [h[r] for r in rows], run.through(args, kwargs, seen, len(rows)))
+    kept = [mx.concatenate(seen.pop(i)) for i in share.layers] if seen else []
+    h = kept[0] if kept else mx.concatenate(arrived)
     bar.close()
     bar = Bar(len(share.layers), desc, unit="layer", show=progress)
     for i in share.layers:

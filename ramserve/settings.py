@@ -130,6 +130,7 @@ class HostsSettings(BaseModel):
     connect_timeout_s: float = Field(gt=0)
     heartbeat_s: float = Field(gt=0)
     lost_after_s: float = Field(gt=0)
+    relay_chunks_per_rank: int = Field(ge=1)
 
 
 class CacheSettings(BaseModel):
