@@ -432,22 +432,38 @@ def _no_split(ranks: Ranks) -> str:
             + "; ".join(lines) + "; add memory (memory_gb), a host, or a shorter --context")  # fmt: skip
 
 
+def analysis_work(source: Source) -> tuple[float, list[float]]:
+    """The analysis's work outside the layers (rank 0's: the embedding, the head, the norms) and in
+    each layer, counted in parameters: each parameter's candidates are measured once, and a
+    parameter counts once more for every forward pass of the compensation that multiplies by it: a
+    layer's in every sampling sweep and in the pass that gives its inputs, the head's (a tied one is
+    the embedding) in every sweep, for the logits; an embedding's in none, its rows being looked
+    up. (The self-Fisher's passes run on far fewer tokens.)"""
+    r = source.settings.rounding
+    sweeps, inputs = (r.sweeps, 1) if r.method == "compensated" else (0, 0)
+    head = f"{source.untied_head or next(m.path for m in source.modules if m.kind == 'embedding')}."
+    layers = [0.0] * int(source.config["num_hidden_layers"])
+    outer = 0.0
+    for key, shape in source.tensor_shapes.items():
+        i, count = layer_index(key), math.prod(shape)
+        if i is None:
+            outer += count * (1 + (sweeps if key.startswith(head) else 0))
+        else:
+            layers[i] += count * (1 + sweeps + inputs)
+    return outer, layers
+
+
 def analysis_bounds(source: Source, memories: list[int]) -> list[int]:
     """The cut points each rank analyses by, before there is a profile to split by: each rank's
-    layers (and rank 0's embedding and head) in proportion to its memory, by their 16-bit bytes,
-    every rank at least one layer. The split the plan then chooses weighs the same memory, so it is
-    near this one, and each rank reads mostly the weights it will serve."""
+    layers (and rank 0's embedding and head) such that its share of the analysis's work
+    (``analysis_work``) follows its share of the memory, every rank at least one layer. Equal
+    machines get equal work, so that the analysis's time divides; and as the split the plan then
+    chooses also weighs memory, it is near this one, so each rank mostly reads the weights it will
+    serve."""
     n = len(memories)
     layers = layers_for(source, n)
-    sizes = [0] * layers
-    outer = 0
-    for key, shape in source.tensor_shapes.items():
-        i = layer_index(key)
-        if i is None:
-            outer += math.prod(shape)
-        else:
-            sizes[i] += math.prod(shape)
-    reached = np.cumsum([outer + sizes[0], *sizes[1:]])  # after each layer, rank 0's outer first
+    outer, work = analysis_work(source)
+    reached = np.cumsum([outer + work[0], *work[1:]])  # after each layer, rank 0's outer first
     whole, total = float(reached[-1]), float(sum(memories))
     bounds = [0]
     for r in range(1, n):

@@ -378,23 +378,35 @@ def analyse_share(
     progress: bool,
 ) -> SharePart:
     """The analysis of the modules of ``share``: the self-Fisher and the compensation ratios (their
-    streamed passes relayed over the ranks, ramserve/relay.py), then each module's candidates."""
+    streamed passes relayed over the ranks, ramserve/relay.py), and each module's candidates, which
+    run inside compensation's pass where the rank would wait on the ranks before it."""
     settings = source.settings
     modules = [m for m in source.modules if owns(share, m)]
     start = time.perf_counter()
     # not checkpointed: on a resumed run the seeded pass gives the same statistics again
     fisher = self_fisher(source, settings.sensitivity.fisher, progress, share, fits)
     fisher_s = time.perf_counter() - start if fisher else None
+    stats = fisher.stats if fisher else None
+    records: list[ModuleRecord] | None = None
+    candidates_s = 0.0
+
+    def candidates() -> None:  # needs the Fisher only: run where the rank would wait on others
+        nonlocal records, candidates_s
+        began = time.perf_counter()
+        records = _run_analysis(source, settings, modules, done, stats, partial, key, progress)
+        candidates_s = time.perf_counter() - began
+
     # where the Fisher's streamed pass fits, so does this one (one layer, its inputs)
     ratios_start = time.perf_counter()
     ratios = compensation_ratios(
         source, settings.rounding.model_dump(),
         {m.path: candidates_for(m, settings) for m in modules},
-        settings.quantizer.model_dump(), progress, share,
+        settings.quantizer.model_dump(), progress, share, candidates,
     ) if fisher else {}  # fmt: skip
-    rounding_s = time.perf_counter() - ratios_start if ratios else None
-    stats = fisher.stats if fisher else None
-    records = _run_analysis(source, settings, modules, done, stats, partial, key, progress)
+    rounding_s = time.perf_counter() - ratios_start - candidates_s if ratios else None
+    if records is None:
+        candidates()
+    assert records is not None
     return SharePart(records, ratios, fisher.kv_damage if fisher else {}, fisher_s, rounding_s,
                      time.perf_counter() - start)  # fmt: skip
 

@@ -60,12 +60,37 @@ def alone(layers: int) -> Share:
     return Share(0, 1, 0, layers)
 
 
+_in_flight: list[mx.array] = []  # sends ``up`` queued that may not have been received yet
+
+
+def settle() -> None:
+    """Wait until every queued send has been received: before any other relay call, so that the
+    messages between two ranks keep their order."""
+    mx.eval(_in_flight)
+    _in_flight.clear()
+
+
 def _send(states: list[mx.array], dest: int) -> None:
+    settle()
     for a in states:
         mx.eval(mx.distributed.send(a, dest))
 
 
+def _queue(states: list[mx.array], dest: int) -> None:
+    """Send without waiting for the receiver (on a stream of its own, so this rank's work goes on):
+    a send waits for its receiver once the link's buffers are full."""
+    global _sending
+    _sending = _sending or mx.new_stream(mx.cpu)
+    for a in states:
+        _in_flight.append(mx.distributed.send(a, dest, stream=_sending))
+        mx.async_eval(_in_flight[-1])  # type: ignore[no-untyped-call]
+
+
+_sending: mx.Stream | None = None
+
+
 def _receive(like: list[mx.array], source: int) -> list[mx.array]:
+    settle()
     out = []
     for a in like:  # one at a time: evaluated together, MLX may run the receives in any order
         out.append(mx.distributed.recv_like(a, source))
@@ -159,14 +184,29 @@ def ring(share: Share, firsts: list[mx.array], work: Work,
         take()
 
 
-def up(share: Share, firsts: list[mx.array], work: Work) -> list[mx.array]:
+def up(share: Share, firsts: list[mx.array], work: Work,
+       meanwhile: Callable[[], None] | None = None) -> list[mx.array]:  # fmt: skip
     """A pipelined pass up to the last rank, which runs none of its layers: each rank before it runs
-    ``work`` on each chunk as it comes and passes the output on. Returns the chunks' inputs to this
-    rank's first layer (rank 0: ``firsts``; later ranks receive them, ``firsts`` giving the shapes)."""
+    ``work`` on each chunk as it comes and passes the output on without waiting for it to be
+    received. Returns the chunks' inputs to this rank's first layer (rank 0: ``firsts``; later
+    ranks receive them, ``firsts`` giving the shapes). ``meanwhile`` runs where this rank would
+    otherwise wait: on the last rank before the chunks come, on the others once all are sent."""
+    if share.last and meanwhile is not None:
+        meanwhile()
     arrived = []
     for c, like in enumerate(firsts):
-        h = like if share.first else _receive([like], share.rank - 1)[0]
+        h = like if share.first else _receive_one(like, share.rank - 1)
         arrived.append(h)
         if not share.last:
-            _send([work(c, h)], share.rank + 1)
+            _queue([work(c, h)], share.rank + 1)
+    if not share.last and meanwhile is not None:
+        meanwhile()
     return arrived
+
+
+def _receive_one(like: mx.array, source: int) -> mx.array:
+    """A receive that leaves the sends queued before it in flight (``up``'s chunks go on to the next
+    rank while this one receives the next chunk)."""
+    out = mx.distributed.recv_like(like, source)
+    mx.eval(out)
+    return out

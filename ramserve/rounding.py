@@ -33,7 +33,7 @@ from .device import runtime_dtype
 from .fisher import Probe, StreamedModel, probe_modules, sampled_sequences, start_token
 from .process import blas_threads_as_at_start
 from .progress import Bar
-from .relay import Share, chunk_rows, come_back, pass_on, up
+from .relay import Share, chunk_rows, come_back, pass_on, settle, up
 from .settings import RoundingSettings
 from .source import layer_index
 
@@ -166,14 +166,16 @@ def layer_inputs(
     desc: str,
     progress: bool,
     share: Share | None = None,
+    meanwhile: Callable[[], None] | None = None,
 ) -> Iterator[tuple[int, dict[str, int], SharedInputs]]:
     """The streamed pass: per decoder layer in order (of this rank's ``share``), the wanted linear
     modules' inputs on the self-sampled sequences (``SharedInputs``, keyed per module). The layers'
     inputs come from the float model: rounding them in order (later layers seeing the rounded earlier
     ones, as GPTQ does) scored no better (configs/defaults.toml [rounding]) and costs a second pass
-    per layer."""
+    per layer. ``meanwhile`` runs once the sequences are sampled, where this rank would otherwise
+    wait for the ranks before it (``relay.up``)."""
     with blas_threads_as_at_start():  # the same bytes for a plan in any process
-        yield from _layer_inputs(source, r, wanted, desc, progress, share)
+        yield from _layer_inputs(source, r, wanted, desc, progress, share, meanwhile)
 
 
 def _layer_inputs(
@@ -183,6 +185,7 @@ def _layer_inputs(
     desc: str,
     progress: bool,
     share: Share | None,
+    meanwhile: Callable[[], None] | None,
 ) -> Iterator[tuple[int, dict[str, int], SharedInputs]]:
     dtype = getattr(mx, runtime_dtype(source.float_dtype))
     run = StreamedModel(source, dtype, share)
@@ -199,7 +202,7 @@ def _layer_inputs(
     # once, keeping each layer's input for their own work: the ranks after them start meanwhile.
     # The last rank runs its layers once, in this work, and passes on the model's output after it.
     seen: dict[int, list[mx.array]] = {}
-    arrived = up(share, [h[r] for r in rows], run.through(args, kwargs, seen, len(rows)))
+    arrived = up(share, [h[r] for r in rows], run.through(args, kwargs, seen, len(rows)), meanwhile)
     kept = [mx.concatenate(seen.pop(i)) for i in share.layers] if seen else []
     h = kept[0] if kept else mx.concatenate(arrived)
     bar.close()
@@ -225,6 +228,7 @@ def _layer_inputs(
         yield i, keys, shared
         bar.update(1)
     bar.close()
+    settle()  # the inputs this rank passed on have long been received
     if share.last:
         pass_on(share, [h])
     h = come_back(share, [h])[0]
@@ -307,19 +311,20 @@ def compensation_ratios(
     quantizer: dict[str, Any],
     progress: bool = False,
     share: Share | None = None,
+    meanwhile: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Per module: the output error under the sampled inputs' H of compensated rounding, as a share
     of rounding to nearest's, measured on a row sample at the candidate nearest 4-bit g64. The share
     is a property of the module's inputs far more than of the candidate (code-qwen3-30m: 0.23-0.66
     across modules, within ±6% across 2-8 bits in each), so the profile scales every candidate's
-    predicted damage by it (``Option.rounding_ratio``)."""
+    predicted damage by it (``Option.rounding_ratio``). ``meanwhile``: see ``layer_inputs``."""
     r = RoundingSettings(**rounding)
     stored = getattr(mx, source.float_dtype)
     weights = source.weights()
     out: dict[str, float] = {}
     opts = _options(quantizer, r)
     for _, keys, shared in layer_inputs(source, r, lambda p: bool(candidates.get(p)),
-                                        "compensation", progress, share):  # fmt: skip
+                                        "compensation", progress, share, meanwhile):  # fmt: skip
         for path, key in keys.items():
             w = weights.pop(f"{path}.weight").astype(stored)
             bits, g = min(candidates[path], key=lambda c: (abs(c[0] - 4), abs(c[1] - 64)))

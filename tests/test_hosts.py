@@ -21,6 +21,7 @@ from ramserve.hosts import (
     HostfileError,
     Ranks,
     analysis_bounds,
+    analysis_work,
     plan_choice,
     read_hostfile,
     split,
@@ -178,8 +179,8 @@ def test_a_variant_too_big_for_the_hosts_names_the_fullest(profile_cache) -> Non
 
 @pytest.mark.parametrize("memories", [(1, 1), (1, 3), (3, 1), (1, 1, 1), (1, 1000, 1), (5, 2, 9)])
 def test_each_rank_analyses_layers_in_proportion_to_its_memory(memories: tuple[int, ...]) -> None:
-    """Before there is a profile, each rank's share of the analysis follows its memory: no
-    other cut (each rank keeping a layer) is nearer its share of the 16-bit bytes."""
+    """Before there is a profile, each rank's share of the analysis's work follows its memory: no
+    other cut (each rank keeping a layer) is nearer its share."""
     source = open_source(str(shared_model(DENSE)), load_settings())
     layers, n = int(source.config["num_hidden_layers"]), len(memories)
     bounds = analysis_bounds(source, list(memories))
@@ -187,16 +188,8 @@ def test_each_rank_analyses_layers_in_proportion_to_its_memory(memories: tuple[i
     assert all(
         a < b for a, b in zip(bounds, bounds[1:], strict=False)
     )  # every rank at least one layer
-    sizes = [0] * layers
-    before = 0  # rank 0's embedding and head (and norms)
-    for key, shape in source.tensor_shapes.items():
-        parts = key.split(".")
-        i = int(parts[parts.index("layers") + 1]) if "layers" in parts else None
-        if i is None:
-            before += math.prod(shape)
-        else:
-            sizes[i] += math.prod(shape)
-    up_to = [before + sum(sizes[:c]) for c in range(layers + 1)]  # bytes of layers [0, c)
+    outer, work = analysis_work(source)
+    up_to = [outer + sum(work[:c]) for c in range(layers + 1)]  # rank 0's work with layers [0, c)
     for r in range(1, n):
         target = up_to[-1] * sum(memories[:r]) / sum(memories)
         allowed = range(bounds[r - 1] + 1, layers - (n - r) + 1)
@@ -204,6 +197,36 @@ def test_each_rank_analyses_layers_in_proportion_to_its_memory(memories: tuple[i
         assert abs(up_to[bounds[r]] - target) == pytest.approx(best), (r, bounds)
     if n == 2:
         assert (bounds[1] < layers / 2) == (memories[0] <= memories[1])
+
+
+def test_the_analysis_work_counts_each_parameter_once_per_pass_through_it() -> None:
+    """A layer's parameters count in every sampling sweep, in the inputs pass and for their
+    candidates; the untied head's in the sweeps and for its candidates; the embedding's for its
+    candidates only (a lookup); so equal machines analyse more layers on rank 0 than their bytes
+    alone would give it."""
+    source = open_source(str(shared_model(DENSE)), load_settings())
+    sweeps = source.settings.rounding.sweeps
+    per_layer: dict[int, int] = {}
+    embedding = head = norms = 0
+    for key, shape in source.tensor_shapes.items():
+        parts, count = key.split("."), math.prod(shape)
+        if "layers" in parts:
+            i = int(parts[parts.index("layers") + 1])
+            per_layer[i] = per_layer.get(i, 0) + count
+        elif "embed_tokens" in parts:
+            embedding += count
+        elif "lm_head" in parts:
+            head += count
+        else:
+            norms += count
+    assert head > 0 and source.untied_head  # the shared dense model's head is its own
+    outer, work = analysis_work(source)
+    assert outer == embedding + head * (1 + sweeps) + norms
+    assert work == [per_layer[i] * (2 + sweeps) for i in range(len(work))]
+    bytes_cut = analysis_bounds(source, [1, 1])[1]
+    reached = [embedding + head + norms + sum(per_layer[i] for i in range(c))
+               for c in range(len(work) + 1)]  # fmt: skip
+    assert bytes_cut > min(range(1, len(work)), key=lambda c: abs(reached[c] - reached[-1] / 2))
 
 
 def test_a_tied_head_is_held_by_the_first_host_only(tmp_path: Path) -> None:
