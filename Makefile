@@ -39,7 +39,7 @@ lint: setup
 bench: setup
 	$(FAST) $(PY) bench/analyze.py && $(PY) bench/allocate.py && $(PY) bench/quantize.py
 	$(FAST) $(PY) bench/budget.py && $(FAST) $(PY) bench/serve.py && $(FAST) $(PY) bench/load.py
-	$(FAST) $(PY) bench/quality.py
+	$(FAST) $(PY) bench/quality.py && $(FAST) $(PY) bench/split_analysis.py
 
 quality: setup
 	$(FAST) $(PY) bench/quality.py

@@ -6,11 +6,8 @@ reconstruction error within 2% of the full computation. Both models are analysed
 with the streamed self-Fisher pass (ramserve/fisher.py; its seconds shown apart), the path every
 model takes, however large.
 
-Several machines (issue 25), ``--hosts``: the shared dense model analysed and quantized by one process,
-then by 2 ranks of ``ramserve run --hosts`` on this machine (stated memory: an uneven split), each rank
-its own layers. The CPU seconds each process spent until the model was ready show how the work divides;
-the wall clock here cannot, the ranks sharing this machine's cores.
-Usage: python bench/analyze.py [--skip-synthetic | --hosts]
+The analysis split over several machines (issue 25) is bench/split_analysis.py.
+Usage: python bench/analyze.py [--skip-synthetic]
 """
 
 from __future__ import annotations
@@ -94,100 +91,7 @@ def sampling_error(folder: Path, limit: int = 12) -> float:
     return worst
 
 
-HOSTS_MIB = (24, 46)  # weights each rank's stated memory leaves room for
-ONE_PROCESS = """
-import sys, time
-from pathlib import Path
-from ramserve.budget import Ask
-from ramserve.hosts import read_hostfile, split
-from ramserve.profile import analyze
-from ramserve.quantize import quantize
-from ramserve.settings import load_settings
-from ramserve.source import open_source
-source = open_source(sys.argv[1], load_settings())
-start = time.perf_counter()
-profile = analyze(source, progress=False)
-analysed = time.perf_counter()
-done = split(source, profile, read_hostfile(Path(sys.argv[2])), Ask(context=1024, parallel=2))
-quantize(source, done.plan, progress=False)
-print(analysed - start, time.perf_counter() - start)
-"""
-
-
-def hosts_rows() -> list[dict[str, Any]]:
-    """Analysis and quantization by one process on one core, then by 2 ranks on a core each (as two
-    one-core machines would run them): each rank's analysis seconds, and the wall clock until the
-    model is ready (the ranks' includes starting the server)."""
-    import subprocess
-    import threading
-    import time
-
-    import psutil
-
-    from ramserve.budget import Ask
-    from tests.serving import free_ports, host_memory_gb, ramserve_run, run_env
-
-    homes = [Path(tempfile.mkdtemp(prefix="ramserve-bench-hosts-")) for _ in range(2)]
-    for home in homes:
-        (home / "config.toml").write_text(f"[hosts]\ncontrol_port = {free_ports(4)}\n")
-    hostfile = homes[0] / "hosts.json"
-    hostfile.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"], "memory_gb":
-                                     host_memory_gb(DENSE, m, Ask(context=1024, parallel=2))}
-                                    for m in HOSTS_MIB]))  # fmt: skip
-    cores = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {0})  # what this starts runs on core 0
-    try:
-        out = subprocess.run([sys.executable, "-c", ONE_PROCESS, str(DENSE), str(hostfile)],
-                             env=run_env(homes[0]), check=True, capture_output=True, text=True)  # fmt: skip
-        analysis, ready = (float(x) for x in out.stdout.split()[-2:])
-        rows = [{"run": "one process, 1 core", "rank": 0, "layers analysed": "all",
-                 "analysis_s": round(analysis, 1), "ready_s": round(ready, 1)}]  # fmt: skip
-        stop = threading.Event()
-
-        def move_rank_1() -> None:  # rank 0 starts rank 1 on its own core; it gets core 1
-            while not stop.is_set():
-                for p in psutil.process_iter():
-                    try:
-                        if str(hostfile) in p.cmdline() and p.environ().get("MLX_RANK") == "1":
-                            p.cpu_affinity([1])
-                            return
-                    except (psutil.Error, OSError):
-                        continue
-                time.sleep(0.05)
-
-        mover = threading.Thread(target=move_rank_1, daemon=True)
-        mover.start()
-        start = time.perf_counter()
-        args = ["--hosts", str(hostfile), "--context", "1024", "--parallel", "2"]
-        with ramserve_run(str(DENSE), *args, env=run_env(homes[1])) as (_, lines):
-            ready = time.perf_counter() - start
-            stop.set()
-        head = next(i for i, ln in enumerate(lines) if "layers analysed" in ln)
-        print("\n".join(lines[head : head + 2 + len(HOSTS_MIB)]))  # where each rank's time went
-        for r, ln in enumerate(lines[head + 2 : head + 2 + len(HOSTS_MIB)]):
-            cells = ln.split()
-            rows.append({"run": "2 ranks, 1 core each", "rank": r, "layers analysed": cells[2],
-                         "analysis_s": float(cells[-1]), "ready_s": round(ready, 1)})  # fmt: skip
-    finally:
-        os.sched_setaffinity(0, cores)
-    return rows
-
-
-def print_hosts_rows(rows: list[dict[str, Any]]) -> None:
-    alone = rows[0]
-    print(table(["run", "rank", "layers analysed", "analysis s", "x one process", "until ready s",
-                 "x one process"],
-                [(r["run"], r["rank"], r["layers analysed"], r["analysis_s"],
-                  f"{r['analysis_s'] / alone['analysis_s']:.2f}", r["ready_s"],
-                  f"{r['ready_s'] / alone['ready_s']:.2f}") for r in rows]))  # fmt: skip
-
-
 def main() -> None:
-    if "--hosts" in sys.argv:
-        rows = hosts_rows()
-        print_hosts_rows(rows)
-        print(json.dumps({"bench": "analyze", "hosts": rows}))
-        return
     rows = []
     folders = [DENSE] if DENSE.exists() else []
     if "--skip-synthetic" not in sys.argv:

@@ -1,15 +1,16 @@
 """The analysis split over ranks (issue 25): does its time divide?
 
-The shared dense model is analysed by one process, then by 2 ranks on MLX's ring over loopback, each
-rank its own layers (``profile.analyse_share``, as ``run --hosts`` runs it), for two cuts of the
-layers: the one ``run --hosts`` makes for two equal machines, and an uneven one.
+The shared dense model is analysed by one process, then by ranks on MLX's ring over loopback, each
+rank its own layers (``profile.analyse_share``, as ``run --hosts`` runs it), cut as ``run --hosts``
+cuts them for two equal machines, two uneven ones, and three equal ones.
 
 This machine cannot show it by the wall clock. Its two cores share one core's vector units (a
 matmul takes 2.0 x as long while the other core runs one), and a rank waiting in MLX's ring receive
 spins (it slows a matmul on the other core just as much). So every process runs on one core, and
 each records, in order, the CPU seconds it computed between its sends and receives (every call of
 ramserve/relay.py), and those calls. CPU seconds are what a stretch costs whoever else shares the
-core. From that record:
+core (the sending stream's thread, which spins while a queued send waits, is left out: on a
+machine of its own it spins on a spare core). From that record:
 
 - *computing s*: a rank's CPU seconds outside the relay calls;
 - *separate machines s*: every rank's record replayed in order as if each had a machine of its own:
@@ -46,9 +47,10 @@ Interval = tuple[float, float]
 def _phases() -> list[tuple[Any, str]]:
     from ramserve import profile, rounding
 
-    # the self-Fisher, compensation's sampling, its inputs pass up the ranks, then the rest
+    # the self-Fisher, compensation's sampling, its inputs passed up the ranks, the candidates (on
+    # the last rank before the inputs come), the rest of the compensation
     return [(profile, "self_fisher"), (rounding, "sampled_sequences"), (rounding, "up"),
-            (profile, "compensation_ratios"), (profile, "_run_analysis")]  # fmt: skip
+            (profile, "_run_analysis"), (profile, "compensation_ratios")]  # fmt: skip
 
 
 def rank_main(rank: int, bounds: list[int], chunks: int, out: Path) -> None:
@@ -201,9 +203,10 @@ def cuts() -> list[tuple[str, list[int]]]:
     from ramserve.source import open_source
 
     source = open_source(str(DENSE), load_settings())
-    return [("equal memory", analysis_bounds(source, [1, 1])),
-            (f"memory {UNEVEN_MEMORY[0]:g}:{UNEVEN_MEMORY[1]:g}",
-             analysis_bounds(source, list(UNEVEN_MEMORY)))]  # fmt: skip
+    return [("2 ranks, equal memory", analysis_bounds(source, [1, 1])),
+            (f"2 ranks, memory {UNEVEN_MEMORY[0]:g}:{UNEVEN_MEMORY[1]:g}",
+             analysis_bounds(source, list(UNEVEN_MEMORY))),
+            ("3 ranks, equal memory", analysis_bounds(source, [1, 1, 1]))]  # fmt: skip
 
 
 def main() -> None:
@@ -233,7 +236,7 @@ def main() -> None:
         for r, t in enumerate(traces):
             wall = t["end"] - origin
             waited = sum(e[4] - e[3] for e in t["events"])
-            rows.append({"run": f"2 ranks, {name}", "rank": r,
+            rows.append({"run": name, "rank": r,
                          "layers": f"{bounds[r]}-{bounds[r + 1] - 1}", "wall_s": round(wall, 1),
                          "waiting_s": round(waited, 1),
                          "computing_s": round(sum(s[1] for s in solo[r] if s[0] == "compute"), 1),

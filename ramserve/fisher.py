@@ -9,7 +9,7 @@ The pass is *streamed*: mlx-lm's own model runs with one decoder layer's weights
 them go), so the peak is about one layer, its gradients and the activations, however large the model:
 
 1. inputs: ``jacobi`` parallel sampling sweeps (each one streamed forward pass over every sequence at
-   once). With the Gumbel noise of every position fixed, sweep k makes the first k tokens exactly the
+   once; split over ranks, in chunks of sequences pipelined through them). With the Gumbel noise of every position fixed, sweep k makes the first k tokens exactly the
    model's own temperature-1 sample and the rest a sample given a nearly converged prefix, instead of
    one pass per token as autoregressive sampling needs;
 2. labels: one more sweep samples each next token from the model given the final inputs, so the
@@ -331,7 +331,9 @@ class StreamedModel:
     def through(self, args: tuple[Any, ...], kwargs: dict[str, Any],
                 seen: dict[int, list[mx.array]] | None = None, chunks: int = 1) -> Work:  # fmt: skip
         """A chunk through this rank's layers (each loaded for it, then let go), keeping each
-        layer's input in ``seen``; one of ``chunks`` for the progress."""
+        layer's input in ``seen``; one of ``chunks`` for the progress. Every layer gets the first
+        layer's extra arguments (``first_layer_call``), as the model's loop gives them on sequences
+        shorter than any sliding window."""
 
         def work(_: int, h: mx.array) -> mx.array:
             for i in self.share.layers:
@@ -496,8 +498,8 @@ def next_tokens(
 ) -> tuple[mx.array | None, Hidden]:
     """``pick(i, logits)`` for each sequence i of ``x``, as its chunk comes back from one streamed
     forward pass (one sequence's logits at a time: all of them at once would be the largest array
-    of the pass), and that pass's hidden states. On ranks after the first, which hold no head, no tokens: their passes
-    never read tokens, only the shape of ``x`` (ramserve/relay.py)."""
+    of the pass), and that pass's hidden states. On ranks after the first, which hold no head, no
+    tokens: their passes never read tokens, only the shape of ``x`` (ramserve/relay.py)."""
     picked: list[mx.array] = []
 
     def finish(rows: slice, last: mx.array) -> None:

@@ -61,6 +61,7 @@ def alone(layers: int) -> Share:
 
 
 _in_flight: list[mx.array] = []  # sends ``up`` queued that may not have been received yet
+_sending: mx.Stream | None = None  # the stream they go on
 
 
 def settle() -> None:
@@ -84,9 +85,6 @@ def _queue(states: list[mx.array], dest: int) -> None:
     for a in states:
         _in_flight.append(mx.distributed.send(a, dest, stream=_sending))
         mx.async_eval(_in_flight[-1])  # type: ignore[no-untyped-call]
-
-
-_sending: mx.Stream | None = None
 
 
 def _receive(like: list[mx.array], source: int) -> list[mx.array]:
