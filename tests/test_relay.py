@@ -1,0 +1,125 @@
+"""The pipelined passes of ramserve/relay.py on 2 and 3 ranks over loopback (MLX's ring, started by
+``mlx.launch``): each chunk comes through every rank's work in order, the ranks work side by side,
+and ``up`` neither waits for its receivers nor deadlocks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .serving import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SEQUENCES, WIDTH = 7, 1 << 20  # a chunk of one sequence is 4 MB: more than a socket's buffer
+WORK_S, MEANWHILE_S = 0.3, 2.5
+
+SCRIPT = f"""
+import json, sys, time
+import mlx.core as mx
+from ramserve import relay
+
+group = mx.distributed.init(strict=True, backend="ring")
+rank, n, chunks, pass_kind = group.rank(), group.size(), int(sys.argv[1]), sys.argv[2]
+share = relay.share_of(list(range(n + 1)), rank, chunks)  # a layer each
+rows = relay.chunk_rows(share, {SEQUENCES})
+x = mx.broadcast_to(mx.arange({SEQUENCES}, dtype=mx.float32)[:, None], ({SEQUENCES}, {WIDTH}))
+firsts = [x[r] if share.first else mx.zeros_like(x[r]) for r in rows]
+log = []
+
+def work(c, h):
+    began = time.monotonic()
+    time.sleep({WORK_S})
+    out = h * 2 + rank  # each rank's own step, so the order of the steps shows
+    mx.eval(out)
+    log.append(["work", c, began, time.monotonic()])
+    return out
+
+def meanwhile():
+    began = time.monotonic()
+    time.sleep({MEANWHILE_S})
+    log.append(["meanwhile", -1, began, time.monotonic()])
+
+out = []
+if pass_kind == "ring":
+    relay.ring(share, firsts, work, lambda c, h: out.append([c, h[:, 0].tolist()]))
+else:
+    arrived = relay.up(share, firsts, work, meanwhile)
+    log.append(["arrived", -1, time.monotonic(), time.monotonic()])
+    out = [[c, h[:, 0].tolist()] for c, h in enumerate(arrived)]
+    relay.settle()
+print(json.dumps({{"rank": rank, "log": log, "out": out, "rows": [[r.start, r.stop] for r in rows]}}))
+"""
+
+
+def run_ranks(tmp_path: Path, ranks: int, chunks: int, kind: str) -> list[dict[str, Any]]:
+    script = tmp_path / "relay_pass.py"
+    script.write_text(SCRIPT)
+    cmd = [str(Path(sys.executable).parent / "mlx.launch"), "-n", str(ranks), "--backend", "ring",
+           "--starting-port", str(free_port()), "--python", sys.executable, str(script),
+           str(chunks), kind]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [json.loads(ln) for ln in done.stdout.splitlines() if ln.startswith("{")]
+    return sorted(lines, key=lambda ln: ln["rank"])
+
+
+def through(value: float, ranks: range) -> float:
+    for r in ranks:
+        value = value * 2 + r
+    return value
+
+
+def intervals(rank: dict[str, Any], kind: str) -> dict[int, tuple[float, float]]:
+    return {c: (a, b) for k, c, a, b in rank["log"] if k == kind}
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_a_ring_pass_brings_every_chunk_back_through_every_rank_side_by_side(
+    tmp_path: Path, ranks: int
+) -> None:
+    chunks = 2 * ranks
+    out = run_ranks(tmp_path, ranks, chunks, "ring")
+    rows = [range(*r) for r in out[0]["rows"]]
+    assert len(rows) == chunks and [s for r in rows for s in r] == list(range(SEQUENCES))
+    # rank 0 takes every chunk back, in order, through every rank's step in order
+    assert [c for c, _ in out[0]["out"]] == list(range(chunks))
+    for c, values in out[0]["out"]:
+        assert values == [through(s, range(ranks)) for s in rows[c]]
+    assert all(not r["out"] for r in out[1:])
+    # side by side: rank 1 works on a chunk while rank 0 works on the next one
+    first, second = intervals(out[0], "work"), intervals(out[1], "work")
+    assert len(first) == len(second) == chunks
+    assert any(second[c][0] < first[c + 1][1] and first[c + 1][0] < second[c][1]
+               for c in range(chunks - 1))  # fmt: skip
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_up_passes_every_chunk_to_the_last_rank_without_waiting_for_it(
+    tmp_path: Path, ranks: int
+) -> None:
+    chunks = 2 * ranks
+    out = run_ranks(tmp_path, ranks, chunks, "up")
+    rows = [range(*r) for r in out[0]["rows"]]
+    last = out[-1]
+    # what reaches the last rank went through every rank before it, in order; it runs no step
+    assert [c for c, _ in last["out"]] == list(range(chunks))
+    for c, values in last["out"]:
+        assert values == [through(s, range(ranks - 1)) for s in rows[c]]
+    assert not intervals(last, "work")
+    for r in out[:-1]:  # each rank's own input, as it came
+        assert [v for _, values in r["out"] for v in values] == \
+            [through(s, range(r["rank"])) for s in range(SEQUENCES)]  # fmt: skip
+    # the last rank's meanwhile runs before it receives. The rank before it does not wait for it to
+    # receive (4 MB a chunk or more: beyond the link's buffers, a second send would wait): it is
+    # on its third chunk before the last rank receives any. The ranks before the last run their
+    # meanwhile once they have sent every chunk.
+    waited = intervals(last, "meanwhile")[-1]
+    assert intervals(last, "arrived")[-1][0] >= waited[1]
+    assert intervals(out[-2], "work")[2][0] < waited[1]
+    for r in out[:-1]:
+        assert max(b for _, b in intervals(r, "work").values()) <= intervals(r, "meanwhile")[-1][0]
