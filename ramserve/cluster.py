@@ -46,7 +46,16 @@ from .engine import Engine
 from .errors import RamserveError
 from .fisher import fisher_fits
 from .fmt import table
-from .hosts import Host, Part, Split, analysis_bounds, read_hostfile, render_split, split_for
+from .hosts import (
+    Host,
+    Part,
+    Split,
+    analysis_bounds,
+    read_hostfile,
+    relay_chunks,
+    render_split,
+    split_for,
+)
 from .pipeline import stager
 from .plan import served_name
 from .profile import SharePart, analyse_share, analyze, settings_key
@@ -282,7 +291,7 @@ class RanksRegistry(VariantRegistry):
             self.crew.send_all({"cancel": 1})
             raise RamserveError("; ".join(failed))
         relay = any(a["ready"] for a in answers.values())
-        chunks = relay_chunks(len(self.hosts), self.settings)
+        chunks = relay_chunks(self.source, done.bounds, self._machines)
         self.crew.send_all({"write": {"relay": relay, "chunks": chunks}})
         try:
             folder = quantize_part(self.source, plan, replace(share, chunks=chunks), relay)
@@ -335,7 +344,7 @@ class Analysts:
 
         self.crew, self.hosts = crew, hosts
         self.bounds = analysis_bounds(source, [m.available for m in machines])
-        self.chunks = relay_chunks(len(machines), source.settings)
+        self.chunks = relay_chunks(source, self.bounds, machines)
         self.share = share_of(self.bounds, 0, self.chunks)
         # Every rank runs the Fisher's pass: it must fit the least memory measured (a stated
         # memory is a budget to fit the model to, not what the analysis has here).
@@ -358,11 +367,6 @@ class Analysts:
         parts = [SharePart.from_json(a["analysed"]) for _, a in sorted(self.crew.collect().items())]
         print(render_shares(self.bounds, [h.ssh for h in self.hosts], [own, *parts]), flush=True)
         return parts
-
-
-def relay_chunks(ranks: int, settings: Settings) -> int:
-    """How many chunks the relayed passes go in (rank 0 tells the others: they must agree)."""
-    return ranks * settings.hosts.relay_chunks_per_rank
 
 
 def render_shares(bounds: list[int], hosts: list[str], parts: list[SharePart]) -> str:

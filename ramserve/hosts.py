@@ -473,6 +473,21 @@ def analysis_bounds(source: Source, memories: list[int]) -> list[int]:
     return [*bounds, layers]
 
 
+def relay_chunks(source: Source, bounds: list[int], machines: list[Machine]) -> int:
+    """How many chunks of sequences the pipelined passes go in (ramserve/relay.py; rank 0 tells the
+    others, which must agree): ``[hosts] relay_chunks_per_rank`` per rank where each rank's layers
+    fit in its free memory, so that the page cache keeps their weights between chunks; else one
+    per rank, so that no rank reads more from its disk in a pass than one process reading the
+    whole model once."""
+    stored = [0] * (bounds[-1])
+    for key, shape in source.tensor_shapes.items():
+        if (i := layer_index(key)) is not None:
+            stored[i] += math.prod(shape) * FLOAT_BYTES.get(source.tensor_dtypes[key], 2)
+    n = len(bounds) - 1
+    held = all(sum(stored[bounds[r] : bounds[r + 1]]) <= machines[r].available for r in range(n))
+    return n * (source.settings.hosts.relay_chunks_per_rank if held else 1)
+
+
 def render_split(s: dict[str, Any]) -> str:
     rows = [(p["rank"], p["host"], f"{p['layers'][0]}-{p['layers'][1] - 1}", ", ".join(p["holds"]) or "-",
              human_bytes(p["weight_budget"]), human_bytes(p["memory_bytes"]),

@@ -24,6 +24,7 @@ from ramserve.hosts import (
     analysis_work,
     plan_choice,
     read_hostfile,
+    relay_chunks,
     split,
     split_for,
 )
@@ -227,6 +228,26 @@ def test_the_analysis_work_counts_each_parameter_once_per_pass_through_it() -> N
     reached = [embedding + head + norms + sum(per_layer[i] for i in range(c))
                for c in range(len(work) + 1)]  # fmt: skip
     assert bytes_cut > min(range(1, len(work)), key=lambda c: abs(reached[c] - reached[-1] / 2))
+
+
+def test_the_passes_go_in_fewer_chunks_where_a_rank_cannot_keep_its_layers_cached() -> None:
+    """Each chunk reads a rank's layers again: from the page cache where they fit in its free
+    memory (then [hosts] relay_chunks_per_rank chunks per rank), else one chunk per rank."""
+    from ramserve.device import Machine
+
+    source = open_source(str(shared_model(DENSE)), load_settings())
+    per_rank = source.settings.hosts.relay_chunks_per_rank
+    assert per_rank > 1
+    layer = sum(math.prod(shape) * 2 for key, shape in source.tensor_shapes.items()
+                if ".layers.0." in key)  # fmt: skip
+    bounds = [0, 3, 7]  # rank 1: four layers of the same size
+
+    def machines(free: int) -> list[Machine]:
+        return [Machine("a", 2**34, 2**34, None, True), Machine("b", 2**34, free, None, True)]
+
+    assert relay_chunks(source, bounds, machines(4 * layer)) == 2 * per_rank
+    assert relay_chunks(source, bounds, machines(4 * layer - 1)) == 2
+    assert relay_chunks(source, [0, 2, 4, 7], [machines(2**34)[0]] * 3) == 3 * per_rank
 
 
 def test_a_tied_head_is_held_by_the_first_host_only(tmp_path: Path) -> None:
