@@ -278,22 +278,21 @@ def split_for(source: Source, profile: Profile, hosts: list[Host], ask: Ask, spe
     chooses each host's plan; any other budget's plan is the one-machine plan, spread."""
     if spec in ("auto", "max"):
         return split(source, profile, hosts, ask, machines)
-    shape = Ranks(source, profile, hosts, ask, machines).shape
-    plan = make_plan(profile, spec, source.settings, machine=machine_budget(source, shape))
-    return spread(source, profile, hosts, ask, plan, machines)
+    ranks = Ranks(source, profile, hosts, ask, machines)
+    plan = make_plan(profile, spec, source.settings, machine=machine_budget(source, ranks.shape))
+    return spread(ranks, plan)
 
 
-def spread(source: Source, profile: Profile, hosts: list[Host], ask: Ask, plan: Plan,
-           machines: list[Machine] | None = None) -> Split:  # fmt: skip
+def spread(ranks: Ranks, plan: Plan) -> Split:
     """A plan chosen for the whole model (a budget variant: ``name@6GB``), spread over the hosts.
 
     Its modules keep their choices, so only the cut points are searched: by dynamic programming, the
     contiguous ranges whose fullest host is least full (each host's weights over its budget). A
     BudgetError names the closest split where none fits."""
     start_time = time.perf_counter()
-    ranks = Ranks(source, profile, hosts, ask, machines)
+    profile = ranks.profile
     choice = plan_choice(profile, plan)
-    n, layers = len(hosts), ranks.layers
+    n, layers = len(ranks.hosts), ranks.layers
     tried = 0
 
     def fill(r: int, start: int, stop: int) -> float:
@@ -344,11 +343,9 @@ def _bounds(cut: list[list[int]], layers: int) -> list[int]:
 
 def plan_choice(profile: Profile, plan: Plan) -> np.ndarray:
     """Each module's candidate (its index in the profile's options) as the plan chose it."""
-    picked = []
-    for m in profile.modules:
-        c = plan.choices[m.path]
-        picked.append(next(j for j, o in enumerate(m.options)
-                           if (o.bits, o.group_size) == (c.bits, c.group_size)))  # fmt: skip
+    choices = plan.choices
+    picked = [m.option_index(choices[m.path].bits, choices[m.path].group_size)
+              for m in profile.modules]  # fmt: skip
     return np.array(picked, dtype=np.int64)
 
 

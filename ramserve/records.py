@@ -99,6 +99,12 @@ class ModuleRecord:
     def option(self, bits: int, group_size: int | None) -> Option | None:
         return next((o for o in self.options if (o.bits, o.group_size) == (bits, group_size)), None)
 
+    def option_index(self, bits: int, group_size: int | None) -> int:
+        """Where the candidate (bits, group_size) is in ``options`` (a plan's choice: it is there)."""
+        return next(
+            j for j, o in enumerate(self.options) if (o.bits, o.group_size) == (bits, group_size)
+        )
+
 
 def module_records(data: list[dict[str, Any]]) -> list[ModuleRecord]:
     """Module records from their JSON form (an analysis checkpoint's)."""

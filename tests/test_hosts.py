@@ -117,8 +117,7 @@ def assert_within_one_move(profile, part, choices, fb: int, room: int) -> None:
     for path in part.modules:
         m = by_path[path]
         chosen = choices[path]
-        now = next(j for j, o in enumerate(m.options)
-                   if o.bits == chosen.bits and o.group_size == chosen.group_size)  # fmt: skip
+        now = m.option_index(chosen.bits, chosen.group_size)
         alone = replace(profile, modules=[m], fixed_bytes=0)
         size = memory_bytes(alone, np.array([now]), fb)
         for j, o in enumerate(m.options):
