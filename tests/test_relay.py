@@ -56,7 +56,9 @@ print(json.dumps({{"rank": rank, "log": log, "out": out, "rows": [[r.start, r.st
 """
 
 
-def run_ranks(tmp_path: Path, ranks: int, chunks: int, kind: str) -> list[dict[str, Any]]:
+def run_ranks(tmp_path: Path, ranks: int, kind: str) -> tuple[list[dict[str, Any]], list[range]]:
+    """Each rank's record of one pass in two chunks per rank, and each chunk's sequences."""
+    chunks = 2 * ranks
     script = tmp_path / "relay_pass.py"
     script.write_text(SCRIPT)
     cmd = [str(Path(sys.executable).parent / "mlx.launch"), "-n", str(ranks), "--backend", "ring",
@@ -64,14 +66,24 @@ def run_ranks(tmp_path: Path, ranks: int, chunks: int, kind: str) -> list[dict[s
            str(chunks), kind]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
-    lines = [json.loads(ln) for ln in done.stdout.splitlines() if ln.startswith("{")]
-    return sorted(lines, key=lambda ln: ln["rank"])
+    lines = sorted((json.loads(ln) for ln in done.stdout.splitlines() if ln.startswith("{")),
+                   key=lambda ln: ln["rank"])  # fmt: skip
+    rows = [range(*r) for r in lines[0]["rows"]]
+    assert len(rows) == chunks and [s for r in rows for s in r] == list(range(SEQUENCES))
+    return lines, rows
 
 
 def through(value: float, ranks: range) -> float:
     for r in ranks:
         value = value * 2 + r
     return value
+
+
+def assert_came_through(got: list[Any], rows: list[range], ranks: range) -> None:
+    """Every chunk, in order, each of its sequences through the steps of ``ranks`` in order."""
+    assert [c for c, _ in got] == list(range(len(rows)))
+    for c, values in got:
+        assert values == [through(s, ranks) for s in rows[c]]
 
 
 def intervals(rank: dict[str, Any], kind: str) -> dict[int, tuple[float, float]]:
@@ -82,14 +94,9 @@ def intervals(rank: dict[str, Any], kind: str) -> dict[int, tuple[float, float]]
 def test_a_ring_pass_brings_every_chunk_back_through_every_rank_side_by_side(
     tmp_path: Path, ranks: int
 ) -> None:
-    chunks = 2 * ranks
-    out = run_ranks(tmp_path, ranks, chunks, "ring")
-    rows = [range(*r) for r in out[0]["rows"]]
-    assert len(rows) == chunks and [s for r in rows for s in r] == list(range(SEQUENCES))
-    # rank 0 takes every chunk back, in order, through every rank's step in order
-    assert [c for c, _ in out[0]["out"]] == list(range(chunks))
-    for c, values in out[0]["out"]:
-        assert values == [through(s, range(ranks)) for s in rows[c]]
+    out, rows = run_ranks(tmp_path, ranks, "ring")
+    chunks = len(rows)
+    assert_came_through(out[0]["out"], rows, range(ranks))  # rank 0 takes every chunk back
     assert all(not r["out"] for r in out[1:])
     # side by side: rank 1 works on a chunk while rank 0 works on the next one
     first, second = intervals(out[0], "work"), intervals(out[1], "work")
@@ -102,14 +109,10 @@ def test_a_ring_pass_brings_every_chunk_back_through_every_rank_side_by_side(
 def test_up_passes_every_chunk_to_the_last_rank_without_waiting_for_it(
     tmp_path: Path, ranks: int
 ) -> None:
-    chunks = 2 * ranks
-    out = run_ranks(tmp_path, ranks, chunks, "up")
-    rows = [range(*r) for r in out[0]["rows"]]
+    out, rows = run_ranks(tmp_path, ranks, "up")
     last = out[-1]
     # what reaches the last rank went through every rank before it, in order; it runs no step
-    assert [c for c, _ in last["out"]] == list(range(chunks))
-    for c, values in last["out"]:
-        assert values == [through(s, range(ranks - 1)) for s in rows[c]]
+    assert_came_through(last["out"], rows, range(ranks - 1))
     assert not intervals(last, "work")
     for r in out[:-1]:  # each rank's own input, as it came
         assert [v for _, values in r["out"] for v in values] == \
