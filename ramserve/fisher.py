@@ -9,9 +9,10 @@ The pass is *streamed*: mlx-lm's own model runs with one decoder layer's weights
 them go), so the peak is about one layer, its gradients and the activations, however large the model:
 
 1. inputs: ``jacobi`` parallel sampling sweeps (each one streamed forward pass over every sequence at
-   once; split over ranks, in chunks of sequences pipelined through them). With the Gumbel noise of every position fixed, sweep k makes the first k tokens exactly the
-   model's own temperature-1 sample and the rest a sample given a nearly converged prefix, instead of
-   one pass per token as autoregressive sampling needs;
+   once; split over ranks, in chunks of sequences pipelined through them). With the Gumbel noise of
+   every position fixed, sweep k makes the first k tokens exactly the model's own temperature-1
+   sample and the rest a sample given a nearly converged prefix, instead of one pass per token as
+   autoregressive sampling needs;
 2. labels: one more sweep samples each next token from the model given the final inputs, so the
    gradient is an exact score sample at those inputs (the true Fisher, never the empirical one); that
    pass also keeps each layer's input;
@@ -212,16 +213,6 @@ Hidden = tuple[
 ]  # what StreamedModel.hidden_states returns
 
 
-def _keeping(work: Work, outs: list[mx.array]) -> Work:
-    """``work``, keeping each output in ``outs``."""
-
-    def kept(c: int, h: mx.array) -> mx.array:
-        outs.append(work(c, h))
-        return outs[-1]
-
-    return kept
-
-
 class StreamedModel:
     """mlx-lm's model for a source with no weights resident: calls load what each part needs."""
 
@@ -361,18 +352,11 @@ class StreamedModel:
         h, args, kwargs = self.first_layer_call(inputs)
         rows = chunk_rows(share, inputs.shape[0])
         seen: dict[int, list[mx.array]] = {}
-        outs: list[mx.array] = []
-
-        def back(c: int, out: mx.array) -> None:
-            outs.append(out)
-            if finish is not None:
-                finish(rows[c], out)
-
-        work = self.through(args, kwargs, seen, len(rows))
-        if not share.first:  # its outputs go on; their shape stands in for the model's output
-            work = _keeping(work, outs)
+        back = (lambda c, out: finish(rows[c], out)) if finish else None
         with self.outer(head=True) if finish and share.first else contextlib.nullcontext():
-            ring(share, [h[r] for r in rows], work, back)
+            # on ranks after the first, their own output's shape stands in for the model's
+            outs = ring(share, [h[r] for r in rows], self.through(args, kwargs, seen, len(rows)),
+                        back)  # fmt: skip
         layers = [mx.concatenate(seen.pop(i)) for i in share.layers]
         return layers, mx.concatenate(outs), args, kwargs
 

@@ -8,8 +8,8 @@ ramserve/rounding.py) both split the model so; on one machine a pass is one rank
 and nothing is sent.
 
 The analysis's forward passes go through the ranks in chunks of sequences (``Share.chunks``),
-pipelined: each rank works on one chunk while the next works on the one before (``ring``, ``up``), so
-that the ranks work side by side rather than one after the other. A layer's output for a sequence
+pipelined: each rank works on one chunk while the next works on the one before (``ring``, ``up``),
+so that the ranks work side by side rather than one after the other. A layer's output for a sequence
 does not depend on the other sequences of its batch, so the chunks give what one batch gives.
 """
 
@@ -151,28 +151,36 @@ Work = Callable[[int, mx.array], mx.array]  # chunk c's input to this rank's lay
 
 
 def ring(share: Share, firsts: list[mx.array], work: Work,
-         back: Callable[[int, mx.array], None]) -> None:  # fmt: skip
+         back: Callable[[int, mx.array], None] | None = None) -> list[mx.array]:  # fmt: skip
     """A pipelined pass up every rank's layers and back to rank 0: chunk c's first-layer input
     ``firsts[c]`` (on ranks after the first, its shape), through each rank's ``work``; rank 0
-    takes each chunk's output with ``back`` as it returns, in order.
+    takes each chunk's output with ``back`` as it returns, in order. Returns each chunk's output:
+    on rank 0 the model's, on the others their own layers'.
 
     Sends block until received, so rank 0 never has more chunks out than the n - 1 other ranks can
     hold: with that many out, it takes the oldest back before it sends the next."""
     n = share.size
+    outs: list[mx.array] = []
     if not share.first:
         for c, like in enumerate(firsts):
-            _send([work(c, _receive([like], share.rank - 1)[0])], (share.rank + 1) % n)
-        return
+            outs.append(work(c, _receive([like], share.rank - 1)[0]))
+            _send([outs[-1]], (share.rank + 1) % n)
+        return outs
     out: deque[int] = deque()
+
+    def taken(c: int, h: mx.array) -> None:
+        outs.append(h)
+        if back is not None:
+            back(c, h)
 
     def take() -> None:
         c = out.popleft()
-        back(c, _receive([firsts[c]], n - 1)[0])
+        taken(c, _receive([firsts[c]], n - 1)[0])
 
     for c, h in enumerate(firsts):
         done = work(c, h)
         if n == 1:
-            back(c, done)
+            taken(c, done)
             continue
         if len(out) == n - 1:
             take()
@@ -180,6 +188,7 @@ def ring(share: Share, firsts: list[mx.array], work: Work,
         out.append(c)
     while out:
         take()
+    return outs
 
 
 def up(share: Share, firsts: list[mx.array], work: Work,
