@@ -9,10 +9,11 @@ every rank when one ends, rank 0 included. Each rank takes its role:
   hellos (each rank's memory, measured on its host or stated by the hostfile's ``memory_gb``),
   and where the model's profile is not cached, has every rank analyse its own layers (each rank's
   share of the work in proportion to its memory; the passes relayed between ranks, pipelined in
-  chunks, ramserve/relay.py) and merges the parts into the profile, which covers the whole model. It chooses the split and the plan
-  together (ramserve/hosts.py) and tells every rank the plan and its layers; each rank writes its
-  part of the quantized model (cached) and loads it. Then rank 0 schedules the batch
-  (ramserve/engine.py), and each step goes to the other ranks (ramserve/crew.py).
+  chunks, ramserve/relay.py) and merges the parts into the profile, which covers the whole model.
+  It chooses the split and the plan together (ramserve/hosts.py) and tells every rank the plan and
+  its layers; each rank writes its part of the quantized model (cached) and loads it. Then rank 0
+  schedules the batch (ramserve/engine.py), and each step goes to the other ranks
+  (ramserve/crew.py).
 - Every other rank analyses its share when asked, writes its part of each plan from its own copy
   of the model (cached), loads it and follows.
 
