@@ -1,8 +1,10 @@
 """Quantize throughput (MB of bf16 source per second) and peak memory over baseline, on the synthetic
-2 GB dense model and the 3.0 GB MoE (32 experts a layer, stacked as mlx-lm stacks them), rounded to nearest and
-with compensated rounding (ramserve/rounding.py: its sampling and streamed pass included). Targets
-(issues 5, 21): nearest >= 50 MB/s, compensated >= 25 MB/s, peak < 1 GB over baseline.
-Usage: python bench/quantize.py [dense|moe ...]
+2 GB dense model and the 3.0 GB MoE (32 experts a layer, stacked as mlx-lm stacks them), or on the
+shared 30M-parameter model (``small``), rounded to nearest and with compensated rounding
+(ramserve/rounding.py): once taking the sequences the analysis drew (the profile keeps them), once
+sampling them again as it must where the profile has none. Targets (issues 5, 21): nearest >= 50 MB/s,
+compensated >= 25 MB/s, peak < 1 GB over baseline.
+Usage: python bench/quantize.py [dense|moe|small ...]   (default: dense moe)
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -25,6 +28,7 @@ restart_tuned()  # as the `ramserve` command does
 from memory import peak_rss_over_baseline  # noqa: E402
 from synthetic import synthetic_model, synthetic_moe  # noqa: E402
 
+from ramserve.cache import profile_path  # noqa: E402
 from ramserve.fmt import table  # noqa: E402
 from ramserve.plan import make_plan  # noqa: E402
 from ramserve.profile import analyze  # noqa: E402
@@ -33,15 +37,21 @@ from ramserve.records import Plan  # noqa: E402
 from ramserve.settings import load_settings  # noqa: E402
 from ramserve.source import open_source  # noqa: E402
 
-MODELS = {"dense": synthetic_model, "moe": synthetic_moe}
+SMALL = ROOT.parent / "models" / "code-qwen3-30m"
+MODELS = {"dense": synthetic_model, "moe": synthetic_moe, "small": lambda: SMALL}
+# how each row rounds: the plan's method, and whether the profile keeps the analysis's sequences
+ROWS = {"nearest": ("nearest", True), "compensated": ("compensated", True),
+        "compensated, sampling again": ("compensated", False)}  # fmt: skip
 
 
 def main() -> None:
     rows, results = [], []
-    for key in sys.argv[1:] or list(MODELS):
+    for key in sys.argv[1:] or ["dense", "moe"]:
         src = open_source(str(MODELS[key]()), load_settings())
         profile = analyze(src, progress=False)
-        for method in ("nearest", "compensated"):
+        for label, (method, samples_kept) in ROWS.items():
+            if not samples_kept:  # as a profile written before it kept them
+                replace(profile, samples=None).write(profile_path(src.fingerprint))
             settings = load_settings()
             settings = settings.model_copy(update={
                 "rounding": settings.rounding.model_copy(update={"method": method})})  # fmt: skip
@@ -54,7 +64,7 @@ def main() -> None:
                 manifest = Plan.read(folder / "plan.json").written
             mb = profile.bf16_bytes / 1e6
             ratio = manifest.rounding_error_ratio if manifest else None
-            r = {"model": src.name, "rounding": method, "bf16_MB": round(mb),
+            r = {"model": src.name, "rounding": label, "bf16_MB": round(mb),
                  "written_MB": round(written / 1e6), "seconds": round(seconds, 2),
                  "rounding_s": round(manifest.rounding_seconds or 0, 2) if manifest else 0,
                  "MB_per_s": round(mb / seconds, 1), "peak_rss_MB": round(peak / 1e6),

@@ -27,6 +27,7 @@ from .device import FLOAT_BYTES, runtime_dtype
 from .engine import max_positions, require_kv_bits
 from .errors import RamserveError
 from .kvcache import sequence_caches
+from .profile import drawn_sequences
 from .progress import Bar
 from .rounding import Gain, compensated_layers, is_compensated, unpacked
 from .settings import Settings
@@ -144,7 +145,9 @@ def simulate(
     done = set()
     if rounding and is_compensated(rounding):
         assert source is not None, "compensated rounding runs on the source"
-        layers = compensated_layers(source, quantization, quantizer or {}, rounding, Gain())
+        drawn = drawn_sequences(source, rounding)  # as quantize takes them
+        layers = compensated_layers(source, quantization, quantizer or {}, rounding, Gain(),
+                                    sequences=drawn)  # fmt: skip
         for _, results in layers:
             for path, packed in results.items():
                 m = modules[path]

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import mlx.core as mx
 import numpy as np
+from pydantic import TypeAdapter
 
 from . import affine, atomic, cache
 from .cache import profile_path
@@ -34,11 +35,19 @@ from .device import FLOAT_BYTES
 from .fisher import FisherStat, require_streamable, self_fisher
 from .process import freed_memory_returned
 from .progress import Bar
-from .records import PROFILE_FORMAT, ModuleRecord, Option, Profile, RecordError, module_records
+from .records import (
+    PROFILE_FORMAT,
+    ModuleRecord,
+    Option,
+    Profile,
+    RecordError,
+    SelfSamples,
+    module_records,
+)
 from .relay import Share, alone
-from .rounding import compensation_ratios
+from .rounding import Sequences, compensation_ratios, drawn_with
 from .sensitivity import EnergyFlow, flow_order, importances
-from .settings import Settings
+from .settings import RoundingSettings, Settings
 from .source import ModuleInfo, Source, require_full_precision
 
 log = logging.getLogger("ramserve.profile")
@@ -319,6 +328,17 @@ def load_profile(source: Source) -> Profile | None:
     return profile if profile.settings_key == settings_key(source.settings) else None
 
 
+def drawn_sequences(source: Source, rounding: dict[str, Any]) -> Sequences | None:
+    """The sequences the analysis drew, where a compensated pass with ``rounding``'s settings would
+    draw the same (``drawn_with``): quantizing then skips its sampling sweeps, a forward pass over
+    every sampled token each. None where the cached profile has none to give."""
+    profile = load_profile(source)
+    samples = profile.samples if profile else None
+    if samples is None or samples.drawn_with != drawn_with(source, RoundingSettings(**rounding)):
+        return None
+    return Sequences(mx.array(samples.tokens, dtype=mx.int32))
+
+
 def _resume_state(partial: Path, key: str) -> dict[str, ModuleRecord]:
     data = atomic.read_json(partial)
     if not data or data.get("settings_key") != key:
@@ -353,13 +373,14 @@ class SharePart:
     fisher_seconds: float | None = None
     rounding_seconds: float | None = None
     seconds: float = 0.0  # the whole share's analysis, wall clock
+    samples: SelfSamples | None = None  # rank 0's: the sequences the ratios' pass drew
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SharePart:
-        return cls(**{**data, "records": module_records(data["records"])})
+        return TypeAdapter(cls).validate_python(data)
 
 
 def owns(share: Share, m: ModuleInfo) -> bool:
@@ -398,17 +419,23 @@ def analyse_share(
 
     # where the Fisher's streamed pass fits, so does this one (one layer, its inputs)
     ratios_start = time.perf_counter()
+    drawn = Sequences()
     ratios = compensation_ratios(
         source, settings.rounding.model_dump(),
         {m.path: candidates_for(m, settings) for m in modules},
-        settings.quantizer.model_dump(), progress, share, candidates,
+        settings.quantizer.model_dump(), progress, share, candidates, drawn,
     ) if fisher else {}  # fmt: skip
     rounding_s = time.perf_counter() - ratios_start - candidates_s if ratios else None
     if records is None:
         candidates()
     assert records is not None
+    samples = None
+    if share.first and drawn.tokens is not None:
+        samples = SelfSamples(
+            drawn_with(source, settings.rounding), np.asarray(drawn.tokens).tolist()
+        )
     return SharePart(records, ratios, fisher.kv_damage if fisher else {}, fisher_s, rounding_s,
-                     time.perf_counter() - start)  # fmt: skip
+                     time.perf_counter() - start, samples)  # fmt: skip
 
 
 def merged(source: Source, parts: list[SharePart]) -> SharePart:
@@ -427,7 +454,7 @@ def merged(source: Source, parts: list[SharePart]) -> SharePart:
     return SharePart(records, {k: v for p in parts for k, v in p.ratios.items()},
                      parts[0].kv_damage, longest([p.fisher_seconds for p in parts]),
                      longest([p.rounding_seconds for p in parts]),
-                     max(p.seconds for p in parts))  # fmt: skip
+                     max(p.seconds for p in parts), parts[0].samples)  # fmt: skip
 
 
 def analyze(source: Source, *, force: bool = False, progress: bool = True,
@@ -463,6 +490,7 @@ def analyze(source: Source, *, force: bool = False, progress: bool = True,
                                 part.ratios)  # fmt: skip
             profile.kv_damage = part.kv_damage
             profile.rounding_seconds = part.rounding_seconds
+            profile.samples = part.samples
             profile.analysis_seconds += part.rounding_seconds or 0.0
             profile.write(final)
         partial.unlink(missing_ok=True)

@@ -25,6 +25,7 @@ import numpy as np
 from . import affine, atomic, cache
 from .cache import model_dir
 from .errors import BadModel
+from .profile import drawn_sequences
 from .progress import Bar
 from .records import Manifest, Plan, RecordError
 from .relay import Share
@@ -152,13 +153,13 @@ class _Producer:
         self.name: str | None = None
         self.parts: dict[str, mx.array] = {}
         self.gain = Gain()
-        self.layers = (
-            compensated_layers(
-                source, plan.quantization, plan.quantizer, plan.rounding, self.gain, progress, share
-            )  # fmt: skip
-            if is_compensated(plan.rounding)
-            else None
-        )
+        self.layers = None
+        if is_compensated(plan.rounding):
+            # ranks of a split model draw their own: rank 0's profile holds only its own layers'
+            alone = share is None or share.size == 1
+            drawn = drawn_sequences(source, plan.rounding) if alone else None
+            self.layers = compensated_layers(source, plan.quantization, plan.quantizer,
+                                             plan.rounding, self.gain, progress, share, drawn)  # fmt: skip
         self.layer = -1
         self.rounded: dict[str, Packed] = {}
 

@@ -106,6 +106,16 @@ class ModuleRecord:
         )
 
 
+@dataclass(frozen=True)
+class SelfSamples:
+    """The token sequences compensated rounding takes its inputs' H from (ramserve/rounding.py), with
+    what besides the weights they were drawn with: the analysis draws them and the profile keeps
+    them, so that quantizing the model does not draw them again."""
+
+    drawn_with: dict[str, Any]
+    tokens: list[list[int]]
+
+
 def module_records(data: list[dict[str, Any]]) -> list[ModuleRecord]:
     """Module records from their JSON form (an analysis checkpoint's)."""
     return TypeAdapter(list[ModuleRecord]).validate_python(data)
@@ -135,6 +145,7 @@ class Profile:
     kv_damage: dict[str, float] = field(default_factory=dict)
     # the pass measuring compensated rounding's share of the error (rounding.compensation_ratios)
     rounding_seconds: float | None = None
+    samples: SelfSamples | None = None  # the sequences that pass took its inputs from
     cache_hit: bool = field(default=False, compare=False)  # how this run got it; not stored
 
     def to_json(self) -> dict[str, Any]:

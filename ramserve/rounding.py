@@ -159,6 +159,21 @@ def unpacked(
     return out.reshape(shape)
 
 
+def drawn_with(source: Any, r: RoundingSettings) -> dict[str, Any]:
+    """What the self-sampled sequences depend on besides the model's weights."""
+    return {"sequences": r.sequences, "tokens": r.tokens, "sweeps": r.sweeps, "seed": r.seed,
+            "dtype": runtime_dtype(source.float_dtype)}  # fmt: skip
+
+
+@dataclass
+class Sequences:
+    """The token sequences a pass takes its inputs from: set before the pass to reuse those an
+    earlier pass drew with the same settings (``drawn_with``), else drawn by the pass and left here.
+    Only the first rank's are the model's: the ranks after it hold no head and never read tokens."""
+
+    tokens: mx.array | None = None
+
+
 def layer_inputs(
     source: Any,
     r: RoundingSettings,
@@ -167,15 +182,17 @@ def layer_inputs(
     progress: bool,
     share: Share | None = None,
     meanwhile: Callable[[], None] | None = None,
+    sequences: Sequences | None = None,
 ) -> Iterator[tuple[int, dict[str, int], SharedInputs]]:
     """The streamed pass: per decoder layer in order (of this rank's ``share``), the wanted linear
-    modules' inputs on the self-sampled sequences (``SharedInputs``, keyed per module). The layers'
-    inputs come from the float model: rounding them in order (later layers seeing the rounded earlier
-    ones, as GPTQ does) scored no better (configs/defaults.toml [rounding]) and costs a second pass
-    per layer. ``meanwhile`` runs once the sequences are sampled, where this rank would otherwise
-    wait for the ranks before it (``relay.up``)."""
+    modules' inputs on the self-sampled ``sequences`` (``SharedInputs``, keyed per module). The
+    layers' inputs come from the float model: rounding them in order (later layers seeing the rounded
+    earlier ones, as GPTQ does) scored no better (configs/defaults.toml [rounding]) and costs a second
+    pass per layer. ``meanwhile`` runs once the sequences are sampled, where this rank would
+    otherwise wait for the ranks before it (``relay.up``)."""
     with blas_threads_as_at_start():  # the same bytes for a plan in any process
-        yield from _layer_inputs(source, r, wanted, desc, progress, share, meanwhile)
+        yield from _layer_inputs(source, r, wanted, desc, progress, share, meanwhile,
+                                 sequences or Sequences())  # fmt: skip
 
 
 def _layer_inputs(
@@ -186,16 +203,22 @@ def _layer_inputs(
     progress: bool,
     share: Share | None,
     meanwhile: Callable[[], None] | None,
+    sequences: Sequences,
 ) -> Iterator[tuple[int, dict[str, int], SharedInputs]]:
     dtype = getattr(mx, runtime_dtype(source.float_dtype))
     run = StreamedModel(source, dtype, share)
     share = run.share
     vocab = int(source.config["vocab_size"])
+    draw = sequences.tokens is None
     # the sweeps, and on ranks before the last the pass that passes the inputs on
-    bar = Bar(r.sweeps + (not share.last), f"{desc}: sampling", unit="pass", show=progress)
+    passes = r.sweeps * draw + (not share.last)
+    bar = Bar(passes, f"{desc}: sampling", unit="pass", show=progress and passes > 0)
     run.layer_done = lambda part: bar.update(part / len(share.layers))
-    x = sampled_sequences(run, r.sequences, r.tokens, r.sweeps, r.seed,
-                          start_token(source.config, vocab), vocab)  # fmt: skip
+    if draw:
+        sequences.tokens = sampled_sequences(run, r.sequences, r.tokens, r.sweeps, r.seed,
+                                             start_token(source.config, vocab), vocab)  # fmt: skip
+    x = sequences.tokens
+    assert x is not None
     h, args, kwargs = run.first_layer_call(x)
     rows = chunk_rows(share, x.shape[0])
     # The ranks before the last run their layers once first, pipelined, to pass each chunk on at
@@ -256,9 +279,10 @@ def compensated_layers(
     gain: Gain,
     progress: bool = False,
     share: Share | None = None,
+    sequences: Sequences | None = None,
 ) -> Iterator[tuple[int, dict[str, Packed]]]:
     """Per decoder layer in order, its planned modules' packed weights, compensated (``gain``
-    collects how much error that removed)."""
+    collects how much error that removed) under the inputs of ``sequences`` (``layer_inputs``)."""
     start = time.perf_counter()
     r = RoundingSettings(**rounding)
     stored = getattr(mx, source.float_dtype)
@@ -267,7 +291,8 @@ def compensated_layers(
     def planned(path: str) -> bool:
         return isinstance(quantization.get(path), dict)
 
-    for i, keys, shared in layer_inputs(source, r, planned, "compensating", progress, share):
+    for i, keys, shared in layer_inputs(source, r, planned, "compensating", progress, share,
+                                        sequences=sequences):  # fmt: skip
         results: dict[str, Packed] = {}
         for path, key in keys.items():
             w = weights.pop(f"{path}.weight").astype(stored)
@@ -312,19 +337,22 @@ def compensation_ratios(
     progress: bool = False,
     share: Share | None = None,
     meanwhile: Callable[[], None] | None = None,
+    sequences: Sequences | None = None,
 ) -> dict[str, float]:
     """Per module: the output error under the sampled inputs' H of compensated rounding, as a share
     of rounding to nearest's, measured on a row sample at the candidate nearest 4-bit g64. The share
     is a property of the module's inputs far more than of the candidate (code-qwen3-30m: 0.23-0.66
     across modules, within ±6% across 2-8 bits in each), so the profile scales every candidate's
-    predicted damage by it (``Option.rounding_ratio``). ``meanwhile``: see ``layer_inputs``."""
+    predicted damage by it (``Option.rounding_ratio``). ``meanwhile``, ``sequences``: see
+    ``layer_inputs``."""
     r = RoundingSettings(**rounding)
     stored = getattr(mx, source.float_dtype)
     weights = source.weights()
     out: dict[str, float] = {}
     opts = _options(quantizer, r)
     for _, keys, shared in layer_inputs(source, r, lambda p: bool(candidates.get(p)),
-                                        "compensation", progress, share, meanwhile):  # fmt: skip
+                                        "compensation", progress, share, meanwhile,
+                                        sequences):  # fmt: skip
         for path, key in keys.items():
             w = weights.pop(f"{path}.weight").astype(stored)
             bits, g = min(candidates[path], key=lambda c: (abs(c[0] - 4), abs(c[1] - 64)))

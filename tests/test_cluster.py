@@ -185,6 +185,9 @@ def assert_same_analysis(split_over: Any, one: Any) -> None:
                                                               rel=1e-5), a.path  # fmt: skip
         assert [o.rounding_ratio for o in a.options] == [o.rounding_ratio for o in b.options]
     assert split_over.kv_damage == pytest.approx(one.kv_damage, rel=1e-5)
+    # rank 0 keeps the sequences the relayed sampling drew: a later quantization on one machine
+    # takes them as one process's
+    assert one.samples is not None and split_over.samples == one.samples
     assert split_over.kv_damage["4"] > split_over.kv_damage["8"] > 0
     assert split_over.estimator == one.estimator == "self-fisher/2"
 

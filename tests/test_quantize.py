@@ -1,27 +1,38 @@
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 from mlx_lm import generate, load
 from mlx_lm.utils import load_model
 
 from ramserve import quantize as qz
+from ramserve import rounding
+from ramserve.cache import profile_path
 from ramserve.cli import main
 from ramserve.describe import describe
 from ramserve.errors import BadModel
 from ramserve.evaluate import simulate
 from ramserve.plan import make_plan
-from ramserve.profile import analyze
+from ramserve.profile import analyze, drawn_sequences
+from ramserve.records import Profile
+from ramserve.rounding import drawn_with
 from ramserve.settings import load_settings
 from ramserve.source import open_source
 
 from .factory import make_model
 
 PROMPT = mx.array([[1, 5, 9, 42, 7, 100, 3, 64, 12, 8]])
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def simulated_logits(source_dir: Path, plan: dict) -> mx.array:
@@ -155,3 +166,42 @@ def test_cli_quantize_from_plan_file(tiny_dir: Path, tmp_path: Path, capsys) -> 
     assert main(["quantize", str(tiny_dir), "--plan", str(plan_file), "-o", str(out), "-q"]) == 0
     assert "written" in capsys.readouterr().out
     assert isinstance(load(str(out))[0], nn.Module)
+
+
+def test_quantize_takes_the_analysis_samples_and_writes_the_same_bytes(
+    tiny_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    source = open_source(str(tiny_dir), load_settings())
+    profile = analyze(source, progress=False)
+    r = load_settings().rounding
+    assert profile.samples is not None and profile.samples.drawn_with == drawn_with(source, r)
+    assert np.array(profile.samples.tokens).shape == (r.sequences, r.tokens)
+    plan = make_plan(profile, "40%", settings=load_settings())
+    real, draws = rounding.sampled_sequences, []
+
+    def counted(*args, **kwargs):
+        draws.append(args[1:3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rounding, "sampled_sequences", counted)
+    taken, _ = qz.quantize(source, plan, tmp_path / "taken", progress=False)
+    assert draws == []
+    # a profile without them (written before they were kept): the pass draws the same itself
+    path = profile_path(source.fingerprint)
+    replace(Profile.read(path), samples=None).write(path)
+    drawn, _ = qz.quantize(source, plan, tmp_path / "drawn", progress=False)
+    assert draws == [(r.sequences, r.tokens)]
+    shards = sorted(p.name for p in taken.glob("*.safetensors"))
+    assert shards and shards == sorted(p.name for p in drawn.glob("*.safetensors"))
+    for name in shards:
+        assert digest(taken / name) == digest(drawn / name)
+
+
+def test_samples_drawn_with_other_settings_are_not_taken(tiny_dir: Path) -> None:
+    source = open_source(str(tiny_dir), load_settings())
+    analyze(source, progress=False)
+    rounding_now = load_settings().rounding.model_dump()
+    taken = drawn_sequences(source, rounding_now)
+    assert taken is not None and taken.tokens is not None
+    assert drawn_sequences(source, {**rounding_now, "seed": 1}) is None
+    assert drawn_sequences(source, {**rounding_now, "tokens": rounding_now["tokens"] * 2}) is None
