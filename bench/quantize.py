@@ -4,11 +4,13 @@ shared 30M-parameter model (``small``), rounded to nearest and with compensated 
 (ramserve/rounding.py): once taking the sequences the analysis drew (the profile keeps them), once
 sampling them again as it must where the profile has none. Targets (issues 5, 21): nearest >= 50 MB/s,
 compensated >= 25 MB/s, peak < 1 GB over baseline.
-Usage: python bench/quantize.py [dense|moe|small ...]   (default: dense moe)
+Usage: python bench/quantize.py [dense|moe|small ...] [--rows nearest,compensated,...]
+       (default: dense moe, every row)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -45,11 +47,16 @@ ROWS = {"nearest": ("nearest", True), "compensated": ("compensated", True),
 
 
 def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("models", nargs="*", help=f"of {', '.join(MODELS)} (default: dense moe)")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    a = p.parse_args()
+    wanted = {label: ROWS[label] for label in a.rows.split(",")}
     rows, results = [], []
-    for key in sys.argv[1:] or ["dense", "moe"]:
+    for key in a.models or ["dense", "moe"]:
         src = open_source(str(MODELS[key]()), load_settings())
         profile = analyze(src, progress=False)
-        for label, (method, samples_kept) in ROWS.items():
+        for label, (method, samples_kept) in wanted.items():
             if not samples_kept:  # as a profile written before it kept them
                 replace(profile, samples=None).write(profile_path(src.fingerprint))
             settings = load_settings()

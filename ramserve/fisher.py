@@ -216,10 +216,12 @@ Hidden = tuple[
 class StreamedModel:
     """mlx-lm's model for a source with no weights resident: calls load what each part needs."""
 
-    def __init__(self, source: Any, dtype: mx.Dtype, share: Share | None = None) -> None:
+    def __init__(
+        self, source: Any, dtype: mx.Dtype, share: Share | None = None, pass_tokens: int = 0
+    ) -> None:
         from .source import model_classes
 
-        self.source, self.dtype = source, dtype
+        self.source, self.dtype, self.pass_tokens = source, dtype, pass_tokens
         model_class, args_class = model_classes(source.config)
         self.model = model_class(args_class.from_dict(source.config))
         if mx.default_device() == mx.cpu:  # on Metal, gather_mm is fast
@@ -332,32 +334,48 @@ class StreamedModel:
                     seen.setdefault(i, []).append(h)
                 layer = self.layers[i]
                 layer.update(self.layer_params(i))
-                h = layer(h, *args, **kwargs)
-                mx.eval(h)
+                outs = []
+                for rows in self.pieces(h):
+                    outs.append(layer(h[rows], *args, **kwargs))
+                    mx.eval(outs[-1])
+                h = outs[0] if len(outs) == 1 else mx.concatenate(outs)
+                del outs
                 self.release_layer(i)
                 self.layer_done(1 / chunks)
             return h
 
         return work
 
+    def pieces(self, h: mx.array) -> list[slice]:
+        """The sequences of ``h`` that run through a layer together: whole sequences, at most
+        ``pass_tokens`` tokens a piece (all of them where 0), so that a layer's activations stay
+        bounded however many sequences the pass takes. A sequence's output does not depend on the
+        others beside it."""
+        count = h.shape[0]
+        per = count if self.pass_tokens <= 0 else max(1, self.pass_tokens // h.shape[1])
+        return [slice(s, min(count, s + per)) for s in range(0, count, per)]
+
     def hidden_states(
-        self, inputs: mx.array, finish: Callable[[slice, mx.array], None] | None = None
+        self,
+        inputs: mx.array,
+        finish: Callable[[slice, mx.array], None] | None = None,
+        keep: bool = True,
     ) -> Hidden:
         """One streamed pass up the layers, pipelined over the ranks in chunks of sequences
-        (ramserve/relay.py): each layer's input, the last layer's output, and the extra arguments
-        the model's loop passes every layer (mask, cache). Rank 0, which also gets the last
-        layer's output, gives each chunk's to ``finish`` (its sequences, that output) as it comes
-        back, with the head loaded (``outer``)."""
+        (ramserve/relay.py): each layer's input (where ``keep``), the last layer's output, and the
+        extra arguments the model's loop passes every layer (mask, cache). Rank 0, which also gets
+        the last layer's output, gives each chunk's to ``finish`` (its sequences, that output) as it
+        comes back, with the head loaded (``outer``)."""
         share = self.share
         h, args, kwargs = self.first_layer_call(inputs)
         rows = chunk_rows(share, inputs.shape[0])
-        seen: dict[int, list[mx.array]] = {}
+        seen: dict[int, list[mx.array]] | None = {} if keep else None
         back = (lambda c, out: finish(rows[c], out)) if finish else None
         with self.outer(head=True) if finish and share.first else contextlib.nullcontext():
             # on ranks after the first, their own output's shape stands in for the model's
             outs = ring(share, [h[r] for r in rows], self.through(args, kwargs, seen, len(rows)),
                         back)  # fmt: skip
-        layers = [mx.concatenate(seen.pop(i)) for i in share.layers]
+        layers = [mx.concatenate(seen.pop(i)) for i in share.layers] if seen else []
         return layers, mx.concatenate(outs), args, kwargs
 
     def _until_stopped(self, inputs: mx.array, slots: list[_Slot], which: str) -> _Stop:
@@ -455,7 +473,7 @@ def sampled_sequences(
         return mx.argmax(logits[:, :-1] + noise, axis=-1).astype(mx.int32)
 
     for _ in range(sweeps):
-        tokens, _ = next_tokens(run, x, sweep)
+        tokens, _ = next_tokens(run, x, sweep, keep=False)
         if tokens is not None:
             x = mx.concatenate([x[:, :1], tokens], axis=1)
     return x
@@ -478,12 +496,13 @@ def jacobi_inputs(
 
 
 def next_tokens(
-    run: StreamedModel, x: mx.array, pick: Callable[[int, mx.array], mx.array]
+    run: StreamedModel, x: mx.array, pick: Callable[[int, mx.array], mx.array], keep: bool = True
 ) -> tuple[mx.array | None, Hidden]:
     """``pick(i, logits)`` for each sequence i of ``x``, as its chunk comes back from one streamed
     forward pass (one sequence's logits at a time: all of them at once would be the largest array
-    of the pass), and that pass's hidden states. On ranks after the first, which hold no head, no
-    tokens: their passes never read tokens, only the shape of ``x`` (ramserve/relay.py)."""
+    of the pass), and that pass's hidden states (each layer's input only where ``keep``). On ranks
+    after the first, which hold no head, no tokens: their passes never read tokens, only the shape
+    of ``x`` (ramserve/relay.py)."""
     picked: list[mx.array] = []
 
     def finish(rows: slice, last: mx.array) -> None:
@@ -492,7 +511,7 @@ def next_tokens(
             picked.append(pick(i, run.logits(x[i : i + 1], last[j : j + 1])))
             mx.eval(picked[-1])
 
-    hidden = run.hidden_states(x, finish)
+    hidden = run.hidden_states(x, finish, keep)
     return (mx.concatenate(picked) if run.share.first else None), hidden
 
 

@@ -62,50 +62,65 @@ class Gain:
 
 @dataclass
 class InputStats:
-    """One input's statistics (for one expert, or all rows): how many rows, H = XᵀX, H's inverse
-    Cholesky factor, and the rows themselves where they are fewer than the columns (errors are then
-    cheaper from them than from H; ``compensate.row_errors``)."""
+    """One input's statistics (for one expert, or all rows): how many rows, H = XᵀX and H's inverse
+    Cholesky factor."""
 
     count: int
     h: np.ndarray
     u: np.ndarray
-    x: np.ndarray | None
 
 
 class SharedInputs:
-    """Each distinct input of a layer's planned modules, and per expert its ``InputStats``, computed
-    once for every module that reads it (q, k and v read one input; gate and up another)."""
+    """Each distinct input of a layer's planned modules (q, k and v read one input; gate and up
+    another), keyed by the first module that reads it: H = XᵀX summed over the pieces the pass runs
+    the layer on (per expert for stacked experts), and per (input, expert) the ``InputStats``,
+    computed once for every module that reads it. Only H is kept, not the rows, so the pass's memory
+    does not grow with the tokens."""
 
     def __init__(self, damp: float) -> None:
         self.damp = damp
-        self.rows: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
-        self.stats: dict[tuple[int, int], InputStats] = {}
+        self.sums: dict[tuple[str, int], tuple[int, np.ndarray]] = {}
+        self.width: dict[str, int] = {}
+        self.routed: dict[str, list[np.ndarray]] = {}
+        self.stats: dict[tuple[str, int], InputStats] = {}
 
-    def add(self, probe: Probe) -> int:
-        key = id(probe.x)
-        if key not in self.rows:
-            self.add_rows(key, *probe.rows())
-        return key
+    def add(self, probes: dict[str, Probe]) -> dict[str, str]:
+        """One piece's inputs, as ``probes`` (by module path) recorded them; each module's key."""
+        keys: dict[str, str] = {}
+        first: dict[int, str] = {}
+        for path, probe in probes.items():
+            keys[path] = first.setdefault(id(probe.x), path)
+            if keys[path] == path:
+                self.add_rows(path, *probe.rows())
+        return keys
 
-    def add_rows(self, key: int, inputs: mx.array, experts: mx.array | None = None) -> int:
-        self.rows[key] = (np.asarray(inputs.reshape(-1, inputs.shape[-1]).astype(mx.float32)),
-                          None if experts is None else np.asarray(experts))  # fmt: skip
-        return key
+    def add_rows(self, key: str, inputs: mx.array, experts: mx.array | None = None) -> None:
+        x = np.asarray(inputs.reshape(-1, inputs.shape[-1]).astype(mx.float32))
+        self.width[key] = x.shape[1]
+        if experts is None:
+            self._add(key, -1, x)
+            return
+        routed = np.asarray(experts)
+        self.routed.setdefault(key, []).append(routed)
+        for e in np.unique(routed):
+            self._add(key, int(e), x[routed == e])
 
-    def experts(self, key: int) -> np.ndarray | None:
-        return self.rows[key][1]
+    def _add(self, key: str, expert: int, x: np.ndarray) -> None:
+        count, h = self.sums.get((key, expert), (0, None))
+        self.sums[key, expert] = (count + len(x), x.T @ x if h is None else h + x.T @ x)
 
-    def of(self, key: int, expert: int = -1) -> InputStats:
+    def experts(self, key: str) -> np.ndarray | None:
+        """The expert of each of input ``key``'s rows, for stacked experts; else None."""
+        routed = self.routed.get(key)
+        return np.concatenate(routed) if routed else None
+
+    def of(self, key: str, expert: int = -1) -> InputStats:
         """The statistics of input ``key``'s rows (those routed to ``expert``, unless -1)."""
         if (key, expert) not in self.stats:
-            x, routed = self.rows[key]
-            if expert >= 0 and routed is not None:
-                x = x[routed == expert]
-            h = x.T @ x
-            u = inverse_cholesky(h, self.damp) if len(x) else h
-            self.stats[key, expert] = InputStats(len(x), h, u, x if len(x) < x.shape[1] else None)
-            if routed is None:  # every module of this input has what it needs
-                self.rows[key] = (x[:0], None)
+            width = self.width[key]
+            count, h = self.sums.pop((key, expert), (0, np.zeros((width, width), np.float32)))
+            u = inverse_cholesky(h, self.damp) if count else h
+            self.stats[key, expert] = InputStats(count, h, u)
         return self.stats[key, expert]
 
 
@@ -118,7 +133,7 @@ def _options(quantizer: dict[str, Any], r: RoundingSettings) -> dict[str, Any]:
 def round_module(
     w: mx.array,
     inputs: SharedInputs,
-    key: int,
+    key: str,
     q: dict[str, Any],
     quantizer: dict[str, Any],
     r: RoundingSettings,
@@ -139,7 +154,7 @@ def round_module(
             gain.experts_nearest += 1
             out.append(affine.quantize(weight, g, bits, **quantizer))
             continue
-        rounded = compensated(weight, stats.h, g, bits, x=stats.x, u=stats.u, **opts)
+        rounded = compensated(weight, stats.h, g, bits, u=stats.u, **opts)
         error, nearest = error + rounded.error, nearest + rounded.nearest_error
         out.append(rounded.packed(w.dtype))
     gain.error, gain.nearest_error = gain.error + error, gain.nearest_error + nearest
@@ -183,7 +198,7 @@ def layer_inputs(
     share: Share | None = None,
     meanwhile: Callable[[], None] | None = None,
     sequences: Sequences | None = None,
-) -> Iterator[tuple[int, dict[str, int], SharedInputs]]:
+) -> Iterator[tuple[int, dict[str, str], SharedInputs]]:
     """The streamed pass: per decoder layer in order (of this rank's ``share``), the wanted linear
     modules' inputs on the self-sampled ``sequences`` (``SharedInputs``, keyed per module). The
     layers' inputs come from the float model: rounding them in order (later layers seeing the rounded
@@ -204,9 +219,9 @@ def _layer_inputs(
     share: Share | None,
     meanwhile: Callable[[], None] | None,
     sequences: Sequences,
-) -> Iterator[tuple[int, dict[str, int], SharedInputs]]:
+) -> Iterator[tuple[int, dict[str, str], SharedInputs]]:
     dtype = getattr(mx, runtime_dtype(source.float_dtype))
-    run = StreamedModel(source, dtype, share)
+    run = StreamedModel(source, dtype, share, r.pass_tokens)
     share = run.share
     vocab = int(source.config["vocab_size"])
     draw = sequences.tokens is None
@@ -237,16 +252,18 @@ def _layer_inputs(
         probes, _ = probe_modules(run, i)
         chosen = {p: probe for p, probe in probes.items() if wanted(p)}
         swapped = [(p, run.swap(p, probe)) for p, probe in chosen.items()]
+        shared, keys, outs = SharedInputs(r.damp), {}, []
         try:
-            out = layer(h, *args, **kwargs)  # the probes record their inputs
-            mx.eval(out, [probe.x for probe in chosen.values()])
+            for piece in run.pieces(h):
+                outs.append(layer(h[piece], *args, **kwargs))  # the probes record their inputs
+                mx.eval(outs[-1], [probe.x for probe in chosen.values()])
+                keys = shared.add(chosen)
         finally:
             for path, module in reversed(swapped):
                 run.swap(path, module)
-        shared = SharedInputs(r.damp)
-        keys = {path: shared.add(probe) for path, probe in chosen.items()}
         del chosen, probes
-        h = out
+        h = outs[0] if len(outs) == 1 else mx.concatenate(outs)
+        del outs
         run.release_layer(i)
         yield i, keys, shared
         bar.update(1)
@@ -258,8 +275,8 @@ def _layer_inputs(
     # a tied head is the embedding's lookup table too; the head is rank 0's
     if share.first and not run.tied and wanted(run.head_path):
         shared = SharedInputs(r.damp)
-        key = shared.add_rows(0, run.head_inputs(x, h))
-        yield AFTER_LAYERS, {run.head_path: key}, shared
+        shared.add_rows(run.head_path, run.head_inputs(x, h))
+        yield AFTER_LAYERS, {run.head_path: run.head_path}, shared
 
 
 AFTER_LAYERS = 1 << 30  # the untied head's place in the pass: after every layer
@@ -304,7 +321,7 @@ def compensated_layers(
     gain.seconds = time.perf_counter() - start
 
 
-def _sample(w: mx.array, shared: SharedInputs, key: int, r: RoundingSettings
+def _sample(w: mx.array, shared: SharedInputs, key: str, r: RoundingSettings
             ) -> list[tuple[mx.array, int]]:  # fmt: skip
     """Rows to measure a module's compensation on, with the expert whose H they take (-1: none):
     ``RATIO_ROWS`` spread over the rows; for stacked experts, spread over the ``RATIO_EXPERTS``
@@ -359,7 +376,7 @@ def compensation_ratios(
             error = nearest = 0.0
             for rows, e in _sample(w, shared, key, r):
                 stats = shared.of(key, e)
-                done = compensated(rows, stats.h, g, bits, x=stats.x, u=stats.u, **opts)
+                done = compensated(rows, stats.h, g, bits, u=stats.u, **opts)
                 error, nearest = error + done.error, nearest + done.nearest_error
             out[path] = error / nearest if nearest > 0 else 1.0
     return out

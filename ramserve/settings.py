@@ -54,6 +54,8 @@ class RoundingSettings(BaseModel):
     min_expert_tokens: int = Field(default=64, ge=1)
     # 0 where a plan recorded before the descent existed: it gets the weights it got then
     descent_sweeps: int = Field(default=0, ge=0)
+    # 0 (all sequences at once) where a plan recorded before pieces existed, for the same reason
+    pass_tokens: int = Field(default=0, ge=0)
 
     def record(self) -> dict[str, Any]:
         """What a plan records of its rounding (its hash covers it): the method, and for compensated

@@ -22,7 +22,9 @@ from ramserve.profile import analyze
 from ramserve.rounding import (
     AFTER_LAYERS,
     Gain,
+    Sequences,
     SharedInputs,
+    layer_inputs,
     pass_position,
     round_module,
 )
@@ -131,19 +133,55 @@ def test_experts_are_rounded_under_their_own_h(tiny_moe_dir: Path) -> None:
     quantizer = load_settings().quantizer.model_dump()
     gain = Gain()
     shared = SharedInputs(r.damp)
-    packed = round_module(w, shared, shared.add(probes[path]), q, quantizer, r, gain, path)
+    key = shared.add({path: probes[path]})[path]
+    packed = round_module(w, shared, key, q, quantizer, r, gain, path)
     x = np.asarray(rows.astype(mx.float32))
     for e in range(w.shape[0]):
         xe = x[routed == e]
         if counts[e] >= r.min_expert_tokens:
             want = compensated(w[e], xe.T @ xe, 32, 4, quantizer["ranges"], quantizer["refits"],
-                               r.damp, r.block, x=xe).packed(w.dtype)  # fmt: skip
+                               r.damp, r.block).packed(w.dtype)  # fmt: skip
         else:
             want = affine.quantize(w[e], 32, 4, **quantizer)
         for k in range(3):
             assert mx.array_equal(packed[k][e], want[k]), (e, k)
     assert gain.experts_nearest == int((counts < r.min_expert_tokens).sum()) >= 1
     assert gain.error <= gain.nearest_error
+
+
+def test_a_pass_in_pieces_draws_the_same_sequences_and_sums_the_same_h(
+    tiny_dir: Path, tiny_moe_dir: Path
+) -> None:
+    """Each layer run on pieces of the sequences (``pass_tokens``): the sampling sweep draws the
+    same tokens as on all of them at once, and each input's H (per expert for stacked experts)
+    summed over the pieces is the whole pass's."""
+    base = load_settings().rounding.model_dump()
+    length = base["tokens"]
+    for model_dir in (tiny_dir, tiny_moe_dir):
+        source = open_source(str(model_dir), load_settings())
+        passes = {}
+        for pass_tokens in (0, length):  # at once; one sequence a piece
+            r = RoundingSettings(**{**base, "pass_tokens": pass_tokens})
+            drawn = Sequences()
+            layers = list(layer_inputs(source, r, lambda _: True, "t", False, sequences=drawn))
+            passes[pass_tokens] = drawn.tokens, layers
+        (tokens, whole), (tokens_p, pieces) = passes[0], passes[length]
+        assert tokens is not None and tokens_p is not None and tokens.shape[0] >= 2
+        assert mx.array_equal(tokens, tokens_p).item()
+        assert len(whole) == len(pieces) and whole
+        for (i, keys, a), (j, keys_p, b) in zip(whole, pieces, strict=True):
+            assert i == j and keys == keys_p
+            for key in set(keys.values()):
+                routed = a.experts(key)
+                assert (routed is None) == (b.experts(key) is None)
+                experts = [-1] if routed is None else sorted(set(routed.tolist()))
+                if routed is not None:  # mlx-lm may sort the rows by expert: counts match
+                    assert np.array_equal(np.bincount(routed), np.bincount(b.experts(key)))
+                for e in experts:
+                    sa, sb = a.of(key, e), b.of(key, e)
+                    assert sa.count == sb.count > 0
+                    scale = np.abs(sa.h).max()
+                    assert np.allclose(sa.h, sb.h, rtol=1e-4, atol=1e-5 * scale), (i, key, e)
 
 
 def test_the_head_is_rounded_under_the_final_norms_output(tmp_path: Path) -> None:
