@@ -43,7 +43,7 @@ SMALL = ROOT.parent / "models" / "code-qwen3-30m"
 MODELS = {"dense": synthetic_model, "moe": synthetic_moe, "small": lambda: SMALL}
 # how each row rounds: the plan's method, and whether the profile keeps the analysis's sequences
 ROWS = {"nearest": ("nearest", True), "compensated": ("compensated", True),
-        "compensated, sampling again": ("compensated", False)}  # fmt: skip
+        "compensated (sampling again)": ("compensated", False)}  # fmt: skip
 
 
 def main() -> None:
