@@ -54,6 +54,7 @@ log = logging.getLogger("ramserve.profile")
 
 # Bytes of profile JSON per candidate, with headroom (measured: ~150), for the disk reservation.
 BYTES_PER_OPTION = 400
+BYTES_PER_TOKEN = 8  # a sampled token kept in the profile (its digits, a comma, a space)
 # What the error measurement keeps alive at once (a candidate holds about 16 bytes per element).
 IN_FLIGHT_BYTES = 48 << 20
 
@@ -475,6 +476,8 @@ def analyze(source: Source, *, force: bool = False, progress: bool = True,
         # the profile, the checkpoint and the atomic write's temporary copy of each
         needed = 4 * BYTES_PER_OPTION * sum(len(candidates_for(m, settings)) + 1
                                             for m in source.modules)  # fmt: skip
+        # the sampled sequences: in the profile and its temporary copy (no checkpoint holds them)
+        needed += 2 * BYTES_PER_TOKEN * settings.rounding.sequences * settings.rounding.tokens
         cache.reserve(needed, f"the profile of {source.name}", settings.cache, keep=final)
         done = {} if force else _resume_state(partial, key)
         with cache.disk_errors(f"the profile of {source.name}", final.parent):

@@ -27,7 +27,7 @@ from ramserve.records import Profile
 from ramserve.settings import load_settings
 from ramserve.source import open_source
 
-from .conftest import user_config
+from .conftest import TEST_CONFIG, user_config
 from .serving import free_port, live_server, wait_for, wait_healthy
 
 
@@ -173,10 +173,11 @@ def in_namespace(script: str, home: Path, *args: str, after: str = "true"
 def test_a_full_disk_is_refused_before_anything_is_written(tmp_path: Path, tiny_dir: Path) -> None:
     home = tmp_path / "small"
     home.mkdir()
-    # The profile (reserving 333 KB, writing 52 KB) fits on this 352 KB disk; the model (317 KB)
+    # The profile (reserving 337 KB, writing 54 KB) fits on this 352 KB disk; the model (317 KB)
     # does not fit beside it.
+    settings = TEST_CONFIG.replace("\n", "\\n")  # the tests' sample size, as in-process
     mount = (f"mount -t tmpfs -o size=352k tmpfs {home} && "
-             f"printf '[cache]\\nmin_free_gb = 0\\n' >> {home}/config.toml")  # fmt: skip
+             f"printf '{settings}[cache]\\nmin_free_gb = 0\\n' >> {home}/config.toml")  # fmt: skip
     done = in_namespace(mount, home, "quantize", str(tiny_dir), "--budget", "16bpw", "-q",
                         after=f"ls -aR {home}")  # fmt: skip
     assert done.returncode == 2, done.stderr
