@@ -334,12 +334,7 @@ class StreamedModel:
                     seen.setdefault(i, []).append(h)
                 layer = self.layers[i]
                 layer.update(self.layer_params(i))
-                outs = []
-                for rows in self.pieces(h):
-                    outs.append(layer(h[rows], *args, **kwargs))
-                    mx.eval(outs[-1])
-                h = outs[0] if len(outs) == 1 else mx.concatenate(outs)
-                del outs
+                h = self.in_pieces(layer, h, args, kwargs)
                 self.release_layer(i)
                 self.layer_done(1 / chunks)
             return h
@@ -354,6 +349,16 @@ class StreamedModel:
         count = h.shape[0]
         per = count if self.pass_tokens <= 0 else max(1, self.pass_tokens // h.shape[1])
         return [slice(s, min(count, s + per)) for s in range(0, count, per)]
+
+    def in_pieces(self, layer: Any, h: mx.array, args: tuple[Any, ...], kwargs: dict[str, Any],
+                  after: Callable[[mx.array], None] = mx.eval) -> mx.array:  # fmt: skip
+        """``layer`` on ``h``, one piece (``pieces``) at a time, with ``after`` each piece's output:
+        it evaluates the output, and takes from the piece whatever else its caller needs."""
+        outs = []
+        for rows in self.pieces(h):
+            outs.append(layer(h[rows], *args, **kwargs))
+            after(outs[-1])
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs)
 
     def hidden_states(
         self,

@@ -252,18 +252,13 @@ def _layer_inputs(
         probes, _ = probe_modules(run, i)
         chosen = {p: probe for p, probe in probes.items() if wanted(p)}
         swapped = [(p, run.swap(p, probe)) for p, probe in chosen.items()]
-        shared, keys, outs = SharedInputs(r.damp), {}, []
+        shared, keys = SharedInputs(r.damp), dict[str, str]()
         try:
-            for piece in run.pieces(h):
-                outs.append(layer(h[piece], *args, **kwargs))  # the probes record their inputs
-                mx.eval(outs[-1], [probe.x for probe in chosen.values()])
-                keys = shared.add(chosen)
+            h = run.in_pieces(layer, h, args, kwargs, _recording(chosen, shared, keys))
         finally:
             for path, module in reversed(swapped):
                 run.swap(path, module)
         del chosen, probes
-        h = outs[0] if len(outs) == 1 else mx.concatenate(outs)
-        del outs
         run.release_layer(i)
         yield i, keys, shared
         bar.update(1)
@@ -277,6 +272,19 @@ def _layer_inputs(
         shared = SharedInputs(r.damp)
         shared.add_rows(run.head_path, run.head_inputs(x, h))
         yield AFTER_LAYERS, {run.head_path: run.head_path}, shared
+
+
+def _recording(
+    probes: dict[str, Probe], shared: SharedInputs, keys: dict[str, str]
+) -> Callable[[mx.array], None]:
+    """What follows each piece of the probed pass: its output evaluated with the inputs the
+    ``probes`` recorded, which ``shared`` adds up (``keys``: each module's input)."""
+
+    def after(out: mx.array) -> None:
+        mx.eval(out, [probe.x for probe in probes.values()])
+        keys.update(shared.add(probes))
+
+    return after
 
 
 AFTER_LAYERS = 1 << 30  # the untied head's place in the pass: after every layer
