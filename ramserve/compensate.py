@@ -41,7 +41,7 @@ class Rounded:
 
     bits: int
     group_size: int
-    codes: np.ndarray  # (rows, columns), integers in [0, 2^bits)
+    codes: np.ndarray  # (rows, columns), uint8 in [0, 2^bits)
     scales: np.ndarray  # (rows, groups)
     biases: np.ndarray  # (rows, groups)
     error: float  # Σ_rows δw H δwᵀ of what is kept
@@ -53,15 +53,22 @@ class Rounded:
         return q, mx.array(self.scales).astype(dtype), mx.array(self.biases).astype(dtype)
 
 
-def damped(h: np.ndarray, damp: float) -> np.ndarray:
-    """H + λI, λ = ``damp`` × mean(diag H), with 1 on the diagonal of a column no input reached."""
-    h = np.array(h, dtype=np.float32)
-    diag = np.diagonal(h).copy()
+def damping(h: np.ndarray, damp: float) -> np.ndarray:
+    """What ``damped`` adds to H's diagonal: λ = ``damp`` × mean(diag H), and 1 more on the
+    diagonal of a column no input reached."""
+    diag = np.diagonal(h)
     dead = diag <= 0
     level = float(diag[~dead].mean()) if (~dead).any() else 1.0
+    shift: np.ndarray = np.where(dead, 1.0, 0.0).astype(np.float32) + np.float32(damp * level)
+    return shift
+
+
+def damped(h: np.ndarray, damp: float) -> np.ndarray:
+    """H + λI, λ = ``damp`` × mean(diag H), with 1 on the diagonal of a column no input reached."""
+    out = np.array(h, dtype=np.float32)
     idx = np.arange(h.shape[0])
-    h[idx, idx] = np.where(dead, 1.0, diag) + damp * level
-    return h
+    out[idx, idx] += damping(h, damp)
+    return out
 
 
 def inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
@@ -69,24 +76,37 @@ def inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
     rounded to nearest and spreads nothing.
 
     With J the reversal, J H J = M Mᵀ gives H⁻¹ = (J M⁻¹ J)ᵀ (J M⁻¹ J): one Cholesky and one
-    triangular inverse (MLX's, on the CPU's LAPACK)."""
-    h = damped(h, damp)
-    flipped = mx.array(np.ascontiguousarray(h[::-1, ::-1]))
-    m = mx.linalg.cholesky(flipped, stream=mx.cpu)
+    triangular inverse (MLX's, on the CPU's LAPACK). Each step's input is let go as soon as it is
+    used: at 5,632 columns every copy is 127 MB."""
+    flipped = np.ascontiguousarray(damped(h, damp)[::-1, ::-1])
+    square = mx.array(flipped)
+    del flipped
+    m = mx.linalg.cholesky(square, stream=mx.cpu)
+    mx.eval(m)
+    del square
     inv = mx.linalg.tri_inv(m, upper=False, stream=mx.cpu)
-    u = np.asarray(inv)[::-1, ::-1]
-    return np.ascontiguousarray(u)
+    mx.eval(inv)
+    del m
+    u = np.ascontiguousarray(np.asarray(inv)[::-1, ::-1])
+    del inv
+    return u
 
 
 def row_errors(delta: np.ndarray, h: np.ndarray, x: np.ndarray | None = None) -> np.ndarray:
     """δw H δwᵀ per row, in float64 sums; from the inputs ``x`` (H = xᵀx) when they are fewer rows
-    than columns, which costs less."""
-    if x is not None and x.shape[0] < x.shape[1]:
-        out = (delta @ x.T).astype(np.float64)
-        errors: np.ndarray = np.einsum("ij,ij->i", out, out)
-        return errors
-    hd = delta @ h
-    errors = np.einsum("ij,ij->i", hd.astype(np.float64), delta.astype(np.float64))
+    than columns, which costs less. A slab of rows at a time: the float64 copies are twice the rows'
+    size."""
+    rows, n = delta.shape
+    errors = np.empty(rows, dtype=np.float64)
+    step = max(1, affine.SLAB_ELEMENTS // n)
+    for start in range(0, rows, step):
+        part = delta[start : start + step]
+        if x is not None and x.shape[0] < x.shape[1]:
+            out = (part @ x.T).astype(np.float64)
+            errors[start : start + step] = np.einsum("ij,ij->i", out, out)
+        else:
+            hd = (part @ h).astype(np.float64)
+            errors[start : start + step] = np.einsum("ij,ij->i", hd, part.astype(np.float64))
     return errors
 
 
@@ -94,12 +114,16 @@ def nearest(
     w: mx.array, group_size: int, bits: int, ranges: Sequence[float], refits: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rounding to nearest by the search quantizer: codes (rows, columns), scales and biases
-    (rows, groups), float32."""
-    codes, s, b = affine._fit(w, group_size, bits, ranges, refits)
-    rows = w.shape[0]
-    return (np.asarray(codes, dtype=np.float32).reshape(rows, -1),
-            np.asarray(s, dtype=np.float32).reshape(rows, -1),
-            np.asarray(b, dtype=np.float32).reshape(rows, -1))  # fmt: skip
+    (rows, groups), float32. A slab of rows at a time, as ``affine.quantize`` searches: the search
+    keeps several float32 copies of what it is given alive (an untied head whole: 3.4 GB)."""
+    step = max(1, affine.SLAB_ELEMENTS // w.shape[1])
+    slabs = []
+    for start in range(0, w.shape[0], step):
+        part = w[start : start + step]
+        fit = affine._fit(part, group_size, bits, ranges, refits)
+        slabs.append([np.asarray(a, dtype=np.float32).reshape(part.shape[0], -1) for a in fit])
+    codes, s, b = (np.concatenate([slab[k] for slab in slabs]) for k in range(3))
+    return codes, s, b
 
 
 def dequantized(codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, group_size: int
@@ -111,20 +135,24 @@ def dequantized(codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, group
 
 
 def descended(weights: np.ndarray, codes: np.ndarray, scales: np.ndarray, biases: np.ndarray,
-              group_size: int, bits: int, h: np.ndarray, sweeps: int, block: int
-              ) -> np.ndarray:  # fmt: skip
+              group_size: int, bits: int, h: np.ndarray, sweeps: int, block: int,
+              shift: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """``codes`` (rows, columns) improved by ``sweeps`` of cyclic coordinate descent on
     Σ_rows δw H δwᵀ (as QuantEase, Behdin et al. 2023): each column in turn takes the code nearest
-    its best value with every other column fixed, so the error under ``h`` never rises. GPTQ's pass
-    only looks forward; the sweeps let a column answer the columns after it. Columns in blocks: the
-    in-block changes reach a column by one product, the whole block's reach the rest in one."""
+    its best value with every other column fixed, so the error under ``h`` (plus ``shift`` on its
+    diagonal: ``damping``, without a damped copy of H) never rises. GPTQ's pass only looks forward;
+    the sweeps let a column answer the columns after it. Columns in blocks: the in-block changes
+    reach a column by one product, the whole block's reach the rest in one."""
     rows, n = codes.shape
     top = float((1 << bits) - 1)
     q = np.ascontiguousarray(codes.T)
     st, bt = np.ascontiguousarray(scales.T), np.ascontiguousarray(biases.T)
     deq = q * np.repeat(st, group_size, axis=0) + np.repeat(bt, group_size, axis=0)
-    e = h @ (np.ascontiguousarray(weights.T) - deq)  # (n, rows): H·δwᵀ
-    diag = np.diagonal(h)
+    shift = np.zeros(n, dtype=np.float32) if shift is None else shift
+    delta = np.ascontiguousarray(weights.T) - deq
+    e = h @ delta + shift[:, None] * delta  # (n, rows): H·δwᵀ
+    del delta
+    diag = np.diagonal(h) + shift
     for _ in range(sweeps):
         for i1 in range(0, n, block):
             i2 = min(i1 + block, n)
@@ -139,6 +167,7 @@ def descended(weights: np.ndarray, codes: np.ndarray, scales: np.ndarray, biases
                 d[j - i1] = new - deq[j]
                 q[j], deq[j] = t, new
             e -= h[:, i1:i2] @ d
+            e[i1:i2] -= shift[i1:i2, None] * d
     return np.ascontiguousarray(q.T)
 
 
@@ -159,14 +188,49 @@ def compensated(
     compensation under ``h`` (columns, columns), and keep per row the better of that and rounding to
     nearest (errors measured under ``h``, or the inputs ``x`` it was made of). ``u``: H's
     ``inverse_cholesky``, when modules that read the same input share it. ``descent``: sweeps of
-    coordinate descent on the compensated codes, under the damped H (``descended``)."""
+    coordinate descent on the compensated codes, under the damped H (``descended``).
+
+    Rows are rounded independently (the error is a sum over rows), so a tall weight is taken in slabs
+    of rows (``ROW_SLAB_ELEMENTS``): the rounding holds several float32 copies of what it rounds."""
+    h = np.asarray(h, dtype=np.float32)
+    u = inverse_cholesky(h, damp) if u is None else u
+    shift = damping(h, damp) if descent else None
+    step = max(1, ROW_SLAB_ELEMENTS // w.shape[1])
+    slabs = [_compensated_rows(w[start : start + step], h, shift, u, group_size, bits, ranges, refits,
+                               block, x, descent)
+             for start in range(0, w.shape[0], step)]  # fmt: skip
+    if len(slabs) == 1:
+        return slabs[0]
+    codes, scales, biases = (np.concatenate([getattr(r, k) for r in slabs])
+                             for k in ("codes", "scales", "biases"))  # fmt: skip
+    return Rounded(bits, group_size, codes, scales, biases, sum(r.error for r in slabs),
+                   sum(r.nearest_error for r in slabs))  # fmt: skip
+
+
+# Rows of a weight rounded at once hold about this many elements (float32: 32 MB a copy).
+ROW_SLAB_ELEMENTS = 1 << 23
+
+
+def _compensated_rows(
+    w: mx.array,
+    h: np.ndarray,
+    shift: np.ndarray | None,
+    u: np.ndarray,
+    group_size: int,
+    bits: int,
+    ranges: Sequence[float],
+    refits: int,
+    block: int,
+    x: np.ndarray | None,
+    descent: int,
+) -> Rounded:
+    """``compensated`` on rows ``w``, given H, its ``damping`` ``shift`` (for ``descent``) and
+    ``u``."""
     rows, n = w.shape
     block = max(block, group_size)
     if block % group_size:
         raise ValueError(f"the column block ({block}) must hold whole groups ({group_size})")
     top = float((1 << bits) - 1)
-    h = np.asarray(h, dtype=np.float32)
-    u = inverse_cholesky(h, damp) if u is None else u
     inv_d = 1 / np.diagonal(u)
     weights = np.asarray(w.astype(mx.float32))
     # columns as rows: each step reads and updates contiguous memory
@@ -205,15 +269,14 @@ def compensated(
         if i2 < n:
             work[i2:] -= u[i1:i2, i2:].T @ errors
     codes, scales, biases = codes.T, np.ascontiguousarray(scales.T), np.ascontiguousarray(biases.T)
-    if descent:
-        codes = descended(weights, codes, scales, biases, group_size, bits, damped(h, damp), descent,
-                          block)  # fmt: skip
+    if shift is not None:
+        codes = descended(weights, codes, scales, biases, group_size, bits, h, descent, block,
+                          shift)  # fmt: skip
     near_codes, near_s, near_b = nearest(w, group_size, bits, ranges, refits)
     comp_err = row_errors(weights - dequantized(codes, scales, biases, group_size), h, x)
     near_err = row_errors(weights - dequantized(near_codes, near_s, near_b, group_size), h, x)
     worse = comp_err > near_err
     codes[worse], scales[worse], biases[worse] = near_codes[worse], near_s[worse], near_b[worse]
     kept = np.where(worse, near_err, comp_err)
-    return Rounded(
-        bits, group_size, codes, scales, biases, float(kept.sum()), float(near_err.sum())
-    )
+    return Rounded(bits, group_size, codes.astype(np.uint8), scales, biases, float(kept.sum()),
+                   float(near_err.sum()))  # fmt: skip

@@ -25,6 +25,7 @@ import numpy as np
 from . import affine, atomic, cache
 from .cache import model_dir
 from .errors import BadModel
+from .process import freed_memory_returned
 from .profile import drawn_sequences
 from .progress import Bar
 from .records import Manifest, Plan, RecordError
@@ -335,7 +336,8 @@ def _write(source: Source, plan: Plan, final: Path, in_cache: bool, progress: bo
         cache.require_free(needed, final.parent, what, source.settings.cache)
     start = time.perf_counter()
     with cache.disk_errors(what, final.parent), atomic.staging_dir(final) as tmp:
-        index, gain = write_shards(source, plan, tmp, progress, share)
+        with freed_memory_returned():  # one module's buffers at a time, not the heap's high-water
+            index, gain = write_shards(source, plan, tmp, progress, share)
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
         (tmp / "config.json").write_text(json.dumps(_config(source, plan), indent=1))
         for path in extra:

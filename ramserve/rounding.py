@@ -107,7 +107,11 @@ class SharedInputs:
 
     def _add(self, key: str, expert: int, x: np.ndarray) -> None:
         count, h = self.sums.get((key, expert), (0, None))
-        self.sums[key, expert] = (count + len(x), x.T @ x if h is None else h + x.T @ x)
+        if h is None:
+            h = x.T @ x
+        else:
+            h += x.T @ x  # in place: at 5,632 columns a sum is 127 MB
+        self.sums[key, expert] = (count + len(x), h)
 
     def experts(self, key: str) -> np.ndarray | None:
         """The expert of each of input ``key``'s rows, for stacked experts; else None."""
@@ -123,6 +127,21 @@ class SharedInputs:
             self.stats[key, expert] = InputStats(count, h, u)
         return self.stats[key, expert]
 
+    def release(self, key: str, expert: int | None = None) -> None:
+        """Lets go of what is held for input ``key``'s rows routed to ``expert`` (None: all of
+        them), which no module left to round reads."""
+        for held in (self.stats, self.sums):
+            for k in [k for k in held if k[0] == key and expert in (None, k[1])]:
+                del held[k]
+
+
+def readers(keys: dict[str, str]) -> dict[str, list[str]]:
+    """The modules (paths) that read each input, by the input's key."""
+    out: dict[str, list[str]] = {}
+    for path, key in keys.items():
+        out.setdefault(key, []).append(path)
+    return out
+
 
 def _options(quantizer: dict[str, Any], r: RoundingSettings) -> dict[str, Any]:
     """``compensate.compensated``'s options from a plan's quantizer and rounding."""
@@ -130,39 +149,46 @@ def _options(quantizer: dict[str, Any], r: RoundingSettings) -> dict[str, Any]:
             "damp": r.damp, "block": r.block, "descent": r.descent_sweeps}  # fmt: skip
 
 
-def round_module(
-    w: mx.array,
+def round_input(
+    weights: dict[str, mx.array],
     inputs: SharedInputs,
     key: str,
-    q: dict[str, Any],
+    plans: dict[str, dict[str, Any]],
     quantizer: dict[str, Any],
     r: RoundingSettings,
     gain: Gain,
-    path: str,
-) -> Packed:
-    """One planned module (2-D, or stacked experts (experts, out, in)) rounded under the H of its
-    input ``key`` (for stacked experts, each expert under the H of the rows routed to it)."""
-    bits, g = q["bits"], q["group_size"]
+) -> dict[str, Packed]:
+    """The planned modules that read input ``key`` (by path: 2-D weights, or stacked experts
+    (experts, out, in)), each rounded under that input's H, and for stacked experts each expert under
+    the H of the rows routed to it: expert by expert, so that one expert's statistics are held at a
+    time (``SharedInputs.release``)."""
     opts = _options(quantizer, r)
     routed = inputs.experts(key)
-    error = nearest = 0.0
-    out = []
-    for e in range(w.shape[0]) if routed is not None else [-1]:
-        weight = w if e < 0 else w[e]
+    experts = range(next(iter(weights.values())).shape[0]) if routed is not None else [-1]
+    out: dict[str, list[Packed]] = {path: [] for path in weights}
+    for e in experts:
         stats = inputs.of(key, e)
-        if stats.count < (r.min_expert_tokens if e >= 0 else 1):
-            gain.experts_nearest += 1
-            out.append(affine.quantize(weight, g, bits, **quantizer))
-            continue
-        rounded = compensated(weight, stats.h, g, bits, u=stats.u, **opts)
-        error, nearest = error + rounded.error, nearest + rounded.nearest_error
-        out.append(rounded.packed(w.dtype))
-    gain.error, gain.nearest_error = gain.error + error, gain.nearest_error + nearest
-    gain.modules += 1
+        enough = stats.count >= (r.min_expert_tokens if e >= 0 else 1)
+        for path, w in weights.items():
+            weight, q = (w if e < 0 else w[e]), plans[path]
+            if not enough:
+                gain.experts_nearest += 1
+                out[path].append(affine.quantize(weight, q["group_size"], q["bits"], **quantizer))
+                continue
+            rounded = compensated(weight, stats.h, q["group_size"], q["bits"], u=stats.u, **opts)
+            gain.error += rounded.error
+            gain.nearest_error += rounded.nearest_error
+            out[path].append(rounded.packed(w.dtype))
+        inputs.release(key, e)
+    gain.modules += len(weights)
     if routed is None:
-        return out[0]
-    stacked = tuple(mx.stack([o[k] for o in out]) for k in range(3))
-    return stacked[0], stacked[1], stacked[2]
+        return {path: parts[0] for path, parts in out.items()}
+    return {path: _stacked(parts) for path, parts in out.items()}
+
+
+def _stacked(parts: list[Packed]) -> Packed:
+    q, s, b = (mx.stack([p[k] for p in parts]) for k in range(3))
+    return q, s, b
 
 
 def unpacked(
@@ -319,12 +345,14 @@ def compensated_layers(
     for i, keys, shared in layer_inputs(source, r, planned, "compensating", progress, share,
                                         sequences=sequences):  # fmt: skip
         results: dict[str, Packed] = {}
-        for path, key in keys.items():
-            w = weights.pop(f"{path}.weight").astype(stored)
-            results[path] = round_module(
-                w, shared, key, quantization[path], quantizer, r, gain, path
-            )
-            mx.eval(results[path])
+        for key, paths in readers(keys).items():
+            read = {p: weights.pop(f"{p}.weight").astype(stored) for p in paths}
+            done = round_input(read, shared, key, {p: quantization[p] for p in paths},
+                               quantizer, r, gain)  # fmt: skip
+            mx.eval(done)
+            results |= done
+            del read
+            mx.clear_cache()  # inputs differ in width: MLX's cache would keep each one's buffers
         yield i, results
     gain.seconds = time.perf_counter() - start
 
@@ -378,13 +406,15 @@ def compensation_ratios(
     for _, keys, shared in layer_inputs(source, r, lambda p: bool(candidates.get(p)),
                                         "compensation", progress, share, meanwhile,
                                         sequences):  # fmt: skip
-        for path, key in keys.items():
-            w = weights.pop(f"{path}.weight").astype(stored)
-            bits, g = min(candidates[path], key=lambda c: (abs(c[0] - 4), abs(c[1] - 64)))
-            error = nearest = 0.0
-            for rows, e in _sample(w, shared, key, r):
-                stats = shared.of(key, e)
-                done = compensated(rows, stats.h, g, bits, u=stats.u, **opts)
-                error, nearest = error + done.error, nearest + done.nearest_error
-            out[path] = error / nearest if nearest > 0 else 1.0
+        for key, paths in readers(keys).items():
+            for path in paths:
+                w = weights.pop(f"{path}.weight").astype(stored)
+                bits, g = min(candidates[path], key=lambda c: (abs(c[0] - 4), abs(c[1] - 64)))
+                error = nearest = 0.0
+                for rows, e in _sample(w, shared, key, r):
+                    stats = shared.of(key, e)
+                    done = compensated(rows, stats.h, g, bits, u=stats.u, **opts)
+                    error, nearest = error + done.error, nearest + done.nearest_error
+                out[path] = error / nearest if nearest > 0 else 1.0
+            shared.release(key)
     return out

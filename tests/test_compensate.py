@@ -26,7 +26,7 @@ from ramserve.rounding import (
     SharedInputs,
     layer_inputs,
     pass_position,
-    round_module,
+    round_input,
 )
 from ramserve.settings import RoundingSettings, load_settings
 from ramserve.source import open_source
@@ -134,7 +134,7 @@ def test_experts_are_rounded_under_their_own_h(tiny_moe_dir: Path) -> None:
     gain = Gain()
     shared = SharedInputs(r.damp)
     key = shared.add({path: probes[path]})[path]
-    packed = round_module(w, shared, key, q, quantizer, r, gain, path)
+    packed = round_input({path: w}, shared, key, {path: q}, quantizer, r, gain)[path]
     x = np.asarray(rows.astype(mx.float32))
     for e in range(w.shape[0]):
         xe = x[routed == e]
