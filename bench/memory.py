@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psutil
 
@@ -35,3 +39,13 @@ def peak_rss_over_baseline(fn: Callable[[], T], interval: float = 0.01) -> tuple
         stop.set()
         thread.join()
     return result, max(0, peak - baseline), seconds
+
+
+def in_fresh_process(argv: list[str]) -> dict[str, Any]:
+    """Runs ``python *argv`` (a benchmark measuring one row) with this environment and returns the
+    JSON object its last output line holds: a row measured in a process of its own starts from that
+    process's baseline, not from what earlier rows left resident."""
+    done = subprocess.run([sys.executable, *argv], env=os.environ, stdout=subprocess.PIPE,
+                          text=True, check=True)  # fmt: skip
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result

@@ -222,12 +222,20 @@ class StreamedModel:
         from .source import model_classes
 
         self.source, self.dtype, self.pass_tokens = source, dtype, pass_tokens
+        # tensors read in their stored dtype, not the run's: stacked experts on the CPU, which
+        # ``expert_matmul`` widens one expert at a time (in float32 a layer of them is twice the
+        # memory: 600 MB at Qwen3-30B's widths with 32 experts)
+        self.stored: set[str] = set()
         model_class, args_class = model_classes(source.config)
         self.model = model_class(args_class.from_dict(source.config))
         if mx.default_device() == mx.cpu:  # on Metal, gather_mm is fast
-            from mlx_lm.models.switch_layers import SwitchLinear
+            from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 
-            swap_classes(self.model, {SwitchLinear: _blas_switch_class()})
+            swapped = swap_classes(self.model, {SwitchLinear: _blas_switch_class(),
+                                                SwitchGLU: _unsorted_glu_class()})  # fmt: skip
+            if swapped:  # stacked experts stay as stored, widened an expert at a time
+                self.stored = {f"{m.path}.weight" for m in source.modules
+                               if len(source.tensor_shapes[f"{m.path}.weight"]) == 3}  # fmt: skip
         stack = DecoderStack.of(self.model)  # seams: the list the model's loop reads
         self.layers = stack.layers
         # this rank's layers; rank 0 alone holds the embedding and the head (ramserve/relay.py)
@@ -262,7 +270,7 @@ class StreamedModel:
         out = {}
         for k, v in self.source.weights().items():
             if keep(k):
-                out[k] = v.astype(self.dtype)
+                out[k] = v if k in self.stored else v.astype(self.dtype)
                 mx.eval(out[k])  # one at a time: only one tensor is ever held in both dtypes
         return out
 
@@ -656,6 +664,21 @@ class Probe:
         experts = mx.broadcast_to(mx.expand_dims(self.experts, -1), pairs)
         return inputs.reshape(-1, inputs.shape[-1]), experts.reshape(-1)
 
+    def token_rows(self) -> tuple[mx.array, mx.array, mx.array] | None:
+        """For stacked experts that share each token's input (gate and up): the distinct input
+        rows (tokens, in), and per (token, expert) pair its expert and its row. None for any other
+        module, whose every output row has an input row of its own (``rows``)."""
+        assert self.x is not None
+        if self.experts is None:
+            return None
+        pairs, lead = self.shape[:-1], self.x.shape[:-1]
+        distinct = math.prod(lead)
+        if distinct == math.prod(pairs):
+            return None
+        row_of = mx.broadcast_to(mx.arange(distinct).reshape(lead), pairs)
+        experts = mx.broadcast_to(mx.expand_dims(self.experts, -1), pairs)
+        return self.x.reshape(distinct, -1), experts.reshape(-1), row_of.reshape(-1)
+
     def add_to(self, sums: Marginals, path: str, delta: mx.array, sequences: int) -> None:
         """The marginals of each sequence's weight gradient (a batch of ``sequences`` of them)."""
         assert self.x is not None
@@ -671,17 +694,25 @@ def expert_matmul(x: mx.array, weight: mx.array, indices: mx.array) -> mx.array:
     """``mx.gather_mm(x, weightᵀ, rhs_indices=indices)`` (mlx-lm's stacked experts), computed as one
     BLAS product per expert over the rows routed to it: MLX's CPU ``gather_mm`` runs about one row at
     a time on one thread (about 2 GFLOP/s), which made an MoE layer's streamed pass cost ~10x a dense
-    layer's per byte. Differentiable (gathers, slices and products); the routing is read on the host."""
+    layer's per byte. Each expert's weight is widened to ``x``'s dtype when used (the layer keeps
+    them as stored: ``StreamedModel.stored``). Differentiable (gathers, slices and products); the
+    routing is read on the host."""
     lead, (m, k) = indices.shape, x.shape[-2:]
-    rows = mx.broadcast_to(x, (*lead, m, k)).reshape(-1, k)
+    # each (pair, row)'s row of x, which may be shared by a token's experts: gathered once, in
+    # the experts' order, never broadcast first
+    distinct = np.arange(math.prod(x.shape[:-1])).reshape(x.shape[:-1])
+    source_rows = np.broadcast_to(distinct, (*lead, m)).reshape(-1)
     experts = np.repeat(np.asarray(indices).reshape(-1), m)
     order = np.argsort(experts, kind="stable")
     counts = np.bincount(experts, minlength=weight.shape[0])
-    picked = rows[mx.array(order)]
+    picked = x.reshape(-1, k)[mx.array(source_rows[order])]
     parts, start = [], 0
     for e in np.nonzero(counts)[0]:
         end = start + int(counts[e])
-        parts.append(picked[start:end] @ weight[int(e)].T)
+        parts.append(picked[start:end] @ weight[int(e)].astype(x.dtype).T)
+        # each product now: MLX would otherwise make every expert's widened copy of its weight
+        # before the first product runs (Qwen3-30B's widths: 200 MB a projection at 32 experts)
+        mx.eval(parts[-1])
         start = end
     out = mx.concatenate(parts)[mx.array(np.argsort(order))]
     return out.reshape(*lead, m, weight.shape[1])
@@ -702,6 +733,26 @@ def _blas_switch_class() -> type:
             return out
 
     return BlasSwitchLinear
+
+
+@functools.cache
+def _unsorted_glu_class() -> type:
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    class UnsortedSwitchGLU(SwitchGLU):
+        """mlx-lm's gated experts without its sort of the (token, expert) pairs by expert, which
+        serves ``gather_mm`` on Metal: ``expert_matmul`` groups the pairs itself. Unsorted, gate and
+        up read each token's row (broadcast over its experts), not a copy per pair, so a probe sees
+        the tokens' rows (``Probe.token_rows``). The same outputs, the pairs in another order."""
+
+        def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+            x = mx.expand_dims(x, (-2, -3))
+            indices = mx.stop_gradient(indices)
+            up, gate = self.up_proj(x, indices), self.gate_proj(x, indices)
+            out: mx.array = self.down_proj(self.activation(up, gate), indices)
+            return out.squeeze(-2)
+
+    return UnsortedSwitchGLU
 
 
 def probed_types() -> tuple[type, ...]:

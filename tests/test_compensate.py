@@ -113,11 +113,15 @@ def test_descent_never_raises_the_error(dense: Path) -> None:
     assert errors[-1].sum() < 0.99 * errors[0].sum()
 
 
-def test_experts_are_rounded_under_their_own_h(tiny_moe_dir: Path) -> None:
+@pytest.mark.parametrize("projection", ["down_proj", "gate_proj"])
+def test_experts_are_rounded_under_their_own_h(tiny_moe_dir: Path, projection: str) -> None:
     """Stacked experts: each expert's weight is rounded under the H of the rows routed to it (equal
-    to compensating that expert alone), and one that saw too few rows is rounded to nearest."""
+    to compensating that expert alone), and one that saw too few rows is rounded to nearest. Both
+    ways the rows are kept: H summed per expert (down: each pair's own input), and the tokens' rows
+    shared by their experts (gate)."""
     probes = layer_probes(tiny_moe_dir)
-    path = next(p for p in probes if p.endswith("switch_mlp.down_proj"))
+    path = next(p for p in probes if p.endswith(f"switch_mlp.{projection}"))
+    assert (probes[path].token_rows() is None) == (projection == "down_proj")
     rows, experts = probes[path].rows()
     assert experts is not None
     w = weight(tiny_moe_dir, path).astype(mx.bfloat16)
