@@ -145,7 +145,7 @@ def descended(weights: np.ndarray, codes: np.ndarray, scales: np.ndarray, biases
     reach a column by one product, the whole block's reach the rest in one."""
     rows, n = codes.shape
     top = float((1 << bits) - 1)
-    q = np.ascontiguousarray(codes.T)
+    q = np.array(codes.T, dtype=np.float32, order="C")  # a copy: the caller's codes stay as given
     st, bt = np.ascontiguousarray(scales.T), np.ascontiguousarray(biases.T)
     deq = q * np.repeat(st, group_size, axis=0) + np.repeat(bt, group_size, axis=0)
     shift = np.zeros(n, dtype=np.float32) if shift is None else shift
@@ -278,5 +278,6 @@ def _compensated_rows(
     worse = comp_err > near_err
     codes[worse], scales[worse], biases[worse] = near_codes[worse], near_s[worse], near_b[worse]
     kept = np.where(worse, near_err, comp_err)
-    return Rounded(bits, group_size, codes.astype(np.uint8), scales, biases, float(kept.sum()),
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    return Rounded(bits, group_size, codes, scales, biases, float(kept.sum()),
                    float(near_err.sum()))  # fmt: skip

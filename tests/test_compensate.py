@@ -90,6 +90,49 @@ def test_never_worse_than_nearest_under_the_same_h(dense: Path, bits: int, group
     assert np.median(ratios) < 0.9, ratios  # correlated inputs: compensation pays
 
 
+def test_slabs_of_rows_and_a_shifted_diagonal_round_the_same(
+    dense: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What bounds the rounding's memory changes nothing it rounds: a weight taken in slabs of rows
+    (and the search in slabs) gets the codes, scales, biases and errors it gets whole, and the
+    descent under H with the damping as a diagonal shift chooses what it chooses under a damped copy
+    of H."""
+    from ramserve import compensate
+
+    probes = layer_probes(dense)
+    path = next(p for p in probes if p.endswith("gate_proj"))
+    inputs, _ = probes[path].rows()
+    x = np.asarray(inputs.astype(mx.float32))
+    h = x.T @ x
+    w = weight(dense, path)
+    q = load_settings().quantizer
+    whole = compensated(w, h, 64, 4, q.ranges, q.refits, 0.1, descent=2)
+    rows, columns = w.shape
+    monkeypatch.setattr(compensate, "ROW_SLAB_ELEMENTS", columns * (rows // 3 + 1))
+    monkeypatch.setattr(affine, "SLAB_ELEMENTS", columns * 5)
+    slabs = compensated(w, h, 64, 4, q.ranges, q.refits, 0.1, descent=2)
+    for k in ("codes", "scales", "biases"):
+        assert np.array_equal(getattr(whole, k), getattr(slabs, k)), k
+    assert slabs.error == pytest.approx(whole.error, rel=1e-5)
+    assert slabs.nearest_error == pytest.approx(whole.nearest_error, rel=1e-5)
+    ref = np.asarray(w.astype(mx.float32))
+    start = compensated(w, h, 64, 3, q.ranges, q.refits, 0.1)
+    given = start.codes.copy()
+    copied = descended(ref, start.codes, start.scales, start.biases, 64, 3, damped(h, 0.1), 2, 128)
+    shifted = descended(ref, start.codes, start.scales, start.biases, 64, 3, h, 2, 128,
+                        compensate.damping(h, 0.1))  # fmt: skip
+    hd = damped(h, 0.1)
+    error = {
+        name: row_errors(ref - dequantized(c, start.scales, start.biases, 64), hd).sum()
+        for name, c in (("start", start.codes), ("copied", copied), ("shifted", shifted))
+    }
+    # float32 sums in another order tip a few near-ties, nothing more
+    assert (copied != shifted).mean() < 0.01
+    assert error["shifted"] == pytest.approx(error["copied"], rel=1e-3)
+    assert error["shifted"] < 0.99 * error["start"]  # and the descent did descend
+    assert np.array_equal(start.codes, given)  # from the codes given, which it leaves as they were
+
+
 def test_descent_never_raises_the_error(dense: Path) -> None:
     """Coordinate descent after the compensated pass: every sweep keeps each row's error under the
     damped H at most what it was, and lowers the total; the codes stay valid."""
