@@ -171,6 +171,47 @@ def descended(weights: np.ndarray, codes: np.ndarray, scales: np.ndarray, biases
     return np.ascontiguousarray(q.T)
 
 
+def refitted(weights: np.ndarray, codes: np.ndarray, scales: np.ndarray, biases: np.ndarray,
+             group_size: int, h: np.ndarray, shift: np.ndarray, dtype: mx.Dtype
+             ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Each group's scale and bias re-chosen for its codes under H + diag(``shift``) (the damped H),
+    group after group with the others fixed: the search quantizer chose them for the weights alone,
+    but what counts is the output error, where a group's error can answer the others'. Per row, a
+    group's (s, b) moves to the least squares solution of its 2 × 2 system, rounded to the stored
+    ``dtype``, where that lowers the error (so it never rises)."""
+    rows, n = codes.shape
+    q = codes.astype(np.float32)
+    scales, biases = scales.copy(), biases.copy()
+    delta = weights - dequantized(q, scales, biases, group_size)
+    e = delta @ h + delta * shift  # (rows, n): (H δwᵀ)ᵀ
+    del delta
+    for k in range(n // group_size):
+        cols = slice(k * group_size, (k + 1) * group_size)
+        hg = h[cols, cols] + np.diag(shift[cols])
+        qk, ek = q[:, cols], e[:, cols]
+        a11 = np.einsum("ij,ij->i", qk @ hg, qk)
+        a12, a22 = qk @ hg.sum(1), hg.sum()
+        r1, r2 = np.einsum("ij,ij->i", qk, ek), ek.sum(1)
+        det = a11 * a22 - a12 * a12
+        ok = det > 1e-9 * np.abs(a11 * a22)
+        safe = np.where(ok, det, 1.0)
+        s_new = _stored(scales[:, k] + np.where(ok, (r1 * a22 - r2 * a12) / safe, 0), dtype)
+        b_new = _stored(biases[:, k] + np.where(ok, (a11 * r2 - a12 * r1) / safe, 0), dtype)
+        change = (s_new - scales[:, k])[:, None] * qk + (b_new - biases[:, k])[:, None]
+        gain = 2 * np.einsum("ij,ij->i", change, ek) - np.einsum("ij,ij->i", change @ hg, change)
+        take = (gain > 0) & (s_new != 0)
+        change[~take] = 0
+        scales[take, k], biases[take, k] = s_new[take], b_new[take]
+        e -= change @ h[cols, :]
+        e[:, cols] -= change * shift[cols]
+    return scales, biases
+
+
+def _stored(a: np.ndarray, dtype: mx.Dtype) -> np.ndarray:
+    """``a`` as it reads back once stored in ``dtype``."""
+    return np.asarray(mx.array(a).astype(dtype).astype(mx.float32))
+
+
 def compensated(
     w: mx.array,
     h: np.ndarray,
@@ -183,21 +224,24 @@ def compensated(
     x: np.ndarray | None = None,
     u: np.ndarray | None = None,
     descent: int = 0,
+    scale_rounds: int = 0,
 ) -> Rounded:
     """Round the 2-D weight ``w`` (rows, columns; its dtype is the stored one) with error
     compensation under ``h`` (columns, columns), and keep per row the better of that and rounding to
     nearest (errors measured under ``h``, or the inputs ``x`` it was made of). ``u``: H's
     ``inverse_cholesky``, when modules that read the same input share it. ``descent``: sweeps of
     coordinate descent on the compensated codes, under the damped H (``descended``).
+    ``scale_rounds``: after that, rounds of the groups' scales and biases re-chosen under the damped
+    H (``refitted``), each but the last followed by one more sweep of the descent.
 
     Rows are rounded independently (the error is a sum over rows), so a tall weight is taken in slabs
     of rows (``ROW_SLAB_ELEMENTS``): the rounding holds several float32 copies of what it rounds."""
     h = np.asarray(h, dtype=np.float32)
     u = inverse_cholesky(h, damp) if u is None else u
-    shift = damping(h, damp) if descent else None
+    shift = damping(h, damp) if descent or scale_rounds else None
     step = max(1, ROW_SLAB_ELEMENTS // w.shape[1])
     slabs = [_compensated_rows(w[start : start + step], h, shift, u, group_size, bits, ranges, refits,
-                               block, x, descent)
+                               block, x, descent, scale_rounds)
              for start in range(0, w.shape[0], step)]  # fmt: skip
     if len(slabs) == 1:
         return slabs[0]
@@ -223,6 +267,7 @@ def _compensated_rows(
     block: int,
     x: np.ndarray | None,
     descent: int,
+    scale_rounds: int,
 ) -> Rounded:
     """``compensated`` on rows ``w``, given H, its ``damping`` ``shift`` (for ``descent``) and
     ``u``."""
@@ -269,9 +314,15 @@ def _compensated_rows(
         if i2 < n:
             work[i2:] -= u[i1:i2, i2:].T @ errors
     codes, scales, biases = codes.T, np.ascontiguousarray(scales.T), np.ascontiguousarray(biases.T)
-    if shift is not None:
+    if descent:
+        assert shift is not None
         codes = descended(weights, codes, scales, biases, group_size, bits, h, descent, block,
                           shift)  # fmt: skip
+    for round_ in range(scale_rounds):
+        assert shift is not None
+        scales, biases = refitted(weights, codes, scales, biases, group_size, h, shift, w.dtype)
+        if round_ + 1 < scale_rounds:
+            codes = descended(weights, codes, scales, biases, group_size, bits, h, 1, block, shift)
     near_codes, near_s, near_b = nearest(w, group_size, bits, ranges, refits)
     comp_err = row_errors(weights - dequantized(codes, scales, biases, group_size), h, x)
     near_err = row_errors(weights - dequantized(near_codes, near_s, near_b, group_size), h, x)

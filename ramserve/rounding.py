@@ -195,7 +195,8 @@ def readers(keys: dict[str, str]) -> dict[str, list[str]]:
 def _options(quantizer: dict[str, Any], r: RoundingSettings) -> dict[str, Any]:
     """``compensate.compensated``'s options from a plan's quantizer and rounding."""
     return {"ranges": quantizer.get("ranges", ()), "refits": quantizer.get("refits", 0),
-            "damp": r.damp, "block": r.block, "descent": r.descent_sweeps}  # fmt: skip
+            "damp": r.damp, "block": r.block, "descent": r.descent_sweeps,
+            "scale_rounds": r.scale_rounds}  # fmt: skip
 
 
 def round_input(

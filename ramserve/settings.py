@@ -56,6 +56,8 @@ class RoundingSettings(BaseModel):
     descent_sweeps: int = Field(default=0, ge=0)
     # 0 (all sequences at once) where a plan recorded before pieces existed, for the same reason
     pass_tokens: int = Field(default=0, ge=0)
+    # 0 where a plan recorded before scales were re-chosen under H, for the same reason
+    scale_rounds: int = Field(default=0, ge=0)
 
     def record(self) -> dict[str, Any]:
         """What a plan records of its rounding (its hash covers it): the method, and for compensated

@@ -90,6 +90,36 @@ def test_never_worse_than_nearest_under_the_same_h(dense: Path, bits: int, group
     assert np.median(ratios) < 0.9, ratios  # correlated inputs: compensation pays
 
 
+def test_scales_rechosen_under_h_never_raise_the_error(dense: Path) -> None:
+    """Each group's scale and bias re-chosen for its codes under the damped H (``refitted``): no
+    row's error rises, the total falls, and the scales and biases are what the stored dtype holds;
+    with rounds of it after the descent, the rounding ends with less error than without."""
+    from ramserve import compensate
+
+    probes = layer_probes(dense)
+    path = next(p for p in probes if p.endswith("up_proj"))
+    inputs, _ = probes[path].rows()
+    x = np.asarray(inputs.astype(mx.float32))
+    h = x.T @ x
+    w = weight(dense, path).astype(mx.bfloat16)
+    ref = np.asarray(w.astype(mx.float32))
+    q = load_settings().quantizer
+    start = compensated(w, h, 64, 3, q.ranges, q.refits, 0.1, descent=2)
+    shift = compensate.damping(h, 0.1)
+    s, b = compensate.refitted(ref, start.codes, start.scales, start.biases, 64, h, shift,
+                               mx.bfloat16)  # fmt: skip
+    hd = damped(h, 0.1)
+    before = row_errors(ref - dequantized(start.codes, start.scales, start.biases, 64), hd)
+    after = row_errors(ref - dequantized(start.codes, s, b, 64), hd)
+    assert (after <= before * (1 + 1e-5) + 1e-9).all()
+    assert after.sum() < 0.97 * before.sum()
+    for a in (s, b):
+        assert np.array_equal(np.asarray(mx.array(a).astype(mx.bfloat16).astype(mx.float32)), a)
+    rounds = compensated(w, h, 64, 3, q.ranges, q.refits, 0.1, descent=2, scale_rounds=2)
+    assert rounds.error < 0.97 * start.error
+    assert rounds.error <= rounds.nearest_error
+
+
 def test_slabs_of_rows_and_a_shifted_diagonal_round_the_same(
     dense: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
