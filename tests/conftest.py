@@ -29,9 +29,9 @@ def shared_model(path: Path) -> Path:
 
 # Compensated rounding samples its own inputs with forward passes over 32 x 256 tokens by default,
 # about 20 s per quantization of a shared model on this CPU; tests check what it does, not how well
-# (bench/quality.py does), so their RAMSERVE_HOME samples 4 x 64 tokens. A test that writes its own
+# (bench/quality.py does), so their RAMSERVE_HOME samples 4 x 64 tokens, with fewer sweeps of descent
+# and rounds of scales than the defaults (every path still runs). A test that writes its own
 # config.toml adds to this one (``user_config``).
-# fewer sweeps and rounds than the defaults: every path runs, in less time
 TEST_CONFIG = "[rounding]\nsequences = 4\ntokens = 64\ndescent_sweeps = 2\nscale_rounds = 1\n"
 
 
