@@ -216,9 +216,20 @@ def solve(problem: Problem, budget: int) -> Solution:
 
 
 def fill_leftover(b: np.ndarray, d: np.ndarray, choice: np.ndarray, room: float) -> np.ndarray:
-    """Spend what the relaxation left: each module's upgrade that saves the most damage per extra byte
-    (plans from the relaxation sit on their hulls, so only larger candidates can save any), taken best
-    rate first whenever it still fits. Few fit, so the walk stops as soon as none of the rest can."""
+    """Spend what the relaxation left (``_fill_once``) until no module's upgrade that saves damage
+    fits: a module whose best-rate upgrade no longer fits once others took their share may still
+    have a smaller one that does. Every walk that changes the plan lowers its damage, so it ends."""
+    while True:
+        filled = _fill_once(b, d, choice, room)
+        if np.array_equal(filled, choice):
+            return filled
+        choice = filled
+
+
+def _fill_once(b: np.ndarray, d: np.ndarray, choice: np.ndarray, room: float) -> np.ndarray:
+    """Each module's upgrade that saves the most damage per extra byte (plans from the relaxation sit
+    on their hulls, so only larger candidates can save any), taken best rate first whenever it still
+    fits. Few fit, so the walk stops as soon as none of the rest can."""
     rows = np.arange(len(b))
     choice = choice.copy()
     now_b, now_d = b[rows, choice], d[rows, choice]
