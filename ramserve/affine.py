@@ -22,6 +22,18 @@ import mlx.core as mx
 SLAB_ELEMENTS = 1 << 20
 
 
+def row_slabs(rows: int, columns: int, elements: int = SLAB_ELEMENTS) -> list[slice]:
+    """Runs of a (rows, columns) weight's rows of about ``elements`` elements each (one row at
+    least): what a search or a rounding that holds several float32 copies takes at once."""
+    step = max(1, elements // columns)
+    return [slice(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+def as_stored(a: mx.array, dtype: mx.Dtype) -> mx.array:
+    """``a`` as it reads back, in float32, once stored in ``dtype``."""
+    return a.astype(dtype).astype(mx.float32)
+
+
 _local = threading.local()
 
 
@@ -131,15 +143,15 @@ def quantize(
         return q, s, b
     lead, columns = w.shape[:-1], w.shape[-1]
     flat = w.reshape(-1, columns)
-    step = max(1, SLAB_ELEMENTS // columns)
-    if flat.shape[0] <= step:
+    runs = row_slabs(flat.shape[0], columns)
+    if len(runs) == 1:
         slabs = [_search(flat, group_size, bits, ranges, refits)]
     else:  # the search keeps several float32 copies alive: a slab of rows at a time, two at once
         slabs = []
-        for start in range(0, flat.shape[0], step):
+        for run in runs:
             with mx.stream(_streams()[len(slabs) % 2]):
-                slabs.append(_search(flat[start : start + step], group_size, bits, ranges, refits))
-            if len(slabs) % 2 == 0 or start + step >= flat.shape[0]:
+                slabs.append(_search(flat[run], group_size, bits, ranges, refits))
+            if len(slabs) % 2 == 0 or run.stop == flat.shape[0]:
                 mx.eval(slabs[-2:])
     q, s, b = (mx.concatenate([slab[k] for slab in slabs]).reshape(*lead, -1) for k in range(3))
     return q, s, b
@@ -165,7 +177,7 @@ def _fit(
 
     def stored(s: mx.array, b: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         # judged as stored: the search must not pick what rounding to the weight's dtype then spoils
-        s, b = s.astype(w.dtype).astype(mx.float32), b.astype(w.dtype).astype(mx.float32)
+        s, b = as_stored(s, w.dtype), as_stored(b, w.dtype)
         return mx.square(_codes(x, s, b, top) * s + b - x).sum(-1, keepdims=True), s, b
 
     # mx.quantize's own choice is a candidate too, so no group ends worse than MLX would leave it

@@ -41,7 +41,7 @@ import mlx.core as mx
 
 from . import cache
 from .budget import Ask, Budget
-from .crew import Crew, Hand, Hello, Lockstep, Setup, Tick
+from .crew import Crew, Hand, Hello, Lockstep, RankLost, Setup, Tick
 from .device import Machine, this_machine
 from .engine import Engine
 from .errors import RamserveError
@@ -294,10 +294,15 @@ class RanksRegistry(VariantRegistry):
         relay = any(a["ready"] for a in answers.values())
         chunks = relay_chunks(self.source, done.bounds, self._machines)
         self.crew.send_all({"write": {"relay": relay, "chunks": chunks}})
+        written = None
         try:
-            folder = quantize_part(self.source, plan, replace(share, chunks=chunks), relay)
-            engine = stage_engine(folder, setup, 0, self.settings, self.crew)
-        except Exception:
+            written = quantize_part(self.source, plan, replace(share, chunks=chunks), relay)
+            engine = stage_engine(written, setup, 0, self.settings, self.crew)
+        except Exception as e:
+            if relay and written is None:  # the others wait in the pass for what this rank sends
+                self.crew.abandon(f"rank 0 ({self.hosts[0].ssh}) failed in the pass the ranks "
+                                  f"run together: {_why(e)}")  # fmt: skip
+                raise RankLost(self.crew.lost or "") from e
             self.crew.collect()  # every rank has answered: the next setup finds them waiting
             self.crew.tell(Tick(close=True))  # those that loaded follow an engine that never ran
             raise
@@ -487,16 +492,20 @@ class Follower:
         """Its part written (every rank together) or found, loaded, and followed until rank 0
         closes that engine; False when it failed."""
         assert self.source is not None and self.setup is not None
-        share = replace(self.share, chunks=int(order["chunks"]))
+        share, relay = replace(self.share, chunks=int(order["chunks"])), bool(order["relay"])
+        written = None
         try:
-            folder = quantize_part(self.source, self.setup.plan, share, bool(order["relay"]))
-            if self.folder is not None and self.folder != folder:
+            written = quantize_part(self.source, self.setup.plan, share, relay)
+            if self.folder is not None and self.folder != written:
                 cache.release(self.folder)
-            self.folder = folder
-            engine = stage_engine(folder, self.setup, self.rank, self.settings, self.hand)
-        except Exception as e:  # rank 0 restores the model before on every rank
+            self.folder = written
+            engine = stage_engine(written, self.setup, self.rank, self.settings, self.hand)
+        except Exception as e:
             log.exception("loading the plan rank 0 sent failed")
-            self.hand.answer({"load_failed": _why(e)})
+            if relay and written is None:  # the others wait in the pass for what this rank sends:
+                self.hand.report(_why(e))  # only this process's end frees them
+                return False
+            self.hand.answer({"load_failed": _why(e)})  # rank 0 restores the model before
             return True
         self.hand.answer({"loaded": self.setup.plan.hash})
         engine.wait()

@@ -98,15 +98,14 @@ def row_errors(delta: np.ndarray, h: np.ndarray, x: np.ndarray | None = None) ->
     size."""
     rows, n = delta.shape
     errors = np.empty(rows, dtype=np.float64)
-    step = max(1, affine.SLAB_ELEMENTS // n)
-    for start in range(0, rows, step):
-        part = delta[start : start + step]
+    for run in affine.row_slabs(rows, n):
+        part = delta[run]
         if x is not None and x.shape[0] < x.shape[1]:
             out = (part @ x.T).astype(np.float64)
-            errors[start : start + step] = np.einsum("ij,ij->i", out, out)
+            errors[run] = np.einsum("ij,ij->i", out, out)
         else:
             hd = (part @ h).astype(np.float64)
-            errors[start : start + step] = np.einsum("ij,ij->i", hd, part.astype(np.float64))
+            errors[run] = np.einsum("ij,ij->i", hd, part.astype(np.float64))
     return errors
 
 
@@ -116,10 +115,9 @@ def nearest(
     """Rounding to nearest by the search quantizer: codes (rows, columns), scales and biases
     (rows, groups), float32. A slab of rows at a time, as ``affine.quantize`` searches: the search
     keeps several float32 copies of what it is given alive (an untied head whole: 3.4 GB)."""
-    step = max(1, affine.SLAB_ELEMENTS // w.shape[1])
     slabs = []
-    for start in range(0, w.shape[0], step):
-        part = w[start : start + step]
+    for run in affine.row_slabs(w.shape[0], w.shape[1]):
+        part = w[run]
         fit = affine._fit(part, group_size, bits, ranges, refits)
         slabs.append([np.asarray(a, dtype=np.float32).reshape(part.shape[0], -1) for a in fit])
     codes, s, b = (np.concatenate([slab[k] for slab in slabs]) for k in range(3))
@@ -208,8 +206,7 @@ def refitted(weights: np.ndarray, codes: np.ndarray, scales: np.ndarray, biases:
 
 
 def _stored(a: np.ndarray, dtype: mx.Dtype) -> np.ndarray:
-    """``a`` as it reads back once stored in ``dtype``."""
-    return np.asarray(mx.array(a).astype(dtype).astype(mx.float32))
+    return np.asarray(affine.as_stored(mx.array(a), dtype))
 
 
 def compensated(
@@ -239,10 +236,9 @@ def compensated(
     h = np.asarray(h, dtype=np.float32)
     u = inverse_cholesky(h, damp) if u is None else u
     shift = damping(h, damp) if descent or scale_rounds else None
-    step = max(1, ROW_SLAB_ELEMENTS // w.shape[1])
-    slabs = [_compensated_rows(w[start : start + step], h, shift, u, group_size, bits, ranges, refits,
-                               block, x, descent, scale_rounds)
-             for start in range(0, w.shape[0], step)]  # fmt: skip
+    slabs = [_compensated_rows(w[run], h, shift, u, group_size, bits, ranges, refits, block, x,
+                               descent, scale_rounds)
+             for run in affine.row_slabs(w.shape[0], w.shape[1], ROW_SLAB_ELEMENTS)]  # fmt: skip
     if len(slabs) == 1:
         return slabs[0]
     codes, scales, biases = (np.concatenate([getattr(r, k) for r in slabs])

@@ -236,11 +236,21 @@ class Crew:
         except OSError as e:
             self._lose(rank, f"failed: {e.strerror or e}")
 
+    def abandon(self, why: str) -> None:
+        """This rank failed where the others wait for it, in a pass they run together that no
+        order reaches: the group is lost, and its connections are closed, which ends the others
+        (their heartbeat fails: ``Hand``)."""
+        self._set_lost(why)
+        self.close()
+
     def _lose(self, rank: int, why: str) -> None:
+        hello = self.hellos.get(rank)
+        self._set_lost(f"rank {rank} ({hello.host if hello else '?'}) {why}")
+
+    def _set_lost(self, why: str) -> None:
         if self.lost is not None:
             return
-        hello = self.hellos.get(rank)
-        self.lost = f"rank {rank} ({hello.host if hello else '?'}) {why}"
+        self.lost = why
         log.error("%s", self.lost)
         with self._answered:
             self._answered.notify_all()

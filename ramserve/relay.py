@@ -15,6 +15,7 @@ does not depend on the other sequences of its batch, so the chunks give what one
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -60,15 +61,24 @@ def alone(layers: int) -> Share:
     return Share(0, 1, 0, layers)
 
 
-_in_flight: list[mx.array] = []  # sends ``up`` queued that may not have been received yet
-_sending: mx.Stream | None = None  # the stream they go on
+class _Sends(threading.local):
+    """The sends ``up`` queued that may not have been received yet, and the stream they go on: per
+    thread, because MLX refuses a stream made in another thread, and a server runs each swap's pass
+    on whichever thread its executor gives it."""
+
+    def __init__(self) -> None:
+        self.in_flight: list[mx.array] = []
+        self.stream: mx.Stream | None = None
+
+
+_sends = _Sends()
 
 
 def settle() -> None:
     """Wait until every queued send has been received: before any other relay call, so that the
     messages between two ranks keep their order."""
-    mx.eval(_in_flight)
-    _in_flight.clear()
+    mx.eval(_sends.in_flight)
+    _sends.in_flight.clear()
 
 
 def _send(states: list[mx.array], dest: int) -> None:
@@ -80,11 +90,10 @@ def _send(states: list[mx.array], dest: int) -> None:
 def _queue(states: list[mx.array], dest: int) -> None:
     """Send without waiting for the receiver (on a stream of its own, so this rank's work goes on):
     a send waits for its receiver once the link's buffers are full."""
-    global _sending
-    _sending = _sending or mx.new_stream(mx.cpu)
+    _sends.stream = _sends.stream or mx.new_stream(mx.cpu)
     for a in states:
-        _in_flight.append(mx.distributed.send(a, dest, stream=_sending))
-        mx.async_eval(_in_flight[-1])  # type: ignore[no-untyped-call]
+        _sends.in_flight.append(mx.distributed.send(a, dest, stream=_sends.stream))
+        mx.async_eval(_sends.in_flight[-1])  # type: ignore[no-untyped-call]
 
 
 def _receive(like: list[mx.array], source: int) -> list[mx.array]:

@@ -19,7 +19,7 @@ SEQUENCES, WIDTH = 7, 1 << 20  # a chunk of one sequence is 4 MB: more than a so
 WORK_S, MEANWHILE_S = 0.3, 2.5
 
 SCRIPT = f"""
-import json, sys, time
+import json, sys, threading, time
 import mlx.core as mx
 from ramserve import relay
 
@@ -48,10 +48,17 @@ out = []
 if pass_kind == "ring":
     relay.ring(share, firsts, work, lambda c, h: out.append([c, h[:, 0].tolist()]))
 else:
-    arrived = relay.up(share, firsts, work, meanwhile)
-    log.append(["arrived", -1, time.monotonic(), time.monotonic()])
-    out = [[c, h[:, 0].tolist()] for c, h in enumerate(arrived)]
-    relay.settle()
+    def one_pass():
+        arrived = relay.up(share, firsts, work, meanwhile)
+        log.append(["arrived", -1, time.monotonic(), time.monotonic()])
+        out[:] = [[c, h[:, 0].tolist()] for c, h in enumerate(arrived)]
+        relay.settle()
+    one_pass()
+    if pass_kind == "up, then up on another thread":  # as a server's swap runs it
+        log.clear()
+        thread = threading.Thread(target=one_pass)
+        thread.start()
+        thread.join()
 print(json.dumps({{"rank": rank, "log": log, "out": out, "rows": [[r.start, r.stop] for r in rows]}}))
 """
 
@@ -126,3 +133,12 @@ def test_up_passes_every_chunk_to_the_last_rank_without_waiting_for_it(
     assert intervals(out[-2], "work")[2][0] < waited[1]
     for r in out[:-1]:
         assert max(b for _, b in intervals(r, "work").values()) <= intervals(r, "meanwhile")[-1][0]
+
+
+def test_up_runs_again_on_a_thread_other_than_the_first_passs(tmp_path: Path) -> None:
+    """A server runs each swap's pass on whichever thread its executor gives it: the second pass,
+    on a new thread, queues its sends on a stream of that thread (MLX refuses another's) and
+    brings every chunk through again."""
+    out, rows = run_ranks(tmp_path, 2, "up, then up on another thread")
+    assert_came_through(out[-1]["out"], rows, range(1))
+    assert len(intervals(out[0], "work")) == len(rows)  # the second pass's own steps
