@@ -44,7 +44,7 @@ from .budget import Ask, Budget
 from .crew import Crew, Hand, Hello, Lockstep, RankLost, Setup, Tick
 from .device import Machine, this_machine
 from .engine import Engine
-from .errors import RamserveError
+from .errors import RamserveError, log_failure
 from .fisher import fisher_fits
 from .fmt import table
 from .hosts import (
@@ -197,7 +197,7 @@ class RanksRegistry(VariantRegistry):
                 raise RamserveError(self.crew.lost)
             self.stage = "ready"
         except Exception as e:  # reported by /health and every request, never a crash
-            log.exception("starting the ranks failed")
+            log_failure(log, e, "starting the ranks failed")
             self.error = self.error or f"the model could not start on its hosts: {_why(e)}"
             self.stage = "failed"
             if self.crew is not None and not self.crew.lost:  # the others wait for a setup
@@ -478,7 +478,7 @@ class Follower:
             self.source = open_source(self.setup.model, self.settings)
             self.hand.answer({"ready": reserve_part(self.source, self.setup.plan, self.share)})
         except Exception as e:  # rank 0 restores the model before on every rank
-            log.exception("making room for the plan rank 0 sent failed")
+            log_failure(log, e, "making room for the plan rank 0 sent failed")
             self.hand.answer({"load_failed": _why(e)})
         return True
 
@@ -501,7 +501,7 @@ class Follower:
             self.folder = written
             engine = stage_engine(written, self.setup, self.rank, self.settings, self.hand)
         except Exception as e:
-            log.exception("loading the plan rank 0 sent failed")
+            log_failure(log, e, "loading the plan rank 0 sent failed")
             if relay and written is None:  # the others wait in the pass for what this rank sends:
                 self.hand.report(_why(e))  # only this process's end frees them
                 return False

@@ -4,6 +4,10 @@ Each is turned into one line by the CLI and into an OpenAI error object by the s
 is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
+import logging
+
 
 class RamserveError(Exception):
     """A problem the user can fix; the message names the bad value and the fix."""
@@ -23,3 +27,12 @@ class BudgetError(RamserveError):
 
 class ConfigError(RamserveError):
     """A configuration value that is out of range."""
+
+
+def log_failure(log: logging.Logger, e: BaseException, what: str, *args: object) -> None:
+    """Log that ``what`` (%-formatted with ``args``) failed with ``e``: a user's problem in its own
+    words, anything else with its traceback, which is a bug's."""
+    if isinstance(e, RamserveError):
+        log.error(f"{what}: %s", *args, e)
+    else:
+        log.exception(what, *args)

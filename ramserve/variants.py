@@ -21,7 +21,7 @@ from . import cache
 from .budget import Budget, machine_budget
 from .cache import model_dir
 from .engine import Engine
-from .errors import BudgetError
+from .errors import BudgetError, log_failure
 from .fit import Fit, require_plan_fits
 from .plan import make_plan
 from .progress import Step, watching
@@ -215,7 +215,7 @@ class VariantRegistry(Registry):
                 folder, plan, plan.hash, model_id  # fmt: skip
         except Exception as e:
             self.progress = None
-            log.exception("swap to %s failed; restoring %s", model_id, previous[2])
+            log_failure(log, e, "swap to %s failed; restoring %s", model_id, previous[2])
             cache.release(self.folder_for(plan))
             if installing:
                 await self._restore(*previous)
@@ -229,7 +229,7 @@ class VariantRegistry(Registry):
         try:
             await asyncio.to_thread(self.install, folder, plan)
         except Exception as e:  # nothing is loaded now: say so to every request
-            log.exception("restoring %s failed", model_id)
+            log_failure(log, e, "restoring %s failed", model_id)
             self.error = f"{model_id} could not be restored after a failed swap: {e}"
             self.stage = "failed"
             return

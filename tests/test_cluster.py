@@ -481,6 +481,8 @@ def test_variants_swap_on_every_rank_or_on_none(
     assert failed.status_code == 400, failed.text
     message = failed.json()["error"]["message"]
     assert "rank 1 (127.0.0.1) could not load it" in message and "cache" in message
+    said = (tmp_path / "rank1.log").read_text()  # a user's problem in its words, no traceback
+    assert "raise [cache] max_gb" in said and "Traceback" not in said
     assert after_failure == before and loaded == [NAME]
     # The small one loaded on both ranks, and serves what one process serves of its plan.
     assert now[f"{NAME}@min-safe"] == "loaded" and now[NAME] == "cached"  # rank 0's part

@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import cache
 from ..engine import Engine
-from ..errors import RamserveError
+from ..errors import RamserveError, log_failure
 from ..fit import Fit
 from ..hosts import Part
 from ..progress import Step
@@ -74,7 +74,7 @@ class Registry:
             self.engine = Engine(self.folder, self.settings, **self.engine_args)
             self.stage = "ready"
         except Exception as e:  # reported by /health and every request, never a crash
-            log.exception("loading %s failed", self.folder)
+            log_failure(log, e, "loading %s failed", self.folder)
             self.error = f"the model failed to load: {type(e).__name__}: {e}"
             self.stage = "failed"
 
