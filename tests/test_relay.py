@@ -56,6 +56,7 @@ else:
     one_pass()
     if pass_kind == "up, then up on another thread":  # as a server's swap runs it
         log.clear()
+        out.clear()  # a second pass that fails in its thread leaves nothing, not the first's
         thread = threading.Thread(target=one_pass)
         thread.start()
         thread.join()
