@@ -54,7 +54,7 @@ LLAMA3_8B = {
 
 
 # An MoE of a few GB with Qwen3-30B-A3B's widths (8 active experts of 768, 32 query heads) but 32
-# experts a layer, so that a layer (600 MB in float32, the streamed passes' dtype on the CPU) stays
+# experts a layer, so that a layer (300 MB as stored, 600 MB in float32, the CPU passes' dtype) stays
 # well under the 1 GB the benchmarks allow over baseline; a 32,000-token vocabulary; its experts
 # stacked as mlx-lm stacks them (one (experts, out, in) tensor per projection). 8 layers: 1.5 B
 # parameters, 3.0 GB.

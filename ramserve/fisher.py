@@ -695,27 +695,85 @@ def expert_matmul(x: mx.array, weight: mx.array, indices: mx.array) -> mx.array:
     BLAS product per expert over the rows routed to it: MLX's CPU ``gather_mm`` runs about one row at
     a time on one thread (about 2 GFLOP/s), which made an MoE layer's streamed pass cost ~10x a dense
     layer's per byte. Each expert's weight is widened to ``x``'s dtype when used (the layer keeps
-    them as stored: ``StreamedModel.stored``). Differentiable (gathers, slices and products); the
-    routing is read on the host."""
-    lead, (m, k) = indices.shape, x.shape[-2:]
-    # each (pair, row)'s row of x, which may be shared by a token's experts: gathered once, in
-    # the experts' order, never broadcast first
-    distinct = np.arange(math.prod(x.shape[:-1])).reshape(x.shape[:-1])
-    source_rows = np.broadcast_to(distinct, (*lead, m)).reshape(-1)
-    experts = np.repeat(np.asarray(indices).reshape(-1), m)
-    order = np.argsort(experts, kind="stable")
-    counts = np.bincount(experts, minlength=weight.shape[0])
-    picked = x.reshape(-1, k)[mx.array(source_rows[order])]
-    parts, start = [], 0
-    for e in np.nonzero(counts)[0]:
-        end = start + int(counts[e])
-        parts.append(picked[start:end] @ weight[int(e)].astype(x.dtype).T)
-        # each product now: MLX would otherwise make every expert's widened copy of its weight
-        # before the first product runs (Qwen3-30B's widths: 200 MB a projection at 32 experts)
-        mx.eval(parts[-1])
-        start = end
-    out = mx.concatenate(parts)[mx.array(np.argsort(order))]
-    return out.reshape(*lead, m, weight.shape[1])
+    them as stored: ``StreamedModel.stored``) and let go after its product, under ``mx.grad`` too:
+    the gradients are the function's own (``_ExpertRouting.vjp``), so the backward pass never holds
+    every expert's widened weight, as MLX's own tape would (the self-Fisher's MoE layer: 600 MB at
+    Qwen3-30B's widths with 32 experts). The routing is read on the host."""
+    routing = _ExpertRouting(x, indices, weight.shape[0])
+
+    @mx.custom_function
+    def product(x: mx.array, weight: mx.array) -> mx.array:
+        return routing.forward(x, weight)
+
+    @product.vjp
+    def _(primals: list[mx.array], cotangent: mx.array, _out: mx.array) -> tuple[mx.array, ...]:
+        x, weight = primals
+        return routing.vjp(x, weight, cotangent)
+
+    out = product(x, weight)
+    assert isinstance(out, mx.array)
+    return out.reshape(*routing.lead, routing.m, weight.shape[1])
+
+
+def _detached(a: mx.array) -> mx.array:
+    """``a``'s values with no graph behind them. Under ``mx.grad`` MLX keeps every array an
+    evaluated one was made from (the tape), so a loop of per-expert products would hold each
+    expert's widened weight to the end; a copy by way of NumPy (CPU only) lets them go."""
+    return mx.array(np.asarray(a))
+
+
+class _ExpertRouting:
+    """Which rows of ``x`` each expert multiplies, grouped by expert: every (pair, row) of the output
+    reads a row of ``x``, which a token's experts may share (gate and up see each token once)."""
+
+    def __init__(self, x: mx.array, indices: mx.array, experts: int) -> None:
+        self.lead, (self.m, self.k) = indices.shape, x.shape[-2:]
+        # each (pair, row)'s row of x, gathered once in the experts' order, never broadcast first
+        distinct = np.arange(math.prod(x.shape[:-1])).reshape(x.shape[:-1])
+        source_rows = np.broadcast_to(distinct, (*self.lead, self.m)).reshape(-1)
+        routed = np.repeat(np.asarray(indices).reshape(-1), self.m)
+        order = np.argsort(routed, kind="stable")
+        self.rows = mx.array(source_rows[order])
+        self.order = mx.array(order)
+        self.back = mx.array(np.argsort(order))  # the pairs' own order from the experts'
+        counts = np.bincount(routed, minlength=experts)
+        ends = np.cumsum(counts)
+        self.spans = [
+            (int(e), int(ends[e] - counts[e]), int(ends[e])) for e in np.nonzero(counts)[0]
+        ]
+
+    def forward(self, x: mx.array, weight: mx.array) -> mx.array:
+        # each expert's rows gathered when it runs: all the pairs' rows at once would be the
+        # tokens' rows times the experts a token has (67 MB for 1,024 tokens at Qwen3-30B's widths)
+        flat = _detached(x).reshape(-1, self.k)
+        parts = []
+        for e, start, end in self.spans:
+            parts.append(flat[self.rows[start:end]] @ weight[e].astype(x.dtype).T)
+            # each product now: MLX would otherwise make every expert's widened copy of its weight
+            # before the first product runs (Qwen3-30B's widths: 200 MB a projection at 32 experts)
+            mx.eval(parts[-1])
+        out = mx.concatenate(parts)
+        mx.eval(out)
+        del parts  # before the pairs are put back in order: two copies of them at a time, not three
+        out = out[self.back]
+        mx.eval(out)  # with no graph: it was made from ``x``'s values alone
+        return out
+
+    def vjp(self, x: mx.array, weight: mx.array, cotangent: mx.array
+            ) -> tuple[mx.array, mx.array]:  # fmt: skip
+        """The gradients with respect to ``x`` (computed now, expert by expert) and ``weight``
+        (left lazy: the passes never ask for it, and MLX then never computes it)."""
+        grads = _detached(cotangent.reshape(-1, weight.shape[1])[self.order])
+        rows = []
+        for e, start, end in self.spans:
+            rows.append(_detached(grads[start:end] @ weight[e].astype(x.dtype)))
+        flat = x.reshape(-1, self.k)
+        g_x = mx.zeros(flat.shape, x.dtype).at[self.rows].add(mx.concatenate(rows))
+        picked = flat[self.rows]
+        g_w = mx.zeros(weight.shape, x.dtype)
+        for e, start, end in self.spans:
+            g_w = g_w.at[e].add(grads[start:end].T @ picked[start:end])
+        return g_x.reshape(x.shape), g_w.astype(weight.dtype)
 
 
 @functools.cache

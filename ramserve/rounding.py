@@ -459,13 +459,21 @@ def compensation_ratios(
                                         sequences):  # fmt: skip
         for key, paths in readers(keys).items():
             for path in paths:
-                w = weights.pop(f"{path}.weight").astype(stored)
-                bits, g = min(candidates[path], key=lambda c: (abs(c[0] - 4), abs(c[1] - 64)))
-                error = nearest = 0.0
-                for rows, e in _sample(w, shared, key, r):
-                    stats = shared.of(key, e)
-                    done = compensated(rows, stats.h, g, bits, u=stats.u, **opts)
-                    error, nearest = error + done.error, nearest + done.nearest_error
-                out[path] = error / nearest if nearest > 0 else 1.0
+                out[path] = _measured_ratio(weights.pop(f"{path}.weight").astype(stored), shared,
+                                            key, candidates[path], r, opts)  # fmt: skip
             shared.release(key)
     return out
+
+
+def _measured_ratio(w: mx.array, shared: SharedInputs, key: str,
+                    candidates: list[tuple[int, int]], r: RoundingSettings, opts: dict[str, Any]
+                    ) -> float:  # fmt: skip
+    """One module's share of rounding to nearest's error that compensation keeps (a function of
+    its own, so that the statistics and results it holds go when it returns)."""
+    bits, g = min(candidates, key=lambda c: (abs(c[0] - 4), abs(c[1] - 64)))
+    error = nearest = 0.0
+    for rows, e in _sample(w, shared, key, r):
+        stats = shared.of(key, e)
+        done = compensated(rows, stats.h, g, bits, u=stats.u, **opts)
+        error, nearest = error + done.error, nearest + done.nearest_error
+    return error / nearest if nearest > 0 else 1.0

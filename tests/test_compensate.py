@@ -390,3 +390,25 @@ def test_expert_matmul_is_gather_mm_with_its_gradients(shape: tuple[int, ...]) -
     g_mine = mx.grad(lambda a, b: (mine(a, b) ** 2).sum(), argnums=(0, 1))(x, w)
     for a, b in zip(g_mine, g_ref, strict=True):
         assert mx.allclose(a, b, atol=1e-3).item()
+
+
+def test_expert_matmul_gradient_lets_each_widened_expert_go() -> None:
+    """Under ``mx.grad`` the per-expert products do not keep every expert's widened weight for the
+    backward pass (MLX's tape would: the self-Fisher's MoE layers held 600 MB of them)."""
+    from ramserve.fisher import expert_matmul
+
+    experts, out, width, tokens = 64, 512, 512, 256
+    k = mx.random.key(5)
+    w = (mx.random.normal((experts, out, width), key=k) * 0.05).astype(mx.bfloat16)
+    x = mx.random.normal((tokens, 1, 1, width), key=mx.random.split(k)[0])
+    idx = mx.random.randint(0, experts, (tokens, 4), key=mx.random.split(k)[1]).astype(mx.uint32)
+    mx.eval(w, x, idx)
+    widened = experts * out * width * 4  # every expert in float32: 67 MB
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    g = mx.grad(lambda a: (expert_matmul(a, w, idx) ** 2).sum())(x)
+    mx.eval(g)
+    assert mx.get_peak_memory() - base < widened / 4
+    ref = mx.grad(lambda a: (mx.gather_mm(a, w.astype(mx.float32).swapaxes(-1, -2),
+                                          rhs_indices=idx) ** 2).sum())(x)  # fmt: skip
+    assert mx.allclose(g, ref, rtol=1e-3, atol=1e-3).item()
