@@ -26,9 +26,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -41,6 +43,7 @@ from .progress import Bar
 from .relay import Share, Work, alone, arrive, arrive_down, chunk_rows, leave, leave_down, ring
 from .seams import DecoderStack, swap_classes, with_cache
 from .settings import FisherSettings
+from .source import TensorInfo
 
 # The architectures the seams (this layer streaming, cpu.adapt_to_cpu) are tested on, for the message.
 TESTED = "Llama, Qwen3 and Qwen3-MoE, with tied and untied heads"
@@ -236,6 +239,10 @@ class StreamedModel:
             if swapped:  # stacked experts stay as stored, widened an expert at a time
                 self.stored = {f"{m.path}.weight" for m in source.modules
                                if len(source.tensor_shapes[f"{m.path}.weight"]) == 3}  # fmt: skip
+        # those lying in the checkpoint as one tensor are read an expert at a time when used
+        self.streamed = {k: bytes_ for k in self.stored if (bytes_ := ExpertBytes.of(source, k))}
+        for key, experts in self.streamed.items():
+            self._module(key.removesuffix(".weight")).streamed = experts
         stack = DecoderStack.of(self.model)  # seams: the list the model's loop reads
         self.layers = stack.layers
         # this rank's layers; rank 0 alone holds the embedding and the head (ramserve/relay.py)
@@ -319,7 +326,7 @@ class StreamedModel:
 
     def layer_params(self, i: int) -> dict[str, Any]:
         prefix = self.prefixes[i]
-        flat = self.tensors(lambda k: k.startswith(prefix))
+        flat = self.tensors(lambda k: k.startswith(prefix) and k not in self.streamed)
         params: dict[str, Any] = tree_unflatten([(k[len(prefix) :], v) for k, v in flat.items()])
         return params
 
@@ -690,29 +697,63 @@ class Probe:
         sums.add_product(path, delta.reshape(-1, delta.shape[-1]), inputs, experts)
 
 
-def expert_matmul(x: mx.array, weight: mx.array, indices: mx.array) -> mx.array:
+def expert_matmul(x: mx.array, weight: mx.array | ExpertBytes, indices: mx.array) -> mx.array:
     """``mx.gather_mm(x, weightᵀ, rhs_indices=indices)`` (mlx-lm's stacked experts), computed as one
     BLAS product per expert over the rows routed to it: MLX's CPU ``gather_mm`` runs about one row at
     a time on one thread (about 2 GFLOP/s), which made an MoE layer's streamed pass cost ~10x a dense
     layer's per byte. Each expert's weight is widened to ``x``'s dtype when used (the layer keeps
-    them as stored: ``StreamedModel.stored``) and let go after its product, under ``mx.grad`` too:
-    the gradients are the function's own (``_ExpertRouting.vjp``), so the backward pass never holds
-    every expert's widened weight, as MLX's own tape would (the self-Fisher's MoE layer: 600 MB at
-    Qwen3-30B's widths with 32 experts). The routing is read on the host."""
+    them as stored, ``StreamedModel.stored``, or reads each from the checkpoint, ``ExpertBytes``) and
+    let go after its product, under ``mx.grad`` too: the gradients are the function's own
+    (``_ExpertRouting.vjp``), so the backward pass never holds every expert's widened weight, as
+    MLX's own tape would (the self-Fisher's MoE layer: 600 MB at Qwen3-30B's widths with 32 experts).
+    A weight read from the checkpoint gets no gradient (no pass asks for one). The routing is read
+    on the host."""
     routing = _ExpertRouting(x, indices, weight.shape[0])
+    primals = (x, weight) if isinstance(weight, mx.array) else (x,)
 
     @mx.custom_function
-    def product(x: mx.array, weight: mx.array) -> mx.array:
-        return routing.forward(x, weight)
+    def product(*args: mx.array) -> mx.array:
+        return routing.forward(args[0], weight)
 
     @product.vjp
-    def _(primals: list[mx.array], cotangent: mx.array, _out: mx.array) -> tuple[mx.array, ...]:
-        x, weight = primals
-        return routing.vjp(x, weight, cotangent)
+    def _(args: Any, cotangent: mx.array, _out: mx.array) -> tuple[mx.array, ...]:
+        given = args if isinstance(args, (list, tuple)) else [args]  # one primal comes bare
+        return routing.vjp(given[0], weight, cotangent)[: len(given)]
 
-    out = product(x, weight)
+    out = product(*primals)
     assert isinstance(out, mx.array)
     return out.reshape(*routing.lead, routing.m, weight.shape[1])
+
+
+class ExpertBytes:
+    """Stacked experts (experts, out, in) read from the checkpoint an expert at a time, where they
+    lie there as one tensor (``Source.stored_as_is``): a layer's stacks need not be resident for a
+    streamed pass (Qwen3-30B's widths: 302 MB a layer at 32 experts, 1.2 GB at 128)."""
+
+    _NUMPY = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
+
+    def __init__(self, path: Path, info: TensorInfo) -> None:
+        self.path, self.offset, self.kind, self.shape = path, info.offset, info.dtype, info.shape
+
+    @classmethod
+    def of(cls, source: Any, key: str) -> ExpertBytes | None:
+        found = source.stored_as_is(key)
+        if found is None or found[1].dtype not in cls._NUMPY or len(found[1].shape) != 3:
+            return None
+        return cls(*found)
+
+    def __getitem__(self, e: int) -> mx.array:
+        kind = np.dtype(self._NUMPY[self.kind])
+        size = math.prod(self.shape[1:]) * kind.itemsize
+        try:
+            with open(self.path, "rb") as f:
+                data = os.pread(f.fileno(), size, self.offset + e * size)
+        except FileNotFoundError as err:
+            raise BadModel(f"missing shard: {self.path}") from err
+        if len(data) != size:
+            raise BadModel(f"{self.path} ends inside a tensor's data (truncated?)")
+        out = mx.array(np.frombuffer(data, dtype=kind).reshape(self.shape[1:]))
+        return out.view(mx.bfloat16) if self.kind == "BF16" else out
 
 
 def _detached(a: mx.array) -> mx.array:
@@ -742,7 +783,7 @@ class _ExpertRouting:
             (int(e), int(ends[e] - counts[e]), int(ends[e])) for e in np.nonzero(counts)[0]
         ]
 
-    def forward(self, x: mx.array, weight: mx.array) -> mx.array:
+    def forward(self, x: mx.array, weight: mx.array | ExpertBytes) -> mx.array:
         # each expert's rows gathered when it runs: all the pairs' rows at once would be the
         # tokens' rows times the experts a token has (67 MB for 1,024 tokens at Qwen3-30B's widths)
         flat = _detached(x).reshape(-1, self.k)
@@ -759,8 +800,8 @@ class _ExpertRouting:
         mx.eval(out)  # with no graph: it was made from ``x``'s values alone
         return out
 
-    def vjp(self, x: mx.array, weight: mx.array, cotangent: mx.array
-            ) -> tuple[mx.array, mx.array]:  # fmt: skip
+    def vjp(self, x: mx.array, weight: mx.array | ExpertBytes, cotangent: mx.array
+            ) -> tuple[mx.array, ...]:  # fmt: skip
         """The gradients with respect to ``x`` (computed now, expert by expert) and ``weight``
         (left lazy: the passes never ask for it, and MLX then never computes it)."""
         grads = _detached(cotangent.reshape(-1, weight.shape[1])[self.order])
@@ -769,6 +810,8 @@ class _ExpertRouting:
             rows.append(_detached(grads[start:end] @ weight[e].astype(x.dtype)))
         flat = x.reshape(-1, self.k)
         g_x = mx.zeros(flat.shape, x.dtype).at[self.rows].add(mx.concatenate(rows))
+        if not isinstance(weight, mx.array):
+            return (g_x.reshape(x.shape),)
         picked = flat[self.rows]
         g_w = mx.zeros(weight.shape, x.dtype)
         for e, start, end in self.spans:
@@ -785,7 +828,7 @@ def _blas_switch_class() -> type:
 
         def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False
                      ) -> mx.array:  # fmt: skip
-            out = expert_matmul(x, self["weight"], indices)
+            out = expert_matmul(x, getattr(self, "streamed", None) or self["weight"], indices)
             if "bias" in self:
                 out = out + mx.expand_dims(self["bias"][indices], -2)
             return out

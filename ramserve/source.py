@@ -53,6 +53,7 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     shard: str
+    offset: int = 0  # where its bytes start in the shard file
 
     @property
     def numel(self) -> int:
@@ -140,6 +141,18 @@ class Source:
                 raise BadModel(f"cannot read shard {shard.path}: {e}") from e
         sanitize = getattr(self.model, "sanitize", None)
         return sanitize(raw) if sanitize else raw
+
+    def stored_as_is(self, key: str) -> tuple[Path, TensorInfo] | None:
+        """Where tensor ``key`` (a name after ``sanitize``) lies in a shard, when ``sanitize`` passed it
+        through under its own name, shape and dtype; None when it made it (stacked experts stored one
+        tensor each) or changed it."""
+        for shard in self.shards:
+            for t in shard.tensors:
+                if t.name == key:
+                    dtype = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(t.dtype)
+                    made = (self.tensor_shapes.get(key), self.tensor_dtypes.get(key))
+                    return (shard.path, t) if made == (t.shape, dtype) else None
+        return None
 
     @cached_property
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -257,7 +270,8 @@ def _read_shard(path: Path) -> Shard:
         if name == "__metadata__":
             continue
         try:
-            tensors.append(TensorInfo(name, meta["dtype"], tuple(meta["shape"]), path.name))
+            start = 8 + len(raw) + int(meta["data_offsets"][0])
+            tensors.append(TensorInfo(name, meta["dtype"], tuple(meta["shape"]), path.name, start))
         except (KeyError, TypeError) as e:
             raise BadModel(f"corrupt safetensors header in {path}: bad entry {name!r}") from e
     return Shard(path.name, path, path.stat().st_size, raw, tuple(tensors))

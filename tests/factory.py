@@ -141,6 +141,16 @@ def _tensors(cfg: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
     return out
 
 
+def _stacked(tensors: dict[str, np.ndarray], cfg: dict) -> dict[str, np.ndarray]:
+    out = {k: v for k, v in tensors.items() if ".mlp.experts." not in k}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}.mlp"
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            experts = [tensors[f"{p}.experts.{e}.{n}.weight"] for e in range(cfg["num_experts"])]
+            out[f"{p}.switch_mlp.{n}.weight"] = np.stack(experts)
+    return out
+
+
 def make_model(
     folder: Path,
     arch: str = "qwen3",
@@ -153,18 +163,23 @@ def make_model(
     seed: int = 0,
     chat_template: str = CHAT_TEMPLATE,
     extra_special: tuple[str, ...] = (),
+    stacked_experts: bool = False,
     **config_extra: Any,
 ) -> Path:
     """Write a tiny random ``arch`` model into ``folder`` and return it.
 
     ``chat_template`` defaults to plain ChatML (no tools); ``extra_special`` adds special tokens
-    (``<think>``, ``</think>`` make mlx-lm treat it as a thinking model).
+    (``<think>``, ``</think>`` make mlx-lm treat it as a thinking model). ``stacked_experts`` stores an
+    MoE's experts as mlx-lm stacks them (one tensor per projection), not one tensor each as the hub
+    does: the same weights for the same ``seed``.
     """
     folder.mkdir(parents=True, exist_ok=True)
     tied = arch == "qwen3_moe" if tied is None else tied
     cfg = _config(arch, layers, hidden, vocab, tied, **config_extra)
     (folder / "config.json").write_text(json.dumps(cfg, indent=1))
     tensors = _tensors(cfg, np.random.default_rng(seed))
+    if stacked_experts:
+        tensors = _stacked(tensors, cfg)
     names = list(tensors)
     per = -(-len(names) // shards)
     weight_map = {}

@@ -24,6 +24,7 @@ from ramserve.rounding import (
     Gain,
     Sequences,
     SharedInputs,
+    compensated_layers,
     layer_inputs,
     pass_position,
     round_input,
@@ -412,3 +413,55 @@ def test_expert_matmul_gradient_lets_each_widened_expert_go() -> None:
     ref = mx.grad(lambda a: (mx.gather_mm(a, w.astype(mx.float32).swapaxes(-1, -2),
                                           rhs_indices=idx) ** 2).sum())(x)  # fmt: skip
     assert mx.allclose(g, ref, rtol=1e-3, atol=1e-3).item()
+
+
+def test_experts_stored_stacked_are_read_an_expert_at_a_time_with_the_same_results(
+    tmp_path: Path, tiny_moe_dir: Path
+) -> None:
+    """Stacked experts that lie in the checkpoint as one tensor are read from it an expert at a time
+    by the streamed passes (no layer's stacks resident), and give the self-Fisher and compensated
+    rounding exactly what the same weights stored one tensor per expert give (read whole)."""
+    from ramserve.fisher import ExpertBytes, StreamedModel, streamed_fisher
+
+    stacked = make_model(tmp_path / "stacked", "qwen3_moe", stacked_experts=True)
+    settings = load_settings()
+    a, b = open_source(str(tiny_moe_dir), settings), open_source(str(stacked), settings)
+    assert a.tensor_shapes == b.tensor_shapes
+    run = StreamedModel(b, mx.float32)
+    experts = [k for k, shape in b.tensor_shapes.items() if len(shape) == 3]
+    assert experts and set(run.streamed) == set(experts)
+    assert not StreamedModel(a, mx.float32).streamed  # made by sanitize: read whole
+    key = experts[0]
+    reader = run.streamed[key]
+    assert isinstance(reader, ExpertBytes)
+    whole = b.weights()[key]
+    for e in (0, whole.shape[0] - 1):
+        assert mx.array_equal(reader[e], whole[e]).item()
+    assert not any(k in run.layer_params(0) for k in ("mlp.switch_mlp.up_proj.weight",))
+
+    fisher = settings.sensitivity.fisher
+    stats = [streamed_fisher(s, fisher, mx.float32, False).stats for s in (a, b)]
+    for path in stats[0]:
+        assert np.array_equal(stats[0][path].rows, stats[1][path].rows), path
+        assert np.array_equal(stats[0][path].cols, stats[1][path].cols), path
+    plan = {m.path: {"bits": 4, "group_size": 32} for m in a.modules if m.kind != "embedding"}
+    rounding, quantizer = settings.rounding.model_dump(), settings.quantizer.model_dump()
+    packed = [dict(compensated_layers(s, plan, quantizer, rounding, Gain())) for s in (a, b)]
+    for i, layer in packed[0].items():
+        for path, mine in layer.items():
+            theirs = packed[1][i][path]
+            assert all(mx.array_equal(p, q).item() for p, q in zip(mine, theirs, strict=True)), path
+
+
+def test_an_expert_read_from_a_truncated_shard_names_the_file(tmp_path: Path) -> None:
+    from ramserve.errors import BadModel
+    from ramserve.fisher import StreamedModel
+
+    folder = make_model(tmp_path / "stacked", "qwen3_moe", stacked_experts=True, shards=1)
+    run = StreamedModel(open_source(str(folder), load_settings()), mx.float32)
+    reader = run.streamed[next(iter(run.streamed))]
+    shard = reader.path
+    with shard.open("r+b") as f:
+        f.truncate(reader.offset + 10)
+    with pytest.raises(BadModel, match=str(shard)):
+        reader[0]
