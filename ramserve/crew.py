@@ -118,7 +118,10 @@ def _receive(sock: socket.socket) -> dict[str, Any] | None:
 def _read_exactly(sock: socket.socket, n: int) -> bytes | None:
     chunks, got = [], 0
     while got < n:
-        chunk = sock.recv(min(n - got, 1 << 20))
+        try:
+            chunk = sock.recv(min(n - got, 1 << 20))
+        except ConnectionResetError:  # closed with our last message unread (``Crew.abandon``)
+            return None
         if not chunk:
             return None
         chunks.append(chunk)

@@ -9,6 +9,7 @@ import json
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -26,7 +27,7 @@ import pytest
 
 from ramserve.budget import Ask
 from ramserve.cluster import ring_hostfile
-from ramserve.crew import _send
+from ramserve.crew import _receive, _send
 from ramserve.hosts import read_hostfile, split, split_for
 from ramserve.profile import analyze
 from ramserve.quantize import needed_bytes, part_dir, quantize
@@ -494,3 +495,21 @@ def test_variants_swap_on_every_rank_or_on_none(
     with serve_folder(folder, NAME, context=1024, parallel=2, kv_bits=16) as one:
         assert swapped == [complete(one, p) for p in PROMPTS[:2]]
     assert back == before
+
+
+def test_a_connection_closed_with_a_message_unread_reads_as_closed() -> None:
+    """Rank 0 closing its control connections (at exit, or ``Crew.abandon``) while a heartbeat of
+    the other side sits unread resets the connection; the follower reads that as rank 0 gone and
+    ends, instead of dying with a traceback."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        leader, _ = server.accept()
+        _send(client, {"beat": 1})  # never read by the leader
+        time.sleep(0.1)
+        leader.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        leader.close()
+        time.sleep(0.1)
+        try:
+            assert _receive(client) is None
+        finally:
+            client.close()
