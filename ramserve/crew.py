@@ -120,7 +120,9 @@ def _read_exactly(sock: socket.socket, n: int) -> bytes | None:
     while got < n:
         try:
             chunk = sock.recv(min(n - got, 1 << 20))
-        except ConnectionResetError:  # closed with our last message unread (``Crew.abandon``)
+        except (
+            ConnectionResetError
+        ):  # closed with a message of ours unread (exit, ``Crew.abandon``)
             return None
         if not chunk:
             return None

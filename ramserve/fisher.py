@@ -738,9 +738,7 @@ class ExpertBytes:
     @classmethod
     def of(cls, source: Any, key: str) -> ExpertBytes | None:
         found = source.stored_as_is(key)
-        if found is None or found[1].dtype not in cls._NUMPY or len(found[1].shape) != 3:
-            return None
-        return cls(*found)
+        return cls(*found) if found is not None and found[1].dtype in cls._NUMPY else None
 
     def __getitem__(self, e: int) -> mx.array:
         kind = np.dtype(self._NUMPY[self.kind])

@@ -32,7 +32,7 @@ from .records import Manifest, Plan, RecordError
 from .relay import Share
 from .rounding import Gain, Packed, compensated_layers, is_compensated, layer_inputs, pass_position
 from .settings import RoundingSettings
-from .source import Source, layer_index, require_full_precision
+from .source import ST_DTYPES, Source, layer_index, require_full_precision
 
 log = logging.getLogger("ramserve.quantize")
 
@@ -40,8 +40,6 @@ SHARD_BYTES = 2_000_000_000
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
                    "chat_template.json", "generation_config.json", "added_tokens.json")  # fmt: skip
-ST_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "uint32": "U32",
-             "int32": "I32", "uint8": "U8", "int8": "I8", "int64": "I64", "bool": "BOOL"}  # fmt: skip
 
 
 @dataclass(frozen=True)

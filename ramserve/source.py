@@ -47,6 +47,11 @@ SAMPLE_BYTES = 65536
 # Bytes per element of the float dtypes weights, scales and activations take.
 
 
+# MLX's dtype names as safetensors headers spell them
+ST_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "uint32": "U32",
+             "int32": "I32", "uint8": "U8", "int8": "I8", "int64": "I64", "bool": "BOOL"}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -146,12 +151,11 @@ class Source:
         """Where tensor ``key`` (a name after ``sanitize``) lies in a shard, when ``sanitize`` passed it
         through under its own name, shape and dtype; None when it made it (stacked experts stored one
         tensor each) or changed it."""
+        made = (self.tensor_shapes.get(key), ST_DTYPES.get(self.tensor_dtypes.get(key, "")))
         for shard in self.shards:
             for t in shard.tensors:
                 if t.name == key:
-                    dtype = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(t.dtype)
-                    made = (self.tensor_shapes.get(key), self.tensor_dtypes.get(key))
-                    return (shard.path, t) if made == (t.shape, dtype) else None
+                    return (shard.path, t) if (t.shape, t.dtype) == made else None
         return None
 
     @cached_property
