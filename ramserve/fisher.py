@@ -26,11 +26,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -43,7 +41,7 @@ from .progress import Bar
 from .relay import Share, Work, alone, arrive, arrive_down, chunk_rows, leave, leave_down, ring
 from .seams import DecoderStack, swap_classes, with_cache
 from .settings import FisherSettings
-from .source import TensorInfo
+from .source import ExpertBytes
 
 # The architectures the seams (this layer streaming, cpu.adapt_to_cpu) are tested on, for the message.
 TESTED = "Llama, Qwen3 and Qwen3-MoE, with tied and untied heads"
@@ -239,8 +237,13 @@ class StreamedModel:
             if swapped:  # stacked experts stay as stored, widened an expert at a time
                 self.stored = {f"{m.path}.weight" for m in source.modules
                                if len(source.tensor_shapes[f"{m.path}.weight"]) == 3}  # fmt: skip
-        # those lying in the checkpoint as one tensor are read an expert at a time when used
-        self.streamed = {k: bytes_ for k in self.stored if (bytes_ := ExpertBytes.of(source, k))}
+        # those whose experts lie in the checkpoint as stored are read an expert at a time when used;
+        # such a weight gets no gradient, so only where a probe stands in for its module
+        self.streamed = {
+            k: bytes_ for k in self.stored
+            if isinstance(self._module(k.removesuffix(".weight")), probed_types())
+            and (bytes_ := source.experts_as_stored(k))
+        }  # fmt: skip
         for key, experts in self.streamed.items():
             self._module(key.removesuffix(".weight")).streamed = experts
         stack = DecoderStack.of(self.model)  # seams: the list the model's loop reads
@@ -723,35 +726,6 @@ def expert_matmul(x: mx.array, weight: mx.array | ExpertBytes, indices: mx.array
     out = product(*primals)
     assert isinstance(out, mx.array)
     return out.reshape(*routing.lead, routing.m, weight.shape[1])
-
-
-class ExpertBytes:
-    """Stacked experts (experts, out, in) read from the checkpoint an expert at a time, where they
-    lie there as one tensor (``Source.stored_as_is``): a layer's stacks need not be resident for a
-    streamed pass (Qwen3-30B's widths: 302 MB a layer at 32 experts, 1.2 GB at 128)."""
-
-    _NUMPY = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
-
-    def __init__(self, path: Path, info: TensorInfo) -> None:
-        self.path, self.offset, self.kind, self.shape = path, info.offset, info.dtype, info.shape
-
-    @classmethod
-    def of(cls, source: Any, key: str) -> ExpertBytes | None:
-        found = source.stored_as_is(key)
-        return cls(*found) if found is not None and found[1].dtype in cls._NUMPY else None
-
-    def __getitem__(self, e: int) -> mx.array:
-        kind = np.dtype(self._NUMPY[self.kind])
-        size = math.prod(self.shape[1:]) * kind.itemsize
-        try:
-            with open(self.path, "rb") as f:
-                data = os.pread(f.fileno(), size, self.offset + e * size)
-        except FileNotFoundError as err:
-            raise BadModel(f"missing shard: {self.path}") from err
-        if len(data) != size:
-            raise BadModel(f"{self.path} ends inside a tensor's data (truncated?)")
-        out = mx.array(np.frombuffer(data, dtype=kind).reshape(self.shape[1:]))
-        return out.view(mx.bfloat16) if self.kind == "BF16" else out
 
 
 def _detached(a: mx.array) -> mx.array:

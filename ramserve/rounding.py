@@ -35,7 +35,9 @@ from .process import blas_threads_as_at_start
 from .progress import Bar
 from .relay import Share, chunk_rows, come_back, pass_on, settle, up
 from .settings import RoundingSettings
-from .source import layer_index
+from .source import ExpertBytes, layer_index
+
+Weight = mx.array | ExpertBytes  # a module's weight, or its stacked experts read one at a time
 
 Packed = tuple[mx.array, mx.array, mx.array]  # MLX's packed weight, scales, biases
 
@@ -200,7 +202,7 @@ def _options(quantizer: dict[str, Any], r: RoundingSettings) -> dict[str, Any]:
 
 
 def round_input(
-    weights: dict[str, mx.array],
+    weights: dict[str, Weight],
     inputs: SharedInputs,
     key: str,
     plans: dict[str, dict[str, Any]],
@@ -220,7 +222,8 @@ def round_input(
         stats = inputs.of(key, e)
         enough = stats.count >= (r.min_expert_tokens if e >= 0 else 1)
         for path, w in weights.items():
-            weight, q = (w if e < 0 else w[e]), plans[path]
+            weight, q = w[e] if e >= 0 else w, plans[path]
+            assert isinstance(weight, mx.array)  # a 2-D weight is read whole
             if not enough:
                 gain.experts_nearest += 1
                 out[path].append(affine.quantize(weight, q["group_size"], q["bits"], **quantizer))
@@ -397,7 +400,7 @@ def compensated_layers(
                                         sequences=sequences):  # fmt: skip
         results: dict[str, Packed] = {}
         for key, paths in readers(keys).items():
-            read = {p: weights.pop(f"{p}.weight").astype(stored) for p in paths}
+            read = {p: _weight(source, weights, p, stored) for p in paths}
             done = round_input(read, shared, key, {p: quantization[p] for p in paths},
                                quantizer, r, gain)  # fmt: skip
             mx.eval(done)
@@ -408,13 +411,22 @@ def compensated_layers(
     gain.seconds = time.perf_counter() - start
 
 
-def _sample(w: mx.array, shared: SharedInputs, key: str, r: RoundingSettings
+def _weight(source: Any, weights: dict[str, mx.array], path: str, dtype: mx.Dtype) -> Weight:
+    """Module ``path``'s weight in ``dtype``, lazily: stacked experts are read an expert at a time
+    where the checkpoint allows (``Source.experts_as_stored``), so that rounding a layer's experts,
+    or measuring a few of them, never holds its stacks (Qwen3-30B: 400 MB a projection)."""
+    whole = weights.pop(f"{path}.weight")
+    return (source.experts_as_stored(f"{path}.weight") or whole).astype(dtype)
+
+
+def _sample(w: Weight, shared: SharedInputs, key: str, r: RoundingSettings
             ) -> list[tuple[mx.array, int]]:  # fmt: skip
     """Rows to measure a module's compensation on, with the expert whose H they take (-1: none):
     ``RATIO_ROWS`` spread over the rows; for stacked experts, spread over the ``RATIO_EXPERTS``
     experts that saw the most tokens (of those with enough)."""
     routed = shared.experts(key)
     if routed is None:
+        assert isinstance(w, mx.array)  # only stacked experts are read by the expert
         idx = np.unique(np.linspace(0, w.shape[0] - 1, min(RATIO_ROWS, w.shape[0])).astype(int))
         return [(w[mx.array(idx)], -1)]
     counts = np.bincount(routed, minlength=w.shape[0])
@@ -459,13 +471,13 @@ def compensation_ratios(
                                         sequences):  # fmt: skip
         for key, paths in readers(keys).items():
             for path in paths:
-                out[path] = _measured_ratio(weights.pop(f"{path}.weight").astype(stored), shared,
-                                            key, candidates[path], r, opts)  # fmt: skip
+                out[path] = _measured_ratio(_weight(source, weights, path, stored), shared, key,
+                                            candidates[path], r, opts)  # fmt: skip
             shared.release(key)
     return out
 
 
-def _measured_ratio(w: mx.array, shared: SharedInputs, key: str,
+def _measured_ratio(w: Weight, shared: SharedInputs, key: str,
                     candidates: list[tuple[int, int]], r: RoundingSettings, opts: dict[str, Any]
                     ) -> float:  # fmt: skip
     """One module's share of rounding to nearest's error that compensation keeps (a function of

@@ -21,13 +21,14 @@ import os
 import pkgutil
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from . import cache
 from .errors import BadModel, ModelNotFound
@@ -72,6 +73,44 @@ class Shard:
     size: int
     header: bytes
     tensors: tuple[TensorInfo, ...]
+
+
+@dataclass(frozen=True)
+class ExpertBytes:
+    """Stacked experts (experts, out, in) read from the checkpoint an expert at a time
+    (``Source.experts_as_stored``): a layer's stacks need not be resident for a streamed pass or for
+    rounding its experts (Qwen3-30B's widths: 302 MB a layer at 32 experts, 1.2 GB at 128). Indexed
+    like the tensor, ``astype`` like it too (the conversion is made per expert)."""
+
+    NUMPY: ClassVar[dict[str, type]] = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
+
+    code: str  # the stored dtype, as safetensors spells it
+    shape: tuple[int, ...]
+    places: tuple[tuple[Path, int], ...]  # each expert's shard and where its bytes start
+    into: mx.Dtype | None = None  # the dtype each expert is returned in; None: as stored
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        stored = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32}[self.code]
+        return self.into or stored
+
+    def astype(self, dtype: mx.Dtype) -> ExpertBytes:
+        return replace(self, into=dtype)
+
+    def __getitem__(self, e: int) -> mx.array:
+        kind = np.dtype(self.NUMPY[self.code])
+        size = math.prod(self.shape[1:]) * kind.itemsize
+        path, offset = self.places[e]
+        try:
+            with open(path, "rb") as f:
+                data = os.pread(f.fileno(), size, offset)
+        except FileNotFoundError as err:
+            raise BadModel(f"missing shard: {path}") from err
+        if len(data) != size:
+            raise BadModel(f"{path} ends inside a tensor's data (truncated?)")
+        out = mx.array(np.frombuffer(data, dtype=kind).reshape(self.shape[1:]))
+        out = out.view(mx.bfloat16) if self.code == "BF16" else out
+        return out.astype(self.into) if self.into is not None else out
 
 
 @dataclass(frozen=True)
@@ -147,16 +186,54 @@ class Source:
         sanitize = getattr(self.model, "sanitize", None)
         return sanitize(raw) if sanitize else raw
 
-    def stored_as_is(self, key: str) -> tuple[Path, TensorInfo] | None:
-        """Where tensor ``key`` (a name after ``sanitize``) lies in a shard, when ``sanitize`` passed it
-        through under its own name, shape and dtype; None when it made it (stacked experts stored one
-        tensor each) or changed it."""
-        made = (self.tensor_shapes.get(key), ST_DTYPES.get(self.tensor_dtypes.get(key, "")))
-        for shard in self.shards:
-            for t in shard.tensors:
-                if t.name == key:
-                    return (shard.path, t) if (t.shape, t.dtype) == made else None
-        return None
+    def experts_as_stored(self, key: str) -> ExpertBytes | None:
+        """Stacked experts ``key`` (a name after ``sanitize``), read from the shards an expert at a
+        time, where each expert's bytes lie there as mlx-lm computes with them: the stack stored as
+        one tensor (mlx-lm's layout), or one tensor per expert that ``sanitize`` stacks unchanged
+        (the hub's). None otherwise: the tensor is read whole."""
+        shape, code = self.tensor_shapes.get(key), ST_DTYPES.get(self.tensor_dtypes.get(key, ""))
+        parts = [self._stored[name] for name in self._made_from.get(key, ())]
+        if shape is None or len(shape) != 3 or code not in ExpertBytes.NUMPY or not parts:
+            return None
+        paths = {shard.name: shard.path for shard in self.shards}
+        if len(parts) == 1 and (parts[0].shape, parts[0].dtype) == (shape, code):
+            size = math.prod(shape[1:]) * ExpertBytes.NUMPY[code]().itemsize
+            places = [(paths[parts[0].shard], parts[0].offset + e * size) for e in range(shape[0])]
+        elif len(parts) == shape[0] and all((t.shape, t.dtype) == (shape[1:], code) for t in parts):
+            places = [(paths[t.shard], t.offset) for t in parts]
+        else:
+            return None
+        return ExpertBytes(code, shape, tuple(places))
+
+    @cached_property
+    def _stored(self) -> dict[str, TensorInfo]:
+        return {t.name: t for shard in self.shards for t in shard.tensors}
+
+    @cached_property
+    def _made_from(self) -> dict[str, tuple[str, ...]]:
+        """For each 3-D tensor after ``sanitize``, the stored tensors it is made of, in order along
+        its first axis, traced by running ``sanitize`` on one-element stand-ins, each holding its
+        tensor's tag: one that ``sanitize`` passed through comes out as itself, stacked experts as
+        their tags in order. A tag is ``16 i + 11``, a value that arithmetic on it (adding,
+        scaling) would not keep. Empty where ``sanitize`` cannot run on stand-ins (one that
+        reshapes to real widths): those tensors are then read whole."""
+        names = list(self._stored)
+        stand_ins = {
+            n: mx.full((1,) * len(self._stored[n].shape), 16 * i + 11, mx.int32)
+            for i, n in enumerate(names)
+        }
+        sanitize = getattr(self.model, "sanitize", None)
+        try:
+            made = sanitize(stand_ins) if sanitize else stand_ins
+            traced = {k: np.asarray(v).reshape(-1) for k, v in made.items() if v.ndim == 3}
+        except Exception:  # noqa: BLE001 - any failure only means "read whole"
+            return {}
+        out = {}
+        for k, tags in traced.items():
+            i = (tags - 11) // 16
+            if (tags % 16 == 11).all() and ((i >= 0) & (i < len(names))).all():
+                out[k] = tuple(names[int(j)] for j in i)
+        return out
 
     @cached_property
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:

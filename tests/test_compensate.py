@@ -415,42 +415,71 @@ def test_expert_matmul_gradient_lets_each_widened_expert_go() -> None:
     assert mx.allclose(g, ref, rtol=1e-3, atol=1e-3).item()
 
 
-def test_experts_stored_stacked_are_read_an_expert_at_a_time_with_the_same_results(
-    tmp_path: Path, tiny_moe_dir: Path
+@pytest.mark.parametrize("layout", ["hub", "stacked"])
+def test_experts_are_read_an_expert_at_a_time_with_the_results_of_reading_them_whole(
+    tmp_path: Path, tiny_moe_dir: Path, layout: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Stacked experts that lie in the checkpoint as one tensor are read from it an expert at a time
-    by the streamed passes (no layer's stacks resident), and give the self-Fisher and compensated
-    rounding exactly what the same weights stored one tensor per expert give (read whole)."""
-    from ramserve.fisher import ExpertBytes, StreamedModel, streamed_fisher
+    """Stacked experts are read from the checkpoint an expert at a time, whether they lie there one
+    tensor per expert (the hub's layout, which mlx-lm's ``sanitize`` stacks) or as one tensor (mlx-lm's),
+    by the streamed passes and by compensated rounding (no layer's stacks resident), and give the
+    self-Fisher and the compensated weights exactly what reading each stack whole gives."""
+    from ramserve.fisher import StreamedModel, streamed_fisher
+    from ramserve.source import ExpertBytes, Source
 
-    stacked = make_model(tmp_path / "stacked", "qwen3_moe", stacked_experts=True)
+    folder = tiny_moe_dir
+    if layout == "stacked":
+        folder = make_model(tmp_path / "stacked", "qwen3_moe", stacked_experts=True)
     settings = load_settings()
-    a, b = open_source(str(tiny_moe_dir), settings), open_source(str(stacked), settings)
-    assert a.tensor_shapes == b.tensor_shapes
-    run = StreamedModel(b, mx.float32)
-    experts = [k for k, shape in b.tensor_shapes.items() if len(shape) == 3]
+    source = open_source(str(folder), settings)
+    run = StreamedModel(source, mx.float32)
+    experts = [k for k, shape in source.tensor_shapes.items() if len(shape) == 3]
     assert experts and set(run.streamed) == set(experts)
-    assert not StreamedModel(a, mx.float32).streamed  # made by sanitize: read whole
     key = experts[0]
     reader = run.streamed[key]
     assert isinstance(reader, ExpertBytes)
-    whole = b.weights()[key]
-    for e in (0, whole.shape[0] - 1):
-        assert mx.array_equal(reader[e], whole[e]).item()
+    whole = source.weights()[key]
+    for e in range(whole.shape[0]):
+        assert mx.array_equal(reader[e], whole[e]).item(), e
+    assert reader.astype(mx.float32)[1].dtype == mx.float32
     assert not any(k in run.layer_params(0) for k in ("mlp.switch_mlp.up_proj.weight",))
 
     fisher = settings.sensitivity.fisher
-    stats = [streamed_fisher(s, fisher, mx.float32, False).stats for s in (a, b)]
-    for path in stats[0]:
-        assert np.array_equal(stats[0][path].rows, stats[1][path].rows), path
-        assert np.array_equal(stats[0][path].cols, stats[1][path].cols), path
-    plan = {m.path: {"bits": 4, "group_size": 32} for m in a.modules if m.kind != "embedding"}
+    plan = {m.path: {"bits": 4, "group_size": 32} for m in source.modules if m.kind != "embedding"}
     rounding, quantizer = settings.rounding.model_dump(), settings.quantizer.model_dump()
-    packed = [dict(compensated_layers(s, plan, quantizer, rounding, Gain())) for s in (a, b)]
-    for i, layer in packed[0].items():
-        for path, mine in layer.items():
-            theirs = packed[1][i][path]
+
+    def results(s: Source) -> tuple[dict, dict]:
+        stats = streamed_fisher(s, fisher, mx.float32, False).stats
+        return stats, dict(compensated_layers(s, plan, quantizer, rounding, Gain()))
+
+    streamed = results(source)
+    monkeypatch.setattr(Source, "experts_as_stored", lambda self, key: None)
+    assert not StreamedModel(open_source(str(folder), settings), mx.float32).streamed
+    whole_read = results(open_source(str(folder), settings))
+    for path in streamed[0]:
+        assert np.array_equal(streamed[0][path].rows, whole_read[0][path].rows), path
+        assert np.array_equal(streamed[0][path].cols, whole_read[0][path].cols), path
+    for i, layer in whole_read[1].items():
+        for path, theirs in layer.items():
+            mine = streamed[1][i][path]
             assert all(mx.array_equal(p, q).item() for p, q in zip(mine, theirs, strict=True)), path
+
+
+def test_experts_that_sanitize_changes_are_read_whole(tmp_path: Path, tiny_moe_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Where ``sanitize`` does more to the experts than stack them (here: scales them), their
+    stored bytes are not what mlx-lm computes with, so they are read whole."""
+    from mlx_lm.models.qwen3_moe import Model
+
+    plain = Model.sanitize
+
+    def scaled(self: Model, weights: dict) -> dict:
+        out = plain(self, weights)
+        return {k: v * 2 if "switch_mlp" in k else v for k, v in out.items()}
+
+    monkeypatch.setattr(Model, "sanitize", scaled)
+    source = open_source(str(tiny_moe_dir), load_settings())
+    experts = [k for k, shape in source.tensor_shapes.items() if len(shape) == 3]
+    assert experts and all(source.experts_as_stored(k) is None for k in experts)
 
 
 def test_an_expert_read_from_a_truncated_shard_names_the_file(tmp_path: Path) -> None:
@@ -460,8 +489,8 @@ def test_an_expert_read_from_a_truncated_shard_names_the_file(tmp_path: Path) ->
     folder = make_model(tmp_path / "stacked", "qwen3_moe", stacked_experts=True, shards=1)
     run = StreamedModel(open_source(str(folder), load_settings()), mx.float32)
     reader = run.streamed[next(iter(run.streamed))]
-    shard = reader.path
+    shard, offset = reader.places[0]
     with shard.open("r+b") as f:
-        f.truncate(reader.offset + 10)
+        f.truncate(offset + 10)
     with pytest.raises(BadModel, match=str(shard)):
         reader[0]
