@@ -82,7 +82,11 @@ class ExpertBytes:
     rounding its experts (Qwen3-30B's widths: 302 MB a layer at 32 experts, 1.2 GB at 128). Indexed
     like the tensor, ``astype`` like it too (the conversion is made per expert)."""
 
-    NUMPY: ClassVar[dict[str, type]] = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
+    # the dtypes experts are read in, as safetensors spells them: NumPy's type for the bytes, MLX's
+    KINDS: ClassVar[dict[str, tuple[type, mx.Dtype]]] = {
+        "BF16": (np.uint16, mx.bfloat16), "F16": (np.float16, mx.float16),
+        "F32": (np.float32, mx.float32),
+    }  # fmt: skip
 
     code: str  # the stored dtype, as safetensors spells it
     shape: tuple[int, ...]
@@ -91,14 +95,13 @@ class ExpertBytes:
 
     @property
     def dtype(self) -> mx.Dtype:
-        stored = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32}[self.code]
-        return self.into or stored
+        return self.into or self.KINDS[self.code][1]
 
     def astype(self, dtype: mx.Dtype) -> ExpertBytes:
         return replace(self, into=dtype)
 
     def __getitem__(self, e: int) -> mx.array:
-        kind = np.dtype(self.NUMPY[self.code])
+        kind, stored = np.dtype(self.KINDS[self.code][0]), self.KINDS[self.code][1]
         size = math.prod(self.shape[1:]) * kind.itemsize
         path, offset = self.places[e]
         try:
@@ -108,8 +111,7 @@ class ExpertBytes:
             raise BadModel(f"missing shard: {path}") from err
         if len(data) != size:
             raise BadModel(f"{path} ends inside a tensor's data (truncated?)")
-        out = mx.array(np.frombuffer(data, dtype=kind).reshape(self.shape[1:]))
-        out = out.view(mx.bfloat16) if self.code == "BF16" else out
+        out = mx.array(np.frombuffer(data, dtype=kind).reshape(self.shape[1:])).view(stored)
         return out.astype(self.into) if self.into is not None else out
 
 
@@ -193,11 +195,11 @@ class Source:
         (the hub's). None otherwise: the tensor is read whole."""
         shape, code = self.tensor_shapes.get(key), ST_DTYPES.get(self.tensor_dtypes.get(key, ""))
         parts = [self._stored[name] for name in self._made_from.get(key, ())]
-        if shape is None or len(shape) != 3 or code not in ExpertBytes.NUMPY or not parts:
+        if shape is None or len(shape) != 3 or code not in ExpertBytes.KINDS or not parts:
             return None
         paths = {shard.name: shard.path for shard in self.shards}
         if len(parts) == 1 and (parts[0].shape, parts[0].dtype) == (shape, code):
-            size = math.prod(shape[1:]) * ExpertBytes.NUMPY[code]().itemsize
+            size = math.prod(shape[1:]) * np.dtype(ExpertBytes.KINDS[code][0]).itemsize
             places = [(paths[parts[0].shard], parts[0].offset + e * size) for e in range(shape[0])]
         elif len(parts) == shape[0] and all((t.shape, t.dtype) == (shape[1:], code) for t in parts):
             places = [(paths[t.shard], t.offset) for t in parts]
