@@ -44,7 +44,7 @@ from .budget import Ask, Budget
 from .crew import Crew, Hand, Hello, Lockstep, RankLost, Setup, Tick
 from .device import Machine, this_machine
 from .engine import Engine
-from .errors import RamserveError, log_failure
+from .errors import RamserveError, in_words, log_failure
 from .fisher import fisher_fits
 from .fmt import table
 from .hosts import (
@@ -198,7 +198,7 @@ class RanksRegistry(VariantRegistry):
             self.stage = "ready"
         except Exception as e:  # reported by /health and every request, never a crash
             log_failure(log, e, "starting the ranks failed")
-            self.error = self.error or f"the model could not start on its hosts: {_why(e)}"
+            self.error = self.error or f"the model could not start on its hosts: {in_words(e)}"
             self.stage = "failed"
             if self.crew is not None and not self.crew.lost:  # the others wait for a setup
                 with contextlib.suppress(RamserveError):
@@ -285,7 +285,7 @@ class RanksRegistry(VariantRegistry):
         try:  # this rank answers as the others do
             mine: dict[str, Any] = {"ready": reserve_part(self.source, plan, share)}
         except Exception as e:
-            mine = {"load_failed": _why(e)}
+            mine = {"load_failed": in_words(e)}
         answers = {0: mine, **self.crew.collect()}
         failed = self._failed(answers)
         if failed:
@@ -301,7 +301,7 @@ class RanksRegistry(VariantRegistry):
         except Exception as e:
             if relay and written is None:  # the others wait in the pass for what this rank sends
                 self.crew.abandon(f"rank 0 ({self.hosts[0].ssh}) failed in the pass the ranks "
-                                  f"run together: {_why(e)}")  # fmt: skip
+                                  f"run together: {in_words(e)}")  # fmt: skip
                 raise RankLost(self.crew.lost or "") from e
             self.crew.collect()  # every rank has answered: the next setup finds them waiting
             self.crew.tell(Tick(close=True))  # those that loaded follow an engine that never ran
@@ -394,7 +394,7 @@ def ready_to_analyse(order: dict[str, Any], settings: Settings) -> tuple[Source 
     try:
         source = open_source(str(order["model"]), settings)
     except Exception as e:
-        return None, _why(e)
+        return None, in_words(e)
     if source.fingerprint != order["fingerprint"]:
         return None, (f"its copy of {order['model']} ({source.path}) is not rank 0's: its "
                       f"fingerprint is {source.fingerprint}, rank 0's {order['fingerprint']}")  # fmt: skip
@@ -432,7 +432,7 @@ def follow(spec: str, hostfile: Path, settings: Settings) -> int:
             if not getattr(follower, f"on_{kind}")(message[kind]):
                 return 1
     except Exception as e:
-        hand.report(_why(e))
+        hand.report(in_words(e))
         raise
     return 0
 
@@ -479,7 +479,7 @@ class Follower:
             self.hand.answer({"ready": reserve_part(self.source, self.setup.plan, self.share)})
         except Exception as e:  # rank 0 restores the model before on every rank
             log_failure(log, e, "making room for the plan rank 0 sent failed")
-            self.hand.answer({"load_failed": _why(e)})
+            self.hand.answer({"load_failed": in_words(e)})
         return True
 
     def on_cancel(self, _: Any) -> bool:
@@ -503,9 +503,9 @@ class Follower:
         except Exception as e:
             log_failure(log, e, "loading the plan rank 0 sent failed")
             if relay and written is None:  # the others wait in the pass for what this rank sends:
-                self.hand.report(_why(e))  # only this process's end frees them
+                self.hand.report(in_words(e))  # only this process's end frees them
                 return False
-            self.hand.answer({"load_failed": _why(e)})  # rank 0 restores the model before
+            self.hand.answer({"load_failed": in_words(e)})  # rank 0 restores the model before
             return True
         self.hand.answer({"loaded": self.setup.plan.hash})
         engine.wait()
@@ -513,8 +513,3 @@ class Follower:
             self.hand.report(engine.failure)
             return False
         return True
-
-
-def _why(e: Exception) -> str:
-    """A failure as clients read it: a user-facing error's own words, else its type too."""
-    return str(e) if isinstance(e, RamserveError) else f"{type(e).__name__}: {e}"

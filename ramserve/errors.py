@@ -36,3 +36,9 @@ def log_failure(log: logging.Logger, e: BaseException, what: str, *args: object)
         log.error(f"{what}: %s", *args, e)
     else:
         log.exception(what, *args)
+
+
+def in_words(e: BaseException) -> str:
+    """A failure as a client reads it: a user's problem in its own words, anything else with its
+    type too."""
+    return str(e) if isinstance(e, RamserveError) else f"{type(e).__name__}: {e}"

@@ -160,3 +160,18 @@ def test_a_head_too_narrow_for_quantized_kv_is_refused_by_name(tiny_dir: Path) -
     with pytest.raises(RamserveError, match="head dimension 16"):
         evaluate(str(tiny_dir), EVAL_TEXT, load_settings(), kv_bits=8, seq_len=16, samples=1,
                  progress=False)  # fmt: skip
+
+
+def test_a_server_that_cannot_store_the_kv_cache_says_why_in_its_own_words(tiny_dir: Path) -> None:
+    """The refusal reaches /health and every request as the user's problem, in its own words (no
+    exception type, which is for bugs)."""
+    from ramserve.server.registry import Registry
+
+    from .serving import wait_for
+
+    registry = Registry(tiny_dir, "tiny", load_settings(), {"kv_bits": 8})
+    registry.start()
+    assert wait_for(lambda: registry.stage == "failed", timeout=60)
+    assert registry.error is not None
+    assert registry.error.startswith("the model failed to load: cannot store this model's KV")
+    assert "Error" not in registry.error

@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import cache
 from ..engine import Engine
-from ..errors import RamserveError, log_failure
+from ..errors import RamserveError, in_words, log_failure
 from ..fit import Fit
 from ..hosts import Part
 from ..progress import Step
@@ -75,7 +75,7 @@ class Registry:
             self.stage = "ready"
         except Exception as e:  # reported by /health and every request, never a crash
             log_failure(log, e, "loading %s failed", self.folder)
-            self.error = f"the model failed to load: {type(e).__name__}: {e}"
+            self.error = f"the model failed to load: {in_words(e)}"
             self.stage = "failed"
 
     def close(self) -> None:
