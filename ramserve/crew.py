@@ -118,11 +118,10 @@ def _receive(sock: socket.socket) -> dict[str, Any] | None:
 def _read_exactly(sock: socket.socket, n: int) -> bytes | None:
     chunks, got = [], 0
     while got < n:
+        # a reset is a close with a message of ours unread (at exit, or ``Crew.abandon``)
         try:
             chunk = sock.recv(min(n - got, 1 << 20))
-        except (
-            ConnectionResetError
-        ):  # closed with a message of ours unread (exit, ``Crew.abandon``)
+        except ConnectionResetError:
             return None
         if not chunk:
             return None

@@ -239,13 +239,14 @@ class StreamedModel:
                                if len(source.tensor_shapes[f"{m.path}.weight"]) == 3}  # fmt: skip
         # those whose experts lie in the checkpoint as stored are read an expert at a time when used;
         # such a weight gets no gradient, so only where a probe stands in for its module
-        self.streamed = {
-            k: bytes_ for k in self.stored
-            if isinstance(self._module(k.removesuffix(".weight")), probed_types())
-            and (bytes_ := source.experts_as_stored(k))
-        }  # fmt: skip
-        for key, experts in self.streamed.items():
-            self._module(key.removesuffix(".weight")).streamed = experts
+        self.streamed: dict[str, ExpertBytes] = {}
+        modules: dict[str, Any] = dict(self.model.named_modules())
+        for key in self.stored:
+            path = key.removesuffix(".weight")
+            if isinstance(modules[path], probed_types()) and (
+                experts := source.experts_as_stored(key)
+            ):
+                self.streamed[key] = modules[path].streamed = experts
         stack = DecoderStack.of(self.model)  # seams: the list the model's loop reads
         self.layers = stack.layers
         # this rank's layers; rank 0 alone holds the embedding and the head (ramserve/relay.py)

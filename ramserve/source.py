@@ -100,9 +100,14 @@ class ExpertBytes:
     def astype(self, dtype: mx.Dtype) -> ExpertBytes:
         return replace(self, into=dtype)
 
+    @classmethod
+    def each(cls, code: str, shape: tuple[int, ...]) -> int:
+        """The bytes one expert of a ``shape`` stack stored as ``code`` takes."""
+        return math.prod(shape[1:]) * np.dtype(cls.KINDS[code][0]).itemsize
+
     def __getitem__(self, e: int) -> mx.array:
-        kind, stored = np.dtype(self.KINDS[self.code][0]), self.KINDS[self.code][1]
-        size = math.prod(self.shape[1:]) * kind.itemsize
+        kind, stored = self.KINDS[self.code]
+        size = self.each(self.code, self.shape)
         path, offset = self.places[e]
         try:
             with open(path, "rb") as f:
@@ -199,7 +204,7 @@ class Source:
             return None
         paths = {shard.name: shard.path for shard in self.shards}
         if len(parts) == 1 and (parts[0].shape, parts[0].dtype) == (shape, code):
-            size = math.prod(shape[1:]) * np.dtype(ExpertBytes.KINDS[code][0]).itemsize
+            size = ExpertBytes.each(code, shape)
             places = [(paths[parts[0].shard], parts[0].offset + e * size) for e in range(shape[0])]
         elif len(parts) == shape[0] and all((t.shape, t.dtype) == (shape[1:], code) for t in parts):
             places = [(paths[t.shard], t.offset) for t in parts]
