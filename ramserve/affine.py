@@ -29,6 +29,11 @@ def row_slabs(rows: int, columns: int, elements: int = SLAB_ELEMENTS) -> list[sl
     return [slice(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
+def joined(parts: list[mx.array]) -> mx.array:
+    """``parts`` along their first axis, without a copy where there is one part."""
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts)
+
+
 def as_stored(a: mx.array, dtype: mx.Dtype) -> mx.array:
     """``a`` as it reads back, in float32, once stored in ``dtype``."""
     return a.astype(dtype).astype(mx.float32)

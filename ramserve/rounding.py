@@ -321,20 +321,22 @@ def _layer_inputs(
     # The last rank runs its layers once, in this work, and passes on the model's output after it.
     seen: dict[int, list[mx.array]] = {}
     arrived = up(share, [h[r] for r in rows], run.through(args, kwargs, seen, len(rows)), meanwhile)
-    kept = [mx.concatenate(seen.pop(i)) for i in share.layers] if seen else []
-    h = kept[0] if kept else mx.concatenate(arrived)
+    kept = [affine.joined(seen.pop(i)) for i in share.layers] if seen else []
+    # the layers' activations as pieces (StreamedModel.in_pieces), never held whole twice
+    pieces = [] if kept else run.pieces(affine.joined(arrived))
+    del h, arrived
     bar.close()
     bar = Bar(len(share.layers), desc, unit="layer", show=progress)
     for i in share.layers:
         layer = run.layers[i]
-        h = kept[i - share.start] if kept else h
+        pieces = run.pieces(kept[i - share.start]) if kept else pieces
         layer.update(run.layer_params(i))
         probes, _ = probe_modules(run, i)
         chosen = {p: probe for p, probe in probes.items() if wanted(p)}
         swapped = [(p, run.swap(p, probe)) for p, probe in chosen.items()]
         shared, keys = SharedInputs(r.damp), dict[str, str]()
         try:
-            h = run.in_pieces(layer, h, args, kwargs, _recording(chosen, shared, keys))
+            pieces = run.in_pieces(layer, pieces, args, kwargs, _recording(chosen, shared, keys))
         finally:
             for path, module in reversed(swapped):
                 run.swap(path, module)
@@ -344,6 +346,8 @@ def _layer_inputs(
         bar.update(1)
     bar.close()
     settle()  # the inputs this rank passed on have long been received
+    h = affine.joined(pieces)
+    del pieces
     if share.last:
         pass_on(share, [h])
     h = come_back(share, [h])[0]
