@@ -144,6 +144,11 @@ def test_slabs_of_rows_and_a_shifted_diagonal_round_the_same(
     slabs = compensated(w, h, 64, 4, q.ranges, q.refits, 0.1, descent=2)
     for k in ("codes", "scales", "biases"):
         assert np.array_equal(getattr(whole, k), getattr(slabs, k)), k
+    # and packed a slab of rows at a time (affine.SLAB_ELEMENTS, 5 rows here): MLX's packing of the
+    # codes whole
+    packed = slabs.packed(mx.bfloat16)[0]
+    assert rows > 5 and packed.shape == (rows, columns * 4 // 32)
+    assert mx.array_equal(packed, affine.pack_codes(mx.array(whole.codes), 4)).item()
     assert slabs.error == pytest.approx(whole.error, rel=1e-5)
     assert slabs.nearest_error == pytest.approx(whole.nearest_error, rel=1e-5)
     ref = np.asarray(w.astype(mx.float32))
