@@ -323,15 +323,14 @@ def _layer_inputs(
     arrived = up(share, [h[r] for r in rows], run.through(args, kwargs, seen, len(rows)), meanwhile)
     kept = [affine.joined(seen.pop(i)) for i in share.layers] if seen else []
     # the layers' activations as pieces (StreamedModel.in_pieces), never held whole twice; a kept
-    # input is let go once its layer has taken it
-    given = bool(kept)
-    pieces = [] if given else run.pieces(affine.joined(arrived))
+    # input (one a layer) is let go once its layer has taken it
+    pieces = [] if kept else run.pieces(affine.joined(arrived))
     del h, arrived
     bar.close()
     bar = Bar(len(share.layers), desc, unit="layer", show=progress)
     for i in share.layers:
         layer = run.layers[i]
-        pieces = run.pieces(kept.pop(0)) if given else pieces
+        pieces = run.pieces(kept.pop(0)) if kept else pieces
         layer.update(run.layer_params(i))
         probes, _ = probe_modules(run, i)
         chosen = {p: probe for p, probe in probes.items() if wanted(p)}
