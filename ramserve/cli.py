@@ -253,6 +253,11 @@ def kv_bits(value: str) -> int | None:
     return int(value)
 
 
+def sample_count(value: str) -> int | None:
+    """``--samples``: how many sequences to spread over the text, or all (None: every window)."""
+    return None if value == "all" else int(value)
+
+
 def add_kv_bits(s: argparse.ArgumentParser) -> None:
     s.add_argument("--kv-bits", type=kv_bits, default=None, metavar="auto|16|8|4",
                    help="the KV cache's precision (default auto: 16-bit unless fewer bits are "
@@ -404,7 +409,8 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     how.add_argument("--recipe", help="simulate a fixed recipe: uniform-4g64, mixed_3_6, ...")
     add_rounding(s, settings)
     s.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
-    s.add_argument("--samples", type=int, default=48, help="sequences, spread over the text")
+    s.add_argument("--samples", type=sample_count, default=48, metavar="N|all",
+                   help="sequences, spread over the text (all: every window of it)")  # fmt: skip
     s.add_argument("--batch-size", type=int, default=4)
     s.add_argument("--kv-bits", type=kv_bits, default=None, metavar="16|8|4",
                    help="score with the KV cache stored in this many bits")  # fmt: skip

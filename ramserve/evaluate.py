@@ -27,6 +27,7 @@ from .device import FLOAT_BYTES, runtime_dtype
 from .engine import max_positions, require_kv_bits
 from .errors import RamserveError
 from .kvcache import sequence_caches
+from .process import freed_memory_returned
 from .profile import drawn_sequences
 from .progress import Bar
 from .rounding import Gain, compensated_layers, is_compensated, unpacked
@@ -148,12 +149,13 @@ def simulate(
         drawn = drawn_sequences(source, rounding)  # as quantize takes them
         layers = compensated_layers(source, quantization, quantizer or {}, rounding, Gain(),
                                     sequences=drawn)  # fmt: skip
-        for _, results in layers:
-            for path, packed in results.items():
-                m = modules[path]
-                m.weight = unpacked(packed, m.weight.shape, quantization[path], dtype)
-                mx.eval(m.weight)
-                done.add(path)
+        with freed_memory_returned():  # the pass's activations, not the heap's high-water
+            for _, results in layers:
+                for path, packed in results.items():
+                    m = modules[path]
+                    m.weight = unpacked(packed, m.weight.shape, quantization[path], dtype)
+                    mx.eval(m.weight)
+                    done.add(path)
     for path, q in quantization.items():
         if not isinstance(q, dict) or path in done:
             continue

@@ -13,6 +13,7 @@ from ramserve.cli import main
 from ramserve.device import runtime_dtype
 from ramserve.evaluate import (
     EvalError,
+    encode,
     evaluate,
     load_for_eval,
     recipe_quantization,
@@ -128,6 +129,16 @@ def test_bad_input_is_refused_clearly(tiny_dir: Path, tmp_path: Path, text: Path
         assert main(["eval", str(tiny_dir), "-q", *args]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+
+def test_samples_all_scores_every_window_of_the_text(tiny_dir: Path, text: Path, capsys) -> None:
+    args = ["eval", str(tiny_dir), "--text", str(text), "--seq-len", "64", "-q", "--json"]
+    assert main([*args, "--samples", "all"]) == 0
+    every = json.loads(capsys.readouterr().out)
+    tokens = encode(load_for_eval(str(tiny_dir), load_settings()).tokenizer, text.read_text())
+    assert every["sequences"] == len(tokens) // 64 > 48  # more than the default takes
+    assert main([*args, "--samples", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["sequences"] == 3
 
 
 def test_eval_cli_on_the_shared_model(dense: Path, capsys) -> None:
