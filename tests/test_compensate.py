@@ -121,6 +121,36 @@ def test_scales_rechosen_under_h_never_raise_the_error(dense: Path) -> None:
     assert rounds.error <= rounds.nearest_error
 
 
+def test_the_gradient_carried_through_descent_and_refit_is_made_afresh(dense: Path) -> None:
+    """The rounding makes the damped gradient E = (H + λI) δwᵀ once and each step keeps it current
+    (``damped_gradient``): after a sweep of the descent and a refit of the scales, E is what the
+    codes, scales and biases they return give afresh; and refitting in blocks of groups chooses what
+    refitting one group at a time chooses."""
+    from ramserve import compensate
+
+    probes = layer_probes(dense)
+    path = next(p for p in probes if p.endswith("up_proj"))
+    inputs, _ = probes[path].rows()
+    x = np.asarray(inputs.astype(mx.float32))
+    h = x.T @ x
+    w = weight(dense, path).astype(mx.bfloat16)
+    ref = np.asarray(w.astype(mx.float32))
+    q = load_settings().quantizer
+    start = compensated(w, h, 32, 3, q.ranges, q.refits, 0.1)
+    shift = compensate.damping(h, 0.1)
+    e = compensate.damped_gradient(ref, start.codes, start.scales, start.biases, 32, h, shift)
+    codes = descended(ref, start.codes, start.scales, start.biases, 32, 3, h, 1, 128, shift, e)
+    assert (codes != start.codes).any()  # the sweep moved codes, so E had to follow them
+    s, b = compensate.refitted(ref, codes, start.scales, start.biases, 32, h, shift, mx.bfloat16, e)
+    assert (s != start.scales).any()
+    fresh = compensate.damped_gradient(ref, codes, s, b, 32, h, shift)
+    assert np.abs(e - fresh).max() < 1e-3 * np.abs(fresh).max()
+    one = compensate.refitted(ref, codes, start.scales, start.biases, 32, h, shift, mx.bfloat16,
+                              block=32)  # fmt: skip
+    for mine, theirs in zip((s, b), one, strict=True):
+        assert (mine != theirs).mean() < 0.001  # float sums in another order tip a rare near-tie
+
+
 def test_slabs_of_rows_and_a_shifted_diagonal_round_the_same(
     dense: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
