@@ -91,19 +91,23 @@ def test_never_worse_than_nearest_under_the_same_h(dense: Path, bits: int, group
     assert np.median(ratios) < 0.9, ratios  # correlated inputs: compensation pays
 
 
+def up_projection(model_dir: Path) -> tuple[mx.array, np.ndarray, np.ndarray]:
+    """Layer 1's up projection: its weight in bfloat16, that weight in float32, and its inputs' H."""
+    probes = layer_probes(model_dir)
+    path = next(p for p in probes if p.endswith("up_proj"))
+    inputs, _ = probes[path].rows()
+    x = np.asarray(inputs.astype(mx.float32))
+    w = weight(model_dir, path).astype(mx.bfloat16)
+    return w, np.asarray(w.astype(mx.float32)), x.T @ x
+
+
 def test_scales_rechosen_under_h_never_raise_the_error(dense: Path) -> None:
     """Each group's scale and bias re-chosen for its codes under the damped H (``refitted``): no
     row's error rises, the total falls, and the scales and biases are what the stored dtype holds;
     with rounds of it after the descent, the rounding ends with less error than without."""
     from ramserve import compensate
 
-    probes = layer_probes(dense)
-    path = next(p for p in probes if p.endswith("up_proj"))
-    inputs, _ = probes[path].rows()
-    x = np.asarray(inputs.astype(mx.float32))
-    h = x.T @ x
-    w = weight(dense, path).astype(mx.bfloat16)
-    ref = np.asarray(w.astype(mx.float32))
+    w, ref, h = up_projection(dense)
     q = load_settings().quantizer
     start = compensated(w, h, 64, 3, q.ranges, q.refits, 0.1, descent=2)
     shift = compensate.damping(h, 0.1)
@@ -128,13 +132,7 @@ def test_the_gradient_carried_through_descent_and_refit_is_made_afresh(dense: Pa
     refitting one group at a time chooses."""
     from ramserve import compensate
 
-    probes = layer_probes(dense)
-    path = next(p for p in probes if p.endswith("up_proj"))
-    inputs, _ = probes[path].rows()
-    x = np.asarray(inputs.astype(mx.float32))
-    h = x.T @ x
-    w = weight(dense, path).astype(mx.bfloat16)
-    ref = np.asarray(w.astype(mx.float32))
+    w, ref, h = up_projection(dense)
     q = load_settings().quantizer
     start = compensated(w, h, 32, 3, q.ranges, q.refits, 0.1)
     shift = compensate.damping(h, 0.1)
