@@ -188,8 +188,7 @@ def descended(weights: np.ndarray, codes: np.ndarray, scales: np.ndarray, biases
                 new = t * s + b
                 d[j - i1] = new - deq[j]
                 q[j], deq[j] = t, new
-            e -= h[:, i1:i2] @ d
-            e[i1:i2] -= shift[i1:i2, None] * d
+            _carried(e, h, shift, i1, d)
     return np.ascontiguousarray(q.T)
 
 
@@ -218,9 +217,16 @@ def refitted(weights: np.ndarray, codes: np.ndarray, scales: np.ndarray, biases:
             hg = h[cols, cols] + np.diag(shift[cols])
             change = _refit_group(q[:, cols], ek.T, scales, biases, j1 // group_size, hg, dtype)
             d[j1 - i1 : j1 - i1 + group_size] = change.T
-        e -= h[:, i1:i2] @ d
-        e[i1:i2] -= shift[i1:i2, None] * d
+        _carried(e, h, shift, i1, d)
     return scales, biases
+
+
+def _carried(e: np.ndarray, h: np.ndarray, shift: np.ndarray, i1: int, d: np.ndarray) -> None:
+    """A block's changes ``d`` to the dequantized columns from ``i1`` on, (columns, rows), carried
+    into the damped gradient ``e`` in place, for the blocks after it."""
+    i2 = i1 + d.shape[0]
+    e -= h[:, i1:i2] @ d
+    e[i1:i2] -= shift[i1:i2, None] * d
 
 
 def _refit_group(qk: np.ndarray, ek: np.ndarray, scales: np.ndarray, biases: np.ndarray, k: int,
