@@ -18,8 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SEQUENCES, WIDTH = 7, 1 << 20  # a chunk of one sequence is 4 MB: more than a socket's buffer
 WORK_S, MEANWHILE_S = 0.3, 2.5
 
+HUNG_S = 60  # a pass takes seconds: a rank still running then dumps every thread's stack and exits
+
 SCRIPT = f"""
-import json, sys, threading, time
+import faulthandler, json, sys, threading, time
+faulthandler.dump_traceback_later({HUNG_S}, exit=True)
 import mlx.core as mx
 from ramserve import relay
 
@@ -72,10 +75,12 @@ def run_ranks(tmp_path: Path, ranks: int, kind: str) -> tuple[list[dict[str, Any
     cmd = [str(Path(sys.executable).parent / "mlx.launch"), "-n", str(ranks), "--backend", "ring",
            "--starting-port", str(free_port()), "--python", sys.executable, str(script),
            str(chunks), kind]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=2 * HUNG_S, cwd=ROOT)
     lines = sorted((json.loads(ln) for ln in done.stdout.splitlines() if ln.startswith("{")),
                    key=lambda ln: ln["rank"])  # fmt: skip
+    # mlx.launch exits 0 when a rank fails alone: every rank must have printed its record
+    assert done.returncode == 0 and [ln["rank"] for ln in lines] == list(range(ranks)), \
+        done.stderr[-6000:]  # fmt: skip
     rows = [range(*r) for r in lines[0]["rows"]]
     assert len(rows) == chunks and [s for r in rows for s in r] == list(range(SEQUENCES))
     return lines, rows
