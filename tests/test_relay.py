@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from .serving import free_port
+from .serving import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQUENCES, WIDTH = 7, 1 << 20  # a chunk of one sequence is 4 MB: more than a socket's buffer
@@ -73,7 +73,7 @@ def run_ranks(tmp_path: Path, ranks: int, kind: str) -> tuple[list[dict[str, Any
     script = tmp_path / "relay_pass.py"
     script.write_text(SCRIPT)
     cmd = [str(Path(sys.executable).parent / "mlx.launch"), "-n", str(ranks), "--backend", "ring",
-           "--starting-port", str(free_port()), "--python", sys.executable, str(script),
+           "--starting-port", str(free_ports(ranks)), "--python", sys.executable, str(script),
            str(chunks), kind]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=2 * HUNG_S, cwd=ROOT)
     lines = sorted((json.loads(ln) for ln in done.stdout.splitlines() if ln.startswith("{")),
